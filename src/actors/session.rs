@@ -1,0 +1,459 @@
+//! The `Session` actor: one per WebSocket on `/ws/{room}`.
+//!
+//! This is the one place (with the conformance `echo`) that uses actix-web-actors, which is
+//! deprecated upstream; keeping it here keeps a future move to another WebSocket layer local.
+//!
+//! A session turns client frames into requests (parsing in [`crate::protocol`], reassembly in
+//! [`crate::wsframe`]), publishes through the bus, and writes what its room delivers. Nothing
+//! is written before the welcome: replies that are ready earlier wait for it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::{self, CloseCode, CloseReason};
+use bytestring::ByteString;
+
+use super::hub::{Connect, Disconnect, Hub};
+use super::member::{written, Deliver, MemberHandle, Outbound};
+use crate::bus::{BusError, NewMessage, SharedBus};
+use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::protocol::{self, ErrorCode, Request, ServerFrame};
+use crate::ratelimit::TokenBucket;
+use crate::wsframe::{Assembler, Inbound};
+
+/// The subprotocol confab speaks; echoed when the client offers it.
+pub const SUBPROTOCOL: &str = "confab.v1";
+
+/// Settings every session of a replica shares.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub node: Arc<str>,
+    pub max_frame_bytes: usize,
+    pub max_message_chars: usize,
+    pub messages_per_sec: u32,
+    pub burst: u32,
+    pub max_violations: u32,
+    pub session_queue: usize,
+    pub ping_interval: Duration,
+    pub client_timeout: Duration,
+}
+
+/// Counts open sessions for `limits.max_connections`; released when the session ends.
+pub struct ConnectionGuard(Arc<AtomicUsize>);
+
+impl ConnectionGuard {
+    /// Takes a slot if fewer than `max` are taken.
+    pub fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the upgrade request asked for.
+pub struct SessionRequest {
+    pub room: RoomName,
+    pub user: UserId,
+    pub resume: Option<(Offset, Epoch)>,
+    pub history: usize,
+}
+
+pub struct Session {
+    id: SessionId,
+    label: String,
+    room: RoomName,
+    user: UserId,
+    resume: Option<(Offset, Epoch)>,
+    history: usize,
+    hub: Addr<Hub>,
+    bus: SharedBus,
+    cfg: Arc<SessionConfig>,
+    frames: Assembler,
+    bucket: TokenBucket,
+    violations: u32,
+    last_heard: Instant,
+    /// Replies that are ready before the welcome; `None` once welcomed.
+    early: Option<Vec<ByteString>>,
+    pending: Arc<AtomicUsize>,
+    _slot: ConnectionGuard,
+}
+
+impl Session {
+    pub fn new(
+        request: SessionRequest,
+        hub: Addr<Hub>,
+        bus: SharedBus,
+        cfg: Arc<SessionConfig>,
+        slot: ConnectionGuard,
+    ) -> Self {
+        let id: SessionId = rand::random();
+        let now = Instant::now();
+        Self {
+            id,
+            label: format!("{}-{id:016x}", cfg.node),
+            room: request.room,
+            user: request.user,
+            resume: request.resume,
+            history: request.history,
+            hub,
+            bus,
+            frames: Assembler::new(cfg.max_frame_bytes),
+            bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
+            violations: 0,
+            last_heard: now,
+            early: Some(Vec::new()),
+            pending: Arc::new(AtomicUsize::new(0)),
+            cfg,
+            _slot: slot,
+        }
+    }
+
+    /// Completes the WebSocket handshake and starts the actor.
+    pub fn start(
+        self,
+        req: &HttpRequest,
+        payload: web::Payload,
+    ) -> Result<HttpResponse, actix_web::Error> {
+        let max = self.cfg.max_frame_bytes;
+        ws::WsResponseBuilder::new(self, req, payload)
+            .protocols(&[SUBPROTOCOL])
+            .frame_size(max)
+            .start()
+    }
+
+    /// Writes a reply of this session's own (ack, error, pong, ...).
+    fn reply(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: ByteString) {
+        match self.early.as_mut() {
+            Some(early) if early.len() >= self.cfg.session_queue => fail(
+                ctx,
+                CloseCode::Policy,
+                "too many requests before the welcome",
+            ),
+            Some(early) => early.push(text),
+            None => ctx.text(text),
+        }
+    }
+
+    fn error(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+    ) {
+        let frame = ServerFrame::Error {
+            code,
+            message,
+            reference,
+        }
+        .to_text();
+        self.reply(ctx, frame);
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
+            Ok(r) => r,
+            Err(rejection) => {
+                log::debug!("session={} bad frame: {}", self.label, rejection.message);
+                return self.reply(ctx, protocol::rejection_frame(&rejection));
+            }
+        };
+        match request {
+            Request::Ping => self.reply(ctx, ServerFrame::Pong.to_text()),
+            Request::Typing => {
+                // Typing is droppable: over the limit it is skipped without a word.
+                if self.bucket.try_take(Instant::now()) {
+                    let typing = self.bus.typing(&self.room, &self.user);
+                    ctx.spawn(async move { drop(typing.await) }.into_actor(self));
+                }
+            }
+            request => {
+                if !self.bucket.try_take(Instant::now()) {
+                    return self.rate_limited(&request, ctx);
+                }
+                match request {
+                    Request::Message { text, reference } => self.publish(text, reference, ctx),
+                    Request::Presence => self.presence(ctx),
+                    Request::History {
+                        before,
+                        limit,
+                        reference,
+                    } => self.history(before, limit, reference, ctx),
+                    Request::Ping | Request::Typing => {}
+                }
+            }
+        }
+    }
+
+    fn rate_limited(&mut self, request: &Request, ctx: &mut ws::WebsocketContext<Self>) {
+        self.violations += 1;
+        if self.violations > self.cfg.max_violations {
+            log::info!(
+                "session={} room={} closed for flooding",
+                self.label,
+                self.room
+            );
+            return fail(ctx, CloseCode::Policy, "rate limit exceeded too often");
+        }
+        let reference = match request {
+            Request::Message { reference, .. } | Request::History { reference, .. } => {
+                reference.as_deref()
+            }
+            _ => None,
+        };
+        self.error(
+            ctx,
+            ErrorCode::RateLimited,
+            "slow down: rate limit exceeded",
+            reference,
+        );
+    }
+
+    fn publish(
+        &mut self,
+        text: String,
+        reference: Option<String>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let msg = NewMessage {
+            user: self.user.clone(),
+            text,
+            reference: reference.clone(),
+        };
+        let publish = self.bus.publish(&self.room, msg);
+        ctx.spawn(publish.into_actor(self).map(move |result, session, ctx| {
+            let frame = match result {
+                Ok(p) => ServerFrame::Ack {
+                    reference: reference.as_deref(),
+                    offset: p.offset,
+                }
+                .to_text(),
+                Err(e) => bus_error_frame(&e, reference.as_deref()),
+            };
+            session.reply(ctx, frame);
+        }));
+    }
+
+    fn presence(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let presence = self.bus.presence(&self.room);
+        ctx.spawn(presence.into_actor(self).map(|result, session, ctx| {
+            let frame = match result {
+                Ok(users) => ServerFrame::Presence {
+                    room: &session.room,
+                    users: &users,
+                }
+                .to_text(),
+                Err(e) => bus_error_frame(&e, None),
+            };
+            session.reply(ctx, frame);
+        }));
+    }
+
+    fn history(
+        &mut self,
+        before: Option<Offset>,
+        limit: usize,
+        reference: Option<String>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let page = self.bus.history(&self.room, before, limit);
+        ctx.spawn(page.into_actor(self).map(move |result, session, ctx| {
+            let frame = match result {
+                Ok(page) => ServerFrame::History {
+                    reference: reference.as_deref(),
+                    room: &session.room,
+                    epoch: &page.epoch,
+                    messages: page
+                        .messages
+                        .iter()
+                        .filter_map(|m| protocol::raw_json(&m.json))
+                        .collect(),
+                }
+                .to_text(),
+                Err(e) => bus_error_frame(&e, reference.as_deref()),
+            };
+            session.reply(ctx, frame);
+        }));
+    }
+
+    fn welcome(
+        &mut self,
+        epoch: Epoch,
+        offset: Offset,
+        recovered: Option<bool>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let frame = ServerFrame::Welcome {
+            room: &self.room,
+            user: &self.user,
+            session: &self.label,
+            node: &self.cfg.node,
+            epoch: &epoch,
+            offset,
+            recovered,
+        }
+        .to_text();
+        ctx.text(frame);
+        for text in self.early.take().unwrap_or_default() {
+            ctx.text(text);
+        }
+    }
+}
+
+fn bus_error_frame(e: &BusError, reference: Option<&str>) -> ByteString {
+    let code = match e {
+        BusError::Unavailable(_) => ErrorCode::Unavailable,
+        BusError::Internal(_) => ErrorCode::Internal,
+    };
+    ServerFrame::Error {
+        code,
+        message: &e.to_string(),
+        reference,
+    }
+    .to_text()
+}
+
+/// Fails the connection: a close frame with `code`, then stop.
+fn fail<A>(ctx: &mut ws::WebsocketContext<A>, code: CloseCode, reason: &str)
+where
+    A: Actor<Context = ws::WebsocketContext<A>>,
+{
+    ctx.close(Some(CloseReason {
+        code,
+        description: Some(reason.to_owned()),
+    }));
+    ctx.stop();
+}
+
+/// Feeds one frame through the assembler and answers what the protocol itself requires
+/// (pongs, close handshakes, failures). Returns complete text and binary messages.
+pub fn handle_frame<A>(
+    frames: &mut Assembler,
+    item: Result<ws::Message, ws::ProtocolError>,
+    ctx: &mut ws::WebsocketContext<A>,
+) -> Option<Inbound>
+where
+    A: Actor<Context = ws::WebsocketContext<A>>,
+{
+    match frames.push(item) {
+        Ok(Inbound::Ping(data)) => ctx.pong(&data),
+        Ok(Inbound::Pong | Inbound::Partial) => {}
+        Ok(Inbound::Close(reason)) => {
+            // Answer the close handshake with the peer's code, as RFC 6455 §5.5.1 asks.
+            ctx.close(reason);
+            ctx.stop();
+        }
+        Ok(message) => return Some(message),
+        Err(failure) => match failure.code {
+            Some(code) => fail(ctx, code, failure.reason),
+            None => ctx.stop(),
+        },
+    }
+    None
+}
+
+impl Actor for Session {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Room sends are bounded by `pending`; the mailbox only needs room for the close.
+        ctx.set_mailbox_capacity(self.cfg.session_queue + 16);
+        let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
+        ctx.run_interval(tick, |session, ctx| {
+            if session.last_heard.elapsed() > session.cfg.client_timeout {
+                log::info!(
+                    "session={} room={} user={} timed out",
+                    session.label,
+                    session.room,
+                    session.user
+                );
+                return fail(ctx, CloseCode::Away, "no pong within the client timeout");
+            }
+            ctx.ping(b"");
+        });
+        log::info!(
+            "session={} room={} user={} connected",
+            self.label,
+            self.room,
+            self.user
+        );
+        let member = MemberHandle::new(ctx.address().recipient(), Arc::clone(&self.pending));
+        self.hub.do_send(Connect {
+            room: self.room.clone(),
+            session: self.id,
+            user: self.user.clone(),
+            member,
+            resume: self.resume.take(),
+            history: self.history,
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.hub.do_send(Disconnect {
+            room: self.room.clone(),
+            session: self.id,
+        });
+        log::info!(
+            "session={} room={} user={} disconnected",
+            self.label,
+            self.room,
+            self.user
+        );
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match handle_frame(&mut self.frames, item, ctx) {
+            Some(Inbound::Text(text)) => self.on_text(&text, ctx),
+            Some(_) => fail(
+                ctx,
+                CloseCode::Unsupported,
+                "binary frames are not supported",
+            ),
+            None => {}
+        }
+    }
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(out): Deliver, ctx: &mut Self::Context) {
+        match out {
+            Outbound::Welcome {
+                epoch,
+                offset,
+                recovered,
+            } => {
+                written(&self.pending);
+                self.welcome(epoch, offset, recovered, ctx);
+            }
+            Outbound::Frame(text) => {
+                written(&self.pending);
+                ctx.text(text);
+            }
+            Outbound::Batch(texts) => {
+                written(&self.pending);
+                for text in texts {
+                    ctx.text(text);
+                }
+            }
+            Outbound::Close { code, reason } => fail(ctx, CloseCode::from(code), reason),
+        }
+    }
+}

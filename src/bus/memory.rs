@@ -1,0 +1,578 @@
+//! The embedded bus: the whole [`Bus`](super::Bus) contract inside one process, for a single
+//! replica with no Redis. Replicas started this way do not see each other.
+//!
+//! One mutex guards all rooms. Events are handed to the sink while it is held, so the order in
+//! which offsets are assigned is the order in which rooms receive them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{ready, FutureExt};
+
+use super::{
+    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Replay,
+    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+};
+use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::protocol::ServerFrame;
+
+/// Idle rooms are swept after this many bus operations, to bound memory without a timer.
+const SWEEP_EVERY: u64 = 4096;
+/// Remembered refs per room before expired ones are pruned.
+const REF_PRUNE_AT: usize = 1024;
+
+pub struct MemoryBus {
+    state: Mutex<State>,
+    sink: Arc<dyn EventSink>,
+}
+
+#[derive(Debug)]
+struct State {
+    history_size: usize,
+    ttl: Duration,
+    rooms: HashMap<RoomName, RoomLog>,
+    presence: HashMap<RoomName, BTreeMap<UserId, usize>>,
+    ops: u64,
+}
+
+#[derive(Debug)]
+struct RoomLog {
+    epoch: Epoch,
+    offset: Offset,
+    messages: VecDeque<StoredMessage>,
+    last_write: Instant,
+    refs: HashMap<(UserId, String), (Offset, Instant)>,
+}
+
+impl RoomLog {
+    fn new(now: Instant) -> Self {
+        Self {
+            epoch: Epoch::generate(),
+            offset: 0,
+            messages: VecDeque::new(),
+            last_write: now,
+            refs: HashMap::new(),
+        }
+    }
+
+    fn head(&self) -> RoomHead {
+        RoomHead {
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+        }
+    }
+
+    /// The oldest offset still stored (one past the newest when history is empty).
+    fn oldest(&self) -> Offset {
+        self.messages.front().map_or(self.offset + 1, |m| m.offset)
+    }
+}
+
+impl State {
+    /// The room's log, starting a new epoch if it sat idle past the TTL.
+    fn log(&mut self, room: &RoomName, now: Instant) -> &mut RoomLog {
+        self.ops += 1;
+        if self.ops % SWEEP_EVERY == 0 {
+            self.sweep(now);
+        }
+        let ttl = self.ttl;
+        let log = self
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| RoomLog::new(now));
+        if now.saturating_duration_since(log.last_write) > ttl {
+            log::debug!("room={room} history expired; starting a new epoch");
+            *log = RoomLog::new(now);
+        }
+        log
+    }
+
+    /// Forgets expired rooms that nobody is in.
+    fn sweep(&mut self, now: Instant) {
+        let ttl = self.ttl;
+        let presence = &self.presence;
+        self.rooms.retain(|room, log| {
+            now.saturating_duration_since(log.last_write) <= ttl || presence.contains_key(room)
+        });
+    }
+
+    fn publish(
+        &mut self,
+        room: &RoomName,
+        msg: NewMessage,
+        now: Instant,
+    ) -> (Published, Option<RoomEvent>) {
+        let size = self.history_size;
+        let log = self.log(room, now);
+        let key = msg.reference.map(|r| (msg.user.clone(), r));
+        if let Some(key) = &key {
+            if let Some(&(offset, at)) = log.refs.get(key) {
+                if now.saturating_duration_since(at) < REF_TTL {
+                    let published = Published {
+                        epoch: log.epoch.clone(),
+                        offset,
+                        duplicate: true,
+                    };
+                    return (published, None);
+                }
+            }
+        }
+        log.offset += 1;
+        let offset = log.offset;
+        let json = ServerFrame::Message {
+            room,
+            offset,
+            user: &msg.user,
+            text: &msg.text,
+            ts: now_ms(),
+        }
+        .to_text();
+        log.messages.push_back(StoredMessage {
+            offset,
+            json: json.clone(),
+        });
+        while log.messages.len() > size {
+            log.messages.pop_front();
+        }
+        log.last_write = now;
+        if let Some(key) = key {
+            if log.refs.len() >= REF_PRUNE_AT {
+                log.refs
+                    .retain(|_, (_, at)| now.saturating_duration_since(*at) < REF_TTL);
+            }
+            log.refs.insert(key, (offset, now));
+        }
+        let epoch = log.epoch.clone();
+        let event = RoomEvent {
+            room: room.clone(),
+            kind: EventKind::Message {
+                epoch: epoch.clone(),
+                offset,
+            },
+            json,
+        };
+        let published = Published {
+            epoch,
+            offset,
+            duplicate: false,
+        };
+        (published, Some(event))
+    }
+
+    fn replay(&mut self, room: &RoomName, since: Offset, epoch: &Epoch, now: Instant) -> Replay {
+        let log = self.log(room, now);
+        let head = log.head();
+        // `since` may equal the newest offset (nothing missed) but not pass it, and the first
+        // missed message (since + 1) must still be stored.
+        if *epoch != log.epoch || since > log.offset || since + 1 < log.oldest() {
+            return Replay::NotRecovered { head };
+        }
+        let messages = log
+            .messages
+            .iter()
+            .filter(|m| m.offset > since)
+            .cloned()
+            .collect();
+        Replay::Recovered { head, messages }
+    }
+
+    fn history(
+        &mut self,
+        room: &RoomName,
+        before: Option<Offset>,
+        limit: usize,
+        now: Instant,
+    ) -> HistoryPage {
+        let log = self.log(room, now);
+        let below = before.unwrap_or(Offset::MAX);
+        let mut messages: Vec<StoredMessage> = log
+            .messages
+            .iter()
+            .rev()
+            .filter(|m| m.offset < below)
+            .take(limit)
+            .cloned()
+            .collect();
+        messages.reverse();
+        HistoryPage {
+            epoch: log.epoch.clone(),
+            messages,
+        }
+    }
+
+    /// Counts a user in; true when this is their first connection.
+    fn join(&mut self, room: &RoomName, user: &UserId) -> bool {
+        let count = self
+            .presence
+            .entry(room.clone())
+            .or_default()
+            .entry(user.clone())
+            .or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Counts a user out; true when this was their last connection.
+    fn leave(&mut self, room: &RoomName, user: &UserId) -> bool {
+        let Some(users) = self.presence.get_mut(room) else {
+            return false;
+        };
+        let gone = match users.get_mut(user) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                users.remove(user);
+                true
+            }
+            None => false,
+        };
+        if users.is_empty() {
+            self.presence.remove(room);
+        }
+        gone
+    }
+}
+
+impl MemoryBus {
+    pub fn new(history_size: usize, ttl: Duration, sink: Arc<dyn EventSink>) -> Self {
+        Self {
+            state: Mutex::new(State {
+                history_size,
+                ttl,
+                rooms: HashMap::new(),
+                presence: HashMap::new(),
+                ops: 0,
+            }),
+            sink,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
+        self.state
+            .lock()
+            .map_err(|_| BusError::Internal("embedded bus state poisoned".into()))
+    }
+
+    fn presence_event(room: &RoomName, user: &UserId, joined: bool) -> RoomEvent {
+        let ts = now_ms();
+        let (json, kind) = if joined {
+            (
+                ServerFrame::Join { room, user, ts }.to_text(),
+                EventKind::Join { user: user.clone() },
+            )
+        } else {
+            (
+                ServerFrame::Leave { room, user, ts }.to_text(),
+                EventKind::Leave { user: user.clone() },
+            )
+        };
+        RoomEvent {
+            room: room.clone(),
+            kind,
+            json,
+        }
+    }
+}
+
+/// Wraps an immediate answer in the contract's future type.
+fn done<T: Send + 'static>(value: Result<T, BusError>) -> BusFuture<T> {
+    ready(value).boxed()
+}
+
+impl Bus for MemoryBus {
+    fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
+        let result = self.lock().map(|mut state| {
+            let (published, event) = state.publish(room, msg, Instant::now());
+            if let Some(event) = event {
+                // Still under the lock: rooms see events in offset order.
+                self.sink.deliver(event);
+            }
+            published
+        });
+        done(result)
+    }
+
+    fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        self.sink.deliver(RoomEvent {
+            room: room.clone(),
+            kind: EventKind::Typing { user: user.clone() },
+            json: ServerFrame::Typing { room, user }.to_text(),
+        });
+        done(Ok(()))
+    }
+
+    fn head(&self, room: &RoomName) -> BusFuture<RoomHead> {
+        done(self.lock().map(|mut s| s.log(room, Instant::now()).head()))
+    }
+
+    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay> {
+        done(
+            self.lock()
+                .map(|mut s| s.replay(room, since, epoch, Instant::now())),
+        )
+    }
+
+    fn history(
+        &self,
+        room: &RoomName,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> BusFuture<HistoryPage> {
+        done(
+            self.lock()
+                .map(|mut s| s.history(room, before, limit, Instant::now())),
+        )
+    }
+
+    fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        done(self.lock().map(|mut s| {
+            if s.join(room, user) {
+                self.sink.deliver(Self::presence_event(room, user, true));
+            }
+        }))
+    }
+
+    fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        done(self.lock().map(|mut s| {
+            if s.leave(room, user) {
+                self.sink.deliver(Self::presence_event(room, user, false));
+            }
+        }))
+    }
+
+    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
+        done(self.lock().map(|s| {
+            s.presence
+                .get(room)
+                .map(|users| users.keys().cloned().collect())
+                .unwrap_or_default()
+        }))
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// Collects what the bus delivers, in order.
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<RoomEvent>>);
+
+    impl EventSink for Collect {
+        fn deliver(&self, event: RoomEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn room(s: &str) -> RoomName {
+        RoomName::parse(s).unwrap()
+    }
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    fn msg(text: &str, reference: Option<&str>) -> NewMessage {
+        NewMessage {
+            user: user("ann"),
+            text: text.into(),
+            reference: reference.map(str::to_owned),
+        }
+    }
+
+    fn bus(size: usize) -> (MemoryBus, Arc<Collect>) {
+        let sink = Arc::new(Collect::default());
+        (
+            MemoryBus::new(size, Duration::from_secs(3600), sink.clone()),
+            sink,
+        )
+    }
+
+    /// Every embedded-bus future is already complete.
+    fn now<T>(f: BusFuture<T>) -> Result<T, BusError> {
+        f.now_or_never().expect("embedded bus answers at once")
+    }
+
+    #[test]
+    fn offsets_start_at_one_and_grow_by_one() {
+        let (bus, sink) = bus(10);
+        let r = room("r");
+        let offsets: Vec<_> = (0..3)
+            .map(|i| {
+                now(bus.publish(&r, msg(&format!("m{i}"), None)))
+                    .unwrap()
+                    .offset
+            })
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3]);
+        let delivered: Vec<_> = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.clone())
+            .collect();
+        assert_eq!(delivered.len(), 3);
+        assert!(matches!(
+            &delivered[2],
+            EventKind::Message { offset: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn rooms_have_their_own_offsets_and_epochs() {
+        let (bus, _) = bus(10);
+        let a = now(bus.publish(&room("a"), msg("x", None))).unwrap();
+        let b = now(bus.publish(&room("b"), msg("y", None))).unwrap();
+        assert_eq!((a.offset, b.offset), (1, 1));
+        assert_ne!(a.epoch, b.epoch);
+    }
+
+    #[test]
+    fn history_is_bounded_to_the_configured_size() {
+        let (bus, _) = bus(5);
+        let r = room("r");
+        for i in 0..12 {
+            now(bus.publish(&r, msg(&format!("m{i}"), None))).unwrap();
+        }
+        let page = now(bus.history(&r, None, 100)).unwrap();
+        let offsets: Vec<_> = page.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, vec![8, 9, 10, 11, 12]);
+        let page = now(bus.history(&r, Some(10), 2)).unwrap();
+        let offsets: Vec<_> = page.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, vec![8, 9], "latest two below 10, oldest first");
+    }
+
+    #[test]
+    fn resume_from_the_oldest_retained_edge() {
+        let (bus, _) = bus(5);
+        let r = room("r");
+        for i in 0..12 {
+            now(bus.publish(&r, msg(&format!("m{i}"), None))).unwrap();
+        }
+        let epoch = now(bus.head(&r)).unwrap().epoch;
+        // Oldest stored is 8: since=7 misses nothing that was dropped.
+        match now(bus.replay(&r, 7, &epoch)).unwrap() {
+            Replay::Recovered { messages, head } => {
+                assert_eq!(messages.first().map(|m| m.offset), Some(8));
+                assert_eq!(messages.len(), 5);
+                assert_eq!(head.offset, 12);
+            }
+            other => panic!("expected recovery, got {other:?}"),
+        }
+        // since=6 would need offset 7, which is gone.
+        assert!(matches!(
+            now(bus.replay(&r, 6, &epoch)).unwrap(),
+            Replay::NotRecovered { .. }
+        ));
+    }
+
+    #[test]
+    fn resume_at_the_newest_offset_is_recovered_and_empty() {
+        let (bus, _) = bus(5);
+        let r = room("r");
+        now(bus.publish(&r, msg("a", None))).unwrap();
+        let head = now(bus.head(&r)).unwrap();
+        assert_eq!(
+            now(bus.replay(&r, 1, &head.epoch)).unwrap(),
+            Replay::Recovered {
+                head: head.clone(),
+                messages: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn resume_beyond_the_newest_or_with_a_wrong_epoch_is_not_recovered() {
+        let (bus, _) = bus(5);
+        let r = room("r");
+        now(bus.publish(&r, msg("a", None))).unwrap();
+        let head = now(bus.head(&r)).unwrap();
+        assert!(matches!(
+            now(bus.replay(&r, 2, &head.epoch)).unwrap(),
+            Replay::NotRecovered { .. }
+        ));
+        let wrong = Epoch::from_string("not-this-one");
+        assert!(matches!(
+            now(bus.replay(&r, 0, &wrong)).unwrap(),
+            Replay::NotRecovered { .. }
+        ));
+    }
+
+    #[test]
+    fn repeated_ref_is_acked_with_the_first_offset_and_not_published() {
+        let (bus, sink) = bus(5);
+        let r = room("r");
+        let first = now(bus.publish(&r, msg("a", Some("c1")))).unwrap();
+        let again = now(bus.publish(&r, msg("a", Some("c1")))).unwrap();
+        assert_eq!(again.offset, first.offset);
+        assert!(again.duplicate && !first.duplicate);
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
+        let other_user = NewMessage {
+            user: user("bob"),
+            ..msg("a", Some("c1"))
+        };
+        assert_eq!(
+            now(bus.publish(&r, other_user)).unwrap().offset,
+            2,
+            "refs are per user"
+        );
+    }
+
+    #[test]
+    fn idle_history_expires_into_a_new_epoch() {
+        let sink = Arc::new(Collect::default());
+        let bus = MemoryBus::new(5, Duration::from_secs(10), sink);
+        let r = room("r");
+        let t0 = Instant::now();
+        let mut state = bus.state.lock().unwrap();
+        let (first, _) = state.publish(&r, msg("a", None), t0);
+        let (second, _) = state.publish(&r, msg("b", None), t0 + Duration::from_secs(11));
+        assert_ne!(first.epoch, second.epoch);
+        assert_eq!(second.offset, 1, "offsets restart in the new epoch");
+    }
+
+    #[test]
+    fn presence_is_per_user_and_announces_first_and_last_connection() {
+        let (bus, sink) = bus(5);
+        let r = room("r");
+        now(bus.join(&r, &user("ann"))).unwrap();
+        now(bus.join(&r, &user("ann"))).unwrap();
+        now(bus.join(&r, &user("bob"))).unwrap();
+        assert_eq!(
+            now(bus.presence(&r)).unwrap(),
+            vec![user("ann"), user("bob")]
+        );
+        now(bus.leave(&r, &user("ann"))).unwrap();
+        assert_eq!(
+            now(bus.presence(&r)).unwrap().len(),
+            2,
+            "ann still has a connection"
+        );
+        now(bus.leave(&r, &user("ann"))).unwrap();
+        assert_eq!(now(bus.presence(&r)).unwrap(), vec![user("bob")]);
+        let kinds: Vec<_> = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.clone())
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Join { user: user("ann") },
+                EventKind::Join { user: user("bob") },
+                EventKind::Leave { user: user("ann") },
+            ]
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! The bus contract: where a room's messages are ordered, stored and spread.
+//!
+//! A replica never delivers a client's message straight to its local members. It hands the
+//! message to the bus, which assigns the room's next offset, stores it in the room's history,
+//! and publishes it; every replica (this one included) gets it back as a [`RoomEvent`] through
+//! the [`EventSink`] it gave the bus, and only then pushes it to sessions. So every replica
+//! delivers a room in the same order, and nothing is delivered that was not stored.
+//!
+//! Promises every implementation keeps (SPEC §5, §6):
+//! - offsets of a room start at 1 within an epoch and grow by 1 per message, with no gaps;
+//! - a message is stored before [`Bus::publish`] resolves (so an ack means "stored");
+//! - history keeps at least the last `history.size` messages of a room; a room idle for
+//!   `history.ttl_secs` (or whose history was lost) starts a new epoch with offsets from 1;
+//! - a repeated `ref` from the same user in the same room within [`REF_TTL`] resolves to the
+//!   first publish's offset and is not published again;
+//! - presence is per user: `join`/`leave` events mark a user's first and last connection.
+//!
+//! Events may reach a room twice or with a hole (a reconnect, a full mailbox); rooms drop
+//! repeats by offset and fill holes from [`Bus::replay`], so the contract above is enough.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytestring::ByteString;
+use futures_util::future::BoxFuture;
+
+use crate::domain::{Epoch, Offset, RoomName, UserId};
+
+/// How long a message `ref` is remembered for safe retries.
+pub const REF_TTL: Duration = Duration::from_secs(300);
+
+/// What a bus call resolves to.
+pub type BusFuture<T> = BoxFuture<'static, Result<T, BusError>>;
+
+/// Why a bus call failed. Clients see `unavailable` or `internal`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("the message bus is unavailable: {0}")]
+    Unavailable(String),
+    #[error("message bus error: {0}")]
+    Internal(String),
+}
+
+/// A chat message to be stored and published.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub user: UserId,
+    pub text: String,
+    pub reference: Option<String>,
+}
+
+/// Where a published message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub epoch: Epoch,
+    pub offset: Offset,
+    /// True when the `ref` was seen before and nothing new was published.
+    pub duplicate: bool,
+}
+
+/// The current state of a room's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomHead {
+    pub epoch: Epoch,
+    /// Latest offset, 0 when the epoch has no message yet.
+    pub offset: Offset,
+}
+
+/// A stored `message` frame, serialized once when it was published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub offset: Offset,
+    pub json: ByteString,
+}
+
+/// The answer to a resume request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Every stored message after `since`, oldest first, up to `head`.
+    Recovered {
+        head: RoomHead,
+        messages: Vec<StoredMessage>,
+    },
+    /// `since` is outside history or the epoch changed: no partial replay is offered.
+    NotRecovered { head: RoomHead },
+}
+
+/// One page of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub epoch: Epoch,
+    /// Oldest first.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// What happened in a room, as the bus delivers it to the replica's rooms.
+#[derive(Debug, Clone)]
+pub struct RoomEvent {
+    pub room: RoomName,
+    pub kind: EventKind,
+    /// The server frame, serialized once for every member on every replica.
+    pub json: ByteString,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Message { epoch: Epoch, offset: Offset },
+    Join { user: UserId },
+    Leave { user: UserId },
+    Typing { user: UserId },
+}
+
+/// Receives the events of every room; given to the bus at construction.
+pub trait EventSink: Send + Sync + 'static {
+    /// Called in room order; must not block.
+    fn deliver(&self, event: RoomEvent);
+}
+
+/// The seam between rooms and the transport that connects replicas.
+pub trait Bus: Send + Sync + 'static {
+    /// Stores the message under the room's next offset, then publishes it.
+    fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published>;
+
+    /// Relays a typing signal; not stored.
+    fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
+
+    /// The room's epoch and latest offset (creating the epoch if the room is new).
+    fn head(&self, room: &RoomName) -> BusFuture<RoomHead>;
+
+    /// Messages after `since` if `epoch` is current and `since` still inside history.
+    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay>;
+
+    /// Up to `limit` latest messages with offsets below `before` (all, when `None`).
+    fn history(
+        &self,
+        room: &RoomName,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> BusFuture<HistoryPage>;
+
+    /// This replica now holds a connection of `user` in `room` (its first here).
+    fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
+
+    /// This replica no longer holds any connection of `user` in `room`.
+    fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
+
+    /// Users present in the room on every replica, sorted.
+    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>>;
+
+    /// `Ok` while the bus can take publishes; else why not (for `/readyz`).
+    fn readiness(&self) -> Result<(), String>;
+}
+
+/// Shared handle to the bus chosen at start-up.
+pub type SharedBus = Arc<dyn Bus>;

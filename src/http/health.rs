@@ -1,0 +1,26 @@
+use std::sync::atomic::Ordering;
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+
+/// 200 while the process runs.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// 200 only while the bus is connected and the replica is not draining (SPEC §3).
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let reason = if state.draining.load(Ordering::Acquire) {
+        Some("draining".to_owned())
+    } else {
+        state.bus.readiness().err()
+    };
+    match reason {
+        None => HttpResponse::Ok().json(json!({"ready": true})),
+        Some(reason) => {
+            HttpResponse::ServiceUnavailable().json(json!({"ready": false, "reason": reason}))
+        }
+    }
+}

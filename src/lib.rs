@@ -1,0 +1,32 @@
+//! confab: a self-hosted real-time chat backend.
+//!
+//! Web clients open a WebSocket on `/ws/{room}`. Each connection is a
+//! [`Session`](actors::session::Session) actor; each active room on a replica is a
+//! [`Room`](actors::room::Room) actor holding its local members; the
+//! [`Hub`](actors::hub::Hub) creates rooms on demand over several threads and reaps them.
+//!
+//! Message flow: session → [`Bus::publish`](bus::Bus::publish) (offset assigned, stored,
+//! published) → the bus delivers the event to the room actor of every replica → the room
+//! pushes the once-serialized frame to its sessions. Local members get their messages the same
+//! way remote ones do, so every replica delivers a room in one order.
+//!
+//! Modules:
+//! - [`settings`]: layered settings and their validation.
+//! - [`startup`]: composition root; [`cli`]: the command line.
+//! - [`protocol`]: the JSON frames; [`domain`]: validated names, offsets, epochs.
+//! - [`wsframe`]: RFC 6455 message assembly on top of actix-http's codec.
+//! - [`ratelimit`]: the per-session token bucket.
+//! - [`actors`]: session, room, hub (and the conformance echo).
+//! - [`bus`]: the bus contract and the embedded bus.
+//! - [`http`]: routes.
+
+pub mod actors;
+pub mod bus;
+pub mod cli;
+pub mod domain;
+pub mod http;
+pub mod protocol;
+pub mod ratelimit;
+pub mod settings;
+pub mod startup;
+pub mod wsframe;

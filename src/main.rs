@@ -1,0 +1,32 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use confab::cli::{Cli, Command};
+use confab::settings::Settings;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let settings = match Settings::load(&cli.overrides(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("confab: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            print!("{}", settings.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            match actix_web::rt::System::new().block_on(confab::startup::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("confab: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

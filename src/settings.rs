@@ -1,0 +1,586 @@
+//! Settings (SPEC §2): built-in defaults < TOML file < `CONFAB_<SECTION>__<KEY>` environment
+//! variables < command-line flags. Every layer is checked against the defaults, so an unknown
+//! key or a value of the wrong type stops start-up with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Environment variables that configure confab start with this.
+pub const ENV_PREFIX: &str = "CONFAB_";
+/// Names the config file; read by the CLI, not a setting itself.
+pub const ENV_CONFIG_FILE: &str = "CONFAB_CONFIG";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub limits: LimitSettings,
+    pub history: HistorySettings,
+    pub websocket: WebSocketSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: String,
+    /// Empty means "use the host name", which is unique per pod in Kubernetes.
+    pub node_id: String,
+    pub allowed_origins: Vec<String>,
+    pub shutdown_grace_secs: u64,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Arbiters (threads) that room actors are spread over; 0 means one per core.
+    pub room_threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub max_frame_bytes: usize,
+    pub max_message_chars: usize,
+    pub messages_per_sec: u32,
+    pub burst: u32,
+    pub max_violations: u32,
+    /// 0 means "the open-file limit minus a reserve", worked out at start-up.
+    pub max_connections: usize,
+    pub session_queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    pub size: usize,
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketSettings {
+    pub ping_interval_secs: u64,
+    pub client_timeout_secs: u64,
+    /// Serves `/echo`, a plain echo endpoint with the same frame handling as `/ws/{room}`, for
+    /// WebSocket conformance suites (Autobahn). Off in production.
+    pub echo_endpoint: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            limits: LimitSettings::default(),
+            history: HistorySettings::default(),
+            websocket: WebSocketSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            node_id: String::new(),
+            allowed_origins: Vec::new(),
+            shutdown_grace_secs: 30,
+            workers: 0,
+            room_threads: 0,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 65536,
+            max_message_chars: 4000,
+            messages_per_sec: 10,
+            burst: 20,
+            max_violations: 50,
+            max_connections: 0,
+            session_queue: 1024,
+        }
+    }
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            size: 1000,
+            ttl_secs: 86400,
+        }
+    }
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval_secs: 25,
+            client_timeout_secs: 60,
+            echo_endpoint: false,
+        }
+    }
+}
+
+/// Why the settings could not be loaded. Always names the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("setting `{key}` ({origin}): {message}")]
+    Key {
+        key: String,
+        origin: String,
+        message: String,
+    },
+}
+
+fn key_error(key: &str, origin: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Key {
+        key: key.to_owned(),
+        origin: origin.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// What the command line may override; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<String>,
+}
+
+impl Settings {
+    /// Loads all layers: defaults, the file, the given environment, the command line.
+    pub fn load(
+        overrides: &Overrides,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut table = defaults_table();
+        if let Some(path) = &overrides.config_file {
+            let file = read_file(path)?;
+            merge_file(&mut table, file, &path.display().to_string())?;
+        }
+        merge_env(&mut table, env)?;
+        if let Some(listen) = &overrides.listen {
+            set(
+                &mut table,
+                "server",
+                "listen",
+                Value::String(listen.clone()),
+            );
+        }
+        let settings: Settings = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| key_error("?", "merged settings", e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks relations and ranges that types alone cannot express.
+    fn validate(&self) -> Result<(), SettingsError> {
+        let origin = "value";
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return Err(key_error(
+                "server.listen",
+                origin,
+                format!("`{}` is not an address:port", self.server.listen),
+            ));
+        }
+        let positive = [
+            ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
+            (
+                "limits.max_message_chars",
+                self.limits.max_message_chars as u64,
+            ),
+            (
+                "limits.messages_per_sec",
+                u64::from(self.limits.messages_per_sec),
+            ),
+            ("limits.burst", u64::from(self.limits.burst)),
+            ("limits.session_queue", self.limits.session_queue as u64),
+            ("history.size", self.history.size as u64),
+            ("history.ttl_secs", self.history.ttl_secs),
+            (
+                "websocket.ping_interval_secs",
+                self.websocket.ping_interval_secs,
+            ),
+            (
+                "websocket.client_timeout_secs",
+                self.websocket.client_timeout_secs,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(key_error(key, origin, "must be greater than 0"));
+            }
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            return Err(key_error(
+                "limits.max_frame_bytes",
+                origin,
+                "must be at least 1024 so a maximal chat message fits",
+            ));
+        }
+        if self.websocket.client_timeout_secs <= self.websocket.ping_interval_secs {
+            return Err(key_error(
+                "websocket.client_timeout_secs",
+                origin,
+                "must be longer than websocket.ping_interval_secs, or every client times out",
+            ));
+        }
+        if self.limits.session_queue < 8 {
+            return Err(key_error(
+                "limits.session_queue",
+                origin,
+                "must be at least 8",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings as TOML, for `confab config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn defaults_table() -> Table {
+    match Value::try_from(Settings::default()) {
+        Ok(Value::Table(t)) => t,
+        _ => Table::new(),
+    }
+}
+
+fn read_file(path: &Path) -> Result<Table, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse::<Table>().map_err(|e| SettingsError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn set(table: &mut Table, section: &str, key: &str, value: Value) {
+    if let Some(Value::Table(s)) = table.get_mut(section) {
+        s.insert(key.to_owned(), value);
+    }
+}
+
+/// The default value at `section.key`, or an error naming the unknown key.
+fn default_at<'t>(
+    table: &'t Table,
+    section: &str,
+    key: &str,
+    origin: &str,
+) -> Result<&'t Value, SettingsError> {
+    let name = format!("{section}.{key}");
+    match table.get(section) {
+        Some(Value::Table(s)) => s
+            .get(key)
+            .ok_or_else(|| key_error(&name, origin, "unknown setting")),
+        _ => Err(key_error(
+            &name,
+            origin,
+            format!("unknown section `{section}`"),
+        )),
+    }
+}
+
+fn merge_file(table: &mut Table, file: Table, origin: &str) -> Result<(), SettingsError> {
+    for (section, body) in file {
+        let Value::Table(body) = body else {
+            return Err(key_error(&section, origin, "expected a [section] table"));
+        };
+        for (key, value) in body {
+            let name = format!("{section}.{key}");
+            let default = default_at(table, &section, &key, origin)?;
+            let value = conform(default, value).map_err(|m| key_error(&name, origin, m))?;
+            set(table, &section, &key, value);
+        }
+    }
+    Ok(())
+}
+
+/// Accepts `value` where `default` stands only if it has the same type (and is not negative,
+/// since every number confab takes is a count or a duration).
+fn conform(default: &Value, value: Value) -> Result<Value, String> {
+    match (default, &value) {
+        (Value::Integer(_), Value::Integer(i)) if *i < 0 => {
+            Err(format!("must not be negative, got {i}"))
+        }
+        (Value::Integer(_), Value::Integer(_))
+        | (Value::String(_), Value::String(_))
+        | (Value::Boolean(_), Value::Boolean(_)) => Ok(value),
+        (Value::Array(_), Value::Array(items)) if items.iter().all(Value::is_str) => Ok(value),
+        _ => Err(format!(
+            "expected {}, got {}",
+            describe(default),
+            describe(&value)
+        )),
+    }
+}
+
+fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Integer(_) => "a whole number",
+        Value::String(_) => "a string",
+        Value::Boolean(_) => "true or false",
+        Value::Array(_) => "a list of strings",
+        Value::Float(_) => "a decimal number",
+        Value::Datetime(_) => "a date",
+        Value::Table(_) => "a table",
+    }
+}
+
+fn merge_env(
+    table: &mut Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), SettingsError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if name == ENV_CONFIG_FILE {
+            continue;
+        }
+        let Some((section, key)) = rest.split_once("__") else {
+            return Err(key_error(
+                &name,
+                "environment",
+                "expected CONFAB_<SECTION>__<KEY>, e.g. CONFAB_SERVER__LISTEN",
+            ));
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let origin = format!("environment {name}");
+        let full = format!("{section}.{key}");
+        let default = default_at(table, &section, &key, &origin)?;
+        let value = parse_env_value(default, &raw).map_err(|m| key_error(&full, &origin, m))?;
+        set(table, &section, &key, value);
+    }
+    Ok(())
+}
+
+/// Reads an environment string as the type the default has: lists are comma-separated.
+fn parse_env_value(default: &Value, raw: &str) -> Result<Value, String> {
+    let raw = raw.trim();
+    match default {
+        Value::Integer(_) => match raw.parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(Value::Integer(n)),
+            _ => Err(format!("expected a whole number, got `{raw}`")),
+        },
+        Value::Boolean(_) => match raw {
+            "true" | "1" | "yes" => Ok(Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got `{raw}`")),
+        },
+        Value::Array(_) => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        )),
+        _ => Ok(Value::String(raw.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile_lite::TempFile {
+        tempfile_lite::TempFile::with(text)
+    }
+
+    /// A tiny self-deleting temp file, so tests need no extra crate.
+    mod tempfile_lite {
+        use super::*;
+        pub struct TempFile(pub PathBuf);
+        impl TempFile {
+            pub fn with(text: &str) -> Self {
+                let n: u64 = rand::random();
+                let path = std::env::temp_dir().join(format!("confab-settings-{n:x}.toml"));
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(text.as_bytes()).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let s = Settings::load(&Overrides::default(), env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.server.listen, "0.0.0.0:8080");
+        assert_eq!(s.limits.session_queue, 1024);
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let f = file(
+            "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_grace_secs = 5\n[history]\nsize = 10\n",
+        );
+        let o = Overrides {
+            config_file: Some(f.0.clone()),
+            listen: Some("127.0.0.1:3".into()),
+        };
+        let s = Settings::load(
+            &o,
+            env(&[
+                ("CONFAB_HISTORY__SIZE", "20"),
+                ("CONFAB_SERVER__LISTEN", "127.0.0.1:2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:3", "flag beats env and file");
+        assert_eq!(s.history.size, 20, "env beats file");
+        assert_eq!(s.server.shutdown_grace_secs, 5, "file beats default");
+    }
+
+    #[test]
+    fn env_lists_are_comma_separated() {
+        let s = Settings::load(
+            &Overrides::default(),
+            env(&[(
+                "CONFAB_SERVER__ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.server.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let f = file("[limits]\nburts = 3\n");
+        let o = Overrides {
+            config_file: Some(f.0.clone()),
+            ..Default::default()
+        };
+        let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("limits.burts") && e.contains("unknown setting"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let f = file("[limit]\nburst = 3\n");
+        let o = Overrides {
+            config_file: Some(f.0.clone()),
+            ..Default::default()
+        };
+        let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("limit.burst") && e.contains("unknown section"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let f = file("[history]\nsize = \"big\"\n");
+        let o = Overrides {
+            config_file: Some(f.0.clone()),
+            ..Default::default()
+        };
+        let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("history.size") && e.contains("whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_env_value_is_named() {
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_LIMITS__BURST", "-1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("limits.burst") && e.contains("CONFAB_LIMITS__BURST"),
+            "{e}"
+        );
+        let e = Settings::load(&Overrides::default(), env(&[("CONFAB_NOPE__X", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.x"), "{e}");
+    }
+
+    #[test]
+    fn unrelated_environment_is_ignored() {
+        assert!(Settings::load(
+            &Overrides::default(),
+            env(&[("PATH", "/bin"), ("CONFAB_CONFIG", "x")])
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_SERVER__LISTEN", "nowhere")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "10")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("websocket.client_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let o = Overrides {
+            config_file: Some(PathBuf::from("/nonexistent/confab.toml")),
+            ..Default::default()
+        };
+        let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/confab.toml"), "{e}");
+    }
+
+    #[test]
+    fn shipped_default_file_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let shipped: Settings = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(shipped, Settings::default());
+        let o = Overrides {
+            config_file: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml")),
+            ..Default::default()
+        };
+        assert!(Settings::load(&o, env(&[])).is_ok());
+    }
+}

@@ -1,0 +1,178 @@
+//! The composition root: builds the bus, the hub and its room threads, and the HTTP server,
+//! then runs until a signal has drained the replica.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
+use crate::actors::session::SessionConfig;
+use crate::bus::memory::MemoryBus;
+use crate::bus::SharedBus;
+use crate::http::{self, AppState};
+use crate::settings::Settings;
+
+/// File descriptors kept back from `limits.max_connections` for listeners, logs and Redis.
+const FD_RESERVE: usize = 64;
+
+/// Runs one replica until SIGTERM or SIGINT has drained it.
+pub async fn run(settings: Settings) -> io::Result<()> {
+    let node: Arc<str> = Arc::from(node_id(&settings));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let room_threads = match settings.server.room_threads {
+        0 => cores,
+        n => n,
+    };
+    let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
+    let directory = RoomDirectory::default();
+    log::warn!(
+        "node={node} uses the embedded bus: replicas started this way will not see each other"
+    );
+    let bus: SharedBus = Arc::new(MemoryBus::new(
+        settings.history.size,
+        Duration::from_secs(settings.history.ttl_secs),
+        Arc::new(directory.clone()),
+    ));
+    let hub = Hub::new(
+        bus.clone(),
+        directory,
+        arbiters.iter().map(Arbiter::handle).collect(),
+        settings.limits.session_queue,
+    )
+    .start();
+
+    let max_connections = match settings.limits.max_connections {
+        0 => default_max_connections(),
+        n => n,
+    };
+    if settings.server.allowed_origins.is_empty() {
+        log::warn!("server.allowed_origins is empty: pages from any site may open sessions here");
+    }
+    let draining = Arc::new(AtomicBool::new(false));
+    let state = web::Data::new(AppState {
+        hub: hub.clone(),
+        bus,
+        sessions: Arc::new(SessionConfig {
+            node: node.clone(),
+            max_frame_bytes: settings.limits.max_frame_bytes,
+            max_message_chars: settings.limits.max_message_chars,
+            messages_per_sec: settings.limits.messages_per_sec,
+            burst: settings.limits.burst,
+            max_violations: settings.limits.max_violations,
+            session_queue: settings.limits.session_queue,
+            ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
+            client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
+        }),
+        draining: draining.clone(),
+        connections: Arc::new(AtomicUsize::new(0)),
+        max_connections,
+        allowed_origins: settings.server.allowed_origins.clone(),
+        echo_endpoint: settings.websocket.echo_endpoint,
+    });
+
+    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+    let mut server =
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            // Signals are ours: a drain closes sessions in batches before the server stops.
+            .disable_signals()
+            .shutdown_timeout(5);
+    if settings.server.workers > 0 {
+        server = server.workers(settings.server.workers);
+    }
+    let server = server.bind(&settings.server.listen)?;
+    for addr in server.addrs() {
+        log::info!("node={node} listening on {addr} (max_connections={max_connections})");
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        log::info!("node={node} draining: not ready, closing sessions over {grace:?}");
+        draining.store(true, Ordering::Release);
+        hub.do_send(Drain { grace });
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if hub.send(SessionCount).await.unwrap_or(0) == 0 {
+                break;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        handle.stop(true).await;
+    });
+    server.await?;
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            log::error!("cannot listen for signals; draining on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `server.node_id`, or the host name (the pod name in Kubernetes).
+fn node_id(settings: &Settings) -> String {
+    if !settings.server.node_id.is_empty() {
+        return settings.server.node_id.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "confab".to_owned()
+    } else {
+        name
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit, then leaves a reserve for everything
+/// that is not a WebSocket.
+fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024 - FD_RESERVE;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let files = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    files.saturating_sub(FD_RESERVE).max(16)
+}
