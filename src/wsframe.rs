@@ -255,7 +255,8 @@ mod tests {
             .push(Err(ProtocolError::ContinuationNotStarted))
             .unwrap_err();
         assert_eq!(e.code, Some(CloseCode::Protocol));
-        let utf8 = std::str::from_utf8(b"\xff").unwrap_err();
+        let bad = vec![0xffu8];
+        let utf8 = std::str::from_utf8(&bad).unwrap_err();
         let io = std::io::Error::other(utf8.to_string());
         let e = a.push(Err(ProtocolError::Io(io))).unwrap_err();
         assert_eq!(e.code, Some(CloseCode::Invalid));

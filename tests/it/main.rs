@@ -1,1 +1,9 @@
+//! Integration tests: the real binary, real sockets, one harness.
 
+mod harness;
+
+mod chat;
+mod frames;
+mod lifecycle;
+mod limits;
+mod resume;

@@ -1,0 +1,370 @@
+//! Shared harness: runs the real `confab` binary on a free port and talks to it over real
+//! sockets. Every receive has a deadline; a server that does not answer fails the test.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected frame may take.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running `confab` process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts the binary on 127.0.0.1:0 with these `CONFAB_…` variables.
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,actix_server=warn")
+            .env("CONFAB_SERVER__NODE_ID", "test-node")
+            .env("CONFAB_SERVER__WORKERS", "2")
+            .env("CONFAB_SERVER__ROOM_THREADS", "2")
+            .env_remove("CONFAB_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn confab");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("confab did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child: Some(child),
+            addr,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Opens a session and returns it with its welcome frame (asserted to be first).
+    pub async fn join(&self, path: &str) -> (Client, Value) {
+        let mut client = self.connect(path).await;
+        let welcome = client.next().await;
+        assert_eq!(welcome["type"], "welcome", "first frame must be the welcome: {welcome}");
+        (client, welcome)
+    }
+
+    pub async fn connect(&self, path: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(self.url(path)))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+        Client { ws }
+    }
+
+    /// The HTTP status a WebSocket upgrade to `path` is refused with.
+    pub async fn refused_status(&self, path: &str) -> u16 {
+        match tokio_tungstenite::connect_async(self.url(path)).await {
+            Ok(_) => panic!("upgrade to {path} should have been refused"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("unexpected error for {path}: {e}"),
+        }
+    }
+
+    /// A plain HTTP/1.1 request; returns status, headers and body.
+    pub async fn http(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpReply {
+        http(self.addr, method, path, headers).await
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let end = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < end, "confab did not exit within {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct HttpReply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpReply {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("connection")) {
+        req.push_str("Connection: close\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            raw.extend_from_slice(&buf[..n]);
+            // A 101 keeps the connection open: its head is all there is to read.
+            let upgraded = raw.starts_with(b"HTTP/1.1 101") && raw.windows(4).any(|w| w == b"\r\n\r\n");
+            if n == 0 || upgraded {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read).await.expect("HTTP reply in time");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head}"));
+    HttpReply {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// A WebSocket client speaking the confab protocol.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection ended, as seen by the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    Closed(u16),
+    ClosedWithoutCode,
+    Dropped,
+}
+
+impl Client {
+    /// Connects with a tiny receive buffer and returns before reading anything, for tests
+    /// that need a client whose socket fills up quickly.
+    pub async fn connect_small_window(url: &str) -> Client {
+        let addr: SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_binary(&mut self, data: &[u8]) {
+        self.ws.send(Message::Binary(data.to_vec())).await.expect("send binary");
+    }
+
+    /// Sends one raw frame, for fragmentation and malformed-input tests.
+    pub async fn send_frame(&mut self, data: &[u8], opcode: OpCode, fin: bool) {
+        self.ws
+            .send(Message::Frame(Frame::message(data.to_vec(), opcode, fin)))
+            .await
+            .expect("send frame");
+    }
+
+    pub fn text_op() -> OpCode {
+        OpCode::Data(Data::Text)
+    }
+
+    pub fn continue_op() -> OpCode {
+        OpCode::Data(Data::Continue)
+    }
+
+    /// The next JSON frame; control frames are skipped.
+    pub async fn next(&mut self) -> Value {
+        self.try_next(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("no frame within {DEADLINE:?}"))
+    }
+
+    /// The next JSON frame within `wait`, or `None`; panics if the connection ends.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Value> {
+        let end = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = match tokio::time::timeout_at(end, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(None) => panic!("connection ended while waiting for a frame"),
+                Ok(Some(Err(e))) => panic!("connection failed while waiting for a frame: {e}"),
+                Ok(Some(Ok(m))) => m,
+            };
+            match msg {
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t}: {e}")))
+                }
+                Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
+                Message::Binary(_) => panic!("unexpected binary frame"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame of type `kind` (see [`Client::next_of_any`]).
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        self.next_of_any(&[kind]).await
+    }
+
+    /// The next frame whose type is one of `kinds`, skipping only frames that may
+    /// interleave with any request (presence traffic, other acks and messages); an `error`
+    /// or anything else unexpected fails the test.
+    pub async fn next_of_any(&mut self, kinds: &[&str]) -> Value {
+        loop {
+            let v = self.next().await;
+            if kinds.iter().any(|k| v["type"] == *k) {
+                return v;
+            }
+            let noise = ["join", "leave", "presence", "typing", "ack", "message"];
+            assert!(
+                noise.iter().any(|n| v["type"] == *n),
+                "expected one of {kinds:?}, got {v}"
+            );
+        }
+    }
+
+    /// Reads until the server closes; returns how, and the JSON frames seen before.
+    pub async fn ending(&mut self, wait: Duration) -> (Ending, Vec<Value>) {
+        let end = tokio::time::Instant::now() + wait;
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout_at(end, self.ws.next()).await {
+                Err(_) => panic!("connection still open after {wait:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return (Ending::Dropped, seen),
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    return (Ending::Closed(u16::from(frame.code)), seen)
+                }
+                Ok(Some(Ok(Message::Close(None)))) => return (Ending::ClosedWithoutCode, seen),
+                Ok(Some(Ok(Message::Text(t)))) => seen.push(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Sends a chat message with a ref and returns the ack's offset.
+    pub async fn say(&mut self, text: &str, reference: &str) -> u64 {
+        self.send_json(serde_json::json!({"type":"message","text":text,"ref":reference}))
+            .await;
+        loop {
+            let v = self.next().await;
+            if v["type"] == "ack" && v["ref"] == reference {
+                return v["offset"].as_u64().expect("ack offset");
+            }
+            assert!(v["type"] != "error", "error instead of ack: {v}");
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not true within {within:?}");
+}

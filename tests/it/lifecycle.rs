@@ -1,0 +1,135 @@
+//! Process-level behaviour: health, the page, settings errors, Origin policy, drain.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{eventually, Ending, Server, DEADLINE};
+
+#[tokio::test]
+async fn health_and_readiness_answer_200_when_running() {
+    let server = Server::start(&[]);
+    let h = server.http("GET", "/healthz", &[]).await;
+    assert_eq!(h.status, 200);
+    let r = server.http("GET", "/readyz", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["ready"], true);
+}
+
+#[tokio::test]
+async fn the_page_has_the_elements_browser_tests_use() {
+    let server = Server::start(&[]);
+    let page = server.http("GET", "/", &[]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.head.to_ascii_lowercase().contains("content-type: text/html"));
+    for id in ["name", "room", "join", "message", "send", "messages", "status"] {
+        assert!(page.body.contains(&format!("id=\"{id}\"")), "missing #{id}");
+    }
+    assert!(!page.body.contains("<script src"), "no external scripts");
+    assert!(!page.body.contains("innerHTML"), "text is rendered as text");
+}
+
+#[tokio::test]
+async fn the_echo_endpoint_is_off_unless_enabled() {
+    let server = Server::start(&[]);
+    assert_eq!(server.refused_status("/echo").await, 404);
+    let echo = Server::start(&[("CONFAB_WEBSOCKET__ECHO_ENDPOINT", "true")]);
+    let mut c = echo.connect("/echo").await;
+    c.send_text("{\"not\":\"parsed\"}").await;
+    assert_eq!(c.next().await["not"], "parsed");
+}
+
+fn confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+    cmd.args(args).env_remove("CONFAB_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run confab")
+}
+
+#[test]
+fn bad_settings_stop_start_up_naming_the_key() {
+    let out = confab(&["--listen", "127.0.0.1:0"], &[("CONFAB_LIMITS__BURTS", "3")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.burts"), "{err}");
+
+    let out = confab(&["--listen", "127.0.0.1:0"], &[("CONFAB_HISTORY__SIZE", "many")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history.size"));
+
+    let dir = std::env::temp_dir().join(format!("confab-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[websocket]\nping_interval = 5\n").unwrap();
+    let out = confab(&["serve", "--config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("websocket.ping_interval"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn config_prints_the_effective_settings() {
+    let out = confab(&["config", "--listen", "127.0.0.1:9999"], &[("CONFAB_HISTORY__SIZE", "7")]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
+    assert!(text.contains("size = 7"), "{text}");
+}
+
+#[test]
+fn help_explains_the_settings_layers() {
+    let out = confab(&["--help"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CONFAB_<SECTION>__<KEY>") && text.contains("--config"), "{text}");
+}
+
+#[tokio::test]
+async fn origins_outside_the_allowed_list_are_refused_with_403() {
+    let server = Server::start(&[("CONFAB_SERVER__ALLOWED_ORIGINS", "https://chat.example")]);
+    let evil = server
+        .http("GET", "/ws/lobby", &ws_headers(Some("https://evil.example")))
+        .await;
+    assert_eq!(evil.status, 403);
+    let good = server
+        .http("GET", "/ws/lobby", &ws_headers(Some("https://chat.example")))
+        .await;
+    assert_eq!(good.status, 101);
+    let tool = server.http("GET", "/ws/lobby", &ws_headers(None)).await;
+    assert_eq!(tool.status, 101, "no Origin: not a browser, not refused");
+}
+
+fn ws_headers(origin: Option<&'static str>) -> Vec<(&'static str, &'static str)> {
+    let mut h = vec![
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    if let Some(o) = origin {
+        h.push(("Origin", o));
+    }
+    h
+}
+
+#[tokio::test]
+async fn sigterm_drains_sessions_with_1001_and_exits_0() {
+    let mut server = Server::start(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "3")]);
+    let (mut a, _) = server.join("/ws/lobby?user=alice").await;
+    let (mut b, _) = server.join("/ws/other?user=bob").await;
+    server.signal(libc::SIGTERM);
+    let addr = server.addr;
+    eventually(DEADLINE, "readyz turns 503", || async move {
+        crate::harness::http(addr, "GET", "/readyz", &[]).await.status == 503
+    })
+    .await;
+    let r = server.http("GET", "/readyz", &[]).await;
+    assert_eq!(r.json()["reason"], "draining");
+    let refused = server.http("GET", "/ws/lobby", &ws_headers(None)).await;
+    assert_eq!(refused.status, 503, "no new sessions while draining");
+    assert_eq!(a.ending(DEADLINE).await.0, Ending::Closed(1001));
+    assert_eq!(b.ending(DEADLINE).await.0, Ending::Closed(1001));
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -1,0 +1,131 @@
+//! Limits that protect the replica: rate limits, slow consumers, connection caps, timeouts.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{Client, Ending, Server, DEADLINE};
+
+#[tokio::test]
+async fn over_the_rate_limit_messages_are_refused_and_flooding_closes_with_1008() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "1"),
+        ("CONFAB_LIMITS__BURST", "3"),
+        ("CONFAB_LIMITS__MAX_VIOLATIONS", "4"),
+    ]);
+    let (mut c, _) = server.join("/ws/lobby").await;
+    for i in 0..3 {
+        c.say("within the burst", &format!("ok{i}")).await;
+    }
+    c.send_json(json!({"type":"message","text":"too fast","ref":"x"})).await;
+    let e = c.next_of("error").await;
+    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("rate_limited"), Some("x")));
+    // Three more violations are refused one by one; the fifth closes the session.
+    for _ in 0..10 {
+        c.send_text("flood").await;
+    }
+    let (ending, seen) = c.ending(DEADLINE).await;
+    assert_eq!(ending, Ending::Closed(1008));
+    let published = seen.iter().filter(|v| v["type"] == "message").count();
+    assert!(published <= 1, "at most one token refilled during the flood: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_4008_while_a_fast_member_gets_everything() {
+    const MESSAGES: u64 = 2500;
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+        ("CONFAB_LIMITS__BURST", "100000"),
+        ("CONFAB_LIMITS__SESSION_QUEUE", "64"),
+    ]);
+    // The slow member's socket holds a few KiB and it reads nothing until the end; the
+    // server's send buffer (at most 4 MiB here) then fills, and its queue after that.
+    let mut slow = Client::connect_small_window(&server.url("/ws/big?user=slow")).await;
+    assert_eq!(slow.next().await["type"], "welcome");
+    let (fast, _) = server.join("/ws/big?user=fast").await;
+    let reader = tokio::spawn(async move {
+        let mut fast = fast;
+        let mut next_offset = 1;
+        while next_offset <= MESSAGES {
+            let v = fast.next_of("message").await;
+            assert_eq!(v["offset"], next_offset, "fast member gets every message in order");
+            next_offset += 1;
+        }
+    });
+    // One sender, waiting for each ack, so the fast member is never more than a few frames
+    // behind: only the slow member's backlog grows.
+    let (mut sender, _) = server.join("/ws/big?user=sender").await;
+    let text = "z".repeat(3000);
+    for i in 0..MESSAGES {
+        assert_eq!(sender.say(&text, &i.to_string()).await, i + 1);
+    }
+    tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("fast member finished in time")
+        .expect("fast member saw everything");
+    // Now the slow member reads what was queued for it, then the 4008 close.
+    let (ending, seen) = slow.ending(Duration::from_secs(30)).await;
+    assert_eq!(ending, Ending::Closed(4008));
+    let offsets: Vec<u64> = seen
+        .iter()
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
+    assert!((offsets.len() as u64) < MESSAGES, "the slow member was cut off, got {}", offsets.len());
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "what it got has no holes");
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503() {
+    let server = Server::start(&[("CONFAB_LIMITS__MAX_CONNECTIONS", "2")]);
+    let (a, _) = server.join("/ws/lobby").await;
+    let (_b, _) = server.join("/ws/lobby").await;
+    assert_eq!(server.refused_status("/ws/lobby").await, 503);
+    a.close().await;
+    // The slot comes back once the first session is gone.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match tokio_tungstenite::connect_async(server.url("/ws/lobby")).await {
+            Ok(_) => break,
+            Err(_) if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed() {
+    let server = Server::start(&[
+        ("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "1"),
+        ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "2"),
+    ]);
+    let (mut c, _) = server.join("/ws/lobby").await;
+    // Reading would make tungstenite answer pings; a silent client must not read. Wait for
+    // the server to give up, then look at what it sent.
+    let started = Instant::now();
+    crate::harness::eventually(Duration::from_secs(10), "session timed out", || {
+        let log = server.log();
+        async move { log.contains("timed out") }
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let (ending, _) = c.ending(DEADLINE).await;
+    assert_eq!(ending, Ending::Closed(1001));
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let server = Server::start(&[
+        ("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "1"),
+        ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "2"),
+    ]);
+    let (mut c, _) = server.join("/ws/lobby").await;
+    // Reading answers the server's pings; nothing but noise should arrive for 4 s.
+    let end = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < end {
+        if let Some(v) = c.try_next(end - tokio::time::Instant::now()).await {
+            assert_eq!(v["type"], "presence", "unexpected {v}");
+        }
+    }
+    assert_eq!(c.say("still here", "s").await, 1);
+}
