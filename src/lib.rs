@@ -18,7 +18,7 @@
 //! - [`ratelimit`]: the per-session token bucket.
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
-//! - [`http`]: routes.
+//! - [`http`] holds the routes.
 
 pub mod actors;
 pub mod bus;

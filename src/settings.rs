@@ -13,7 +13,7 @@ pub const ENV_PREFIX: &str = "CONFAB_";
 /// Names the config file; read by the CLI, not a setting itself.
 pub const ENV_CONFIG_FILE: &str = "CONFAB_CONFIG";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -64,17 +64,6 @@ pub struct WebSocketSettings {
     /// Serves `/echo`, a plain echo endpoint with the same frame handling as `/ws/{room}`, for
     /// WebSocket conformance suites (Autobahn). Off in production.
     pub echo_endpoint: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            server: ServerSettings::default(),
-            limits: LimitSettings::default(),
-            history: HistorySettings::default(),
-            websocket: WebSocketSettings::default(),
-        }
-    }
 }
 
 impl Default for ServerSettings {

@@ -79,6 +79,9 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
             // Signals are ours: a drain closes sessions in batches before the server stops.
             .disable_signals()
+            // Close the TCP connection as soon as a WebSocket's close handshake is done instead
+            // of lingering for the client to hang up (RFC 6455 §7.1.1: the server closes first).
+            .client_disconnect_timeout(Duration::ZERO)
             .shutdown_timeout(5);
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);

@@ -11,13 +11,33 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
     let (mut c, _) = server.join("/ws/lobby?user=alice").await;
     let cases = [
         (r#"{"type":"message","#.to_owned(), "bad_request", None),
-        (r#"{"type":"shout","ref":"s1"}"#.to_owned(), "bad_request", Some("s1")),
-        (r#"{"type":"message","text":"   ","ref":"e1"}"#.to_owned(), "bad_request", Some("e1")),
+        (
+            r#"{"type":"shout","ref":"s1"}"#.to_owned(),
+            "bad_request",
+            Some("s1"),
+        ),
+        (
+            r#"{"type":"message","text":"   ","ref":"e1"}"#.to_owned(),
+            "bad_request",
+            Some("e1"),
+        ),
         ("   ".to_owned(), "bad_request", None),
-        (r#"{"type":"message","text":"this is far too long","ref":"l1"}"#.to_owned(), "too_long", Some("l1")),
+        (
+            r#"{"type":"message","text":"this is far too long","ref":"l1"}"#.to_owned(),
+            "too_long",
+            Some("l1"),
+        ),
         ("ŵŵŵŵŵŵŵŵŵŵŵ".to_owned(), "too_long", None),
-        (json!({"type":"message","text":"hi","ref":"r".repeat(65)}).to_string(), "bad_request", None),
-        (r#"{"type":"history","limit":500,"ref":"h"}"#.to_owned(), "bad_request", Some("h")),
+        (
+            json!({"type":"message","text":"hi","ref":"r".repeat(65)}).to_string(),
+            "bad_request",
+            None,
+        ),
+        (
+            r#"{"type":"history","limit":500,"ref":"h"}"#.to_owned(),
+            "bad_request",
+            Some("h"),
+        ),
         (r#"{"text":"no type"}"#.to_owned(), "bad_request", None),
     ];
     for (frame, code, reference) in cases {
@@ -27,11 +47,18 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
         match reference {
             Some(r) => assert_eq!(e["ref"], r, "for {frame}"),
-            None => assert!(e.get("ref").is_none() || e["ref"].is_null(), "for {frame}: {e}"),
+            None => assert!(
+                e.get("ref").is_none() || e["ref"].is_null(),
+                "for {frame}: {e}"
+            ),
         }
     }
     // Nothing was published, and the session still works.
-    assert_eq!(c.say("ŵŵŵŵŵŵŵŵŵŵ", "ok").await, 1, "ten characters fit a ten-character limit");
+    assert_eq!(
+        c.say("ŵŵŵŵŵŵŵŵŵŵ", "ok").await,
+        1,
+        "ten characters fit a ten-character limit"
+    );
 }
 
 #[tokio::test]
@@ -68,8 +95,10 @@ async fn fragmented_messages_are_reassembled() {
     let bytes = text.as_bytes();
     // Split inside the two-byte 'é' to prove UTF-8 is checked across fragments, not per frame.
     c.send_frame(&bytes[..2], Client::text_op(), false).await;
-    c.send_frame(&bytes[2..10], Client::continue_op(), false).await;
-    c.send_frame(&bytes[10..], Client::continue_op(), true).await;
+    c.send_frame(&bytes[2..10], Client::continue_op(), false)
+        .await;
+    c.send_frame(&bytes[10..], Client::continue_op(), true)
+        .await;
     let m = c.next_of("message").await;
     assert_eq!(m["text"], text);
 }
@@ -78,7 +107,8 @@ async fn fragmented_messages_are_reassembled() {
 async fn invalid_utf8_closes_with_1007() {
     let server = Server::start(&[]);
     let (mut c, _) = server.join("/ws/lobby").await;
-    c.send_frame(&[b'o', b'k', 0xff, 0xfe], Client::text_op(), true).await;
+    c.send_frame(&[b'o', b'k', 0xff, 0xfe], Client::text_op(), true)
+        .await;
     assert_eq!(c.ending(DEADLINE).await.0, Ending::Closed(1007));
 }
 
@@ -88,7 +118,8 @@ async fn invalid_utf8_split_across_fragments_closes_with_1007() {
     let (mut c, _) = server.join("/ws/lobby").await;
     // 0xE2 0x82 starts '€'; 0x28 cannot continue it.
     c.send_frame(&[b'a', 0xe2], Client::text_op(), false).await;
-    c.send_frame(&[0x82, 0x28], Client::continue_op(), true).await;
+    c.send_frame(&[0x82, 0x28], Client::continue_op(), true)
+        .await;
     assert_eq!(c.ending(DEADLINE).await.0, Ending::Closed(1007));
 }
 
@@ -106,13 +137,12 @@ async fn a_client_close_is_answered_with_its_code() {
     let (mut c, _) = server.join("/ws/lobby").await;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-    c.ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        }))
-        .await
-        .expect("close");
+    c.ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
     assert_eq!(c.ending(DEADLINE).await.0, Ending::Closed(1000));
 }
 
@@ -120,13 +150,21 @@ async fn a_client_close_is_answered_with_its_code() {
 async fn invalid_room_names_are_refused_before_the_upgrade() {
     let server = Server::start(&[]);
     for room in ["-x", "a%20b", &"r".repeat(65), "%C3%A9"] {
-        assert_eq!(server.refused_status(&format!("/ws/{room}")).await, 400, "room {room}");
+        assert_eq!(
+            server.refused_status(&format!("/ws/{room}")).await,
+            400,
+            "room {room}"
+        );
     }
     let reply = server.http("GET", "/ws/-bad", &[]).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "bad_request");
     assert_eq!(server.refused_status("/ws/ok?user=no%20spaces").await, 400);
-    assert_eq!(server.refused_status("/ws/ok?since=3").await, 400, "since needs epoch");
+    assert_eq!(
+        server.refused_status("/ws/ok?since=3").await,
+        400,
+        "since needs epoch"
+    );
     assert_eq!(server.refused_status("/ws/ok?history=lots").await, 400);
 }
 
@@ -135,8 +173,12 @@ async fn the_confab_subprotocol_is_answered() {
     let server = Server::start(&[]);
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = server.url("/ws/lobby").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "confab.v1, token.abc".parse().unwrap());
-    let (_ws, resp) = tokio_tungstenite::connect_async(req).await.expect("upgrade");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "confab.v1, token.abc".parse().unwrap(),
+    );
+    let (_ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
     assert_eq!(resp.headers()["sec-websocket-protocol"], "confab.v1");
 }

@@ -79,15 +79,19 @@ impl Server {
     pub async fn join(&self, path: &str) -> (Client, Value) {
         let mut client = self.connect(path).await;
         let welcome = client.next().await;
-        assert_eq!(welcome["type"], "welcome", "first frame must be the welcome: {welcome}");
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame must be the welcome: {welcome}"
+        );
         (client, welcome)
     }
 
     pub async fn connect(&self, path: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(self.url(path)))
-            .await
-            .expect("connect in time")
-            .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+        let (ws, _) =
+            tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(self.url(path)))
+                .await
+                .expect("connect in time")
+                .unwrap_or_else(|e| panic!("connect {path}: {e}"));
         Client { ws }
     }
 
@@ -125,7 +129,11 @@ impl Server {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < end, "confab did not exit within {within:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < end,
+                "confab did not exit within {within:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -167,16 +175,42 @@ impl HttpReply {
     }
 }
 
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpReply {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpReply {
+    request(addr, method, path, headers, "").await
+}
+
+/// An HTTP/1.1 request with a body (sent as JSON when not empty).
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpReply {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("connection")) {
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
         req.push_str("Connection: close\r\n");
     }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    req.push_str(body);
     stream.write_all(req.as_bytes()).await.expect("write");
     let mut raw = Vec::new();
     let read = async {
@@ -184,14 +218,14 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
         loop {
             let n = stream.read(&mut buf).await.expect("read");
             raw.extend_from_slice(&buf[..n]);
-            // A 101 keeps the connection open: its head is all there is to read.
-            let upgraded = raw.starts_with(b"HTTP/1.1 101") && raw.windows(4).any(|w| w == b"\r\n\r\n");
-            if n == 0 || upgraded {
+            if n == 0 || complete(&raw) {
                 break;
             }
         }
     };
-    tokio::time::timeout(DEADLINE, read).await.expect("HTTP reply in time");
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("HTTP reply in time");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -204,6 +238,22 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
         head: head.to_owned(),
         body: body.to_owned(),
     }
+}
+
+/// Whether `raw` holds a whole response: a 101's head (the connection then stays open), or a
+/// head and `Content-Length` bytes of body. Otherwise the reader waits for the server to close.
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    if head.starts_with("http/1.1 101") {
+        return true;
+    }
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() >= end + 4 + len)
 }
 
 /// A WebSocket client speaking the confab protocol.
@@ -248,7 +298,10 @@ impl Client {
     }
 
     pub async fn send_binary(&mut self, data: &[u8]) {
-        self.ws.send(Message::Binary(data.to_vec())).await.expect("send binary");
+        self.ws
+            .send(Message::Binary(data.to_vec()))
+            .await
+            .expect("send binary");
     }
 
     /// Sends one raw frame, for fragmentation and malformed-input tests.
@@ -286,7 +339,9 @@ impl Client {
             };
             match msg {
                 Message::Text(t) => {
-                    return Some(serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t}: {e}")))
+                    return Some(
+                        serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t}: {e}")),
+                    )
                 }
                 Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
                 Message::Binary(_) => panic!("unexpected binary frame"),
@@ -335,7 +390,8 @@ impl Client {
         }
     }
 
-    /// Sends a chat message with a ref and returns the ack's offset.
+    /// Sends a chat message with a ref and returns the ack's offset. Frames before the ack
+    /// (the message itself may come first) are consumed.
     pub async fn say(&mut self, text: &str, reference: &str) -> u64 {
         self.send_json(serde_json::json!({"type":"message","text":text,"ref":reference}))
             .await;

@@ -20,8 +20,13 @@ async fn the_page_has_the_elements_browser_tests_use() {
     let server = Server::start(&[]);
     let page = server.http("GET", "/", &[]).await;
     assert_eq!(page.status, 200);
-    assert!(page.head.to_ascii_lowercase().contains("content-type: text/html"));
-    for id in ["name", "room", "join", "message", "send", "messages", "status"] {
+    assert!(page
+        .head
+        .to_ascii_lowercase()
+        .contains("content-type: text/html"));
+    for id in [
+        "name", "room", "join", "message", "send", "messages", "status",
+    ] {
         assert!(page.body.contains(&format!("id=\"{id}\"")), "missing #{id}");
     }
     assert!(!page.body.contains("<script src"), "no external scripts");
@@ -49,12 +54,18 @@ fn confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn bad_settings_stop_start_up_naming_the_key() {
-    let out = confab(&["--listen", "127.0.0.1:0"], &[("CONFAB_LIMITS__BURTS", "3")]);
+    let out = confab(
+        &["--listen", "127.0.0.1:0"],
+        &[("CONFAB_LIMITS__BURTS", "3")],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("limits.burts"), "{err}");
 
-    let out = confab(&["--listen", "127.0.0.1:0"], &[("CONFAB_HISTORY__SIZE", "many")]);
+    let out = confab(
+        &["--listen", "127.0.0.1:0"],
+        &[("CONFAB_HISTORY__SIZE", "many")],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("history.size"));
 
@@ -70,7 +81,10 @@ fn bad_settings_stop_start_up_naming_the_key() {
 
 #[test]
 fn config_prints_the_effective_settings() {
-    let out = confab(&["config", "--listen", "127.0.0.1:9999"], &[("CONFAB_HISTORY__SIZE", "7")]);
+    let out = confab(
+        &["config", "--listen", "127.0.0.1:9999"],
+        &[("CONFAB_HISTORY__SIZE", "7")],
+    );
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
@@ -82,18 +96,29 @@ fn help_explains_the_settings_layers() {
     let out = confab(&["--help"], &[]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("CONFAB_<SECTION>__<KEY>") && text.contains("--config"), "{text}");
+    assert!(
+        text.contains("CONFAB_<SECTION>__<KEY>") && text.contains("--config"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn origins_outside_the_allowed_list_are_refused_with_403() {
     let server = Server::start(&[("CONFAB_SERVER__ALLOWED_ORIGINS", "https://chat.example")]);
     let evil = server
-        .http("GET", "/ws/lobby", &ws_headers(Some("https://evil.example")))
+        .http(
+            "GET",
+            "/ws/lobby",
+            &ws_headers(Some("https://evil.example")),
+        )
         .await;
     assert_eq!(evil.status, 403);
     let good = server
-        .http("GET", "/ws/lobby", &ws_headers(Some("https://chat.example")))
+        .http(
+            "GET",
+            "/ws/lobby",
+            &ws_headers(Some("https://chat.example")),
+        )
         .await;
     assert_eq!(good.status, 101);
     let tool = server.http("GET", "/ws/lobby", &ws_headers(None)).await;
@@ -121,7 +146,10 @@ async fn sigterm_drains_sessions_with_1001_and_exits_0() {
     server.signal(libc::SIGTERM);
     let addr = server.addr;
     eventually(DEADLINE, "readyz turns 503", || async move {
-        crate::harness::http(addr, "GET", "/readyz", &[]).await.status == 503
+        crate::harness::http(addr, "GET", "/readyz", &[])
+            .await
+            .status
+            == 503
     })
     .await;
     let r = server.http("GET", "/readyz", &[]).await;

@@ -17,9 +17,13 @@ async fn over_the_rate_limit_messages_are_refused_and_flooding_closes_with_1008(
     for i in 0..3 {
         c.say("within the burst", &format!("ok{i}")).await;
     }
-    c.send_json(json!({"type":"message","text":"too fast","ref":"x"})).await;
+    c.send_json(json!({"type":"message","text":"too fast","ref":"x"}))
+        .await;
     let e = c.next_of("error").await;
-    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("rate_limited"), Some("x")));
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("rate_limited"), Some("x"))
+    );
     // Three more violations are refused one by one; the fifth closes the session.
     for _ in 0..10 {
         c.send_text("flood").await;
@@ -27,7 +31,10 @@ async fn over_the_rate_limit_messages_are_refused_and_flooding_closes_with_1008(
     let (ending, seen) = c.ending(DEADLINE).await;
     assert_eq!(ending, Ending::Closed(1008));
     let published = seen.iter().filter(|v| v["type"] == "message").count();
-    assert!(published <= 1, "at most one token refilled during the flood: {seen:?}");
+    assert!(
+        published <= 1,
+        "at most one token refilled during the flood: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,7 +55,10 @@ async fn a_slow_consumer_is_closed_with_4008_while_a_fast_member_gets_everything
         let mut next_offset = 1;
         while next_offset <= MESSAGES {
             let v = fast.next_of("message").await;
-            assert_eq!(v["offset"], next_offset, "fast member gets every message in order");
+            assert_eq!(
+                v["offset"], next_offset,
+                "fast member gets every message in order"
+            );
             next_offset += 1;
         }
     });
@@ -71,8 +81,15 @@ async fn a_slow_consumer_is_closed_with_4008_while_a_fast_member_gets_everything
         .filter(|v| v["type"] == "message")
         .map(|v| v["offset"].as_u64().unwrap())
         .collect();
-    assert!((offsets.len() as u64) < MESSAGES, "the slow member was cut off, got {}", offsets.len());
-    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "what it got has no holes");
+    assert!(
+        (offsets.len() as u64) < MESSAGES,
+        "the slow member was cut off, got {}",
+        offsets.len()
+    );
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "what it got has no holes"
+    );
 }
 
 #[tokio::test]

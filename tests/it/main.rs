@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod browser;
 mod chat;
 mod frames;
 mod lifecycle;

@@ -28,7 +28,11 @@ async fn history_on_connect_sends_the_latest_messages_after_the_welcome() {
     assert_eq!(welcome["offset"], 10);
     assert_eq!(backlog(&mut b).await, vec![8, 9, 10]);
     let (mut c, _) = server.join("/ws/h?user=cid&history=1000").await;
-    assert_eq!(backlog(&mut c).await, (1..=10).collect::<Vec<_>>(), "capped at 100, all 10 fit");
+    assert_eq!(
+        backlog(&mut c).await,
+        (1..=10).collect::<Vec<_>>(),
+        "capped at 100, all 10 fit"
+    );
 }
 
 #[tokio::test]
@@ -56,7 +60,10 @@ async fn resume_after_disconnect_delivers_exactly_what_was_missed() {
     assert_eq!(backlog(&mut a).await, vec![6, 7, 8, 9]);
     b.say("live", "10").await;
     let live = a.next_of("message").await;
-    assert_eq!((live["offset"].as_u64(), live["text"].as_str()), (Some(10), Some("live")));
+    assert_eq!(
+        (live["offset"].as_u64(), live["text"].as_str()),
+        (Some(10), Some("live"))
+    );
 }
 
 #[tokio::test]
@@ -65,7 +72,9 @@ async fn resume_at_the_newest_offset_recovers_with_nothing_to_replay() {
     let (mut a, welcome) = server.join("/ws/r?user=alice").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     a.say("one", "1").await;
-    let (mut again, welcome) = server.join(&format!("/ws/r?user=alice&since=1&epoch={epoch}")).await;
+    let (mut again, welcome) = server
+        .join(&format!("/ws/r?user=alice&since=1&epoch={epoch}"))
+        .await;
     assert_eq!(welcome["recovered"], true);
     assert!(backlog(&mut again).await.is_empty());
 }
@@ -77,28 +86,43 @@ async fn resume_with_a_wrong_epoch_or_beyond_the_newest_is_not_recovered() {
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     a.say("one", "1").await;
     a.say("two", "2").await;
-    let (mut w, welcome) = server.join("/ws/r?user=bob&since=1&epoch=somethingelse").await;
+    let (mut w, welcome) = server
+        .join("/ws/r?user=bob&since=1&epoch=somethingelse")
+        .await;
     assert_eq!(welcome["recovered"], false);
-    assert_eq!(welcome["epoch"], epoch.as_str(), "the welcome tells the current epoch");
+    assert_eq!(
+        welcome["epoch"],
+        epoch.as_str(),
+        "the welcome tells the current epoch"
+    );
     assert!(backlog(&mut w).await.is_empty(), "no partial replay");
-    let (mut f, welcome) = server.join(&format!("/ws/r?user=bob&since=7&epoch={epoch}")).await;
+    let (mut f, welcome) = server
+        .join(&format!("/ws/r?user=bob&since=7&epoch={epoch}"))
+        .await;
     assert_eq!(welcome["recovered"], false);
     assert!(backlog(&mut f).await.is_empty());
 }
 
 #[tokio::test]
 async fn resume_from_before_the_oldest_retained_message_is_not_recovered() {
-    let server = Server::start(&[("CONFAB_HISTORY__SIZE", "3"), ("CONFAB_LIMITS__BURST", "50")]);
+    let server = Server::start(&[
+        ("CONFAB_HISTORY__SIZE", "3"),
+        ("CONFAB_LIMITS__BURST", "50"),
+    ]);
     let (mut a, welcome) = server.join("/ws/r?user=alice").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     for i in 1..=6 {
         a.say(&format!("m{i}"), &format!("{i}")).await;
     }
     // Kept: 4, 5, 6. since=3 needs 4..6: recovered. since=2 needs 3: gone.
-    let (mut ok, welcome) = server.join(&format!("/ws/r?user=bob&since=3&epoch={epoch}")).await;
+    let (mut ok, welcome) = server
+        .join(&format!("/ws/r?user=bob&since=3&epoch={epoch}"))
+        .await;
     assert_eq!(welcome["recovered"], true);
     assert_eq!(backlog(&mut ok).await, vec![4, 5, 6]);
-    let (mut gone, welcome) = server.join(&format!("/ws/r?user=bob&since=2&epoch={epoch}")).await;
+    let (mut gone, welcome) = server
+        .join(&format!("/ws/r?user=bob&since=2&epoch={epoch}"))
+        .await;
     assert_eq!(welcome["recovered"], false);
     assert!(backlog(&mut gone).await.is_empty());
 }
@@ -108,7 +132,9 @@ async fn an_unrecovered_resume_may_still_ask_for_history() {
     let server = Server::start(&[]);
     let (mut a, _) = server.join("/ws/r?user=alice").await;
     a.say("one", "1").await;
-    let (mut b, welcome) = server.join("/ws/r?user=bob&since=0&epoch=stale&history=5").await;
+    let (mut b, welcome) = server
+        .join("/ws/r?user=bob&since=0&epoch=stale&history=5")
+        .await;
     assert_eq!(welcome["recovered"], false);
     assert_eq!(backlog(&mut b).await, vec![1]);
 }
