@@ -52,8 +52,11 @@ cargo test --locked
 say "Autobahn|Testsuite fuzzingclient, cases 1-7 and 10, against /echo"
 # The echo endpoint shares the chat session's frame handling; see src/actors/echo.rs.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Ask cargo where it builds (CARGO_TARGET_DIR may point elsewhere); `cargo test` built it.
+target_dir=$(cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 CONFAB_WEBSOCKET__ECHO_ENDPOINT=true RUST_LOG=warn \
-    target/debug/confab --listen "127.0.0.1:$port" &
+    "$target_dir/debug/confab" --listen "127.0.0.1:$port" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
