@@ -23,6 +23,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
 
+    /// Redis URL; empty runs on the embedded bus (redis.url). redis://, rediss://,
+    /// redis-sentinel://…?sentinelServiceName=…, redis-cluster://…
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -40,6 +45,7 @@ impl Cli {
         Overrides {
             config_file: self.config.clone(),
             listen: self.listen.clone(),
+            redis_url: self.redis_url.clone(),
         }
     }
 }

@@ -17,6 +17,7 @@ pub const ENV_CONFIG_FILE: &str = "CONFAB_CONFIG";
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub redis: RedisSettings,
     pub limits: LimitSettings,
     pub history: HistorySettings,
     pub websocket: WebSocketSettings,
@@ -34,6 +35,18 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Arbiters (threads) that room actors are spread over; 0 means one per core.
     pub room_threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// Empty means the embedded in-process bus (one replica).
+    pub url: String,
+    pub prefix: String,
+    /// A bus command that takes longer fails, and the client gets `error unavailable`.
+    pub command_timeout_ms: u64,
+    /// A replica that has not renewed its presence lease this long is dead; its members leave.
+    pub presence_lease_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +88,17 @@ impl Default for ServerSettings {
             shutdown_grace_secs: 30,
             workers: 0,
             room_threads: 0,
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: "confab".into(),
+            command_timeout_ms: 2000,
+            presence_lease_secs: 15,
         }
     }
 }
@@ -143,6 +167,7 @@ fn key_error(key: &str, origin: &str, message: impl Into<String>) -> SettingsErr
 pub struct Overrides {
     pub config_file: Option<PathBuf>,
     pub listen: Option<String>,
+    pub redis_url: Option<String>,
 }
 
 impl Settings {
@@ -164,6 +189,9 @@ impl Settings {
                 "listen",
                 Value::String(listen.clone()),
             );
+        }
+        if let Some(url) = &overrides.redis_url {
+            set(&mut table, "redis", "url", Value::String(url.clone()));
         }
         let settings: Settings = Value::Table(table)
             .try_into()
@@ -195,6 +223,8 @@ impl Settings {
             ("limits.burst", u64::from(self.limits.burst)),
             ("limits.session_queue", self.limits.session_queue as u64),
             ("history.size", self.history.size as u64),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.presence_lease_secs", self.redis.presence_lease_secs),
             ("history.ttl_secs", self.history.ttl_secs),
             (
                 "websocket.ping_interval_secs",
@@ -222,6 +252,43 @@ impl Settings {
                 "websocket.client_timeout_secs",
                 origin,
                 "must be longer than websocket.ping_interval_secs, or every client times out",
+            ));
+        }
+        if !self.redis.url.is_empty() {
+            const SCHEMES: [&str; 6] = [
+                "redis://",
+                "rediss://",
+                "redis-sentinel://",
+                "rediss-sentinel://",
+                "redis-cluster://",
+                "rediss-cluster://",
+            ];
+            let parsed = if SCHEMES.iter().any(|s| self.redis.url.starts_with(s)) {
+                fred::types::config::Config::from_url(&self.redis.url)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err(format!("the scheme must be one of {}", SCHEMES.join(", ")))
+            };
+            if let Err(e) = parsed {
+                return Err(key_error(
+                    "redis.url",
+                    origin,
+                    format!("not a usable Redis URL: {e}"),
+                ));
+            }
+        }
+        let prefix_ok = !self.redis.prefix.is_empty()
+            && self
+                .redis
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        if !prefix_ok {
+            return Err(key_error(
+                "redis.prefix",
+                origin,
+                "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)",
             ));
         }
         if self.limits.session_queue < 8 {
@@ -434,6 +501,7 @@ mod tests {
         let o = Overrides {
             config_file: Some(f.0.clone()),
             listen: Some("127.0.0.1:3".into()),
+            ..Default::default()
         };
         let s = Settings::load(
             &o,
@@ -549,6 +617,40 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("websocket.client_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn redis_url_is_checked_at_load() {
+        let ok = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_REDIS__URL", "redis://127.0.0.1:6379")]),
+        );
+        assert!(ok.is_ok());
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_REDIS__URL", "http://nope")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redis.url"), "{e}");
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_REDIS__PREFIX", "a b")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redis.prefix"), "{e}");
+    }
+
+    #[test]
+    fn redis_url_flag_beats_the_environment() {
+        let o = Overrides {
+            redis_url: Some("redis://127.0.0.1:7000".into()),
+            ..Default::default()
+        };
+        let s =
+            Settings::load(&o, env(&[("CONFAB_REDIS__URL", "redis://127.0.0.1:6379")])).unwrap();
+        assert_eq!(s.redis.url, "redis://127.0.0.1:7000");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
 use crate::actors::session::SessionConfig;
 use crate::bus::memory::MemoryBus;
-use crate::bus::SharedBus;
+use crate::bus::redis::{RedisBridge, RedisBus};
+use crate::bus::{EventSink, SharedBus};
 use crate::http::{self, AppState};
 use crate::settings::Settings;
 
@@ -29,14 +30,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     };
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
-    log::warn!(
-        "node={node} uses the embedded bus: replicas started this way will not see each other"
-    );
-    let bus: SharedBus = Arc::new(MemoryBus::new(
-        settings.history.size,
-        Duration::from_secs(settings.history.ttl_secs),
-        Arc::new(directory.clone()),
-    ));
+    let bus = start_bus(&settings, &node, &directory)?;
     let hub = Hub::new(
         bus.clone(),
         directory,
@@ -112,6 +106,41 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// The embedded bus when `redis.url` is empty; else the Redis bus and its bridge actor.
+fn start_bus(
+    settings: &Settings,
+    node: &Arc<str>,
+    directory: &RoomDirectory,
+) -> io::Result<SharedBus> {
+    let sink: Arc<dyn EventSink> = Arc::new(directory.clone());
+    if settings.redis.url.is_empty() {
+        log::warn!(
+            "node={node} uses the embedded bus: replicas started this way will not see each other"
+        );
+        return Ok(Arc::new(MemoryBus::new(
+            settings.history.size,
+            Duration::from_secs(settings.history.ttl_secs),
+            sink,
+        )));
+    }
+    let (bus, subscriber) = RedisBus::new(settings, Arc::clone(node)).map_err(io::Error::other)?;
+    RedisBridge::new(Arc::clone(&bus), subscriber, sink).start();
+    log::info!(
+        "node={node} uses Redis at {} with prefix `{}`",
+        redact(&settings.redis.url),
+        settings.redis.prefix
+    );
+    Ok(Arc::new(bus))
+}
+
+/// The URL without credentials, for logs.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_owned(),
+    }
 }
 
 async fn wait_for_signal() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::member::MemberHandle;
-use super::room::{Event, Join, Leave, Room};
+use super::room::{Event, Join, Leave, Resync, Room};
 use crate::bus::{EventSink, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 
@@ -48,6 +48,14 @@ impl EventSink for RoomDirectory {
         if let Err(e) = addr.try_send(Event(event)) {
             // The room reads the hole from history when the next message arrives.
             log::warn!("room={room} is lagging; an event was dropped ({e})");
+        }
+    }
+
+    fn resync_all(&self) {
+        let Ok(map) = self.0.read() else { return };
+        for addr in map.values() {
+            // Rare (a reconnect), one per room, and must not be lost: not bounded.
+            addr.do_send(Resync);
         }
     }
 }

@@ -47,6 +47,12 @@ pub struct Leave {
     pub session: SessionId,
 }
 
+/// Bus → room: events may have been missed (the bus resubscribed or lagged); read history
+/// from the newest offset seen.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
 /// Bus → room: something happened in this room.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -71,6 +77,8 @@ pub struct Room {
     seen: Option<(Epoch, Offset)>,
     /// Events held while a hole is read from history.
     filling: Option<Vec<RoomEvent>>,
+    /// A resync asked for while a catch-up was running.
+    resync_again: bool,
 }
 
 impl Room {
@@ -83,6 +91,7 @@ impl Room {
             local_users: HashMap::new(),
             seen: None,
             filling: None,
+            resync_again: false,
         }
     }
 
@@ -101,7 +110,7 @@ impl Room {
                 );
                 let epoch = epoch.clone();
                 self.filling = Some(vec![event]);
-                self.fill(after, epoch, ctx);
+                self.catch_up(after, epoch, ctx);
                 return;
             }
             let newer = match &self.seen {
@@ -115,29 +124,106 @@ impl Room {
         self.fan_out(&event, ctx);
     }
 
-    /// Reads the messages after `after` from history, delivers them, then what was held.
-    fn fill(&mut self, after: Offset, epoch: Epoch, ctx: &mut Context<Self>) {
-        let replay = self.bus.replay(&self.name, after, &epoch);
-        ctx.spawn(replay.into_actor(self).map(move |result, room, ctx| {
+    /// Reads the messages after `after` from history and delivers them, then what was held
+    /// meanwhile. If the room's history was lost (a new epoch), members are sent `reset` and
+    /// then the new epoch's messages from offset 1.
+    fn catch_up(&mut self, after: Offset, epoch: Epoch, ctx: &mut Context<Self>) {
+        if self.filling.is_none() {
+            self.filling = Some(Vec::new());
+        }
+        let bus = Arc::clone(&self.bus);
+        let room = self.name.clone();
+        let read = async move {
+            match bus.replay(&room, after, &epoch).await? {
+                Replay::Recovered { head, messages } => Ok((head, false, messages)),
+                Replay::NotRecovered { head } if head.epoch != epoch => {
+                    match bus.replay(&room, 0, &head.epoch).await? {
+                        Replay::Recovered { head, messages } => Ok((head, true, messages)),
+                        Replay::NotRecovered { head } => Ok((head, true, Vec::new())),
+                    }
+                }
+                Replay::NotRecovered { head } => Err(BusError::Internal(format!(
+                    "offsets after {after} are no longer in history (oldest kept is past them; head {})",
+                    head.offset
+                ))),
+            }
+        };
+        ctx.spawn(read.into_actor(self).map(move |result, room, ctx| {
             match result {
-                Ok(Replay::Recovered { messages, .. }) => {
+                Ok((head, reset, messages)) => {
+                    if reset {
+                        log::warn!(
+                            "room={} history was lost; new epoch {}, members are told to reset",
+                            room.name,
+                            head.epoch
+                        );
+                        room.reset_members(&head.epoch, ctx);
+                        room.seen = Some((head.epoch.clone(), 0));
+                    }
                     for m in messages {
-                        let event = message_event(&room.name, &epoch, m);
-                        room.seen = Some((epoch.clone(), event_offset(&event)));
+                        let event = message_event(&room.name, &head.epoch, m);
+                        room.seen = Some((head.epoch.clone(), event_offset(&event)));
                         room.fan_out(&event, ctx);
                     }
                 }
-                Ok(Replay::NotRecovered { .. }) => log::error!(
-                    "room={} offsets after {after} are no longer in history; members miss them",
-                    room.name
-                ),
-                Err(e) => log::error!("room={} cannot read a hole from history: {e}", room.name),
+                Err(e) => log::error!("room={} cannot catch up from history: {e}", room.name),
             }
             let held = room.filling.take().unwrap_or_default();
             for event in held {
                 room.on_event(event, ctx);
             }
+            if std::mem::take(&mut room.resync_again) {
+                room.resync(ctx);
+            }
         }));
+    }
+
+    /// Tells members still on an older epoch that history was lost.
+    fn reset_members(&mut self, epoch: &Epoch, ctx: &mut Context<Self>) {
+        let limit = self.queue_limit;
+        let frame = ServerFrame::Reset {
+            room: &self.name,
+            epoch,
+            offset: 0,
+        }
+        .to_text();
+        let mut evict = Vec::new();
+        for (id, member) in &mut self.members {
+            if member.syncing.is_some() || member.epoch.as_ref() == Some(epoch) {
+                continue;
+            }
+            member.epoch = Some(epoch.clone());
+            member.delivered = 0;
+            if member
+                .handle
+                .offer(Outbound::Frame(frame.clone()), false, limit)
+                == Offer::Evict
+            {
+                evict.push(*id);
+            }
+        }
+        for id in evict {
+            self.evict(id, ctx);
+        }
+    }
+
+    /// Reads what may have been missed since the newest offset this room delivered.
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        if self.filling.is_some() {
+            self.resync_again = true;
+            return;
+        }
+        // The newest message seen; a room that saw none yet starts from its members' marks.
+        let from = self.seen.clone().or_else(|| {
+            self.members
+                .values()
+                .filter(|m| m.syncing.is_none())
+                .filter_map(|m| m.epoch.clone().map(|e| (e, m.delivered)))
+                .min_by_key(|(_, delivered)| *delivered)
+        });
+        if let Some((epoch, after)) = from {
+            self.catch_up(after, epoch, ctx);
+        }
     }
 
     fn fan_out(&mut self, event: &RoomEvent, ctx: &mut Context<Self>) {
@@ -432,6 +518,14 @@ impl Handler<Leave> for Room {
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
         self.detach(msg.session, ctx);
+    }
+}
+
+impl Handler<Resync> for Room {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, ctx: &mut Self::Context) {
+        self.resync(ctx);
     }
 }
 

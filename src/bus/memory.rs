@@ -370,6 +370,8 @@ mod tests {
         fn deliver(&self, event: RoomEvent) {
             self.0.lock().unwrap().push(event);
         }
+
+        fn resync_all(&self) {}
     }
 
     fn room(s: &str) -> RoomName {

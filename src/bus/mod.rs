@@ -19,6 +19,7 @@
 //! repeats by offset and fill holes from [`Bus::replay`], so the contract above is enough.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +117,10 @@ pub enum EventKind {
 pub trait EventSink: Send + Sync + 'static {
     /// Called in room order; must not block.
     fn deliver(&self, event: RoomEvent);
+
+    /// Events may have been missed (a resubscribe, a lagging receiver): every room reads
+    /// history from the newest offset it saw.
+    fn resync_all(&self);
 }
 
 /// The seam between rooms and the transport that connects replicas.

@@ -424,3 +424,132 @@ where
     }
     panic!("{what}: not true within {within:?}");
 }
+
+/// A `redis-server` of the test's own on a free loopback port, which the test may kill and
+/// restart (empty: nothing is saved). Stopped when dropped.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis { child: None, port };
+        redis.launch();
+        redis
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: install it (scripts/test.sh does: apt-get install redis-server)");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < end,
+                "redis-server did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: Redis vanishes without a word, its data with it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Runs one command over RESP and returns the raw reply.
+    pub async fn cmd(&self, args: &[&str]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect redis");
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("redis reply in time")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings for a replica on `redis` with its own key prefix per test.
+pub fn replica_env(redis: &Redis, prefix: &str, node: &str) -> Vec<(String, String)> {
+    vec![
+        ("CONFAB_REDIS__URL".into(), redis.url()),
+        ("CONFAB_REDIS__PREFIX".into(), prefix.into()),
+        ("CONFAB_SERVER__NODE_ID".into(), node.into()),
+    ]
+}
+
+impl Server {
+    /// Starts a replica on `redis` and waits until it is ready (subscribed).
+    pub async fn replica(
+        redis: &Redis,
+        prefix: &str,
+        node: &str,
+        extra: &[(&str, &str)],
+    ) -> Server {
+        let mut env = replica_env(redis, prefix, node);
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let server = Server::start(&pairs);
+        server.wait_ready(true).await;
+        server
+    }
+
+    /// Waits until `/readyz` says `ready` (or not).
+    pub async fn wait_ready(&self, ready: bool) {
+        let addr = self.addr;
+        let want = if ready { 200 } else { 503 };
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if http(addr, "GET", "/readyz", &[]).await.status == want {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "readyz never became {want}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -4,6 +4,7 @@ mod harness;
 
 mod browser;
 mod chat;
+mod cluster;
 mod frames;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,28 @@
+-- Reads a room's head and part of its history in one consistent snapshot, creating the
+-- room's epoch if it has none (so every replica agrees on it).
+--
+-- KEYS[1] meta hash   KEYS[2] history stream
+-- ARGV[1] 'since' | 'before' | 'head'   ARGV[2] offset (since: after it; before: below it, 0 = none)
+-- ARGV[3] limit (before only)   ARGV[4] epoch to use if none   ARGV[5] ttl secs
+-- Returns {epoch, offset, entries} with entries as XRANGE gives them, oldest first.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local n = tonumber(ARGV[2])
+local entries = {}
+if ARGV[1] == 'since' then
+  entries = redis.call('XRANGE', KEYS[2], (n + 1) .. '-0', '+')
+elseif ARGV[1] == 'before' then
+  local stop = '+'
+  if n > 0 then stop = '(' .. n .. '-0' end
+  local newest_first = redis.call('XREVRANGE', KEYS[2], stop, '-', 'COUNT', ARGV[3])
+  for i = #newest_first, 1, -1 do
+    entries[#entries + 1] = newest_first[i]
+  end
+end
+return {epoch, offset, entries}

@@ -1,0 +1,693 @@
+//! The Redis bus: replicas share rooms through one Redis (standalone, Sentinel or Cluster).
+//!
+//! [`RedisBus`] implements the bus contract with a publisher client and four Lua scripts
+//! (`lua/`), each loaded once and called by SHA: `publish` assigns the offset, appends to the
+//! room's history stream, and PUBLISHes in one step; `read` serves head, resume and history
+//! from one snapshot; `presence` and `reap` keep per-replica presence with leases.
+//!
+//! [`RedisBridge`] is the actor that owns the subscriber client: it PSUBSCRIBEs
+//! `{prefix}:room:*`, hands each event to the room directory, and watches the connection. While
+//! it is not subscribed the replica is not ready and publishes fail with `unavailable`; once it
+//! is subscribed again every active room reads what it missed from history before live
+//! traffic goes on (a `Lagged` receiver counts as a miss too).
+//!
+//! Key layout (SPEC §6), `P` the prefix and `R` the room: `P:{R}:meta` (hash: epoch, offset),
+//! `P:{R}:history` (stream, entry id `<offset>-0`, field `f` = the message frame),
+//! `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min), `P:{R}:presence` (hash, fields
+//! `<node>\t<user>`), `P:nodes` (sorted set: node → lease expiry, ms), `P:node:<node>:rooms`
+//! (set of rooms the node has members in). Channel `P:room:R` carries JSON envelopes
+//! `{"kind","epoch"?,"offset"?,"user"?,"frame"}` whose `frame` is the client frame as is.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
+use fred::types::scripts::Script;
+use fred::types::Message as PubSubMessage;
+use futures_util::{FutureExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{
+    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Replay,
+    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+};
+use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::protocol::ServerFrame;
+use crate::settings::Settings;
+
+const PUBLISH_LUA: &str = include_str!("lua/publish.lua");
+const READ_LUA: &str = include_str!("lua/read.lua");
+const PRESENCE_LUA: &str = include_str!("lua/presence.lua");
+const REAP_LUA: &str = include_str!("lua/reap.lua");
+
+/// Pub/Sub messages the subscriber may buffer before a slow bridge counts as lagging.
+const PUBSUB_BUFFER: usize = 8192;
+/// How often the bridge checks its subscription and pings Redis.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// What a channel message carries.
+#[derive(Debug, Deserialize)]
+struct Envelope<'a> {
+    kind: &'a str,
+    #[serde(default)]
+    epoch: Option<&'a str>,
+    #[serde(default)]
+    offset: Offset,
+    #[serde(default)]
+    user: Option<&'a str>,
+    #[serde(borrow)]
+    frame: &'a RawValue,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+pub struct RedisBus {
+    client: Client,
+    node: Arc<str>,
+    prefix: Arc<str>,
+    history_size: usize,
+    ttl_secs: u64,
+    lease: Duration,
+    /// `None` while subscribed; else why the replica is not ready.
+    not_ready: Mutex<Option<String>>,
+    publish: Script,
+    read: Script,
+    presence: Script,
+    reap: Script,
+}
+
+/// The keys of one room; all share the `{room}` hash tag, so one script may use them together
+/// on a Redis Cluster.
+struct RoomKeys {
+    meta: String,
+    history: String,
+    presence: String,
+    channel: String,
+}
+
+impl RedisBus {
+    /// Builds the clients (not yet connected) for `redis.url`.
+    pub fn new(
+        settings: &Settings,
+        node: Arc<str>,
+    ) -> Result<(Arc<Self>, SubscriberClient), BusError> {
+        let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
+        let mut config = Config::from_url(&settings.redis.url).map_err(unavailable)?;
+        // Keep trying at start-up too: a replica that starts before Redis is not ready, not dead.
+        config.fail_fast = false;
+        let mut builder = Builder::from_config(config);
+        builder
+            // Without a policy fred never reconnects. 0 attempts = retry forever.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2000, 2))
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                // A publish is not replayed after a reconnect: it may have run, and the client's
+                // retry with the same `ref` is the safe way to find out.
+                c.max_command_attempts = 1;
+                // Notice a silent Redis (no RST, no reply) within seconds.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(timeout),
+                    interval: Duration::from_millis(500),
+                };
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+                p.broadcast_channel_capacity = PUBSUB_BUFFER;
+            });
+        let client = builder.build().map_err(unavailable)?;
+        let subscriber = builder.build_subscriber_client().map_err(unavailable)?;
+        let bus = Arc::new(Self {
+            client,
+            node,
+            prefix: Arc::from(settings.redis.prefix.as_str()),
+            history_size: settings.history.size,
+            ttl_secs: settings.history.ttl_secs,
+            lease: Duration::from_secs(settings.redis.presence_lease_secs),
+            not_ready: Mutex::new(Some("connecting to Redis".into())),
+            publish: Script::from_lua(PUBLISH_LUA),
+            read: Script::from_lua(READ_LUA),
+            presence: Script::from_lua(PRESENCE_LUA),
+            reap: Script::from_lua(REAP_LUA),
+        });
+        Ok((bus, subscriber))
+    }
+
+    /// Starts the publisher's connection task (it reconnects by itself).
+    pub fn connect(&self) {
+        let _task = self.client.connect();
+    }
+
+    fn keys(&self, room: &RoomName) -> RoomKeys {
+        let p = &self.prefix;
+        RoomKeys {
+            meta: format!("{p}:{{{room}}}:meta"),
+            history: format!("{p}:{{{room}}}:history"),
+            presence: format!("{p}:{{{room}}}:presence"),
+            channel: format!("{p}:room:{room}"),
+        }
+    }
+
+    fn pattern(&self) -> String {
+        format!("{}:room:*", self.prefix)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn node_rooms_key(&self, node: &str) -> String {
+        format!("{}:node:{node}:rooms", self.prefix)
+    }
+
+    fn set_not_ready(&self, reason: Option<String>) {
+        if let Ok(mut r) = self.not_ready.lock() {
+            *r = reason;
+        }
+    }
+
+    fn check_ready(&self) -> Result<(), BusError> {
+        self.ready_state().map_err(BusError::Unavailable)
+    }
+
+    fn ready_state(&self) -> Result<(), String> {
+        if !self.client.is_connected() {
+            return Err("Redis publisher disconnected".into());
+        }
+        match self.not_ready.lock() {
+            Ok(r) => r.clone().map_or(Ok(()), Err),
+            Err(_) => Err("bus state poisoned".into()),
+        }
+    }
+
+    /// Turns a channel message into a room event; `None` for anything not ours.
+    fn decode(&self, msg: &PubSubMessage) -> Option<RoomEvent> {
+        let room = msg
+            .channel
+            .strip_prefix(&*self.prefix)?
+            .strip_prefix(":room:")
+            .and_then(|r| RoomName::parse(r).ok())?;
+        let payload = msg.value.as_str()?;
+        let envelope: Envelope = match serde_json::from_str(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("room={room} ignoring a malformed bus event: {e}");
+                return None;
+            }
+        };
+        let user = || envelope.user.and_then(|u| UserId::parse(u).ok());
+        let kind = match envelope.kind {
+            "message" => EventKind::Message {
+                epoch: Epoch::from_string(envelope.epoch?),
+                offset: envelope.offset,
+            },
+            "join" => EventKind::Join { user: user()? },
+            "leave" => EventKind::Leave { user: user()? },
+            "typing" => EventKind::Typing { user: user()? },
+            _ => return None,
+        };
+        Some(RoomEvent {
+            room,
+            kind,
+            json: ByteString::from(envelope.frame.get()),
+        })
+    }
+
+    fn envelope(kind: &str, user: &UserId, frame: &str) -> String {
+        // User ids are letters, digits and `_.-`: nothing to escape.
+        format!(r#"{{"kind":"{kind}","user":"{user}","frame":{frame}}}"#)
+    }
+
+    /// Parses `{epoch, offset, entries}` from the read script.
+    fn parse_read(value: Value) -> Result<(RoomHead, Vec<StoredMessage>), BusError> {
+        let bad = || BusError::Internal("unexpected reply from the read script".into());
+        let mut parts = value.into_array().into_iter();
+        let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+        let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
+        let entries = parts.next().map(Value::into_array).unwrap_or_default();
+        let mut messages = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut entry = entry.into_array().into_iter();
+            let id = entry.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+            let fields = entry.next().map(Value::into_array).unwrap_or_default();
+            let offset = id
+                .split('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?;
+            let json = fields
+                .into_iter()
+                .nth(1)
+                .and_then(|v| v.as_string())
+                .ok_or_else(bad)?;
+            messages.push(StoredMessage {
+                offset,
+                json: ByteString::from(json),
+            });
+        }
+        let head = RoomHead {
+            epoch: Epoch::from_string(&epoch),
+            offset,
+        };
+        Ok((head, messages))
+    }
+
+    fn read_room(
+        self: &Arc<Self>,
+        room: &RoomName,
+        mode: &'static str,
+        offset: Offset,
+        limit: usize,
+    ) -> BusFuture<(RoomHead, Vec<StoredMessage>)> {
+        let bus = Arc::clone(self);
+        let keys = self.keys(room);
+        async move {
+            let args: Vec<Value> = vec![
+                mode.into(),
+                Value::from(offset as i64),
+                Value::from(limit as i64),
+                Epoch::generate().as_str().into(),
+                Value::from(bus.ttl_secs as i64),
+            ];
+            let reply: Value = bus
+                .read
+                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history], args)
+                .await
+                .map_err(unavailable)?;
+            Self::parse_read(reply)
+        }
+        .boxed()
+    }
+
+    /// Renews this replica's lease and removes the
+    /// members of replicas whose lease ran out (publishing their `leave` events).
+    async fn lease_tick(self: Arc<Self>) -> Result<(), fred::error::Error> {
+        let now = now_ms() as f64;
+        let nodes = self.nodes_key();
+        let expires = now + self.lease.as_millis() as f64;
+        let _: () = self
+            .client
+            .zadd(&nodes, None, None, false, false, (expires, &*self.node))
+            .await?;
+        let dead: Vec<String> = self
+            .client
+            .zrangebyscore(&nodes, "-inf", now, false, None)
+            .await?;
+        for node in dead {
+            self.reap_node(&node).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a dead replica's members. Only the replica that wins the ZREM does the work.
+    async fn reap_node(&self, node: &str) -> Result<(), fred::error::Error> {
+        let removed: i64 = self.client.zrem(self.nodes_key(), node).await?;
+        if removed == 0 && node != &*self.node {
+            return Ok(());
+        }
+        let rooms_key = self.node_rooms_key(node);
+        let rooms: Vec<String> = self.client.smembers(&rooms_key).await?;
+        log::info!(
+            "node={} reaping replica {node}: {} rooms",
+            self.node,
+            rooms.len()
+        );
+        for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
+            let keys = self.keys(&room);
+            let gone: Vec<String> = self
+                .reap
+                .evalsha_with_reload(&self.client, vec![keys.presence], vec![node.to_owned()])
+                .await?;
+            for user in gone.iter().filter_map(|u| UserId::parse(u).ok()) {
+                let frame = ServerFrame::Leave {
+                    room: &room,
+                    user: &user,
+                    ts: now_ms(),
+                }
+                .to_text();
+                let event = Self::envelope("leave", &user, &frame);
+                let _: () = self.client.publish(&keys.channel, event).await?;
+            }
+        }
+        let _: () = self.client.del(&rooms_key).await?;
+        Ok(())
+    }
+
+    fn presence_change(&self, room: &RoomName, user: &UserId, joined: bool) -> BusFuture<()> {
+        if let Err(e) = self.check_ready() {
+            return futures_util::future::ready(Err(e)).boxed();
+        }
+        let keys = self.keys(room);
+        let ts = now_ms();
+        let (kind, frame) = if joined {
+            ("join", ServerFrame::Join { room, user, ts }.to_text())
+        } else {
+            ("leave", ServerFrame::Leave { room, user, ts }.to_text())
+        };
+        let event = Self::envelope(kind, user, &frame);
+        let args = vec![
+            kind.to_owned(),
+            self.node.to_string(),
+            user.to_string(),
+            keys.channel,
+            event,
+        ];
+        let client = self.client.clone();
+        let script = self.presence.clone();
+        let rooms_key = self.node_rooms_key(&self.node);
+        let room = room.to_string();
+        async move {
+            if joined {
+                // Remembered so a survivor can remove this replica's members if it dies.
+                let _: () = client.sadd(&rooms_key, room).await.map_err(unavailable)?;
+            }
+            let _: i64 = script
+                .evalsha_with_reload(&client, vec![keys.presence], args)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+impl Bus for Arc<RedisBus> {
+    fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
+        if let Err(e) = self.check_ready() {
+            return futures_util::future::ready(Err(e)).boxed();
+        }
+        let keys = self.keys(room);
+        // The frame is serialized here, once, with a marker where the script puts the offset.
+        const MARK: u64 = 9_999_999_999_999_999;
+        let frame = ServerFrame::Message {
+            room,
+            offset: MARK,
+            user: &msg.user,
+            text: &msg.text,
+            ts: now_ms(),
+        }
+        .to_text();
+        let (before, after) = frame.split_once(&MARK.to_string()).unwrap_or((&frame, ""));
+        let ref_key = match &msg.reference {
+            Some(r) => format!("{}:{{{room}}}:ref:{}:{r}", self.prefix, msg.user),
+            None => keys.meta.clone(),
+        };
+        let args: Vec<Value> = vec![
+            keys.channel.into(),
+            Value::from(self.history_size as i64),
+            Value::from(self.ttl_secs as i64),
+            before.into(),
+            after.into(),
+            Epoch::generate().as_str().into(),
+            msg.reference.unwrap_or_default().into(),
+            Value::from(REF_TTL.as_secs() as i64),
+        ];
+        let bus = Arc::clone(self);
+        async move {
+            let reply: Value = bus
+                .publish
+                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history, ref_key], args)
+                .await
+                .map_err(unavailable)?;
+            let bad = || BusError::Internal("unexpected reply from the publish script".into());
+            let mut parts = reply.into_array().into_iter();
+            let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+            let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
+            let duplicate = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)? == 1;
+            Ok(Published {
+                epoch: Epoch::from_string(&epoch),
+                offset,
+                duplicate,
+            })
+        }
+        .boxed()
+    }
+
+    fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        let keys = self.keys(room);
+        let frame = ServerFrame::Typing { room, user }.to_text();
+        let event = RedisBus::envelope("typing", user, &frame);
+        let client = self.client.clone();
+        async move {
+            let _: () = client
+                .publish(keys.channel, event)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn head(&self, room: &RoomName) -> BusFuture<RoomHead> {
+        self.read_room(room, "head", 0, 0)
+            .map(|r| r.map(|(head, _)| head))
+            .boxed()
+    }
+
+    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay> {
+        let epoch = epoch.clone();
+        self.read_room(room, "since", since, 0)
+            .map(move |r| {
+                let (head, messages) = r?;
+                // Recovered only if the epoch is current, `since` is not past the newest, and
+                // the first missed message (since + 1) is still stored.
+                let complete = messages
+                    .first()
+                    .map_or(since == head.offset, |m| m.offset == since + 1);
+                if head.epoch != epoch || since > head.offset || !complete {
+                    return Ok(Replay::NotRecovered { head });
+                }
+                Ok(Replay::Recovered { head, messages })
+            })
+            .boxed()
+    }
+
+    fn history(
+        &self,
+        room: &RoomName,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> BusFuture<HistoryPage> {
+        self.read_room(room, "before", before.unwrap_or(0), limit)
+            .map(|r| {
+                r.map(|(head, messages)| HistoryPage {
+                    epoch: head.epoch,
+                    messages,
+                })
+            })
+            .boxed()
+    }
+
+    fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        self.presence_change(room, user, true)
+    }
+
+    fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
+        self.presence_change(room, user, false)
+    }
+
+    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
+        let keys = self.keys(room);
+        let bus = Arc::clone(self);
+        async move {
+            let fields: Vec<String> = bus.client.hkeys(keys.presence).await.map_err(unavailable)?;
+            let live: HashSet<String> = bus
+                .client
+                .zrangebyscore::<Vec<String>, _, _, _>(
+                    bus.nodes_key(),
+                    now_ms() as f64,
+                    "+inf",
+                    false,
+                    None,
+                )
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .collect();
+            let mut users: Vec<UserId> = fields
+                .iter()
+                .filter_map(|f| f.split_once('\t'))
+                // Our own members count even before the first lease tick lists us.
+                .filter(|(node, _)| *node == &*bus.node || live.contains(*node))
+                .filter_map(|(_, user)| UserId::parse(user).ok())
+                .collect();
+            users.sort();
+            users.dedup();
+            Ok(users)
+        }
+        .boxed()
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        self.ready_state()
+    }
+}
+
+/// The actor that owns the subscription (see the module doc).
+pub struct RedisBridge {
+    bus: Arc<RedisBus>,
+    subscriber: SubscriberClient,
+    sink: Arc<dyn EventSink>,
+    subscribed: bool,
+    subscribing: bool,
+}
+
+/// Subscriber → bridge: the connection came back (its subscriptions did not).
+struct Reconnected;
+
+impl RedisBridge {
+    pub fn new(bus: Arc<RedisBus>, subscriber: SubscriberClient, sink: Arc<dyn EventSink>) -> Self {
+        Self {
+            bus,
+            subscriber,
+            sink,
+            subscribed: false,
+            subscribing: false,
+        }
+    }
+
+    fn lost(&mut self, reason: String) {
+        if self.subscribed {
+            log::warn!(
+                "node={} lost the Redis subscription: {reason}",
+                self.bus.node
+            );
+        }
+        self.subscribed = false;
+        self.bus.set_not_ready(Some(reason));
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        if !self.subscriber.is_connected() {
+            self.lost("Redis subscriber disconnected".into());
+            return;
+        }
+        if !self.subscribed {
+            self.subscribe(ctx);
+            return;
+        }
+        // A ping through the subscriber connection: a silent Redis shows here within seconds
+        // (fred closes the connection as unresponsive; we see it on the next tick).
+        let subscriber = self.subscriber.clone();
+        let ping = async move { subscriber.ping::<Value>(None).await };
+        ctx.spawn(ping.into_actor(self).map(|result, bridge, _| {
+            if let Err(e) = result {
+                bridge.lost(format!("Redis did not answer a ping: {e}"));
+            }
+        }));
+    }
+
+    fn subscribe(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribing {
+            return;
+        }
+        self.subscribing = true;
+        let pattern = self.bus.pattern();
+        let subscriber = self.subscriber.clone();
+        let fut = async move { subscriber.psubscribe(pattern).await };
+        ctx.spawn(fut.into_actor(self).map(|result, bridge, _| {
+            bridge.subscribing = false;
+            match result {
+                Ok(()) => {
+                    bridge.subscribed = true;
+                    bridge.bus.set_not_ready(None);
+                    log::info!(
+                        "node={} subscribed to {}; rooms catch up from history",
+                        bridge.bus.node,
+                        bridge.bus.pattern()
+                    );
+                    // Whatever was published while we were not subscribed is in history.
+                    bridge.sink.resync_all();
+                }
+                Err(e) => bridge.lost(format!("cannot subscribe: {e}")),
+            }
+        }));
+    }
+}
+
+impl Actor for RedisBridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.add_stream(BroadcastStream::new(self.subscriber.message_rx()));
+        ctx.add_stream(BroadcastStream::new(self.subscriber.reconnect_rx()).map(|_| Reconnected));
+        let _task = self.subscriber.connect();
+        self.bus.connect();
+        ctx.run_interval(WATCH_EVERY, |bridge, ctx| bridge.watch(ctx));
+        // Lease: renewed three times per lease period; the first tick also reaps our own
+        // members left over from a previous life under the same node id.
+        let bus = Arc::clone(&self.bus);
+        ctx.spawn(
+            async move {
+                if let Err(e) = bus.reap_node(&bus.node.clone()).await {
+                    log::debug!("no stale presence to clear yet: {e}");
+                }
+                if let Err(e) = bus.clone().lease_tick().await {
+                    log::debug!("first presence lease not taken yet: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+        let every = (self.bus.lease / 3).max(Duration::from_millis(200));
+        ctx.run_interval(every, |bridge, ctx| {
+            let bus = Arc::clone(&bridge.bus);
+            ctx.spawn(
+                async move {
+                    if let Err(e) = bus.clone().lease_tick().await {
+                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
+                    }
+                }
+                .into_actor(bridge),
+            );
+        });
+    }
+}
+
+impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBridge {
+    fn handle(
+        &mut self,
+        item: Result<PubSubMessage, BroadcastStreamRecvError>,
+        _: &mut Context<Self>,
+    ) {
+        match item {
+            Ok(msg) => {
+                if let Some(event) = self.bus.decode(&msg) {
+                    self.sink.deliver(event);
+                }
+            }
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                // Those events are in history: every room reads what it missed.
+                log::warn!(
+                    "node={} fell {n} bus events behind; rooms catch up from history",
+                    self.bus.node
+                );
+                self.sink.resync_all();
+            }
+        }
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        log::error!("node={} the Redis message stream ended", self.bus.node);
+    }
+}
+
+impl StreamHandler<Reconnected> for RedisBridge {
+    fn handle(&mut self, _: Reconnected, ctx: &mut Context<Self>) {
+        // A new connection has no subscriptions: subscribe again, then catch up.
+        self.lost("Redis subscriber reconnected; resubscribing".into());
+        self.subscribe(ctx);
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
