@@ -79,6 +79,8 @@ pub struct Room {
     filling: Option<Vec<RoomEvent>>,
     /// A resync asked for while a catch-up was running.
     resync_again: bool,
+    /// Users whose leave the bus could not record (it was down); retried on resync.
+    unrecorded_leaves: Vec<UserId>,
 }
 
 impl Room {
@@ -92,6 +94,7 @@ impl Room {
             seen: None,
             filling: None,
             resync_again: false,
+            unrecorded_leaves: Vec::new(),
         }
     }
 
@@ -283,18 +286,50 @@ impl Room {
             }
         };
         if last {
-            let room = self.name.clone();
-            let leave = self.bus.leave(&room, &member.user);
-            ctx.spawn(
-                async move {
-                    if let Err(e) = leave.await {
-                        log::warn!("room={room} cannot record a leave: {e}");
-                    }
-                }
-                .into_actor(self),
-            );
+            self.record_leave(member.user.clone(), ctx);
         }
         Some(member)
+    }
+
+    /// Tells the bus a user's last local connection is gone; remembered for a retry if the
+    /// bus cannot take it now, so no ghost stays in presence after an outage.
+    fn record_leave(&mut self, user: UserId, ctx: &mut Context<Self>) {
+        let leave = self.bus.leave(&self.name, &user);
+        ctx.spawn(leave.into_actor(self).map(move |result, room, _| {
+            if let Err(e) = result {
+                log::warn!(
+                    "room={} cannot record that {user} left: {e}; retrying after reconnect",
+                    room.name
+                );
+                room.unrecorded_leaves.push(user);
+            }
+        }));
+    }
+
+    /// After a reconnect: repeat this replica's joins (Redis may have restarted empty; a join
+    /// already recorded is a no-op) and the leaves that failed.
+    fn reassert_presence(&mut self, ctx: &mut Context<Self>) {
+        for user in std::mem::take(&mut self.unrecorded_leaves) {
+            if !self.local_users.contains_key(&user) {
+                self.record_leave(user, ctx);
+            }
+        }
+        let joins: Vec<_> = self
+            .local_users
+            .keys()
+            .map(|user| self.bus.join(&self.name, user))
+            .collect();
+        let room = self.name.clone();
+        ctx.spawn(
+            async move {
+                for join in joins {
+                    if let Err(e) = join.await {
+                        log::warn!("room={room} cannot re-record presence: {e}");
+                    }
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Sends the welcome, backlog and presence, then what arrived meanwhile.
@@ -525,6 +560,7 @@ impl Handler<Resync> for Room {
     type Result = ();
 
     fn handle(&mut self, _: Resync, ctx: &mut Self::Context) {
+        self.reassert_presence(ctx);
         self.resync(ctx);
     }
 }
