@@ -312,7 +312,8 @@ async fn main() {
             sent.refused,
             percentile(&lat, 0.99)
         );
-        if lost > 0 || sent.refused > 0 {
+        if lost > 0 || sent.acked < count {
+            // Something was refused, never acked, or lost: this rate is past what it carries.
             break;
         }
         best = best.max(delivered_rate);

@@ -27,6 +27,11 @@ use crate::wsframe::{Assembler, Inbound};
 /// The subprotocol confab speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "confab.v1";
 
+/// Publishes one session may have waiting on the bus. At the cap the session stops reading
+/// its socket until one completes, so a fast client is slowed by TCP backpressure instead of
+/// queueing work without bound.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
 /// Settings every session of a replica shares.
 #[derive(Debug)]
 pub struct SessionConfig {
@@ -87,6 +92,7 @@ pub struct Session {
     /// Replies that are ready before the welcome; `None` once welcomed.
     early: Option<Vec<ByteString>>,
     pending: Arc<AtomicUsize>,
+    in_flight: usize,
     _slot: ConnectionGuard,
 }
 
@@ -115,6 +121,7 @@ impl Session {
             last_heard: now,
             early: Some(Vec::new()),
             pending: Arc::new(AtomicUsize::new(0)),
+            in_flight: 0,
             cfg,
             _slot: slot,
         }
@@ -233,7 +240,9 @@ impl Session {
             reference: reference.clone(),
         };
         let publish = self.bus.publish(&self.room, msg);
-        ctx.spawn(publish.into_actor(self).map(move |result, session, ctx| {
+        self.in_flight += 1;
+        let done = publish.into_actor(self).map(move |result, session, ctx| {
+            session.in_flight -= 1;
             let frame = match result {
                 Ok(p) => ServerFrame::Ack {
                     reference: reference.as_deref(),
@@ -243,7 +252,13 @@ impl Session {
                 Err(e) => bus_error_frame(&e, reference.as_deref()),
             };
             session.reply(ctx, frame);
-        }));
+        });
+        if self.in_flight >= MAX_PUBLISHES_IN_FLIGHT {
+            // `wait` holds back every other event of this actor, the socket included.
+            ctx.wait(done);
+        } else {
+            ctx.spawn(done);
+        }
     }
 
     fn presence(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
