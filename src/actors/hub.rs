@@ -14,7 +14,7 @@ use actix::prelude::*;
 use super::member::MemberHandle;
 use super::room::{Event, Join, Leave, Resync, Room};
 use crate::bus::{EventSink, RoomEvent, SharedBus};
-use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::domain::{RoomName, SessionId};
 
 /// Close code for sessions closed by a draining replica.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -60,16 +60,12 @@ impl EventSink for RoomDirectory {
     }
 }
 
-/// Session → hub: attach me to a room.
+/// Session → hub: attach me to a room (the hub passes `join` on to the room actor).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {
     pub room: RoomName,
-    pub session: SessionId,
-    pub user: UserId,
-    pub member: MemberHandle,
-    pub resume: Option<(Offset, Epoch)>,
-    pub history: usize,
+    pub join: Join,
 }
 
 /// Session → hub: I am gone (sent exactly once, from the session's `stopping`).
@@ -151,16 +147,11 @@ impl Handler<Connect> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
-        self.sessions.insert(msg.session, msg.member.clone());
+        self.sessions
+            .insert(msg.join.session, msg.join.member.clone());
         let entry = self.room(&msg.room);
         entry.sessions += 1;
-        entry.addr.do_send(Join {
-            session: msg.session,
-            user: msg.user,
-            member: msg.member,
-            resume: msg.resume,
-            history: msg.history,
-        });
+        entry.addr.do_send(msg.join);
     }
 }
 

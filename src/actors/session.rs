@@ -18,6 +18,7 @@ use bytestring::ByteString;
 
 use super::hub::{Connect, Disconnect, Hub};
 use super::member::{written, Deliver, MemberHandle, Outbound};
+use super::room::Join;
 use crate::bus::{BusError, NewMessage, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
@@ -407,11 +408,13 @@ impl Actor for Session {
         let member = MemberHandle::new(ctx.address().recipient(), Arc::clone(&self.pending));
         self.hub.do_send(Connect {
             room: self.room.clone(),
-            session: self.id,
-            user: self.user.clone(),
-            member,
-            resume: self.resume.take(),
-            history: self.history,
+            join: Join {
+                session: self.id,
+                user: self.user.clone(),
+                member,
+                resume: self.resume.take(),
+                history: self.history,
+            },
         });
     }
 

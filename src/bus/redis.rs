@@ -398,7 +398,7 @@ impl Bus for Arc<RedisBus> {
             ts: now_ms(),
         }
         .to_text();
-        let (before, after) = frame.split_once(&MARK.to_string()).unwrap_or((&frame, ""));
+        let (before, after) = split_at_offset(&frame, MARK);
         let ref_key = match &msg.reference {
             Some(r) => format!("{}:{{{room}}}:ref:{}:{r}", self.prefix, msg.user),
             None => keys.meta.clone(),
@@ -531,6 +531,19 @@ impl Bus for Arc<RedisBus> {
 
     fn readiness(&self) -> Result<(), String> {
         self.ready_state()
+    }
+}
+
+/// Splits a serialized `message` frame around its offset value, so the publish script can put
+/// the real offset there. The key is part of the pattern: a room name may be all digits too.
+fn split_at_offset(frame: &str, mark: u64) -> (&str, &str) {
+    let pattern = format!(r#""offset":{mark}"#);
+    match frame.find(&pattern) {
+        Some(at) => {
+            let value = at + r#""offset":"#.len();
+            (&frame[..value], &frame[at + pattern.len()..])
+        }
+        None => (frame, ""),
     }
 }
 
@@ -690,4 +703,72 @@ impl StreamHandler<Reconnected> for RedisBridge {
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offset_is_spliced_even_when_names_and_text_look_like_the_marker() {
+        let room = RoomName::parse("9999").unwrap();
+        let user = UserId::parse("9999").unwrap();
+        let frame = ServerFrame::Message {
+            room: &room,
+            offset: 9999,
+            user: &user,
+            text: "9999 \"offset\":9999",
+            ts: 1,
+        }
+        .to_text();
+        let (before, after) = split_at_offset(&frame, 9999);
+        let spliced = format!("{before}42{after}");
+        let v: serde_json::Value = serde_json::from_str(&spliced).unwrap();
+        assert_eq!(v["offset"], 42);
+        assert_eq!(v["room"], "9999");
+        assert_eq!(v["text"], "9999 \"offset\":9999");
+    }
+
+    fn message(channel: &str, payload: &str) -> PubSubMessage {
+        PubSubMessage {
+            channel: channel.into(),
+            value: Value::from(payload),
+            kind: fred::types::MessageKind::PMessage,
+            server: fred::types::config::Server::new("127.0.0.1", 6379),
+        }
+    }
+
+    #[test]
+    fn channel_envelopes_become_room_events_with_the_frame_untouched() {
+        let mut settings = Settings::default();
+        settings.redis.url = "redis://127.0.0.1:1".into();
+        let (bus, _) = RedisBus::new(&settings, Arc::from("n")).unwrap();
+        let frame =
+            r#"{"type":"message","room":"lobby","offset":7,"user":"ann","text":"hi","ts":1}"#;
+        let payload = format!(r#"{{"kind":"message","epoch":"e1","offset":7,"frame":{frame}}}"#);
+        let event = bus.decode(&message("confab:room:lobby", &payload)).unwrap();
+        assert_eq!(event.room.as_str(), "lobby");
+        assert_eq!(&*event.json, frame);
+        assert_eq!(
+            event.kind,
+            EventKind::Message {
+                epoch: Epoch::from_string("e1"),
+                offset: 7
+            }
+        );
+        let typing = RedisBus::envelope(
+            "typing",
+            &UserId::parse("ann").unwrap(),
+            r#"{"type":"typing"}"#,
+        );
+        let event = bus.decode(&message("confab:room:lobby", &typing)).unwrap();
+        assert!(matches!(event.kind, EventKind::Typing { .. }));
+        assert!(
+            bus.decode(&message("other:room:lobby", &payload)).is_none(),
+            "not our prefix"
+        );
+        assert!(bus
+            .decode(&message("confab:room:lobby", "not json"))
+            .is_none());
+    }
 }

@@ -302,3 +302,28 @@ async fn presence_spans_replicas_and_a_dead_replicas_users_leave() {
     alice.send_json(json!({"type":"presence"})).await;
     assert_eq!(alice.next_of("presence").await["users"], json!(["alice"]));
 }
+
+#[tokio::test]
+async fn a_silent_redis_is_noticed_within_seconds() {
+    let redis = Redis::start();
+    let p = prefix("silent");
+    let a = Server::replica(&redis, &p, "a", &[]).await;
+    let (mut c, _) = a.join("/ws/s?user=ann").await;
+    assert_eq!(c.say("before", "b").await, 1);
+    // Frozen, not gone: TCP stays up and nothing answers, as with a hung host.
+    redis.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    a.wait_ready(false).await;
+    assert!(
+        frozen.elapsed() < Duration::from_secs(10),
+        "noticed after {:?}",
+        frozen.elapsed()
+    );
+    redis.signal(libc::SIGCONT);
+    a.wait_ready(true).await;
+    assert_eq!(
+        say_with_retry(&mut c, "after", "a").await,
+        2,
+        "same epoch, nothing lost"
+    );
+}

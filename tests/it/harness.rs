@@ -475,6 +475,16 @@ impl Redis {
         }
     }
 
+    /// Sends a signal: SIGSTOP makes Redis silent (connections stay open, nothing answers).
+    pub fn signal(&self, sig: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
+    }
+
     /// Starts again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
@@ -502,6 +512,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
         self.kill();
     }
 }
