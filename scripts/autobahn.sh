@@ -160,9 +160,15 @@ for case_id in sorted(cases, key=case_key):
         failed.append("%s (behavior=%s, close=%s, remoteCloseCode=%s)"
                       % (case_id, behavior, close, r.get("remoteCloseCode")))
 
-print("Autobahn fuzzingclient vs %s: %d cases" % (url, len(cases)))
+# The path only: the port changes every run, and this summary is committed.
+where = "/" + url.split("/", 3)[3] if url.count("/") >= 3 else url
+print("Autobahn fuzzingclient vs confab %s: %d cases" % (where, len(cases)))
 for b in BEHAVIORS + sorted(set(counts) - set(BEHAVIORS)):
     print("  %-14s %d" % (b, counts[b]))
+for b in ("NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED"):
+    ids = [c for c in sorted(cases, key=case_key) if cases[c].get("behavior") == b]
+    if ids:
+        print("  %s: %s" % (b, ", ".join(ids)))
 if failed:
     print("FAILED cases (%d):" % len(failed))
     for line in failed:
