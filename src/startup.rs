@@ -11,8 +11,9 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
 use crate::actors::session::SessionConfig;
+use crate::bus::bridge::RedisBridge;
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::{RedisBridge, RedisBus};
+use crate::bus::redis::RedisBus;
 use crate::bus::{EventSink, SharedBus};
 use crate::http::{self, AppState};
 use crate::settings::Settings;

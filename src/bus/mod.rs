@@ -18,6 +18,7 @@
 //! Events may reach a room twice or with a hole (a reconnect, a full mailbox); rooms drop
 //! repeats by offset and fill holes from [`Bus::replay`], so the contract above is enough.
 
+pub mod bridge;
 pub mod memory;
 pub mod redis;
 

@@ -5,11 +5,7 @@
 //! room's history stream, and PUBLISHes in one step; `read` serves head, resume and history
 //! from one snapshot; `presence` and `reap` keep per-replica presence with leases.
 //!
-//! [`RedisBridge`] is the actor that owns the subscriber client: it PSUBSCRIBEs
-//! `{prefix}:room:*`, hands each event to the room directory, and watches the connection. While
-//! it is not subscribed the replica is not ready and publishes fail with `unavailable`; once it
-//! is subscribed again every active room reads what it missed from history before live
-//! traffic goes on (a `Lagged` receiver counts as a miss too).
+//! The subscriber side lives in [`RedisBridge`](super::bridge::RedisBridge).
 //!
 //! Key layout (SPEC §6), `P` the prefix and `R` the room: `P:{R}:meta` (hash: epoch, offset),
 //! `P:{R}:history` (stream, entry id `<offset>-0`, field `f` = the message frame),
@@ -22,22 +18,19 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::prelude::*;
 use bytestring::ByteString;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::Message as PubSubMessage;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Replay,
-    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Replay, RoomEvent,
+    RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -50,8 +43,6 @@ const REAP_LUA: &str = include_str!("lua/reap.lua");
 
 /// Pub/Sub messages the subscriber may buffer before a slow bridge counts as lagging.
 const PUBSUB_BUFFER: usize = 8192;
-/// How often the bridge checks its subscription and pings Redis.
-const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// What a channel message carries.
 #[derive(Debug, Deserialize)]
@@ -73,11 +64,11 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 
 pub struct RedisBus {
     client: Client,
-    node: Arc<str>,
+    pub(super) node: Arc<str>,
     prefix: Arc<str>,
     history_size: usize,
     ttl_secs: u64,
-    lease: Duration,
+    pub(super) lease: Duration,
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
     publish: Script,
@@ -145,7 +136,7 @@ impl RedisBus {
     }
 
     /// Starts the publisher's connection task (it reconnects by itself).
-    pub fn connect(&self) {
+    pub(super) fn connect(&self) {
         let _task = self.client.connect();
     }
 
@@ -159,7 +150,7 @@ impl RedisBus {
         }
     }
 
-    fn pattern(&self) -> String {
+    pub(super) fn pattern(&self) -> String {
         format!("{}:room:*", self.prefix)
     }
 
@@ -171,7 +162,7 @@ impl RedisBus {
         format!("{}:node:{node}:rooms", self.prefix)
     }
 
-    fn set_not_ready(&self, reason: Option<String>) {
+    pub(super) fn set_not_ready(&self, reason: Option<String>) {
         if let Ok(mut r) = self.not_ready.lock() {
             *r = reason;
         }
@@ -192,7 +183,7 @@ impl RedisBus {
     }
 
     /// Turns a channel message into a room event; `None` for anything not ours.
-    fn decode(&self, msg: &PubSubMessage) -> Option<RoomEvent> {
+    pub(super) fn decode(&self, msg: &PubSubMessage) -> Option<RoomEvent> {
         let room = msg
             .channel
             .strip_prefix(&*self.prefix)?
@@ -292,7 +283,7 @@ impl RedisBus {
 
     /// Renews this replica's lease and removes the
     /// members of replicas whose lease ran out (publishing their `leave` events).
-    async fn lease_tick(self: Arc<Self>) -> Result<(), fred::error::Error> {
+    pub(super) async fn lease_tick(self: Arc<Self>) -> Result<(), fred::error::Error> {
         let now = now_ms() as f64;
         let nodes = self.nodes_key();
         let expires = now + self.lease.as_millis() as f64;
@@ -311,7 +302,7 @@ impl RedisBus {
     }
 
     /// Removes a dead replica's members. Only the replica that wins the ZREM does the work.
-    async fn reap_node(&self, node: &str) -> Result<(), fred::error::Error> {
+    pub(super) async fn reap_node(&self, node: &str) -> Result<(), fred::error::Error> {
         let removed: i64 = self.client.zrem(self.nodes_key(), node).await?;
         if removed == 0 && node != &*self.node {
             return Ok(());
@@ -545,164 +536,6 @@ fn split_at_offset(frame: &str, mark: u64) -> (&str, &str) {
         }
         None => (frame, ""),
     }
-}
-
-/// The actor that owns the subscription (see the module doc).
-pub struct RedisBridge {
-    bus: Arc<RedisBus>,
-    subscriber: SubscriberClient,
-    sink: Arc<dyn EventSink>,
-    subscribed: bool,
-    subscribing: bool,
-}
-
-/// Subscriber → bridge: the connection came back (its subscriptions did not).
-struct Reconnected;
-
-impl RedisBridge {
-    pub fn new(bus: Arc<RedisBus>, subscriber: SubscriberClient, sink: Arc<dyn EventSink>) -> Self {
-        Self {
-            bus,
-            subscriber,
-            sink,
-            subscribed: false,
-            subscribing: false,
-        }
-    }
-
-    fn lost(&mut self, reason: String) {
-        if self.subscribed {
-            log::warn!(
-                "node={} lost the Redis subscription: {reason}",
-                self.bus.node
-            );
-        }
-        self.subscribed = false;
-        self.bus.set_not_ready(Some(reason));
-    }
-
-    fn watch(&mut self, ctx: &mut Context<Self>) {
-        if !self.subscriber.is_connected() {
-            self.lost("Redis subscriber disconnected".into());
-            return;
-        }
-        if !self.subscribed {
-            self.subscribe(ctx);
-            return;
-        }
-        // A ping through the subscriber connection: a silent Redis shows here within seconds
-        // (fred closes the connection as unresponsive; we see it on the next tick).
-        let subscriber = self.subscriber.clone();
-        let ping = async move { subscriber.ping::<Value>(None).await };
-        ctx.spawn(ping.into_actor(self).map(|result, bridge, _| {
-            if let Err(e) = result {
-                bridge.lost(format!("Redis did not answer a ping: {e}"));
-            }
-        }));
-    }
-
-    fn subscribe(&mut self, ctx: &mut Context<Self>) {
-        if self.subscribing {
-            return;
-        }
-        self.subscribing = true;
-        let pattern = self.bus.pattern();
-        let subscriber = self.subscriber.clone();
-        let fut = async move { subscriber.psubscribe(pattern).await };
-        ctx.spawn(fut.into_actor(self).map(|result, bridge, _| {
-            bridge.subscribing = false;
-            match result {
-                Ok(()) => {
-                    bridge.subscribed = true;
-                    bridge.bus.set_not_ready(None);
-                    log::info!(
-                        "node={} subscribed to {}; rooms catch up from history",
-                        bridge.bus.node,
-                        bridge.bus.pattern()
-                    );
-                    // Whatever was published while we were not subscribed is in history.
-                    bridge.sink.resync_all();
-                }
-                Err(e) => bridge.lost(format!("cannot subscribe: {e}")),
-            }
-        }));
-    }
-}
-
-impl Actor for RedisBridge {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.add_stream(BroadcastStream::new(self.subscriber.message_rx()));
-        ctx.add_stream(BroadcastStream::new(self.subscriber.reconnect_rx()).map(|_| Reconnected));
-        let _task = self.subscriber.connect();
-        self.bus.connect();
-        ctx.run_interval(WATCH_EVERY, |bridge, ctx| bridge.watch(ctx));
-        // Lease: renewed three times per lease period; the first tick also reaps our own
-        // members left over from a previous life under the same node id.
-        let bus = Arc::clone(&self.bus);
-        ctx.spawn(
-            async move {
-                if let Err(e) = bus.reap_node(&bus.node.clone()).await {
-                    log::debug!("no stale presence to clear yet: {e}");
-                }
-                if let Err(e) = bus.clone().lease_tick().await {
-                    log::debug!("first presence lease not taken yet: {e}");
-                }
-            }
-            .into_actor(self),
-        );
-        let every = (self.bus.lease / 3).max(Duration::from_millis(200));
-        ctx.run_interval(every, |bridge, ctx| {
-            let bus = Arc::clone(&bridge.bus);
-            ctx.spawn(
-                async move {
-                    if let Err(e) = bus.clone().lease_tick().await {
-                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
-                    }
-                }
-                .into_actor(bridge),
-            );
-        });
-    }
-}
-
-impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBridge {
-    fn handle(
-        &mut self,
-        item: Result<PubSubMessage, BroadcastStreamRecvError>,
-        _: &mut Context<Self>,
-    ) {
-        match item {
-            Ok(msg) => {
-                if let Some(event) = self.bus.decode(&msg) {
-                    self.sink.deliver(event);
-                }
-            }
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                // Those events are in history: every room reads what it missed.
-                log::warn!(
-                    "node={} fell {n} bus events behind; rooms catch up from history",
-                    self.bus.node
-                );
-                self.sink.resync_all();
-            }
-        }
-    }
-
-    fn finished(&mut self, _: &mut Context<Self>) {
-        log::error!("node={} the Redis message stream ended", self.bus.node);
-    }
-}
-
-impl StreamHandler<Reconnected> for RedisBridge {
-    fn handle(&mut self, _: Reconnected, ctx: &mut Context<Self>) {
-        // A new connection has no subscriptions: subscribe again, then catch up.
-        self.lost("Redis subscriber reconnected; resubscribing".into());
-        self.subscribe(ctx);
-    }
-
-    fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
 #[cfg(test)]

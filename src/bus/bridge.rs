@@ -1,0 +1,183 @@
+//! The `RedisBridge` actor: owns the subscriber client, PSUBSCRIBEs `{prefix}:room:*`, hands
+//! each event to the room directory, and watches the connection.
+//!
+//! While it is not subscribed the replica is not ready and publishes fail with `unavailable`.
+//! fred's `manage_subscriptions` is not used: after every reconnect the bridge subscribes
+//! itself, and only then marks the replica ready and tells every active room to read what it
+//! missed from history before live traffic goes on (a `Lagged` receiver counts as a miss too).
+//! It also renews this replica's presence lease and reaps dead replicas' members.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::Message as PubSubMessage;
+use futures_util::StreamExt;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::redis::RedisBus;
+use super::EventSink;
+
+/// How often the bridge checks its subscription and pings Redis.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// The actor that owns the subscription (see the module doc).
+pub struct RedisBridge {
+    bus: Arc<RedisBus>,
+    subscriber: SubscriberClient,
+    sink: Arc<dyn EventSink>,
+    subscribed: bool,
+    subscribing: bool,
+}
+
+/// Subscriber → bridge: the connection came back (its subscriptions did not).
+struct Reconnected;
+
+impl RedisBridge {
+    pub fn new(bus: Arc<RedisBus>, subscriber: SubscriberClient, sink: Arc<dyn EventSink>) -> Self {
+        Self {
+            bus,
+            subscriber,
+            sink,
+            subscribed: false,
+            subscribing: false,
+        }
+    }
+
+    fn lost(&mut self, reason: String) {
+        if self.subscribed {
+            log::warn!(
+                "node={} lost the Redis subscription: {reason}",
+                self.bus.node
+            );
+        }
+        self.subscribed = false;
+        self.bus.set_not_ready(Some(reason));
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        if !self.subscriber.is_connected() {
+            self.lost("Redis subscriber disconnected".into());
+            return;
+        }
+        if !self.subscribed {
+            self.subscribe(ctx);
+            return;
+        }
+        // A ping through the subscriber connection: a silent Redis shows here within seconds
+        // (fred closes the connection as unresponsive; we see it on the next tick).
+        let subscriber = self.subscriber.clone();
+        let ping = async move { subscriber.ping::<Value>(None).await };
+        ctx.spawn(ping.into_actor(self).map(|result, bridge, _| {
+            if let Err(e) = result {
+                bridge.lost(format!("Redis did not answer a ping: {e}"));
+            }
+        }));
+    }
+
+    fn subscribe(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribing {
+            return;
+        }
+        self.subscribing = true;
+        let pattern = self.bus.pattern();
+        let subscriber = self.subscriber.clone();
+        let fut = async move { subscriber.psubscribe(pattern).await };
+        ctx.spawn(fut.into_actor(self).map(|result, bridge, _| {
+            bridge.subscribing = false;
+            match result {
+                Ok(()) => {
+                    bridge.subscribed = true;
+                    bridge.bus.set_not_ready(None);
+                    log::info!(
+                        "node={} subscribed to {}; rooms catch up from history",
+                        bridge.bus.node,
+                        bridge.bus.pattern()
+                    );
+                    // Whatever was published while we were not subscribed is in history.
+                    bridge.sink.resync_all();
+                }
+                Err(e) => bridge.lost(format!("cannot subscribe: {e}")),
+            }
+        }));
+    }
+}
+
+impl Actor for RedisBridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.add_stream(BroadcastStream::new(self.subscriber.message_rx()));
+        ctx.add_stream(BroadcastStream::new(self.subscriber.reconnect_rx()).map(|_| Reconnected));
+        let _task = self.subscriber.connect();
+        self.bus.connect();
+        ctx.run_interval(WATCH_EVERY, |bridge, ctx| bridge.watch(ctx));
+        // Lease: renewed three times per lease period; the first tick also reaps our own
+        // members left over from a previous life under the same node id.
+        let bus = Arc::clone(&self.bus);
+        ctx.spawn(
+            async move {
+                if let Err(e) = bus.reap_node(&bus.node.clone()).await {
+                    log::debug!("no stale presence to clear yet: {e}");
+                }
+                if let Err(e) = bus.clone().lease_tick().await {
+                    log::debug!("first presence lease not taken yet: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+        let every = (self.bus.lease / 3).max(Duration::from_millis(200));
+        ctx.run_interval(every, |bridge, ctx| {
+            let bus = Arc::clone(&bridge.bus);
+            ctx.spawn(
+                async move {
+                    if let Err(e) = bus.clone().lease_tick().await {
+                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
+                    }
+                }
+                .into_actor(bridge),
+            );
+        });
+    }
+}
+
+impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBridge {
+    fn handle(
+        &mut self,
+        item: Result<PubSubMessage, BroadcastStreamRecvError>,
+        _: &mut Context<Self>,
+    ) {
+        match item {
+            Ok(msg) => {
+                if let Some(event) = self.bus.decode(&msg) {
+                    self.sink.deliver(event);
+                }
+            }
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                // Those events are in history: every room reads what it missed.
+                log::warn!(
+                    "node={} fell {n} bus events behind; rooms catch up from history",
+                    self.bus.node
+                );
+                self.sink.resync_all();
+            }
+        }
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        log::error!("node={} the Redis message stream ended", self.bus.node);
+    }
+}
+
+impl StreamHandler<Reconnected> for RedisBridge {
+    fn handle(&mut self, _: Reconnected, ctx: &mut Context<Self>) {
+        // A new connection has no subscriptions: subscribe again, then catch up.
+        self.lost("Redis subscriber reconnected; resubscribing".into());
+        self.subscribe(ctx);
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
