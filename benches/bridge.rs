@@ -1,7 +1,8 @@
 //! Bridge benchmark: two replicas of the real (release) binary on one real `redis-server`,
-//! all on loopback. Measures publish → deliver latency from replica A to a client on replica
-//! B at a steady rate, then ramps the rate to find the most messages per second the bridge
-//! carries from A to B with zero loss. Every phase is bounded in count and time.
+//! all on loopback. Measures memory per idle session, publish → deliver latency from replica
+//! A to a client on replica B at a steady rate, then ramps the rate to find the most messages
+//! per second the bridge carries from A to B with zero loss. Every phase is bounded in count
+//! and time.
 //!
 //!     cargo bench --bench bridge                 # defaults below
 //!     cargo bench --bench bridge -- 1000 10      # latency rate (msg/s) and seconds
@@ -100,6 +101,9 @@ fn start_replica(redis_port: u16, node: &str) -> (Proc, String) {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            } else if line.contains("WARN") || line.contains("ERROR") {
+                // What the replicas complain about under load belongs in the report.
+                eprintln!("{line}");
             }
         }
     });
@@ -236,6 +240,41 @@ async fn receive(mut ws: Ws, count: u64, epoch: Instant) -> (Vec<u64>, Duration)
     (latencies, window)
 }
 
+/// Resident memory of a process, from /proc (Linux), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Opens `n` idle sessions over `rooms` rooms on one replica and reports its memory per
+/// session (resident set growth divided by sessions).
+async fn memory_per_session(addr: &str, pid: u32, n: usize, rooms: usize) {
+    let before = rss_kib(pid);
+    let mut sessions = Vec::with_capacity(n);
+    for i in 0..n {
+        sessions.push(connect(addr, &format!("idle-{}", i % rooms), &format!("u{i}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    println!("## Memory per idle session");
+    println!();
+    println!(
+        "{n} sessions in {rooms} rooms on one replica: resident set {before} KiB → {after} KiB, \
+         {:.1} KiB per session",
+        after.saturating_sub(before) as f64 / n as f64
+    );
+    println!();
+    for mut ws in sessions {
+        let _ = ws.close(None).await;
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -254,10 +293,13 @@ async fn main() {
     let secs: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     let (_redis, port) = start_redis();
     let (_a, addr_a) = start_replica(port, "bench-a");
-    let (_b, addr_b) = start_replica(port, "bench-b");
+    let (b, addr_b) = start_replica(port, "bench-b");
     wait_ready(&addr_a).await;
     wait_ready(&addr_b).await;
     let epoch = Instant::now();
+
+    // Phase 0: what a session costs.
+    memory_per_session(&addr_b, b.0.id(), 2000, 100).await;
 
     // Phase 1: latency at a steady rate, A → B.
     let count = rate * secs;
