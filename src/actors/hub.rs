@@ -121,21 +121,29 @@ impl Hub {
         }
     }
 
+    /// The room's entry, starting its actor on the next arbiter if it has none.
     fn room(&mut self, name: &RoomName) -> &mut RoomEntry {
-        if !self.rooms.contains_key(name) {
-            let room = Room::new(name.clone(), Arc::clone(&self.bus), self.queue_limit);
-            let addr = if self.arbiters.is_empty() {
+        let Self {
+            bus,
+            directory,
+            arbiters,
+            next_arbiter,
+            queue_limit,
+            rooms,
+            ..
+        } = self;
+        rooms.entry(name.clone()).or_insert_with(|| {
+            let room = Room::new(name.clone(), Arc::clone(bus), *queue_limit);
+            let addr = if arbiters.is_empty() {
                 room.start()
             } else {
-                let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-                self.next_arbiter = self.next_arbiter.wrapping_add(1);
+                let arbiter = &arbiters[*next_arbiter % arbiters.len()];
+                *next_arbiter = next_arbiter.wrapping_add(1);
                 Room::start_in_arbiter(arbiter, |_| room)
             };
-            self.directory.insert(name.clone(), addr.clone());
-            self.rooms
-                .insert(name.clone(), RoomEntry { addr, sessions: 0 });
-        }
-        self.rooms.get_mut(name).expect("inserted above")
+            directory.insert(name.clone(), addr.clone());
+            RoomEntry { addr, sessions: 0 }
+        })
     }
 }
 

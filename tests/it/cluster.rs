@@ -282,7 +282,7 @@ async fn a_redis_restart_turns_replicas_unready_then_resets_rooms() {
 }
 
 #[tokio::test]
-async fn presence_spans_replicas_and_a_dead_replicas_users_leave() {
+async fn presence_and_typing_span_replicas_and_a_dead_replicas_users_leave() {
     let redis = Redis::start();
     let p = prefix("presence");
     let lease = [("CONFAB_REDIS__PRESENCE_LEASE_SECS", "2")];
@@ -293,6 +293,12 @@ async fn presence_spans_replicas_and_a_dead_replicas_users_leave() {
     let presence = bob.next_of("presence").await;
     assert_eq!(presence["users"], json!(["alice", "bob"]));
     assert_eq!(alice.next_of("join").await["user"], "bob");
+    alice.send_json(json!({"type":"typing"})).await;
+    assert_eq!(
+        bob.next_of("typing").await["user"],
+        "alice",
+        "typing crosses replicas"
+    );
 
     let killed = Instant::now();
     b.signal(libc::SIGKILL);
