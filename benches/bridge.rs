@@ -24,7 +24,7 @@ type Ws =
 /// Throughput ramp: target rates in messages per second, each held for `RAMP_SECS`.
 const RAMP: [u64; 6] = [2_000, 5_000, 10_000, 20_000, 40_000, 80_000];
 const RAMP_SECS: u64 = 3;
-/// Sessions on replica A that share each ramp step's load.
+/// Sessions on replica A that share each ramp step's load (`BENCH_SENDERS` overrides).
 const SENDERS: usize = 10;
 /// How long delivery may lag behind the last send before the rest counts as lost.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -337,7 +337,12 @@ async fn main() {
     println!();
 
     // Phase 2: ramp until loss or saturation.
-    println!("## Throughput ramp, {SENDERS} sessions on A → one on B ({RAMP_SECS} s per step)");
+    let n_senders: usize = std::env::var("BENCH_SENDERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(SENDERS);
+    println!("## Throughput ramp, {n_senders} sessions on A → one on B ({RAMP_SECS} s per step)");
     println!();
     println!("| target msg/s | sent msg/s | acked | refused | acked msg/s | delivered | lost | delivered msg/s | p99 ms |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
