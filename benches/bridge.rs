@@ -6,6 +6,7 @@
 //!
 //!     cargo bench --bench bridge                 # defaults below
 //!     cargo bench --bench bridge -- 1000 10      # latency rate (msg/s) and seconds
+//!     BENCH_SENDERS=1 cargo bench --bench bridge # the ramp from one session instead of ten
 //!
 //! Not a test: numbers vary with the machine; see docs/bench.md for a recorded run.
 
