@@ -154,22 +154,6 @@ impl Session {
         }
     }
 
-    fn error(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        code: ErrorCode,
-        message: &str,
-        reference: Option<&str>,
-    ) {
-        let frame = ServerFrame::Error {
-            code,
-            message,
-            reference,
-        }
-        .to_text();
-        self.reply(ctx, frame);
-    }
-
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
@@ -178,6 +162,13 @@ impl Session {
                 return self.reply(ctx, protocol::rejection_frame(&rejection));
             }
         };
+        let metered = matches!(
+            request,
+            Request::Message { .. } | Request::Presence | Request::History { .. }
+        );
+        if metered && !self.bucket.try_take(Instant::now()) {
+            return self.rate_limited(&request, ctx);
+        }
         match request {
             Request::Ping => self.reply(ctx, ServerFrame::Pong.to_text()),
             Request::Typing => {
@@ -187,21 +178,13 @@ impl Session {
                     ctx.spawn(async move { drop(typing.await) }.into_actor(self));
                 }
             }
-            request => {
-                if !self.bucket.try_take(Instant::now()) {
-                    return self.rate_limited(&request, ctx);
-                }
-                match request {
-                    Request::Message { text, reference } => self.publish(text, reference, ctx),
-                    Request::Presence => self.presence(ctx),
-                    Request::History {
-                        before,
-                        limit,
-                        reference,
-                    } => self.history(before, limit, reference, ctx),
-                    Request::Ping | Request::Typing => {}
-                }
-            }
+            Request::Message { text, reference } => self.publish(text, reference, ctx),
+            Request::Presence => self.presence(ctx),
+            Request::History {
+                before,
+                limit,
+                reference,
+            } => self.history(before, limit, reference, ctx),
         }
     }
 
@@ -221,12 +204,13 @@ impl Session {
             }
             _ => None,
         };
-        self.error(
-            ctx,
-            ErrorCode::RateLimited,
-            "slow down: rate limit exceeded",
+        let frame = ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "slow down: rate limit exceeded",
             reference,
-        );
+        }
+        .to_text();
+        self.reply(ctx, frame);
     }
 
     fn publish(
