@@ -49,6 +49,14 @@ impl RoomName {
     }
 }
 
+/// Lets maps keyed by room be searched with a `&str` taken from a channel name, with no
+/// allocation (hash and equality are those of the string, as `Borrow` requires).
+impl std::borrow::Borrow<str> for RoomName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for RoomName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -150,6 +158,14 @@ mod tests {
         ] {
             assert!(RoomName::parse(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn rooms_are_found_by_plain_str() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(RoomName::parse("lobby").unwrap(), 1);
+        assert_eq!(map.get("lobby"), Some(&1));
+        assert_eq!(map.get("other"), None);
     }
 
     #[test]

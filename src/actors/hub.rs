@@ -44,11 +44,15 @@ impl EventSink for RoomDirectory {
         let Some(addr) = map.get(&event.room) else {
             return;
         };
-        let room = event.room.clone();
         if let Err(e) = addr.try_send(Event(event)) {
             // The room reads the hole from history when the next message arrives.
-            log::warn!("room={room} is lagging; an event was dropped ({e})");
+            let room = &e.into_inner().0.room;
+            log::warn!("room={room} is lagging or gone; an event was dropped");
         }
+    }
+
+    fn has_room(&self, room: &str) -> bool {
+        self.0.read().is_ok_and(|map| map.contains_key(room))
     }
 
     fn resync_all(&self) {

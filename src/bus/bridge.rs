@@ -152,7 +152,13 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
     ) {
         match item {
             Ok(msg) => {
-                if let Some(event) = self.bus.decode(&msg) {
+                // Most of a busy cluster's events are for rooms with nobody here: drop those
+                // before parsing anything.
+                let local = self
+                    .bus
+                    .room_of(&msg.channel)
+                    .is_some_and(|room| self.sink.has_room(room));
+                if let Some(event) = local.then(|| self.bus.decode(&msg)).flatten() {
                     self.sink.deliver(event);
                 }
             }

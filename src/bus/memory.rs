@@ -372,6 +372,10 @@ mod tests {
         }
 
         fn resync_all(&self) {}
+
+        fn has_room(&self, _: &str) -> bool {
+            true
+        }
     }
 
     fn room(s: &str) -> RoomName {

@@ -119,6 +119,10 @@ pub trait EventSink: Send + Sync + 'static {
     /// Called in room order; must not block.
     fn deliver(&self, event: RoomEvent);
 
+    /// Whether this replica has the room: lets a bus drop other rooms' events before it
+    /// parses them.
+    fn has_room(&self, room: &str) -> bool;
+
     /// Events may have been missed (a resubscribe, a lagging receiver): every room reads
     /// history from the newest offset it saw.
     fn resync_all(&self);

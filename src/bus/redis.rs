@@ -82,7 +82,6 @@ pub struct RedisBus {
 struct RoomKeys {
     meta: String,
     history: String,
-    presence: String,
     channel: String,
 }
 
@@ -145,9 +144,13 @@ impl RedisBus {
         RoomKeys {
             meta: format!("{p}:{{{room}}}:meta"),
             history: format!("{p}:{{{room}}}:history"),
-            presence: format!("{p}:{{{room}}}:presence"),
             channel: format!("{p}:room:{room}"),
         }
+    }
+
+    /// The room's presence hash (same hash tag as its other keys).
+    fn presence_key(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:presence", self.prefix)
     }
 
     pub(super) fn pattern(&self) -> String {
@@ -182,12 +185,15 @@ impl RedisBus {
         }
     }
 
+    /// The room a channel belongs to, if it is one of ours; no allocation.
+    pub(super) fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
+        channel.strip_prefix(&*self.prefix)?.strip_prefix(":room:")
+    }
+
     /// Turns a channel message into a room event; `None` for anything not ours.
     pub(super) fn decode(&self, msg: &PubSubMessage) -> Option<RoomEvent> {
-        let room = msg
-            .channel
-            .strip_prefix(&*self.prefix)?
-            .strip_prefix(":room:")
+        let room = self
+            .room_of(&msg.channel)
             .and_then(|r| RoomName::parse(r).ok())?;
         let payload = msg.value.as_str()?;
         let envelope: Envelope = match serde_json::from_str(&payload) {
@@ -315,10 +321,13 @@ impl RedisBus {
             rooms.len()
         );
         for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
-            let keys = self.keys(&room);
             let gone: Vec<String> = self
                 .reap
-                .evalsha_with_reload(&self.client, vec![keys.presence], vec![node.to_owned()])
+                .evalsha_with_reload(
+                    &self.client,
+                    vec![self.presence_key(&room)],
+                    vec![node.to_owned()],
+                )
                 .await?;
             for user in gone.iter().filter_map(|u| UserId::parse(u).ok()) {
                 let frame = ServerFrame::Leave {
@@ -328,7 +337,7 @@ impl RedisBus {
                 }
                 .to_text();
                 let event = Self::envelope("leave", &user, &frame);
-                let _: () = self.client.publish(&keys.channel, event).await?;
+                let _: () = self.client.publish(self.keys(&room).channel, event).await?;
             }
         }
         let _: () = self.client.del(&rooms_key).await?;
@@ -356,6 +365,7 @@ impl RedisBus {
         ];
         let client = self.client.clone();
         let script = self.presence.clone();
+        let presence_key = self.presence_key(room);
         let rooms_key = self.node_rooms_key(&self.node);
         let room = room.to_string();
         async move {
@@ -364,7 +374,7 @@ impl RedisBus {
                 let _: () = client.sadd(&rooms_key, room).await.map_err(unavailable)?;
             }
             let _: i64 = script
-                .evalsha_with_reload(&client, vec![keys.presence], args)
+                .evalsha_with_reload(&client, vec![presence_key], args)
                 .await
                 .map_err(unavailable)?;
             Ok(())
@@ -489,10 +499,10 @@ impl Bus for Arc<RedisBus> {
     }
 
     fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
-        let keys = self.keys(room);
+        let key = self.presence_key(room);
         let bus = Arc::clone(self);
         async move {
-            let fields: Vec<String> = bus.client.hkeys(keys.presence).await.map_err(unavailable)?;
+            let fields: Vec<String> = bus.client.hkeys(key).await.map_err(unavailable)?;
             let live: HashSet<String> = bus
                 .client
                 .zrangebyscore::<Vec<String>, _, _, _>(
