@@ -164,8 +164,8 @@ impl Room {
                         room.seen = Some((head.epoch.clone(), 0));
                     }
                     for m in messages {
+                        room.seen = Some((head.epoch.clone(), m.offset));
                         let event = message_event(&room.name, &head.epoch, m);
-                        room.seen = Some((head.epoch.clone(), event_offset(&event)));
                         room.fan_out(&event, ctx);
                     }
                 }
@@ -431,13 +431,6 @@ fn message_event(room: &RoomName, epoch: &Epoch, m: StoredMessage) -> RoomEvent 
             offset: m.offset,
         },
         json: m.json,
-    }
-}
-
-fn event_offset(event: &RoomEvent) -> Offset {
-    match &event.kind {
-        EventKind::Message { offset, .. } => *offset,
-        _ => 0,
     }
 }
 
