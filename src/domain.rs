@@ -76,10 +76,11 @@ impl UserId {
         Ok(Self(Arc::from(s)))
     }
 
-    /// A fresh `guest-xxxxxx` for clients that gave no name.
+    /// A fresh `guest-` name for clients that gave none: 64 random bits, so even millions of
+    /// guests are very unlikely to share one (24 bits collided among a few thousand).
     pub fn guest() -> Self {
-        let n: u32 = rand::random();
-        Self(Arc::from(format!("guest-{:06x}", n & 0x00ff_ffff)))
+        let n: u64 = rand::random();
+        Self(Arc::from(format!("guest-{n:016x}")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -95,6 +96,10 @@ impl fmt::Display for UserId {
 
 /// Position of a message in its room's history: 1 for the first message of an epoch, +1 each.
 pub type Offset = u64;
+
+/// The largest offset a client may name (`since`, `before`): 2^53 - 1, the largest integer
+/// that JavaScript clients and Redis's Lua numbers hold exactly.
+pub const MAX_OFFSET: Offset = (1 << 53) - 1;
 
 /// Names one life of a room's history. When history is lost or expires the room gets a new
 /// epoch and offsets restart at 1, so a saved `(epoch, offset)` pair can never point into the

@@ -6,7 +6,7 @@ use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::domain::{Epoch, Offset, RoomName, UserId};
+use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 
 /// Longest `ref` a client may attach to a frame.
 pub const MAX_REF_CHARS: usize = 64;
@@ -123,6 +123,12 @@ pub fn parse_request(frame: &str, max_message_chars: usize) -> Result<Request, R
             if limit == 0 || limit > MAX_HISTORY_LIMIT {
                 return Err(Rejection::bad(
                     format!("limit must be 1 to {MAX_HISTORY_LIMIT}"),
+                    reference,
+                ));
+            }
+            if before.is_some_and(|b| b == 0 || b > MAX_OFFSET) {
+                return Err(Rejection::bad(
+                    format!("before must be 1 to {MAX_OFFSET}"),
                     reference,
                 ));
             }

@@ -60,6 +60,7 @@ pub struct LimitSettings {
     /// 0 means "the open-file limit minus a reserve", worked out at start-up.
     pub max_connections: usize,
     pub session_queue: usize,
+    pub session_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +114,7 @@ impl Default for LimitSettings {
             max_violations: 50,
             max_connections: 0,
             session_queue: 1024,
+            session_queue_bytes: 4 << 20,
         }
     }
 }
@@ -222,6 +224,10 @@ impl Settings {
             ),
             ("limits.burst", u64::from(self.limits.burst)),
             ("limits.session_queue", self.limits.session_queue as u64),
+            (
+                "limits.session_queue_bytes",
+                self.limits.session_queue_bytes as u64,
+            ),
             ("history.size", self.history.size as u64),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
             ("redis.presence_lease_secs", self.redis.presence_lease_secs),
@@ -289,6 +295,13 @@ impl Settings {
                 "redis.prefix",
                 origin,
                 "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)",
+            ));
+        }
+        if self.limits.session_queue_bytes < 65536 {
+            return Err(key_error(
+                "limits.session_queue_bytes",
+                origin,
+                "must be at least 65536",
             ));
         }
         if self.limits.session_queue < 8 {

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
+use crate::actors::member::QueueLimits;
 use crate::actors::session::SessionConfig;
 use crate::bus::bridge::RedisBridge;
 use crate::bus::memory::MemoryBus;
@@ -36,7 +37,10 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         bus.clone(),
         directory,
         arbiters.iter().map(Arbiter::handle).collect(),
-        settings.limits.session_queue,
+        QueueLimits {
+            frames: settings.limits.session_queue,
+            bytes: settings.limits.session_queue_bytes,
+        },
     )
     .start();
 
@@ -59,6 +63,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             burst: settings.limits.burst,
             max_violations: settings.limits.max_violations,
             session_queue: settings.limits.session_queue,
+            session_queue_bytes: settings.limits.session_queue_bytes,
             ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
             client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
         }),
@@ -77,6 +82,9 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             // Close the TCP connection as soon as a WebSocket's close handshake is done instead
             // of lingering for the client to hang up (RFC 6455 §7.1.1: the server closes first).
             .client_disconnect_timeout(Duration::ZERO)
+            // Small frames go out at once: with Nagle's algorithm a frame written right after
+            // another waits for the client's delayed ACK (about 40 ms).
+            .tcp_nodelay(true)
             .shutdown_timeout(5);
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);

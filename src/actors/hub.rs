@@ -2,36 +2,56 @@
 //! session joins (placing rooms round-robin over arbiters, so rooms do not all share one
 //! thread), forwards joins and leaves, and stops a room when its last local session leaves.
 //!
+//! It also owns this replica's presence towards the bus: it sees every connect and
+//! disconnect of the replica in order and sends `join`/`leave` in that order, so a client that
+//! reconnects at once cannot have its new join recorded before its old leave (which a room
+//! actor being reaped could not promise). Leaves the bus could not take are kept here and
+//! retried after the bus reconnects, when every local user's join is also re-recorded.
+//!
 //! Bus events do not pass through the hub: the bus looks rooms up in the shared
 //! [`RoomDirectory`] and sends straight to the room actor.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
 
 use super::member::MemberHandle;
+use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, Resync, Room};
 use crate::bus::{EventSink, RoomEvent, SharedBus};
-use crate::domain::{RoomName, SessionId};
+use crate::domain::{RoomName, SessionId, UserId};
 
 /// Close code for sessions closed by a draining replica.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// A room actor as the directory knows it.
+#[derive(Clone)]
+struct RoomSlot {
+    addr: Addr<Room>,
+    /// A [`Resync`] is on its way to the room (see [`Room`]).
+    resync_asked: Arc<AtomicBool>,
+}
+
 /// Rooms with local members, as the bus sees them. Written by the hub only.
 #[derive(Clone, Default)]
-pub struct RoomDirectory(Arc<RwLock<HashMap<RoomName, Addr<Room>>>>);
+pub struct RoomDirectory {
+    rooms: Arc<RwLock<HashMap<RoomName, RoomSlot>>>,
+    /// Told when the bus reconnected, to re-record presence; set once the hub runs.
+    hub: Arc<OnceLock<Recipient<Reassert>>>,
+}
 
 impl RoomDirectory {
-    fn insert(&self, room: RoomName, addr: Addr<Room>) {
-        if let Ok(mut map) = self.0.write() {
-            map.insert(room, addr);
+    fn insert(&self, room: RoomName, slot: RoomSlot) {
+        if let Ok(mut map) = self.rooms.write() {
+            map.insert(room, slot);
         }
     }
 
     fn remove(&self, room: &RoomName) {
-        if let Ok(mut map) = self.0.write() {
+        if let Ok(mut map) = self.rooms.write() {
             map.remove(room);
         }
     }
@@ -39,30 +59,44 @@ impl RoomDirectory {
 
 impl EventSink for RoomDirectory {
     fn deliver(&self, event: RoomEvent) {
-        let Ok(map) = self.0.read() else { return };
+        let Ok(map) = self.rooms.read() else { return };
         // A room with no local members has no actor: the event is dropped here, cheaply.
-        let Some(addr) = map.get(&event.room) else {
+        let Some(slot) = map.get(&event.room) else {
             return;
         };
-        if let Err(e) = addr.try_send(Event(event)) {
-            // The room reads the hole from history when the next message arrives.
+        if let Err(e) = slot.addr.try_send(Event(event)) {
             let room = &e.into_inner().0.room;
-            log::warn!("room={room} is lagging or gone; an event was dropped");
+            log::warn!("room={room} is lagging; an event was dropped and is read from history");
+            // Catch up now, not when the next message shows the hole: a quiet room would hold
+            // its last messages back. One resync covers a burst of drops.
+            if !slot.resync_asked.swap(true, Ordering::AcqRel) {
+                slot.addr.do_send(Resync);
+            }
         }
     }
 
     fn has_room(&self, room: &str) -> bool {
-        self.0.read().is_ok_and(|map| map.contains_key(room))
+        self.rooms.read().is_ok_and(|map| map.contains_key(room))
     }
 
     fn resync_all(&self) {
-        let Ok(map) = self.0.read() else { return };
-        for addr in map.values() {
+        if let Some(hub) = self.hub.get() {
+            hub.do_send(Reassert);
+        }
+        let Ok(map) = self.rooms.read() else { return };
+        for slot in map.values() {
             // Rare (a reconnect), one per room, and must not be lost: not bounded.
-            addr.do_send(Resync);
+            slot.resync_asked.store(true, Ordering::Release);
+            slot.addr.do_send(Resync);
         }
     }
 }
+
+/// Bus → hub: the bus reconnected (Redis may have restarted empty): record every local
+/// user's join again and retry the leaves that failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reassert;
 
 /// Session → hub: attach me to a room (the hub passes `join` on to the room actor).
 #[derive(Message)]
@@ -95,6 +129,8 @@ pub struct SessionCount;
 struct RoomEntry {
     addr: Addr<Room>,
     sessions: usize,
+    /// Local connections per user, for presence.
+    users: HashMap<UserId, usize>,
 }
 
 pub struct Hub {
@@ -102,9 +138,11 @@ pub struct Hub {
     directory: RoomDirectory,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
-    queue_limit: usize,
+    limits: QueueLimits,
     rooms: HashMap<RoomName, RoomEntry>,
-    sessions: HashMap<SessionId, MemberHandle>,
+    sessions: HashMap<SessionId, (UserId, MemberHandle)>,
+    /// Leaves the bus could not record (it was down); retried after it reconnects.
+    unrecorded_leaves: HashSet<(RoomName, UserId)>,
 }
 
 impl Hub {
@@ -112,17 +150,54 @@ impl Hub {
         bus: SharedBus,
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
-        queue_limit: usize,
+        limits: QueueLimits,
     ) -> Self {
         Self {
             bus,
             directory,
             arbiters,
             next_arbiter: 0,
-            queue_limit,
+            limits,
             rooms: HashMap::new(),
             sessions: HashMap::new(),
+            unrecorded_leaves: HashSet::new(),
         }
+    }
+
+    /// Records a user's first local connection to a room. The bus sends it at once, so it
+    /// reaches the bus before anything the room then asks (the joining session's presence).
+    fn record_join(&mut self, room: &RoomName, user: &UserId, ctx: &mut Context<Self>) {
+        self.unrecorded_leaves.remove(&(room.clone(), user.clone()));
+        let join = self.bus.join(room, user);
+        let (room, user) = (room.clone(), user.clone());
+        ctx.spawn(join.into_actor(self).map(move |result, _, _| {
+            if let Err(e) = result {
+                log::warn!(
+                    "room={room} cannot record that {user} joined: {e}; retrying after reconnect"
+                );
+            }
+        }));
+    }
+
+    /// Records a user's last local connection leaving; kept for a retry if the bus is down,
+    /// so no ghost stays in presence after an outage.
+    fn record_leave(&mut self, room: &RoomName, user: &UserId, ctx: &mut Context<Self>) {
+        let leave = self.bus.leave(room, user);
+        let (room, user) = (room.clone(), user.clone());
+        ctx.spawn(leave.into_actor(self).map(move |result, hub, _| {
+            if let Err(e) = result {
+                log::warn!(
+                    "room={room} cannot record that {user} left: {e}; retrying after reconnect"
+                );
+                let back = hub
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|entry| entry.users.contains_key(&user));
+                if !back {
+                    hub.unrecorded_leaves.insert((room, user));
+                }
+            }
+        }));
     }
 
     /// The room's entry, starting its actor on the next arbiter if it has none.
@@ -132,12 +207,18 @@ impl Hub {
             directory,
             arbiters,
             next_arbiter,
-            queue_limit,
+            limits,
             rooms,
             ..
         } = self;
         rooms.entry(name.clone()).or_insert_with(|| {
-            let room = Room::new(name.clone(), Arc::clone(bus), *queue_limit);
+            let resync_asked = Arc::new(AtomicBool::new(false));
+            let room = Room::new(
+                name.clone(),
+                Arc::clone(bus),
+                limits.frames,
+                Arc::clone(&resync_asked),
+            );
             let addr = if arbiters.is_empty() {
                 room.start()
             } else {
@@ -145,33 +226,55 @@ impl Hub {
                 *next_arbiter = next_arbiter.wrapping_add(1);
                 Room::start_in_arbiter(arbiter, |_| room)
             };
-            directory.insert(name.clone(), addr.clone());
-            RoomEntry { addr, sessions: 0 }
+            let slot = RoomSlot {
+                addr: addr.clone(),
+                resync_asked,
+            };
+            directory.insert(name.clone(), slot);
+            RoomEntry {
+                addr,
+                sessions: 0,
+                users: HashMap::new(),
+            }
         })
     }
 }
 
 impl Actor for Hub {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let _ = self.directory.hub.set(ctx.address().recipient());
+    }
 }
 
 impl Handler<Connect> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) {
+        let user = msg.join.user.clone();
         self.sessions
-            .insert(msg.join.session, msg.join.member.clone());
+            .insert(msg.join.session, (user.clone(), msg.join.member.clone()));
         let entry = self.room(&msg.room);
         entry.sessions += 1;
-        entry.addr.do_send(msg.join);
+        let count = entry.users.entry(user.clone()).or_insert(0);
+        *count += 1;
+        let first = *count == 1;
+        let addr = entry.addr.clone();
+        if first {
+            self.record_join(&msg.room, &user, ctx);
+        }
+        addr.do_send(msg.join);
     }
 }
 
 impl Handler<Disconnect> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
-        self.sessions.remove(&msg.session);
+    fn handle(&mut self, msg: Disconnect, ctx: &mut Self::Context) {
+        let Some((user, _)) = self.sessions.remove(&msg.session) else {
+            return;
+        };
         let Some(entry) = self.rooms.get_mut(&msg.room) else {
             return;
         };
@@ -179,11 +282,50 @@ impl Handler<Disconnect> for Hub {
             session: msg.session,
         });
         entry.sessions = entry.sessions.saturating_sub(1);
-        if entry.sessions == 0 {
+        let last = match entry.users.get_mut(&user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                entry.users.remove(&user);
+                true
+            }
+        };
+        let empty = entry.sessions == 0;
+        if last {
+            self.record_leave(&msg.room, &user, ctx);
+        }
+        if empty {
             // The room stops once it has handled the leave and no address remains.
             self.rooms.remove(&msg.room);
             self.directory.remove(&msg.room);
             log::debug!("room={} has no local members; reaped", msg.room);
+        }
+    }
+}
+
+impl Handler<Reassert> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, _: Reassert, ctx: &mut Self::Context) {
+        for (room, user) in std::mem::take(&mut self.unrecorded_leaves) {
+            let back = self
+                .rooms
+                .get(&room)
+                .is_some_and(|entry| entry.users.contains_key(&user));
+            if !back {
+                self.record_leave(&room, &user, ctx);
+            }
+        }
+        // A join already recorded is a no-op on the bus.
+        let joins: Vec<(RoomName, UserId)> = self
+            .rooms
+            .iter()
+            .flat_map(|(room, entry)| entry.users.keys().map(move |u| (room.clone(), u.clone())))
+            .collect();
+        for (room, user) in joins {
+            self.record_join(&room, &user, ctx);
         }
     }
 }
@@ -210,7 +352,7 @@ impl Handler<Drain> for Hub {
             "draining {total} sessions in batches of {per_tick} over {:?}",
             msg.grace
         );
-        let mut queue: Vec<MemberHandle> = self.sessions.values().cloned().collect();
+        let mut queue: Vec<MemberHandle> = self.sessions.values().map(|(_, m)| m.clone()).collect();
         // Once the queue is empty the ticks do nothing; the process exits soon after.
         ctx.run_interval(TICK, move |_, _| {
             let split = queue.len().saturating_sub(per_tick);

@@ -5,4 +5,5 @@ pub mod echo;
 pub mod hub;
 pub mod member;
 pub mod room;
+pub mod sequencer;
 pub mod session;

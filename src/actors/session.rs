@@ -5,7 +5,9 @@
 //!
 //! A session turns client frames into requests (parsing in [`crate::protocol`], reassembly in
 //! [`crate::wsframe`]), publishes through the bus, and writes what its room delivers. Nothing
-//! is written before the welcome: replies that are ready earlier wait for it.
+//! is written before the welcome, and frames the client sends before it are held and handled
+//! right after it (SPEC §5): a message sent at once on connecting is then published after the
+//! room read its head for the welcome, so it comes back to its sender like any other.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use actix_web_actors::ws::{self, CloseCode, CloseReason};
 use bytestring::ByteString;
 
 use super::hub::{Connect, Disconnect, Hub};
-use super::member::{written, Deliver, MemberHandle, Outbound};
+use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
 use super::room::Join;
 use crate::bus::{BusError, NewMessage, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
@@ -43,6 +45,7 @@ pub struct SessionConfig {
     pub burst: u32,
     pub max_violations: u32,
     pub session_queue: usize,
+    pub session_queue_bytes: usize,
     pub ping_interval: Duration,
     pub client_timeout: Duration,
 }
@@ -90,9 +93,9 @@ pub struct Session {
     bucket: TokenBucket,
     violations: u32,
     last_heard: Instant,
-    /// Replies that are ready before the welcome; `None` once welcomed.
-    early: Option<Vec<ByteString>>,
-    pending: Arc<AtomicUsize>,
+    /// Client text frames that arrived before the welcome; `None` once welcomed.
+    held: Option<Vec<ByteString>>,
+    pending: Arc<Pending>,
     in_flight: usize,
     _slot: ConnectionGuard,
 }
@@ -120,8 +123,8 @@ impl Session {
             bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
             violations: 0,
             last_heard: now,
-            early: Some(Vec::new()),
-            pending: Arc::new(AtomicUsize::new(0)),
+            held: Some(Vec::new()),
+            pending: Arc::new(Pending::default()),
             in_flight: 0,
             cfg,
             _slot: slot,
@@ -141,20 +144,26 @@ impl Session {
             .start()
     }
 
-    /// Writes a reply of this session's own (ack, error, pong, ...).
+    /// Writes a reply of this session's own (ack, error, pong, ...). Replies only come from
+    /// frames handled after the welcome, so they always follow it.
     fn reply(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: ByteString) {
-        match self.early.as_mut() {
-            Some(early) if early.len() >= self.cfg.session_queue => fail(
-                ctx,
-                CloseCode::Policy,
-                "too many requests before the welcome",
-            ),
-            Some(early) => early.push(text),
-            None => ctx.text(text),
+        ctx.text(text);
+    }
+
+    /// A complete text frame from the client: held until the welcome, then handled.
+    fn on_text(&mut self, text: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
+        match self.held.as_mut() {
+            // Bounded like the outbound queue: a client has no reason to send more than a few
+            // frames before the welcome, which comes within one bus round trip.
+            Some(held) if held.len() >= self.cfg.session_queue => {
+                fail(ctx, CloseCode::Policy, "too many frames before the welcome")
+            }
+            Some(held) => held.push(text),
+            None => self.handle_text(&text, ctx),
         }
     }
 
-    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+    fn handle_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
             Err(rejection) => {
@@ -306,8 +315,8 @@ impl Session {
         }
         .to_text();
         ctx.text(frame);
-        for text in self.early.take().unwrap_or_default() {
-            ctx.text(text);
+        for text in self.held.take().unwrap_or_default() {
+            self.handle_text(&text, ctx);
         }
     }
 }
@@ -389,7 +398,12 @@ impl Actor for Session {
             self.room,
             self.user
         );
-        let member = MemberHandle::new(ctx.address().recipient(), Arc::clone(&self.pending));
+        let limits = QueueLimits {
+            frames: self.cfg.session_queue,
+            bytes: self.cfg.session_queue_bytes,
+        };
+        let member =
+            MemberHandle::new(ctx.address().recipient(), Arc::clone(&self.pending), limits);
         self.hub.do_send(Connect {
             room: self.room.clone(),
             join: Join {
@@ -421,7 +435,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
         match handle_frame(&mut self.frames, item, ctx) {
-            Some(Inbound::Text(text)) => self.on_text(&text, ctx),
+            Some(Inbound::Text(text)) => self.on_text(text, ctx),
             Some(_) => fail(
                 ctx,
                 CloseCode::Unsupported,
@@ -436,25 +450,14 @@ impl Handler<Deliver> for Session {
     type Result = ();
 
     fn handle(&mut self, Deliver(out): Deliver, ctx: &mut Self::Context) {
+        self.pending.written(out.bytes());
         match out {
             Outbound::Welcome {
                 epoch,
                 offset,
                 recovered,
-            } => {
-                written(&self.pending);
-                self.welcome(epoch, offset, recovered, ctx);
-            }
-            Outbound::Frame(text) => {
-                written(&self.pending);
-                ctx.text(text);
-            }
-            Outbound::Batch(texts) => {
-                written(&self.pending);
-                for text in texts {
-                    ctx.text(text);
-                }
-            }
+            } => self.welcome(epoch, offset, recovered, ctx),
+            Outbound::Frame(text) => ctx.text(text),
             Outbound::Close { code, reason } => fail(ctx, CloseCode::from(code), reason),
         }
     }

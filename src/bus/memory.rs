@@ -177,6 +177,24 @@ impl State {
         Replay::Recovered { head, messages }
     }
 
+    fn renew_epoch(
+        &mut self,
+        room: &RoomName,
+        stale: &Epoch,
+        floor: Offset,
+        now: Instant,
+    ) -> RoomHead {
+        let log = self.log(room, now);
+        if log.epoch == *stale {
+            log.epoch = Epoch::generate();
+            log.offset = log.offset.max(floor);
+            // What is stored mixes two timelines; the new epoch starts with no history.
+            log.messages.clear();
+            log.refs.clear();
+        }
+        log.head()
+    }
+
     fn history(
         &mut self,
         room: &RoomName,
@@ -312,6 +330,13 @@ impl Bus for MemoryBus {
         done(
             self.lock()
                 .map(|mut s| s.replay(room, since, epoch, Instant::now())),
+        )
+    }
+
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead> {
+        done(
+            self.lock()
+                .map(|mut s| s.renew_epoch(room, stale, floor, Instant::now())),
         )
     }
 

@@ -142,6 +142,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Messages after `since` if `epoch` is current and `since` still inside history.
     fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay>;
 
+    /// The store went back in time (a lagging replica promoted, a backup restored): if the
+    /// room is still on `stale`, moves it to a new epoch whose offsets continue after
+    /// `floor` (and after anything stored since), so no offset a client saw is reused within
+    /// an epoch. Returns the room's head, which a racing replica may already have renewed.
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead>;
+
     /// Up to `limit` latest messages with offsets below `before` (all, when `None`).
     fn history(
         &self,

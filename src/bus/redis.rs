@@ -15,7 +15,7 @@
 //! `{"kind","epoch"?,"offset"?,"user"?,"frame"}` whose `frame` is the client frame as is.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -37,9 +37,12 @@ use crate::protocol::ServerFrame;
 use crate::settings::Settings;
 
 const PUBLISH_LUA: &str = include_str!("lua/publish.lua");
+/// The publish script as sent with every EVAL: its comment lines stay in the source only.
+static PUBLISH_BODY: LazyLock<String> = LazyLock::new(|| strip_comments(PUBLISH_LUA));
 const READ_LUA: &str = include_str!("lua/read.lua");
 const PRESENCE_LUA: &str = include_str!("lua/presence.lua");
 const REAP_LUA: &str = include_str!("lua/reap.lua");
+const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
 /// Pub/Sub messages the subscriber may buffer before a slow bridge counts as lagging.
 const PUBSUB_BUFFER: usize = 8192;
@@ -71,10 +74,10 @@ pub struct RedisBus {
     pub(super) lease: Duration,
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
-    publish: Script,
     read: Script,
     presence: Script,
     reap: Script,
+    renew: Script,
 }
 
 /// The keys of one room; all share the `{room}` hash tag, so one script may use them together
@@ -126,10 +129,10 @@ impl RedisBus {
             ttl_secs: settings.history.ttl_secs,
             lease: Duration::from_secs(settings.redis.presence_lease_secs),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
-            publish: Script::from_lua(PUBLISH_LUA),
             read: Script::from_lua(READ_LUA),
             presence: Script::from_lua(PRESENCE_LUA),
             reap: Script::from_lua(REAP_LUA),
+            renew: Script::from_lua(RENEW_LUA),
         });
         Ok((bus, subscriber))
     }
@@ -272,8 +275,9 @@ impl RedisBus {
         async move {
             let args: Vec<Value> = vec![
                 mode.into(),
-                Value::from(offset as i64),
-                Value::from(limit as i64),
+                // Decimal strings: the script uses them in stream ids as they are.
+                offset.to_string().into(),
+                limit.to_string().into(),
                 Epoch::generate().as_str().into(),
                 Value::from(bus.ttl_secs as i64),
             ];
@@ -414,13 +418,29 @@ impl Bus for Arc<RedisBus> {
             msg.reference.unwrap_or_default().into(),
             Value::from(REF_TTL.as_secs() as i64),
         ];
-        let bus = Arc::clone(self);
-        async move {
-            let reply: Value = bus
-                .publish
-                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history, ref_key], args)
+        let client = self.client.clone();
+        let mut call = async move {
+            // EVAL with the body, not EVALSHA: a NOSCRIPT answer (a fresh or restarted Redis)
+            // would make this call retry after later ones had run, out of send order.
+            client
+                .eval::<Value, _, _, _>(
+                    PUBLISH_BODY.as_str(),
+                    vec![keys.meta, keys.history, ref_key],
+                    args,
+                )
                 .await
-                .map_err(unavailable)?;
+        }
+        .boxed();
+        // fred puts a command on its connection's queue the first time its future is polled.
+        // Poll it here, once, so one session's messages reach Redis (and get their offsets) in
+        // the order it sent them, however the caller later polls or holds back the futures.
+        let sent = (&mut call).now_or_never();
+        async move {
+            let reply = match sent {
+                Some(reply) => reply,
+                None => call.await,
+            }
+            .map_err(unavailable)?;
             let bad = || BusError::Internal("unexpected reply from the publish script".into());
             let mut parts = reply.into_array().into_iter();
             let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
@@ -472,6 +492,33 @@ impl Bus for Arc<RedisBus> {
                 Ok(Replay::Recovered { head, messages })
             })
             .boxed()
+    }
+
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead> {
+        let keys = self.keys(room);
+        let args: Vec<Value> = vec![
+            stale.as_str().into(),
+            floor.to_string().into(),
+            Epoch::generate().as_str().into(),
+            Value::from(self.ttl_secs as i64),
+        ];
+        let bus = Arc::clone(self);
+        async move {
+            let reply: Value = bus
+                .renew
+                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history], args)
+                .await
+                .map_err(unavailable)?;
+            let bad = || BusError::Internal("unexpected reply from the renew script".into());
+            let mut parts = reply.into_array().into_iter();
+            let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+            let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
+            Ok(RoomHead {
+                epoch: Epoch::from_string(&epoch),
+                offset,
+            })
+        }
+        .boxed()
     }
 
     fn history(
@@ -533,6 +580,14 @@ impl Bus for Arc<RedisBus> {
     fn readiness(&self) -> Result<(), String> {
         self.ready_state()
     }
+}
+
+/// A Lua script without its whole-line comments.
+fn strip_comments(lua: &str) -> String {
+    lua.lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Splits a serialized `message` frame around its offset value, so the publish script can put

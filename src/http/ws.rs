@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{error, AppState};
 use crate::actors::echo::Echo;
 use crate::actors::session::{ConnectionGuard, Session, SessionRequest};
-use crate::domain::{Epoch, Offset, RoomName, UserId};
+use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 use crate::protocol::MAX_HISTORY_LIMIT;
 
 #[derive(Debug, Deserialize)]
@@ -119,7 +119,9 @@ fn check(
         (Some(since), Some(epoch)) if !epoch.is_empty() => {
             let since: Offset = since
                 .parse()
-                .map_err(|_| Refusal::bad("since must be a whole number".into()))?;
+                .ok()
+                .filter(|s| *s <= MAX_OFFSET)
+                .ok_or_else(|| Refusal::bad(format!("since must be 0 to {MAX_OFFSET}")))?;
             Some((since, Epoch::from_string(epoch)))
         }
         _ => return Err(Refusal::bad("since and epoch go together".into())),

@@ -24,7 +24,8 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+-- Printed with %d: a Lua number concatenated as it is turns 1e14 into '1e+14'.
+local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
 local frame = ARGV[4] .. offset .. ARGV[5]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'f', frame)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -34,4 +35,4 @@ if ARGV[7] ~= '' then
 end
 redis.call('PUBLISH', ARGV[1],
   '{"kind":"message","epoch":"' .. epoch .. '","offset":' .. offset .. ',"frame":' .. frame .. '}')
-return {epoch, offset, 0}
+return {epoch, tonumber(offset), 0}

@@ -13,13 +13,14 @@ if not epoch then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local n = tonumber(ARGV[2])
+-- ARGV[2] is a decimal string and is used as one: Lua numbers print 1e14 as '1e+14', which is
+-- no stream id.
 local entries = {}
 if ARGV[1] == 'since' then
-  entries = redis.call('XRANGE', KEYS[2], (n + 1) .. '-0', '+')
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+')
 elseif ARGV[1] == 'before' then
   local stop = '+'
-  if n > 0 then stop = '(' .. n .. '-0' end
+  if ARGV[2] ~= '0' then stop = '(' .. ARGV[2] .. '-0' end
   local newest_first = redis.call('XREVRANGE', KEYS[2], stop, '-', 'COUNT', ARGV[3])
   for i = #newest_first, 1, -1 do
     entries[#entries + 1] = newest_first[i]
