@@ -188,8 +188,7 @@ impl State {
         if log.epoch == *stale {
             log.epoch = Epoch::generate();
             log.offset = log.offset.max(floor);
-            // What is stored mixes two timelines; the new epoch starts with no history.
-            log.messages.clear();
+            // Stored messages stay: they were acked, and remain the new epoch's history.
             log.refs.clear();
         }
         log.head()

@@ -1,7 +1,7 @@
 -- Moves a room whose store went back in time to a new epoch (SPEC §5): only if it is still on
 -- the stale epoch (another replica may have renewed it already). Offsets continue after the
--- highest one any client saw, so none is reused within an epoch; the stored history mixes two
--- timelines and is dropped.
+-- highest one any client saw, so none is reused within an epoch. The stream is kept: what was
+-- stored after the store went back was acked, and stays readable as the new epoch's history.
 --
 -- KEYS[1] meta hash   KEYS[2] history stream
 -- ARGV[1] stale epoch   ARGV[2] floor (decimal string)   ARGV[3] new epoch   ARGV[4] ttl secs
@@ -12,7 +12,6 @@ if epoch == false or epoch == ARGV[1] then
   local floor = tonumber(ARGV[2])
   if floor > offset then offset = floor end
   epoch = ARGV[3]
-  redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', string.format('%d', offset))
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
