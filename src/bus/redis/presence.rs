@@ -330,7 +330,11 @@ impl RedisBus {
             .evalsha_with_reload(
                 &self.client,
                 vec![self.node_rooms_key(&self.node)],
-                vec![room.to_owned(), delta.to_string()],
+                vec![
+                    room.to_owned(),
+                    delta.to_string(),
+                    NODE_ROOMS_TTL.as_secs().to_string(),
+                ],
             )
             .await?;
         Ok(())
@@ -379,7 +383,7 @@ impl RedisBus {
             let changed = reply.first() == Some(&1);
             // A repeated join recorded nothing, so it takes its count back; a leave that
             // removed a member takes one away, which drops the room after its last member.
-            if joined != changed {
+            if joined == changed {
                 return Ok(());
             }
             if let Err(e) = bus.count_room(&room, -1).await {
