@@ -168,6 +168,41 @@ async fn a_join_and_a_leave_in_a_room_of_5000_cost_no_scan_and_are_published_onc
 }
 
 #[tokio::test]
+async fn users_held_only_by_a_replica_without_a_live_lease_are_not_listed() {
+    let redis = Redis::start();
+    let p = prefix("ghost");
+    // A replica `ghost` with no lease at all (so nobody reaps it) holds two users.
+    let users = format!("{p}:{{g}}:presence:users");
+    redis
+        .cmd(&["HSET", &users, "spook", "1", "both", "1"])
+        .await;
+    redis
+        .cmd(&[
+            "SADD",
+            &format!("{p}:{{g}}:presence:node:ghost"),
+            "spook",
+            "both",
+        ])
+        .await;
+    redis
+        .cmd(&["HSET", &format!("{p}:{{g}}:presence:nodes"), "ghost", "2"])
+        .await;
+    let a = Server::replica(&redis, &p, "a", &[]).await;
+    let (_both, _) = a.join("/ws/g?user=both").await;
+    let (mut watcher, _) = a.join("/ws/g?user=watcher").await;
+    assert_eq!(
+        watcher.next_of("presence").await["users"],
+        json!(["both", "watcher"]),
+        "`both` is also held by a live replica; `spook` only by the lease-less one"
+    );
+    assert_eq!(
+        redis.cmd(&["HGET", &users, "both"]).await,
+        "$1\r\n2\r\n",
+        "two holders of `both`"
+    );
+}
+
+#[tokio::test]
 async fn a_replica_forgets_a_room_once_its_last_member_there_leaves() {
     let redis = Redis::start();
     let p = prefix("prune");

@@ -24,6 +24,7 @@
 //! up later (Redis restarted empty and the other process took the key first) is logged as an
 //! error on every lease tick. A clean shutdown releases the key, so a restart is not delayed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,8 @@ pub(super) struct Presence {
     /// `None` once this process holds its node id and has cleared its previous life's
     /// members; else why presence cannot be recorded yet.
     pending: Mutex<Option<String>>,
+    /// Set by a clean shutdown: a lease tick still running must not take the id back.
+    released: AtomicBool,
 }
 
 impl Presence {
@@ -75,6 +78,7 @@ impl Presence {
             rooms: Script::from_lua(ROOMS_LUA),
             token: format!("{:016x}", rand::random::<u64>()),
             pending: Mutex::new(Some("claiming server.node_id".into())),
+            released: AtomicBool::new(false),
         }
     }
 
@@ -153,6 +157,9 @@ impl RedisBus {
     /// Takes or renews this process's hold on its node id; `false` when another process
     /// holds it.
     async fn hold_node_id(&self) -> Result<bool, fred::error::Error> {
+        if self.presence.released.load(Ordering::Acquire) {
+            return Ok(true);
+        }
         let held: i64 = self
             .presence
             .owner
@@ -171,6 +178,7 @@ impl RedisBus {
 
     /// Frees the node id on a clean shutdown, so a restart under it need not wait a lease.
     pub(crate) async fn release_node_id(&self) {
+        self.presence.released.store(true, Ordering::Release);
         let released: Result<i64, _> = self
             .presence
             .owner
