@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
+use tokio::sync::oneshot;
 
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
 use crate::actors::member::QueueLimits;
 use crate::actors::session::SessionConfig;
 use crate::bus::bridge::RedisBridge;
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::RedisBus;
+use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
 use crate::http::{self, AppState};
 use crate::settings::Settings;
@@ -32,7 +33,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     };
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
-    let bus = start_bus(&settings, &node, &directory)?;
+    let (bus, redis) = start_bus(&settings, &node, &directory)?;
     let hub = Hub::new(
         bus.clone(),
         directory,
@@ -109,7 +110,28 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         }
         handle.stop(true).await;
     });
-    server.await?;
+    let (redis_bus, refused) = match redis {
+        Some(side) => (Some(side.bus), Some(side.refused)),
+        None => (None, None),
+    };
+    let refused = async move {
+        match refused {
+            Some(refused) => match refused.await {
+                Ok(e) => e,
+                // The bridge holds the node id: no refusal will come.
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        e = refused => return Err(io::Error::other(e)),
+    }
+    if let Some(bus) = redis_bus {
+        // Frees the node id, so a restart under it does not wait out the lease.
+        let _ = tokio::time::timeout(Duration::from_secs(2), bus.release_node_id()).await;
+    }
     for arbiter in arbiters {
         arbiter.stop();
     }
@@ -117,31 +139,44 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     Ok(())
 }
 
+/// What start-up keeps of the Redis bus: the bus, to free the node id at exit, and the word
+/// from the bridge if another process holds the node id.
+struct RedisSide {
+    bus: Arc<RedisBus>,
+    refused: oneshot::Receiver<NodeIdTaken>,
+}
+
 /// The embedded bus when `redis.url` is empty; else the Redis bus and its bridge actor.
 fn start_bus(
     settings: &Settings,
     node: &Arc<str>,
     directory: &RoomDirectory,
-) -> io::Result<SharedBus> {
+) -> io::Result<(SharedBus, Option<RedisSide>)> {
     let sink: Arc<dyn EventSink> = Arc::new(directory.clone());
     if settings.redis.url.is_empty() {
         log::warn!(
             "node={node} uses the embedded bus: replicas started this way will not see each other"
         );
-        return Ok(Arc::new(MemoryBus::new(
+        let bus = MemoryBus::new(
             settings.history.size,
             Duration::from_secs(settings.history.ttl_secs),
             sink,
-        )));
+        );
+        return Ok((Arc::new(bus), None));
     }
     let (bus, subscriber) = RedisBus::new(settings, Arc::clone(node)).map_err(io::Error::other)?;
-    RedisBridge::new(Arc::clone(&bus), subscriber, sink).start();
+    let (refused_tx, refused) = oneshot::channel();
+    RedisBridge::new(Arc::clone(&bus), subscriber, sink, refused_tx).start();
     log::info!(
         "node={node} uses Redis at {} with prefix `{}`",
         redact(&settings.redis.url),
         settings.redis.prefix
     );
-    Ok(Arc::new(bus))
+    let side = RedisSide {
+        bus: Arc::clone(&bus),
+        refused,
+    };
+    Ok((Arc::new(bus), Some(side)))
 }
 
 /// The URL without credentials, for logs.

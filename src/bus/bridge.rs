@@ -5,7 +5,8 @@
 //! fred's `manage_subscriptions` is not used: after every reconnect the bridge subscribes
 //! itself, and only then marks the replica ready and tells every active room to read what it
 //! missed from history before live traffic goes on (a `Lagged` receiver counts as a miss too).
-//! It also renews this replica's presence lease and reaps dead replicas' members.
+//! It also claims this replica's node id, renews its presence lease and reaps dead replicas'
+//! members.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +16,11 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::Message as PubSubMessage;
 use futures_util::StreamExt;
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::redis::RedisBus;
+use super::redis::{NodeIdTaken, RedisBus};
 use super::EventSink;
 
 /// How often the bridge checks its subscription and pings Redis.
@@ -31,20 +33,43 @@ pub struct RedisBridge {
     sink: Arc<dyn EventSink>,
     subscribed: bool,
     subscribing: bool,
+    /// Told once if another process holds this node id; start-up then exits.
+    refused: Option<oneshot::Sender<NodeIdTaken>>,
 }
 
 /// Subscriber → bridge: the connection came back (its subscriptions did not).
 struct Reconnected;
 
 impl RedisBridge {
-    pub fn new(bus: Arc<RedisBus>, subscriber: SubscriberClient, sink: Arc<dyn EventSink>) -> Self {
+    pub fn new(
+        bus: Arc<RedisBus>,
+        subscriber: SubscriberClient,
+        sink: Arc<dyn EventSink>,
+        refused: oneshot::Sender<NodeIdTaken>,
+    ) -> Self {
         Self {
             bus,
             subscriber,
             sink,
             subscribed: false,
             subscribing: false,
+            refused: Some(refused),
         }
+    }
+
+    /// Renews the lease three times per lease period, reaping dead replicas as it goes.
+    fn renew_lease(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.bus.tick_every(), |bridge, ctx| {
+            let bus = Arc::clone(&bridge.bus);
+            ctx.spawn(
+                async move {
+                    if let Err(e) = bus.lease_tick().await {
+                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
+                    }
+                }
+                .into_actor(bridge),
+            );
+        });
     }
 
     fn lost(&mut self, reason: String) {
@@ -115,32 +140,22 @@ impl Actor for RedisBridge {
         let _task = self.subscriber.connect();
         self.bus.connect();
         ctx.run_interval(WATCH_EVERY, |bridge, ctx| bridge.watch(ctx));
-        // Lease: renewed three times per lease period; the first tick also reaps our own
-        // members left over from a previous life under the same node id.
+        // Presence waits until this process holds its node id (see `redis/presence.rs`); a
+        // process that cannot have it tells start-up, which exits.
         let bus = Arc::clone(&self.bus);
-        ctx.spawn(
-            async move {
-                if let Err(e) = bus.reap_node(&bus.node.clone()).await {
-                    log::debug!("no stale presence to clear yet: {e}");
-                }
-                if let Err(e) = bus.clone().lease_tick().await {
-                    log::debug!("first presence lease not taken yet: {e}");
-                }
-            }
-            .into_actor(self),
-        );
-        let every = (self.bus.lease / 3).max(Duration::from_millis(200));
-        ctx.run_interval(every, |bridge, ctx| {
-            let bus = Arc::clone(&bridge.bus);
-            ctx.spawn(
-                async move {
-                    if let Err(e) = bus.clone().lease_tick().await {
-                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
+        let claim = async move { bus.claim_node_id().await };
+        ctx.spawn(claim.into_actor(self).map(|claimed, bridge, ctx| {
+            let refused = bridge.refused.take();
+            match claimed {
+                Ok(()) => bridge.renew_lease(ctx),
+                Err(e) => {
+                    log::error!("node={} {e}", bridge.bus.node);
+                    if let Some(refused) = refused {
+                        let _ = refused.send(e);
                     }
                 }
-                .into_actor(bridge),
-            );
-        });
+            }
+        }));
     }
 }
 

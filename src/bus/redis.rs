@@ -1,20 +1,29 @@
 //! The Redis bus: replicas share rooms through one Redis (standalone, Sentinel or Cluster).
 //!
-//! [`RedisBus`] implements the bus contract with a publisher client and four Lua scripts
-//! (`lua/`), each loaded once and called by SHA: `publish` assigns the offset, appends to the
-//! room's history stream, and PUBLISHes in one step; `read` serves head, resume and history
-//! from one snapshot; `presence` and `reap` keep per-replica presence with leases.
+//! [`RedisBus`] implements the bus contract with a publisher client and Lua scripts (`lua/`):
+//! `publish` assigns the offset, appends to the room's history stream, and PUBLISHes in one
+//! step (sent with EVAL, in call order; see [`Bus::publish`]); `read` serves head, resume and
+//! history from one snapshot; `renew` moves a room whose store went back to a new epoch; presence, with per-replica leases and reaping, lives in [`presence`] and its
+//! scripts (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
 //!
 //! The subscriber side lives in [`RedisBridge`](super::bridge::RedisBridge).
 //!
-//! Key layout (SPEC §6), `P` the prefix and `R` the room: `P:{R}:meta` (hash: epoch, offset),
-//! `P:{R}:history` (stream, entry id `<offset>-0`, field `f` = the message frame),
-//! `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min), `P:{R}:presence` (hash, fields
-//! `<node>\t<user>`), `P:nodes` (sorted set: node → lease expiry, ms), `P:node:<node>:rooms`
-//! (set of rooms the node has members in). Channel `P:room:R` carries JSON envelopes
-//! `{"kind","epoch"?,"offset"?,"user"?,"frame"}` whose `frame` is the client frame as is.
+//! Key layout (SPEC §6), `P` the prefix and `R` the room. Per room, all under the `{R}` hash
+//! tag so one script may use them together on a Redis Cluster:
+//! - `P:{R}:meta` (hash: epoch, offset), `P:{R}:history` (stream, entry id `<offset>-0`,
+//!   field `f` = the message frame), `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min);
+//! - `P:{R}:presence:users` (hash: user → number of replicas holding the user),
+//!   `P:{R}:presence:node:<node>` (set: the users that replica holds in the room),
+//!   `P:{R}:presence:nodes` (hash: node → number of users it holds in the room).
+//!
+//! Per replica: `P:nodes` (sorted set: node → lease expiry, ms of Redis's clock),
+//! `P:node:<node>:room-members` (hash: room → that node's members there; pruned at 0, expires
+//! a day after the node's last lease tick), `P:node:<node>:owner` (string: the instance token
+//! of the process running under that node id, lease TTL).
+//!
+//! Channel `P:room:R` carries JSON envelopes `{"kind","epoch"?,"offset"?,"user"?,"frame"}`
+//! whose `frame` is the client frame as is.
 
-use std::collections::HashSet;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -24,6 +33,7 @@ use fred::prelude::*;
 use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
 use fred::types::scripts::Script;
 use fred::types::Message as PubSubMessage;
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -36,12 +46,15 @@ use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
 use crate::settings::Settings;
 
+mod presence;
+
+pub use presence::NodeIdTaken;
+use presence::Presence;
+
 const PUBLISH_LUA: &str = include_str!("lua/publish.lua");
 /// The publish script as sent with every EVAL: its comment lines stay in the source only.
 static PUBLISH_BODY: LazyLock<String> = LazyLock::new(|| strip_comments(PUBLISH_LUA));
 const READ_LUA: &str = include_str!("lua/read.lua");
-const PRESENCE_LUA: &str = include_str!("lua/presence.lua");
-const REAP_LUA: &str = include_str!("lua/reap.lua");
 const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
 /// Pub/Sub messages the subscriber may buffer before a slow bridge counts as lagging.
@@ -75,9 +88,8 @@ pub struct RedisBus {
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
     read: Script,
-    presence: Script,
-    reap: Script,
     renew: Script,
+    presence: Presence,
 }
 
 /// The keys of one room; all share the `{room}` hash tag, so one script may use them together
@@ -130,9 +142,8 @@ impl RedisBus {
             lease: Duration::from_secs(settings.redis.presence_lease_secs),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             read: Script::from_lua(READ_LUA),
-            presence: Script::from_lua(PRESENCE_LUA),
-            reap: Script::from_lua(REAP_LUA),
             renew: Script::from_lua(RENEW_LUA),
+            presence: Presence::new(),
         });
         Ok((bus, subscriber))
     }
@@ -151,21 +162,8 @@ impl RedisBus {
         }
     }
 
-    /// The room's presence hash (same hash tag as its other keys).
-    fn presence_key(&self, room: &RoomName) -> String {
-        format!("{}:{{{room}}}:presence", self.prefix)
-    }
-
     pub(super) fn pattern(&self) -> String {
         format!("{}:room:*", self.prefix)
-    }
-
-    fn nodes_key(&self) -> String {
-        format!("{}:nodes", self.prefix)
-    }
-
-    fn node_rooms_key(&self, node: &str) -> String {
-        format!("{}:node:{node}:rooms", self.prefix)
     }
 
     pub(super) fn set_not_ready(&self, reason: Option<String>) {
@@ -185,7 +183,9 @@ impl RedisBus {
         match self.not_ready.lock() {
             Ok(r) => r.clone().map_or(Ok(()), Err),
             Err(_) => Err("bus state poisoned".into()),
-        }
+        }?;
+        // Nothing may be recorded before this process holds its node id.
+        self.presence.ready()
     }
 
     /// The room a channel belongs to, if it is one of ours; no allocation.
@@ -290,101 +290,6 @@ impl RedisBus {
         }
         .boxed()
     }
-
-    /// Renews this replica's lease and removes the
-    /// members of replicas whose lease ran out (publishing their `leave` events).
-    pub(super) async fn lease_tick(self: Arc<Self>) -> Result<(), fred::error::Error> {
-        let now = now_ms() as f64;
-        let nodes = self.nodes_key();
-        let expires = now + self.lease.as_millis() as f64;
-        let _: () = self
-            .client
-            .zadd(&nodes, None, None, false, false, (expires, &*self.node))
-            .await?;
-        let dead: Vec<String> = self
-            .client
-            .zrangebyscore(&nodes, "-inf", now, false, None)
-            .await?;
-        for node in dead {
-            self.reap_node(&node).await?;
-        }
-        Ok(())
-    }
-
-    /// Removes a dead replica's members. Only the replica that wins the ZREM does the work.
-    pub(super) async fn reap_node(&self, node: &str) -> Result<(), fred::error::Error> {
-        let removed: i64 = self.client.zrem(self.nodes_key(), node).await?;
-        if removed == 0 && node != &*self.node {
-            return Ok(());
-        }
-        let rooms_key = self.node_rooms_key(node);
-        let rooms: Vec<String> = self.client.smembers(&rooms_key).await?;
-        log::info!(
-            "node={} reaping replica {node}: {} rooms",
-            self.node,
-            rooms.len()
-        );
-        for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
-            let gone: Vec<String> = self
-                .reap
-                .evalsha_with_reload(
-                    &self.client,
-                    vec![self.presence_key(&room)],
-                    vec![node.to_owned()],
-                )
-                .await?;
-            for user in gone.iter().filter_map(|u| UserId::parse(u).ok()) {
-                let frame = ServerFrame::Leave {
-                    room: &room,
-                    user: &user,
-                    ts: now_ms(),
-                }
-                .to_text();
-                let event = Self::envelope("leave", &user, &frame);
-                let _: () = self.client.publish(self.keys(&room).channel, event).await?;
-            }
-        }
-        let _: () = self.client.del(&rooms_key).await?;
-        Ok(())
-    }
-
-    fn presence_change(&self, room: &RoomName, user: &UserId, joined: bool) -> BusFuture<()> {
-        if let Err(e) = self.check_ready() {
-            return futures_util::future::ready(Err(e)).boxed();
-        }
-        let keys = self.keys(room);
-        let ts = now_ms();
-        let (kind, frame) = if joined {
-            ("join", ServerFrame::Join { room, user, ts }.to_text())
-        } else {
-            ("leave", ServerFrame::Leave { room, user, ts }.to_text())
-        };
-        let event = Self::envelope(kind, user, &frame);
-        let args = vec![
-            kind.to_owned(),
-            self.node.to_string(),
-            user.to_string(),
-            keys.channel,
-            event,
-        ];
-        let client = self.client.clone();
-        let script = self.presence.clone();
-        let presence_key = self.presence_key(room);
-        let rooms_key = self.node_rooms_key(&self.node);
-        let room = room.to_string();
-        async move {
-            if joined {
-                // Remembered so a survivor can remove this replica's members if it dies.
-                let _: () = client.sadd(&rooms_key, room).await.map_err(unavailable)?;
-            }
-            let _: i64 = script
-                .evalsha_with_reload(&client, vec![presence_key], args)
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        }
-        .boxed()
-    }
 }
 
 impl Bus for Arc<RedisBus> {
@@ -419,7 +324,8 @@ impl Bus for Arc<RedisBus> {
             Value::from(REF_TTL.as_secs() as i64),
         ];
         let client = self.client.clone();
-        let mut call = async move {
+        // Sent now, so one session's messages get their offsets in the order it sent them.
+        let call = sent(async move {
             // EVAL with the body, not EVALSHA: a NOSCRIPT answer (a fresh or restarted Redis)
             // would make this call retry after later ones had run, out of send order.
             client
@@ -429,18 +335,9 @@ impl Bus for Arc<RedisBus> {
                     args,
                 )
                 .await
-        }
-        .boxed();
-        // fred puts a command on its connection's queue the first time its future is polled.
-        // Poll it here, once, so one session's messages reach Redis (and get their offsets) in
-        // the order it sent them, however the caller later polls or holds back the futures.
-        let sent = (&mut call).now_or_never();
+        });
         async move {
-            let reply = match sent {
-                Some(reply) => reply,
-                None => call.await,
-            }
-            .map_err(unavailable)?;
+            let reply = call.await.map_err(unavailable)?;
             let bad = || BusError::Internal("unexpected reply from the publish script".into());
             let mut parts = reply.into_array().into_iter();
             let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
@@ -546,39 +443,27 @@ impl Bus for Arc<RedisBus> {
     }
 
     fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
-        let key = self.presence_key(room);
-        let bus = Arc::clone(self);
-        async move {
-            let fields: Vec<String> = bus.client.hkeys(key).await.map_err(unavailable)?;
-            let live: HashSet<String> = bus
-                .client
-                .zrangebyscore::<Vec<String>, _, _, _>(
-                    bus.nodes_key(),
-                    now_ms() as f64,
-                    "+inf",
-                    false,
-                    None,
-                )
-                .await
-                .map_err(unavailable)?
-                .into_iter()
-                .collect();
-            let mut users: Vec<UserId> = fields
-                .iter()
-                .filter_map(|f| f.split_once('\t'))
-                // Our own members count even before the first lease tick lists us.
-                .filter(|(node, _)| *node == &*bus.node || live.contains(*node))
-                .filter_map(|(_, user)| UserId::parse(user).ok())
-                .collect();
-            users.sort();
-            users.dedup();
-            Ok(users)
-        }
-        .boxed()
+        self.members(room)
     }
 
     fn readiness(&self) -> Result<(), String> {
         self.ready_state()
+    }
+}
+
+/// Starts a Redis call now rather than when its future is first awaited.
+///
+/// fred puts a command on its connection's queue the first time the command's future is
+/// polled. Polling it once here means calls reach Redis in the order they were made, however
+/// the caller later polls, spawns or holds back their futures: one session's publishes, and
+/// the hub's joins and leaves of one user, keep their order.
+pub(super) fn sent<T: Send + 'static>(
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> BoxFuture<'static, T> {
+    let mut call = call.boxed();
+    match (&mut call).now_or_never() {
+        Some(done) => futures_util::future::ready(done).boxed(),
+        None => call,
     }
 }
 

@@ -8,4 +8,5 @@ mod cluster;
 mod frames;
 mod lifecycle;
 mod limits;
+mod presence;
 mod resume;

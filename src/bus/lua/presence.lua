@@ -1,22 +1,29 @@
 -- Records that this replica gained (ARGV[1] = 'join') or lost ('leave') a user in a room, and
--- publishes the join/leave event only when it is the user's first/last connection anywhere.
--- Both are idempotent, so a replica may repeat them after a reconnect.
+-- publishes the join/leave event only when the number of replicas holding the user goes
+-- 0 -> 1 or 1 -> 0. A handful of O(1) commands: nothing here grows with the room.
+-- Idempotent: a repeated join (a replica re-asserting its members after a reconnect) or a
+-- retried leave finds this replica's set unchanged and does nothing else.
 --
--- KEYS[1] presence hash, fields "<node>\t<user>"
+-- KEYS[1] users hash   (user -> number of replicas holding the user)
+-- KEYS[2] node set     (users this replica holds in the room)
+-- KEYS[3] holders hash (node -> number of users it holds in the room)
 -- ARGV[1] 'join' | 'leave'   ARGV[2] node   ARGV[3] user   ARGV[4] channel   ARGV[5] event
--- Returns 1 when the event was published.
-local own = ARGV[2] .. '\t' .. ARGV[3]
+-- Returns {changed, published}: changed = 1 when this replica's set of users changed.
+local node, user = ARGV[2], ARGV[3]
 if ARGV[1] == 'join' then
-  -- Already recorded (a replica re-asserting its members after a reconnect): no news.
-  if redis.call('HSET', KEYS[1], own, '1') == 0 then return 0 end
-else
-  if redis.call('HDEL', KEYS[1], own) == 0 then return 0 end
-end
-local suffix = '\t' .. ARGV[3]
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if field ~= own and string.sub(field, -#suffix) == suffix then
-    return 0
+  if redis.call('SADD', KEYS[2], user) == 0 then return {0, 0} end
+  redis.call('HINCRBY', KEYS[3], node, 1)
+  if redis.call('HINCRBY', KEYS[1], user, 1) == 1 then
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+    return {1, 1}
   end
+  return {1, 0}
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
+if redis.call('SREM', KEYS[2], user) == 0 then return {0, 0} end
+if redis.call('HINCRBY', KEYS[3], node, -1) <= 0 then redis.call('HDEL', KEYS[3], node) end
+if redis.call('HINCRBY', KEYS[1], user, -1) <= 0 then
+  redis.call('HDEL', KEYS[1], user)
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return {1, 1}
+end
+return {1, 0}

@@ -1,23 +1,20 @@
--- Removes a dead replica's members from one room's presence.
+-- Removes a dead replica's members from one room and publishes a `leave` for each user no
+-- other replica holds, in the same step, so a later `join` of that user cannot be published
+-- before the `leave`. Linear in the dead replica's members of this room, nothing else.
 --
--- KEYS[1] presence hash, fields "<node>\t<user>"   ARGV[1] the dead node
--- Returns the users who are now gone from the room (no other replica holds them).
-local prefix = ARGV[1] .. '\t'
-local removed = {}
-local fields = redis.call('HKEYS', KEYS[1])
-for _, field in ipairs(fields) do
-  if string.sub(field, 1, #prefix) == prefix then
-    redis.call('HDEL', KEYS[1], field)
-    removed[#removed + 1] = string.sub(field, #prefix + 1)
-  end
-end
+-- KEYS[1] users hash   KEYS[2] the dead node's set   KEYS[3] holders hash
+-- ARGV[1] the dead node   ARGV[2] channel   ARGV[3] envelope up to the user id
+-- ARGV[4] envelope from the user id to the frame's user id   ARGV[5] the rest
+-- (user ids are letters, digits and `_.-`: they go into the JSON as they are)
+-- Returns the users who left the room.
 local gone = {}
-for _, user in ipairs(removed) do
-  local suffix = '\t' .. user
-  local still = false
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(field, -#suffix) == suffix then still = true break end
+for _, user in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HINCRBY', KEYS[1], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[1], user)
+    redis.call('PUBLISH', ARGV[2], ARGV[3] .. user .. ARGV[4] .. user .. ARGV[5])
+    gone[#gone + 1] = user
   end
-  if not still then gone[#gone + 1] = user end
 end
+redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[3], ARGV[1])
 return gone

@@ -1,0 +1,331 @@
+//! Presence on the Redis bus: the cost of a join or leave does not grow with the room, a
+//! replica forgets rooms it no longer has members in, and one node id runs one process.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{eventually, replica_env, Client, Redis, Server};
+
+const CHANGE_LUA: &str = include_str!("../../src/bus/lua/presence.lua");
+
+/// Users seeded into the big room.
+const SEEDED: usize = 5_000;
+
+fn prefix(test: &str) -> String {
+    format!("t{}-{test}", std::process::id())
+}
+
+/// Runs a command given as owned strings.
+async fn cmd(redis: &Redis, args: &[String]) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    redis.cmd(&args).await
+}
+
+/// The integer of a `:N` reply.
+fn integer(reply: &str) -> i64 {
+    reply
+        .strip_prefix(':')
+        .and_then(|r| r.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("not an integer reply: {reply:?}"))
+}
+
+/// How long, in µs, Redis spent on the last command before `SLOWLOG GET` (the threshold is
+/// 0, so every command is logged; nothing else talks to this Redis while it is read).
+async fn last_command_micros(redis: &Redis) -> u64 {
+    let reply = redis.cmd(&["SLOWLOG", "GET", "1"]).await;
+    // `*1 *6 :id :unix-time :duration …`: the third integer is the duration.
+    reply
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .nth(2)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected SLOWLOG reply: {reply:?}"))
+}
+
+/// Puts `SEEDED` users held by a replica `seed` (with a lease that never runs out) into
+/// `room`'s presence, in the layout the presence scripts keep.
+async fn seed_room(redis: &Redis, p: &str, room: &str) {
+    let users: Vec<String> = (0..SEEDED).map(|i| format!("u{i:05}")).collect();
+    let mut counts = vec!["HSET".to_owned(), format!("{p}:{{{room}}}:presence:users")];
+    for user in &users {
+        counts.push(user.clone());
+        counts.push("1".into());
+    }
+    assert_eq!(integer(&cmd(redis, &counts).await), SEEDED as i64);
+    let mut set = vec![
+        "SADD".to_owned(),
+        format!("{p}:{{{room}}}:presence:node:seed"),
+    ];
+    set.extend(users);
+    assert_eq!(integer(&cmd(redis, &set).await), SEEDED as i64);
+    let holders = format!("{p}:{{{room}}}:presence:nodes");
+    let n = SEEDED.to_string();
+    redis.cmd(&["HSET", &holders, "seed", &n]).await;
+    redis
+        .cmd(&["ZADD", &format!("{p}:nodes"), "9e15", "seed"])
+        .await;
+}
+
+/// Runs the presence script once, as a replica `probe` would, and returns Redis's time for it.
+async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
+    let users = format!("{p}:{{{room}}}:presence:users");
+    let set = format!("{p}:{{{room}}}:presence:node:probe");
+    let holders = format!("{p}:{{{room}}}:presence:nodes");
+    let channel = format!("{p}:room:{room}");
+    let event = format!(r#"{{"kind":"{kind}","user":"probe","frame":{{}}}}"#);
+    let reply = redis
+        .cmd(&[
+            "EVAL", CHANGE_LUA, "3", &users, &set, &holders, kind, "probe", "probe", &channel,
+            &event,
+        ])
+        .await;
+    assert!(
+        reply.starts_with("*2\r\n:1\r\n:1"),
+        "the probe's {kind} changed presence and was published: {reply:?}"
+    );
+    last_command_micros(redis).await
+}
+
+/// Reads `watcher`'s frames until `user` leaves; returns every join/leave of `user` seen.
+async fn presence_events_until_leave(watcher: &mut Client, user: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let v = watcher.next().await;
+        let kind = v["type"].as_str().unwrap_or_default().to_owned();
+        if (kind == "join" || kind == "leave") && v["user"] == user {
+            seen.push(kind.clone());
+            if kind == "leave" {
+                return seen;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_join_and_a_leave_in_a_room_of_5000_cost_no_scan_and_are_published_once() {
+    let redis = Redis::start();
+    let p = prefix("big");
+    seed_room(&redis, &p, "big").await;
+
+    // The script alone, measured by Redis while nothing else talks to it.
+    redis
+        .cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "0"])
+        .await;
+    let join_us = time_change(&redis, &p, "big", "join").await;
+    let leave_us = time_change(&redis, &p, "big", "leave").await;
+    redis
+        .cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "10000"])
+        .await;
+    eprintln!(
+        "presence script in a room of {SEEDED}: join {join_us} µs, leave {leave_us} µs \
+         (Redis's own time per call)"
+    );
+
+    // The same through the real binary.
+    let a = Server::replica(&redis, &p, "a", &[]).await;
+    let (mut watcher, _) = a.join("/ws/big?user=watcher").await;
+    let listed = watcher.next_of("presence").await;
+    assert_eq!(
+        listed["users"].as_array().map(Vec::len),
+        Some(SEEDED + 1),
+        "the seeded users and the watcher"
+    );
+    let joining = Instant::now();
+    let (mut newcomer, _) = a.join("/ws/big?user=newcomer").await;
+    let welcomed = joining.elapsed();
+    let users = newcomer.next_of("presence").await["users"].clone();
+    let users: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(users.len(), SEEDED + 2, "seeded + watcher + newcomer");
+    assert!(users.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+    assert!(users.contains(&"newcomer") && users.contains(&"u04999"));
+    let join = watcher.next_of("join").await;
+    let join_seen = joining.elapsed();
+    assert_eq!(join["user"], "newcomer");
+
+    let leaving = Instant::now();
+    newcomer.close().await;
+    let events = presence_events_until_leave(&mut watcher, "newcomer").await;
+    let leave_seen = leaving.elapsed();
+    assert_eq!(
+        events,
+        vec!["leave"],
+        "after its one join, the newcomer left once and did not join again"
+    );
+    let counted = redis
+        .cmd(&["HLEN", &format!("{p}:{{big}}:presence:users")])
+        .await;
+    assert_eq!(integer(&counted), SEEDED as i64 + 1, "seeded + watcher");
+    eprintln!(
+        "through the binary, room of {SEEDED}: welcome in {welcomed:?}, join seen by another \
+         member after {join_seen:?}, leave seen {leave_seen:?} after the close"
+    );
+}
+
+#[tokio::test]
+async fn users_held_only_by_a_replica_without_a_live_lease_are_not_listed() {
+    let redis = Redis::start();
+    let p = prefix("ghost");
+    // A replica `ghost` with no lease at all (so nobody reaps it) holds two users.
+    let users = format!("{p}:{{g}}:presence:users");
+    redis
+        .cmd(&["HSET", &users, "spook", "1", "both", "1"])
+        .await;
+    redis
+        .cmd(&[
+            "SADD",
+            &format!("{p}:{{g}}:presence:node:ghost"),
+            "spook",
+            "both",
+        ])
+        .await;
+    redis
+        .cmd(&["HSET", &format!("{p}:{{g}}:presence:nodes"), "ghost", "2"])
+        .await;
+    let a = Server::replica(&redis, &p, "a", &[]).await;
+    let (_both, _) = a.join("/ws/g?user=both").await;
+    let (mut watcher, _) = a.join("/ws/g?user=watcher").await;
+    assert_eq!(
+        watcher.next_of("presence").await["users"],
+        json!(["both", "watcher"]),
+        "`both` is also held by a live replica; `spook` only by the lease-less one"
+    );
+    assert_eq!(
+        redis.cmd(&["HGET", &users, "both"]).await,
+        "$1\r\n2\r\n",
+        "two holders of `both`"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_forgets_a_room_once_its_last_member_there_leaves() {
+    let redis = Redis::start();
+    let p = prefix("prune");
+    let a = Server::replica(&redis, &p, "a", &[]).await;
+    let rooms = format!("{p}:node:a:room-members");
+    let (ann, _) = a.join("/ws/kept?user=ann").await;
+    let (bob, _) = a.join("/ws/gone?user=bob").await;
+    let (bob2, _) = a.join("/ws/gone?user=bob").await;
+    let (cid, _) = a.join("/ws/gone?user=cid").await;
+    assert_eq!(
+        redis.cmd(&["HGET", &rooms, "gone"]).await,
+        "$1\r\n2\r\n",
+        "two users of this replica in `gone`"
+    );
+    let ttl = integer(&redis.cmd(&["TTL", &rooms]).await);
+    assert!(ttl > 0, "the room list expires unless renewed: TTL {ttl}");
+    bob.close().await;
+    cid.close().await;
+    bob2.close().await;
+    eventually(Duration::from_secs(10), "`gone` is dropped", || async {
+        redis.cmd(&["HEXISTS", &rooms, "gone"]).await == ":0\r\n"
+    })
+    .await;
+    assert_eq!(redis.cmd(&["HGET", &rooms, "kept"]).await, "$1\r\n1\r\n");
+    ann.close().await;
+    eventually(
+        Duration::from_secs(10),
+        "the room list is empty",
+        || async { redis.cmd(&["EXISTS", &rooms]).await == ":0\r\n" },
+    )
+    .await;
+}
+
+/// A replica's settings with a short lease, as owned pairs for `Server::start`.
+fn short_lease_env(redis: &Redis, p: &str, node: &str) -> Vec<(String, String)> {
+    let mut env = replica_env(redis, p, node);
+    env.push(("CONFAB_REDIS__PRESENCE_LEASE_SECS".into(), "2".into()));
+    env
+}
+
+const SHORT_LEASE: [(&str, &str); 1] = [("CONFAB_REDIS__PRESENCE_LEASE_SECS", "2")];
+
+#[tokio::test]
+async fn a_second_process_with_a_running_replicas_node_id_exits_non_zero_naming_the_setting() {
+    let redis = Redis::start();
+    let p = prefix("twin");
+    let a = Server::replica(&redis, &p, "twin", &SHORT_LEASE).await;
+    let (mut alice, _) = a.join("/ws/t?user=alice").await;
+
+    let env = short_lease_env(&redis, &p, "twin");
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut twin = Server::start(&pairs);
+    let status = twin.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "refused: {status:?}\n{}", twin.log());
+    assert!(
+        twin.log().contains("server.node_id `twin`"),
+        "the error names the setting and the id:\n{}",
+        twin.log()
+    );
+
+    // The first replica's members were not touched by the refused one.
+    let (mut bob, _) = a.join("/ws/t?user=bob").await;
+    assert_eq!(
+        bob.next_of("presence").await["users"],
+        json!(["alice", "bob"])
+    );
+    assert_eq!(alice.next_of("join").await["user"], "bob");
+    alice.send_json(json!({"type":"presence"})).await;
+    assert_eq!(
+        alice.next_of("presence").await["users"],
+        json!(["alice", "bob"])
+    );
+}
+
+#[tokio::test]
+async fn a_replica_restarted_under_its_node_id_after_a_crash_starts_and_clears_its_old_members() {
+    let redis = Redis::start();
+    let p = prefix("crash");
+    let a = Server::replica(&redis, &p, "a", &SHORT_LEASE).await;
+    let b = Server::replica(&redis, &p, "b", &SHORT_LEASE).await;
+    let (_alice, _) = a.join("/ws/c?user=alice").await;
+    let (mut bob, _) = b.join("/ws/c?user=bob").await;
+    assert_eq!(
+        bob.next_of("presence").await["users"],
+        json!(["alice", "bob"])
+    );
+
+    a.signal(libc::SIGKILL);
+    let restarted = Instant::now();
+    // Its owner key and lease are still live: the new process waits them out, then starts.
+    let again = Server::replica(&redis, &p, "a", &SHORT_LEASE).await;
+    eprintln!(
+        "restarted under the same node id, ready after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(bob.next_of("leave").await["user"], "alice");
+    let (_alice, _) = again.join("/ws/c?user=alice").await;
+    assert_eq!(bob.next_of("join").await["user"], "alice");
+    bob.send_json(json!({"type":"presence"})).await;
+    assert_eq!(
+        bob.next_of("presence").await["users"],
+        json!(["alice", "bob"])
+    );
+}
+
+#[tokio::test]
+async fn a_running_replica_logs_an_error_when_another_process_holds_its_node_id() {
+    let redis = Redis::start();
+    let p = prefix("stolen");
+    let a = Server::replica(&redis, &p, "a", &SHORT_LEASE).await;
+    // What a second process under the same id would hold after Redis came back empty.
+    redis
+        .cmd(&[
+            "SET",
+            &format!("{p}:node:a:owner"),
+            "another",
+            "PX",
+            "60000",
+        ])
+        .await;
+    eventually(Duration::from_secs(10), "the clash is logged", || async {
+        a.log()
+            .contains("another confab process is running with this server.node_id")
+    })
+    .await;
+}
