@@ -6,6 +6,7 @@ mod browser;
 mod chat;
 mod cluster;
 mod frames;
+mod integrity;
 mod lifecycle;
 mod limits;
 mod presence;
