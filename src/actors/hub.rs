@@ -21,7 +21,7 @@ use actix::prelude::*;
 use super::member::MemberHandle;
 use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, Resync, Room};
-use crate::bus::{EventSink, RoomEvent, SharedBus};
+use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
 
 /// Close code for sessions closed by a draining replica.
@@ -70,7 +70,7 @@ impl EventSink for RoomDirectory {
             // Catch up now, not when the next message shows the hole: a quiet room would hold
             // its last messages back. One resync covers a burst of drops.
             if !slot.resync_asked.swap(true, Ordering::AcqRel) {
-                slot.addr.do_send(Resync);
+                slot.addr.do_send(Resync { done: None });
             }
         }
     }
@@ -79,15 +79,18 @@ impl EventSink for RoomDirectory {
         self.rooms.read().is_ok_and(|map| map.contains_key(room))
     }
 
-    fn resync_all(&self) {
-        if let Some(hub) = self.hub.get() {
-            hub.do_send(Reassert);
-        }
+    fn resync_all(&self, done: Option<CatchUpDone>) {
         let Ok(map) = self.rooms.read() else { return };
         for slot in map.values() {
             // Rare (a reconnect), one per room, and must not be lost: not bounded.
             slot.resync_asked.store(true, Ordering::Release);
-            slot.addr.do_send(Resync);
+            slot.addr.do_send(Resync { done: done.clone() });
+        }
+    }
+
+    fn reassert_presence(&self) {
+        if let Some(hub) = self.hub.get() {
+            hub.do_send(Reassert);
         }
     }
 }

@@ -15,7 +15,7 @@ use bytestring::ByteString;
 
 use super::member::MemberHandle;
 use super::sequencer::{Outcome, Sequencer, Step, Synced};
-use crate::bus::{BusError, Replay, RoomEvent, SharedBus};
+use crate::bus::{BusError, CatchUpDone, Replay, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
 
@@ -53,7 +53,11 @@ pub struct Leave {
 /// mailbox was full): read history from the newest offset seen, and refresh presence.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Resync;
+pub struct Resync {
+    /// Dropped once the catch-up is done; the bridge keeps the replica not ready until every
+    /// room has, so no publish lands in a store that went back before the room noticed.
+    pub done: Option<CatchUpDone>,
+}
 
 /// Bus → room: something happened in this room.
 #[derive(Message)]
@@ -67,6 +71,8 @@ pub struct Room {
     /// Set by the directory when it sent a [`Resync`] for a dropped event; cleared here, so
     /// a burst of drops asks for one resync, not one each.
     resync_asked: Arc<AtomicBool>,
+    /// Held until the current catch-up is done (see [`Resync`]).
+    catch_up_done: Vec<CatchUpDone>,
 }
 
 impl Room {
@@ -81,6 +87,7 @@ impl Room {
             name,
             bus,
             resync_asked,
+            catch_up_done: Vec::new(),
         }
     }
 
@@ -99,6 +106,9 @@ impl Room {
         }
         if let Some(step) = outcome.step {
             self.run(step, ctx);
+        }
+        if !self.seq.busy() {
+            self.catch_up_done.clear();
         }
     }
 
@@ -262,8 +272,9 @@ impl Handler<Leave> for Room {
 impl Handler<Resync> for Room {
     type Result = ();
 
-    fn handle(&mut self, _: Resync, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Resync, ctx: &mut Self::Context) {
         self.resync_asked.store(false, Ordering::Release);
+        self.catch_up_done.extend(msg.done);
         let outcome = self.seq.resync();
         self.apply(outcome, ctx);
         self.refresh_presence(ctx);

@@ -196,8 +196,9 @@ impl<H: Outlet> Sequencer<H> {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+    /// Whether a bus call it asked for is still outstanding.
+    pub fn busy(&self) -> bool {
+        self.held.is_some()
     }
 
     /// A session joins; its events are held until [`Self::synced`].
@@ -217,11 +218,6 @@ impl<H: Outlet> Sequencer<H> {
     /// A session left; returns its user and handle.
     pub fn remove(&mut self, session: SessionId) -> Option<(UserId, H)> {
         self.members.remove(&session).map(|m| (m.user, m.handle))
-    }
-
-    /// Whether the session is still a member (it may have left while its sync was read).
-    pub fn contains(&self, session: SessionId) -> bool {
-        self.members.contains_key(&session)
     }
 
     /// The member's sync read finished: welcome, backlog, then what arrived meanwhile.

@@ -23,6 +23,9 @@ use tokio_stream::wrappers::BroadcastStream;
 use super::redis::{NodeIdTaken, RedisBus};
 use super::EventSink;
 
+/// How long rooms' catch-up after a resubscribe may hold the replica's readiness back.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
+
 /// How often the bridge checks its subscription and pings Redis.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 
@@ -35,6 +38,8 @@ pub struct RedisBridge {
     subscribing: bool,
     /// Told once if another process holds this node id; start-up then exits.
     refused: Option<oneshot::Sender<NodeIdTaken>>,
+    /// Counts subscriptions, so a catch-up of an older one does not mark the replica ready.
+    generation: u64,
 }
 
 /// Subscriber → bridge: the connection came back (its subscriptions did not).
@@ -54,6 +59,7 @@ impl RedisBridge {
             subscribed: false,
             subscribing: false,
             refused: Some(refused),
+            generation: 0,
         }
     }
 
@@ -111,22 +117,52 @@ impl RedisBridge {
         let pattern = self.bus.pattern();
         let subscriber = self.subscriber.clone();
         let fut = async move { subscriber.psubscribe(pattern).await };
-        ctx.spawn(fut.into_actor(self).map(|result, bridge, _| {
+        ctx.spawn(fut.into_actor(self).map(|result, bridge, ctx| {
             bridge.subscribing = false;
             match result {
                 Ok(()) => {
                     bridge.subscribed = true;
-                    bridge.bus.set_not_ready(None);
                     log::info!(
                         "node={} subscribed to {}; rooms catch up from history",
                         bridge.bus.node,
                         bridge.bus.pattern()
                     );
-                    // Whatever was published while we were not subscribed is in history.
-                    bridge.sink.resync_all();
+                    bridge.catch_up(ctx);
                 }
                 Err(e) => bridge.lost(format!("cannot subscribe: {e}")),
             }
+        }));
+    }
+}
+
+impl RedisBridge {
+    /// Whatever was published while we were not subscribed is in history: every room reads
+    /// it, and checks the store did not go back, before the replica takes publishes again.
+    /// A room whose reads keep failing holds readiness back for at most [`CATCH_UP_LIMIT`].
+    fn catch_up(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.bus
+            .set_not_ready(Some("catching rooms up from history".into()));
+        let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+        self.sink.resync_all(Some(done));
+        let wait = async move {
+            tokio::time::timeout(CATCH_UP_LIMIT, all_done.recv())
+                .await
+                .is_ok()
+        };
+        ctx.spawn(wait.into_actor(self).map(move |in_time, bridge, _| {
+            if !bridge.subscribed || bridge.generation != generation {
+                return; // lost again meanwhile; the next subscription catches up anew
+            }
+            if !in_time {
+                log::warn!(
+                    "node={} some rooms are still catching up after {CATCH_UP_LIMIT:?}; ready anyway",
+                    bridge.bus.node
+                );
+            }
+            bridge.bus.set_not_ready(None);
+            bridge.sink.reassert_presence();
         }));
     }
 }
@@ -183,7 +219,7 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
                     "node={} fell {n} bus events behind; rooms catch up from history",
                     self.bus.node
                 );
-                self.sink.resync_all();
+                self.sink.resync_all(None);
             }
         }
     }

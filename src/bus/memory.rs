@@ -395,7 +395,9 @@ mod tests {
             self.0.lock().unwrap().push(event);
         }
 
-        fn resync_all(&self) {}
+        fn resync_all(&self, _: Option<crate::bus::CatchUpDone>) {}
+
+        fn reassert_presence(&self) {}
 
         fn has_room(&self, _: &str) -> bool {
             true

@@ -114,6 +114,10 @@ pub enum EventKind {
     Typing { user: UserId },
 }
 
+/// Held by each room until its catch-up after a resubscribe is done; the receiving side sees
+/// the channel close when every room has dropped its clone.
+pub type CatchUpDone = tokio::sync::mpsc::Sender<()>;
+
 /// Receives the events of every room; given to the bus at construction.
 pub trait EventSink: Send + Sync + 'static {
     /// Called in room order; must not block.
@@ -124,8 +128,13 @@ pub trait EventSink: Send + Sync + 'static {
     fn has_room(&self, room: &str) -> bool;
 
     /// Events may have been missed (a resubscribe, a lagging receiver): every room reads
-    /// history from the newest offset it saw.
-    fn resync_all(&self);
+    /// history from the newest offset it saw. Each room holds a clone of `done` until its
+    /// catch-up has finished, so the caller learns when all have (the channel closes).
+    fn resync_all(&self, done: Option<CatchUpDone>);
+
+    /// The bus reconnected and is ready again: record this replica's presence again (Redis
+    /// may have restarted empty) and retry the leaves that failed meanwhile.
+    fn reassert_presence(&self);
 }
 
 /// The seam between rooms and the transport that connects replicas.
