@@ -329,3 +329,51 @@ async fn a_running_replica_logs_an_error_when_another_process_holds_its_node_id(
     })
     .await;
 }
+
+/// The users a fresh `presence` request lists.
+async fn listed(client: &mut Client) -> Vec<String> {
+    client.send_json(json!({"type":"presence"})).await;
+    let v = client.next_of("presence").await;
+    v["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_reconnects_at_once_stays_present_and_leaves_when_gone() {
+    let redis = Redis::start();
+    let p = prefix("again");
+    let server = Server::replica(&redis, &p, "a", &[]).await;
+    let (mut watcher, _) = server.join("/ws/again?user=watcher").await;
+    // Each close empties the room on this replica, so its room actor is reaped and a new one
+    // made for the next connection: the old connection's leave must not land after the new
+    // one's join.
+    let mut client = server.connect("/ws/again?user=bob").await;
+    for _ in 0..30 {
+        client.close().await;
+        client = server.connect("/ws/again?user=bob").await;
+    }
+    assert_eq!(client.next().await["type"], "welcome");
+    poll_listed(&mut watcher, "bob", true).await;
+    client.close().await;
+    poll_listed(&mut watcher, "bob", false).await;
+}
+
+/// Asks for presence until `user` is (or is not) listed, within a deadline.
+async fn poll_listed(watcher: &mut Client, user: &str, present: bool) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let users = listed(watcher).await;
+        if users.iter().any(|u| u == user) == present {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{user} listed should be {present}: {users:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
