@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-pub use super::sequencer::{Offer, Outbound, Outlet, CLOSE_SLOW_CONSUMER};
+pub use super::outlet::{Offer, Outbound, Outlet};
+pub use super::sequencer::CLOSE_SLOW_CONSUMER;
 
 /// Room → session: something to write to the socket, in order.
 #[derive(Message, Debug)]

@@ -4,6 +4,7 @@
 pub mod echo;
 pub mod hub;
 pub mod member;
+pub mod outlet;
 pub mod room;
 pub mod sequencer;
 pub mod session;

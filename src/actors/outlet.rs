@@ -1,0 +1,49 @@
+//! What a room hands a session: frames to write, offered through a bounded [`Outlet`] that
+//! never blocks the room. Plain types, no actix: the sequencer and its tests use them, the
+//! room's `MemberHandle` implements the outlet over an actor mailbox.
+
+use bytestring::ByteString;
+
+use crate::domain::{Epoch, Offset};
+
+/// Something for a session to write to its socket, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// The session's first frame: where the room stands.
+    Welcome {
+        epoch: Epoch,
+        offset: Offset,
+        recovered: Option<bool>,
+    },
+    /// One server frame, serialized once for all members.
+    Frame(ByteString),
+    /// Close the connection with this code.
+    Close { code: u16, reason: &'static str },
+}
+
+impl Outbound {
+    /// What the frame weighs in a session's byte bound.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Outbound::Frame(text) => text.len(),
+            // The welcome is small and built by the session; count a typical size.
+            Outbound::Welcome { .. } => 256,
+            Outbound::Close { .. } => 0,
+        }
+    }
+}
+
+/// Result of offering a frame to a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Sent,
+    Dropped,
+    /// The member is a slow consumer (or gone) and must be detached.
+    Evict,
+}
+
+/// Where a member's frames go: a bounded queue that never blocks the room.
+pub trait Outlet {
+    /// Offers a frame; droppable frames (typing) may be skipped under load.
+    fn offer(&self, out: Outbound, droppable: bool) -> Offer;
+}

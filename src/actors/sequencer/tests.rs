@@ -1,0 +1,450 @@
+//! The sequencer's table tests and randomized model test.
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A member's socket as the test sees it: every frame offered, in order.
+#[derive(Clone, Default)]
+struct Socket(Rc<RefCell<Vec<Outbound>>>);
+
+impl Outlet for Socket {
+    fn offer(&self, out: Outbound, _: bool) -> Offer {
+        self.0.borrow_mut().push(out);
+        Offer::Sent
+    }
+}
+
+fn room() -> RoomName {
+    RoomName::parse("r").unwrap()
+}
+
+/// The store side of the bus: one room, bounded history, epochs, and the faults.
+struct Store {
+    epoch: Epoch,
+    offset: Offset,
+    messages: BTreeMap<Offset, ByteString>,
+    size: usize,
+    next_id: u64,
+    epochs: u64,
+}
+
+impl Store {
+    fn new(size: usize) -> Self {
+        Self {
+            epoch: Epoch::from_string("e0"),
+            offset: 0,
+            messages: BTreeMap::new(),
+            size,
+            next_id: 0,
+            epochs: 0,
+        }
+    }
+
+    fn head(&self) -> RoomHead {
+        RoomHead {
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+        }
+    }
+
+    fn publish(&mut self) -> RoomEvent {
+        self.offset += 1;
+        self.next_id += 1;
+        let json = ByteString::from(format!(
+            r#"{{"type":"message","epoch":"{}","offset":{},"id":{}}}"#,
+            self.epoch, self.offset, self.next_id
+        ));
+        self.messages.insert(self.offset, json.clone());
+        while self.messages.len() > self.size {
+            self.messages.pop_first();
+        }
+        RoomEvent {
+            room: room(),
+            kind: EventKind::Message {
+                epoch: self.epoch.clone(),
+                offset: self.offset,
+            },
+            json,
+        }
+    }
+
+    fn new_epoch(&mut self) -> Epoch {
+        self.epochs += 1;
+        Epoch::from_string(&format!("e{}", self.epochs))
+    }
+
+    fn replay(&self, since: Offset, epoch: &Epoch) -> Replay {
+        let oldest = self
+            .messages
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.offset + 1);
+        if *epoch != self.epoch || since > self.offset || since + 1 < oldest {
+            return Replay::NotRecovered { head: self.head() };
+        }
+        let messages = self
+            .messages
+            .range(since + 1..)
+            .map(|(o, j)| StoredMessage {
+                offset: *o,
+                json: j.clone(),
+            })
+            .collect();
+        Replay::Recovered {
+            head: self.head(),
+            messages,
+        }
+    }
+
+    fn renew(&mut self, stale: &Epoch, floor: Offset) -> RoomHead {
+        if self.epoch == *stale {
+            self.epoch = self.new_epoch();
+            self.offset = self.offset.max(floor);
+        }
+        self.head()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A message is published; the live event arrives, is lost, or arrives twice.
+    Publish(u8),
+    Join,
+    Sync,
+    Leave(usize),
+    Resync,
+    /// The outstanding bus call answers (or fails).
+    Answer(bool),
+    /// Redis restarted empty: a new epoch from offset 1.
+    Lose,
+    /// The store went back to an older state of the same epoch.
+    GoBack(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..10).prop_map(Op::Publish),
+        2 => Just(Op::Join),
+        2 => Just(Op::Sync),
+        1 => (0usize..8).prop_map(Op::Leave),
+        1 => Just(Op::Resync),
+        4 => any::<bool>().prop_map(Op::Answer),
+        1 => Just(Op::Lose),
+        1 => (1u8..6).prop_map(Op::GoBack),
+    ]
+}
+
+struct World {
+    store: Store,
+    seq: Sequencer<Socket>,
+    sockets: HashMap<SessionId, Socket>,
+    unsynced: Vec<SessionId>,
+    next_session: SessionId,
+    step: Option<Step>,
+}
+
+impl World {
+    fn new(size: usize) -> Self {
+        Self {
+            store: Store::new(size),
+            seq: Sequencer::new(room(), 1 << 20),
+            sockets: HashMap::new(),
+            unsynced: Vec::new(),
+            next_session: 1,
+            step: None,
+        }
+    }
+
+    fn take(&mut self, out: Outcome<Socket>) {
+        for closed in out.closed {
+            closed.handle.0.borrow_mut().push(Outbound::Close {
+                code: closed.code,
+                reason: closed.reason,
+            });
+        }
+        if let Some(step) = out.step {
+            assert!(self.step.is_none(), "two bus calls outstanding");
+            self.step = Some(step);
+        }
+    }
+
+    fn answer(&mut self, ok: bool) {
+        let Some(step) = self.step.take() else { return };
+        let out = match step {
+            Step::Read(read) => {
+                let replay = ok.then(|| self.store.replay(read.after, &read.epoch));
+                self.seq.read_done(&read, replay)
+            }
+            Step::Renew { stale, floor } => {
+                let head = ok.then(|| self.store.renew(&stale, floor));
+                self.seq.renewed(&stale, floor, head)
+            }
+        };
+        self.take(out);
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Publish(fate) => {
+                let event = self.store.publish();
+                let times = match fate {
+                    0 => 0,
+                    1 => 2,
+                    _ => 1,
+                };
+                for _ in 0..times {
+                    let out = self.seq.on_event(event.clone());
+                    self.take(out);
+                }
+            }
+            Op::Join => {
+                let id = self.next_session;
+                self.next_session += 1;
+                let socket = Socket::default();
+                self.seq
+                    .add(id, UserId::parse("u").unwrap(), socket.clone());
+                self.sockets.insert(id, socket);
+                self.unsynced.push(id);
+            }
+            Op::Sync => {
+                if self.unsynced.is_empty() {
+                    return;
+                }
+                let id = self.unsynced.remove(0);
+                let head = self.store.head();
+                let synced = Synced {
+                    epoch: head.epoch,
+                    offset: head.offset,
+                    recovered: None,
+                    frames: Vec::new(),
+                    delivered: head.offset,
+                };
+                let out = self.seq.synced(id, synced);
+                self.take(out);
+            }
+            Op::Leave(i) => {
+                let mut ids: Vec<_> = self.sockets.keys().copied().collect();
+                ids.sort();
+                if let Some(id) = ids.get(i) {
+                    self.seq.remove(*id);
+                    self.sockets.remove(id);
+                    self.unsynced.retain(|s| s != id);
+                }
+            }
+            Op::Resync => {
+                let out = self.seq.resync();
+                self.take(out);
+            }
+            Op::Answer(ok) => self.answer(ok),
+            Op::Lose => {
+                self.store.epoch = self.store.new_epoch();
+                self.store.offset = 0;
+                self.store.messages.clear();
+            }
+            Op::GoBack(n) => {
+                let back = self.store.offset.saturating_sub(u64::from(n));
+                self.store.offset = back;
+                self.store.messages.retain(|o, _| *o <= back);
+            }
+        }
+    }
+
+    /// Lets the bus answer everything, then asks for one more resync: what a room does
+    /// after a reconnect.
+    fn settle(&mut self) {
+        for _ in 0..2 {
+            let mut guard = 0;
+            while self.step.is_some() {
+                self.answer(true);
+                guard += 1;
+                assert!(guard < 100, "the sequencer never settles");
+            }
+            let out = self.seq.resync();
+            self.take(out);
+        }
+        while self.step.is_some() {
+            self.answer(true);
+        }
+    }
+}
+
+fn field<'a>(json: &'a str, key: &str) -> &'a str {
+    let at = json.find(&format!(r#""{key}":"#)).unwrap() + key.len() + 3;
+    let rest = &json[at..];
+    let end = rest.find([',', '}']).unwrap();
+    rest[..end].trim_matches('"')
+}
+
+/// What one member was told, checked frame by frame: a contiguous run of offsets per
+/// epoch, each offset meaning one message everywhere; returns where it ended, or `None`
+/// when it was closed.
+fn check_member(
+    frames: &[Outbound],
+    meaning: &mut HashMap<(String, u64), String>,
+) -> Option<(String, u64)> {
+    let mut at: Option<(String, u64)> = None;
+    for frame in frames {
+        match frame {
+            Outbound::Welcome { epoch, offset, .. } => {
+                assert!(at.is_none(), "a second welcome");
+                at = Some((epoch.to_string(), *offset));
+            }
+            Outbound::Close { code, .. } => {
+                assert_eq!(*code, CLOSE_SLOW_CONSUMER);
+                return None;
+            }
+            Outbound::Frame(json) => {
+                let (epoch, cursor) = at.as_mut().expect("a frame before the welcome");
+                match field(json, "type") {
+                    "reset" => {
+                        *epoch = field(json, "epoch").to_owned();
+                        *cursor = field(json, "offset").parse().unwrap();
+                    }
+                    "message" => {
+                        let offset: u64 = field(json, "offset").parse().unwrap();
+                        assert_eq!(field(json, "epoch"), epoch, "a message of another epoch");
+                        assert_eq!(offset, *cursor + 1, "not the next offset: {json}");
+                        *cursor = offset;
+                        let id = field(json, "id").to_owned();
+                        let seen = meaning.entry((epoch.clone(), offset)).or_insert(id.clone());
+                        assert_eq!(*seen, id, "offset {offset} of {epoch} reused");
+                    }
+                    other => panic!("unexpected frame {other}"),
+                }
+            }
+        }
+    }
+    at
+}
+
+fn run(ops: Vec<Op>, size: usize) {
+    let mut world = World::new(size);
+    for op in ops {
+        world.apply(op);
+    }
+    world.settle();
+    let mut meaning = HashMap::new();
+    for (id, socket) in &world.sockets {
+        let frames = socket.0.borrow();
+        let end = check_member(&frames, &mut meaning);
+        if world.unsynced.contains(id) {
+            continue;
+        }
+        if let Some((epoch, cursor)) = end {
+            let head = world.store.head();
+            // A member may not have heard of a new epoch that has no message yet.
+            if head.offset > 0 || epoch == head.epoch.as_str() {
+                assert_eq!(
+                    (epoch.as_str(), cursor),
+                    (head.epoch.as_str(), head.offset),
+                    "member {id} was left behind"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_member_sees_contiguous_offsets_per_epoch_or_is_told(
+        ops in proptest::collection::vec(op(), 1..120),
+        size in 3usize..40,
+    ) {
+        run(ops, size);
+    }
+}
+
+#[test]
+fn a_hole_is_read_from_history_before_newer_messages() {
+    use Op::*;
+    run(
+        vec![
+            Join,
+            Sync,
+            Publish(5),
+            Publish(0),
+            Publish(0),
+            Publish(5),
+            Answer(true),
+        ],
+        10,
+    );
+}
+
+#[test]
+fn a_hole_older_than_history_closes_members_behind_and_the_room_goes_on() {
+    let mut world = World::new(3);
+    for op in [Op::Join, Op::Sync, Op::Publish(5)] {
+        world.apply(op);
+    }
+    for _ in 0..10 {
+        world.apply(Op::Publish(0));
+    }
+    world.apply(Op::Publish(5));
+    assert!(matches!(world.step, Some(Step::Read(_))));
+    world.answer(true);
+    let first = world.sockets[&1].0.borrow().last().cloned();
+    assert!(matches!(first, Some(Outbound::Close { code: 4008, .. })));
+    // A member that joins later gets live messages again.
+    for op in [Op::Join, Op::Sync, Op::Publish(5), Op::Publish(5)] {
+        world.apply(op);
+    }
+    let later = world.sockets[&2].0.borrow();
+    let messages = later
+        .iter()
+        .filter(|f| matches!(f, Outbound::Frame(j) if j.contains("message")))
+        .count();
+    assert_eq!(messages, 2);
+}
+
+#[test]
+fn a_store_that_went_back_moves_the_room_to_a_new_epoch_with_a_reset() {
+    let mut world = World::new(100);
+    for op in [Op::Join, Op::Sync] {
+        world.apply(op);
+    }
+    for _ in 0..10 {
+        world.apply(Op::Publish(5));
+    }
+    world.apply(Op::GoBack(3));
+    // Offsets 8, 9 and 10 are given out again: the members must not drop them silently.
+    for _ in 0..3 {
+        world.apply(Op::Publish(5));
+    }
+    assert!(matches!(world.step, Some(Step::Renew { .. })));
+    world.settle();
+    world.apply(Op::Publish(5));
+    let frames = world.sockets[&1].0.borrow();
+    let reset = frames
+        .iter()
+        .position(|f| matches!(f, Outbound::Frame(j) if j.contains("reset")))
+        .expect("a reset");
+    let after: Vec<_> = frames[reset..].iter().collect();
+    assert!(after.len() >= 2, "live delivery goes on after the reset");
+    check_member(&frames, &mut HashMap::new());
+}
+
+#[test]
+fn a_new_epoch_with_its_start_trimmed_resets_members_at_its_head() {
+    let mut world = World::new(3);
+    for op in [Op::Join, Op::Sync, Op::Publish(5), Op::Lose] {
+        world.apply(op);
+    }
+    for _ in 0..6 {
+        world.apply(Op::Publish(0));
+    }
+    world.apply(Op::Publish(5));
+    world.settle();
+    let frames = world.sockets[&1].0.borrow();
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, Outbound::Frame(j) if j.contains("reset"))));
+    assert_eq!(check_member(&frames, &mut HashMap::new()).unwrap().1, 7);
+}
