@@ -9,14 +9,19 @@
 //! Promises every implementation keeps (SPEC §5, §6):
 //! - offsets of a room start at 1 within an epoch and grow by 1 per message, with no gaps;
 //! - a message is stored before [`Bus::publish`] resolves (so an ack means "stored");
+//! - publishes are stored in the order `publish` was called, not the order their futures are
+//!   polled: one connection's messages get offsets in the order it sent them (SPEC §5). The
+//!   same holds for `join` and `leave`, which the hub calls in the order sessions came and went;
 //! - history keeps at least the last `history.size` messages of a room; a room idle for
 //!   `history.ttl_secs` (or whose history was lost) starts a new epoch with offsets from 1;
 //! - a repeated `ref` from the same user in the same room within [`REF_TTL`] resolves to the
 //!   first publish's offset and is not published again;
 //! - presence is per user: `join`/`leave` events mark a user's first and last connection.
 //!
-//! Events may reach a room twice or with a hole (a reconnect, a full mailbox); rooms drop
-//! repeats by offset and fill holes from [`Bus::replay`], so the contract above is enough.
+//! Events may reach a room twice or with a hole (a reconnect, a full mailbox), and a store may
+//! come back older than what was delivered (a failover to a lagging replica); rooms drop
+//! repeats by offset, fill holes from [`Bus::replay`] and move a room that went back to a new
+//! epoch with [`Bus::renew_epoch`] (see `actors::sequencer`), so the contract above is enough.
 
 pub mod bridge;
 pub mod memory;
@@ -139,7 +144,8 @@ pub trait EventSink: Send + Sync + 'static {
 
 /// The seam between rooms and the transport that connects replicas.
 pub trait Bus: Send + Sync + 'static {
-    /// Stores the message under the room's next offset, then publishes it.
+    /// Stores the message under the room's next offset, then publishes it. The work is
+    /// started by this call, so calls are stored in call order.
     fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published>;
 
     /// Relays a typing signal; not stored.
