@@ -69,7 +69,8 @@ pub enum Step {
     Renew { stale: Epoch, floor: Offset },
 }
 
-/// A member the sequencer let go of; the actor closes it and updates presence.
+/// A member the sequencer let go of; the actor tells its session to close (the session then
+/// leaves through the hub, which updates presence).
 #[derive(Debug)]
 pub struct Closed<H> {
     pub session: SessionId,
