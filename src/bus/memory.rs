@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::{ready, FutureExt};
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Replay,
-    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Renewed,
+    Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -183,15 +183,19 @@ impl State {
         stale: &Epoch,
         floor: Offset,
         now: Instant,
-    ) -> RoomHead {
+    ) -> Renewed {
         let log = self.log(room, now);
-        if log.epoch == *stale {
+        let created = log.epoch == *stale;
+        if created {
             log.epoch = Epoch::generate();
             log.offset = log.offset.max(floor);
             // Stored messages stay: they were acked, and remain the new epoch's history.
             log.refs.clear();
         }
-        log.head()
+        Renewed {
+            head: log.head(),
+            created,
+        }
     }
 
     fn history(
@@ -332,7 +336,7 @@ impl Bus for MemoryBus {
         )
     }
 
-    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead> {
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed> {
         done(
             self.lock()
                 .map(|mut s| s.renew_epoch(room, stale, floor, Instant::now())),

@@ -75,6 +75,15 @@ pub struct RoomHead {
     pub offset: Offset,
 }
 
+/// What [`Bus::renew_epoch`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// The room's head afterwards.
+    pub head: RoomHead,
+    /// True when this call started the epoch (else another replica already had).
+    pub created: bool,
+}
+
 /// A stored `message` frame, serialized once when it was published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -161,7 +170,7 @@ pub trait Bus: Send + Sync + 'static {
     /// room is still on `stale`, moves it to a new epoch whose offsets continue after
     /// `floor` (and after anything stored since), so no offset a client saw is reused within
     /// an epoch. Returns the room's head, which a racing replica may already have renewed.
-    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead>;
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed>;
 
     /// Up to `limit` latest messages with offsets below `before` (all, when `None`).
     fn history(

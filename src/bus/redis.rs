@@ -39,8 +39,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Replay, RoomEvent,
-    RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Renewed, Replay,
+    RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -391,7 +391,7 @@ impl Bus for Arc<RedisBus> {
             .boxed()
     }
 
-    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<RoomHead> {
+    fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed> {
         let keys = self.keys(room);
         let args: Vec<Value> = vec![
             stale.as_str().into(),
@@ -410,9 +410,13 @@ impl Bus for Arc<RedisBus> {
             let mut parts = reply.into_array().into_iter();
             let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
             let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
-            Ok(RoomHead {
-                epoch: Epoch::from_string(&epoch),
-                offset,
+            let created = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)? == 1;
+            Ok(Renewed {
+                head: RoomHead {
+                    epoch: Epoch::from_string(&epoch),
+                    offset,
+                },
+                created,
             })
         }
         .boxed()

@@ -26,7 +26,7 @@ use std::hash::{Hash, Hasher};
 
 use bytestring::ByteString;
 
-use crate::bus::{EventKind, Replay, RoomEvent, RoomHead, StoredMessage};
+use crate::bus::{EventKind, Renewed, Replay, RoomEvent, RoomHead, StoredMessage};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::protocol::ServerFrame;
 
@@ -57,6 +57,10 @@ pub struct Read {
     /// When set, the first message read must be `after + 1` with this fingerprint: the room
     /// delivered it, and a store that lost or replaced it went back in time.
     pub expect: Option<u64>,
+    /// The newest offset of `epoch` known to be stored when the read was issued (delivered
+    /// here, or held as a live event): a head below it means the store went back. Only what
+    /// was known before the read counts, since the store moves on while it runs.
+    pub floor: Offset,
 }
 
 /// What the actor must do for the sequencer; at most one is outstanding at a time.
@@ -116,6 +120,9 @@ struct Member<H> {
     syncing: Option<Vec<RoomEvent>>,
     epoch: Option<Epoch>,
     delivered: Offset,
+    /// What the room knew to be stored when the member joined (before its head was read):
+    /// a welcome head below it means the store went back.
+    known_at_join: Option<(Epoch, Offset)>,
 }
 
 pub struct Sequencer<H> {
@@ -134,6 +141,9 @@ pub struct Sequencer<H> {
     /// A member synced behind what this room delivered of the same epoch while a step ran:
     /// the store went back; renew once the step is done.
     renew_after: Option<(Epoch, Offset)>,
+    /// The epoch this room's renewal started, with its first head: every later read of that
+    /// epoch ran after it existed, so a head below that means the store went back again.
+    created: Option<(Epoch, Offset)>,
 }
 
 /// Fingerprint of a stored frame; equal bytes give equal prints.
@@ -154,6 +164,7 @@ impl<H: Outlet> Sequencer<H> {
             held: None,
             again: false,
             renew_after: None,
+            created: None,
         }
     }
 
@@ -164,6 +175,10 @@ impl<H: Outlet> Sequencer<H> {
 
     /// A session joins; its events are held until [`Self::synced`].
     pub fn add(&mut self, session: SessionId, user: UserId, handle: H) {
+        let known_at_join = self
+            .seen
+            .as_ref()
+            .map(|m| (m.epoch.clone(), self.known(&m.epoch)));
         self.members.insert(
             session,
             Member {
@@ -172,6 +187,7 @@ impl<H: Outlet> Sequencer<H> {
                 syncing: Some(Vec::new()),
                 epoch: None,
                 delivered: 0,
+                known_at_join,
             },
         );
     }
@@ -185,10 +201,14 @@ impl<H: Outlet> Sequencer<H> {
     pub fn synced(&mut self, session: SessionId, synced: Synced) -> Outcome<H> {
         let mut out = Outcome::default();
         let room = self.room.clone();
-        if !self.members.contains_key(&session) {
+        let Some(member) = self.members.get(&session) else {
             return out;
+        };
+        let floor = match &member.known_at_join {
+            Some((epoch, floor)) if *epoch == synced.epoch => *floor,
+            _ => 0,
         }
-        let floor = self.delivered_max(&synced.epoch);
+        .max(self.created_base(&synced.epoch));
         if synced.offset < floor {
             // The store's head is behind what this room already delivered of the epoch: it
             // went back, and will hand those offsets out again.
@@ -204,6 +224,7 @@ impl<H: Outlet> Sequencer<H> {
         };
         member.epoch = Some(synced.epoch.clone());
         member.delivered = synced.delivered;
+        let left_behind = self.retired.contains(&synced.epoch);
         let welcome = Outbound::Welcome {
             epoch: synced.epoch,
             offset: synced.offset,
@@ -212,6 +233,19 @@ impl<H: Outlet> Sequencer<H> {
         let mut ok = member.handle.offer(welcome, false) == Offer::Sent;
         for frame in synced.frames {
             ok = ok && member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
+        }
+        if let Some(now) = self.seen.as_ref().filter(|_| left_behind) {
+            // The member read its head before the room left that epoch: it is told where the
+            // room stands now, as the other members were.
+            let reset = ServerFrame::Reset {
+                room: &room,
+                epoch: &now.epoch,
+                offset: now.offset,
+            }
+            .to_text();
+            ok = ok && member.handle.offer(Outbound::Frame(reset), false) == Offer::Sent;
+            member.epoch = Some(now.epoch.clone());
+            member.delivered = now.offset;
         }
         for event in member.syncing.take().unwrap_or_default() {
             if let EventKind::Message { epoch, .. } = &event.kind {
@@ -228,7 +262,85 @@ impl<H: Outlet> Sequencer<H> {
         if !ok {
             self.close(session, slow(), &mut out);
         }
+        self.catch_up_laggards(&mut out);
         out
+    }
+
+    /// Brings every synced member to where the room stands, once no step is outstanding:
+    /// - a member on an epoch the store left behind (it read its head before the room moved
+    ///   on) is told with a `reset` to the room's position;
+    /// - a member on an epoch the room does not know (it read its head after the store moved
+    ///   on) makes the room read that epoch, which then becomes the room's or is retired;
+    /// - a member behind the room's newest offset with nothing held to fill the difference
+    ///   (the room jumped to a head it did not read: a renewal, a reset) is brought up from
+    ///   history: the room re-reads from the lowest such member.
+    fn catch_up_laggards(&mut self, out: &mut Outcome<H>) {
+        if self.held.is_some() {
+            return; // checked again when the step is done
+        }
+        let Some(seen) = self.seen.clone() else {
+            return;
+        };
+        let stale: Vec<SessionId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.syncing.is_none())
+            .filter(|(_, m)| m.epoch.as_ref().is_some_and(|e| self.retired.contains(e)))
+            .map(|(id, _)| *id)
+            .collect();
+        if !stale.is_empty() {
+            let reset = ServerFrame::Reset {
+                room: &self.room,
+                epoch: &seen.epoch,
+                offset: seen.offset,
+            }
+            .to_text();
+            for id in stale {
+                let Some(m) = self.members.get_mut(&id) else {
+                    continue;
+                };
+                m.epoch = Some(seen.epoch.clone());
+                m.delivered = seen.offset;
+                if m.handle.offer(Outbound::Frame(reset.clone()), false) != Offer::Sent {
+                    self.close(id, slow(), out);
+                }
+            }
+        }
+        let unknown = self
+            .members
+            .values()
+            .filter(|m| m.syncing.is_none())
+            .find_map(|m| m.epoch.clone().filter(|e| *e != seen.epoch));
+        if let Some(epoch) = unknown {
+            let read = Read {
+                epoch,
+                after: 0,
+                expect: None,
+                floor: 0,
+            };
+            return self.start(Step::Read(read), Vec::new(), out);
+        }
+        let low = self
+            .members
+            .values()
+            .filter(|m| m.syncing.is_none() && m.epoch.as_ref() == Some(&seen.epoch))
+            .map(|m| m.delivered)
+            .min()
+            .unwrap_or(seen.offset);
+        if low < seen.offset {
+            self.seen = Some(Mark {
+                epoch: seen.epoch.clone(),
+                offset: low,
+                print: None,
+            });
+            let read = Read {
+                epoch: seen.epoch,
+                after: low,
+                expect: None,
+                floor: 0,
+            };
+            self.start(Step::Read(read), Vec::new(), out);
+        }
     }
 
     /// A frame for every synced member that may be dropped under load (a presence refresh).
@@ -276,6 +388,7 @@ impl<H: Outlet> Sequencer<H> {
                     epoch,
                     after,
                     expect: None,
+                    floor: 0,
                 },
                 None => return out,
             },
@@ -289,19 +402,17 @@ impl<H: Outlet> Sequencer<H> {
     pub fn read_done(&mut self, read: &Read, result: Option<Replay>) -> Outcome<H> {
         let mut out = Outcome::default();
         let Some(replay) = result else {
-            out.step = Some(Step::Read(read.clone()));
+            out.step = Some(self.issue(Step::Read(read.clone())));
             return out;
         };
         let head = match &replay {
             Replay::Recovered { head, .. } | Replay::NotRecovered { head } => head,
         };
-        // An offset of this epoch beyond the store's head was delivered here (or is held
-        // live): the store handed it out, then went back past it.
-        let floor = self
-            .delivered_max(&head.epoch)
-            .max(self.held_max(&head.epoch));
-        if floor > head.offset {
-            return self.went_back(&head.epoch.clone(), floor);
+        // An offset of this epoch known to be stored before the read is beyond the store's
+        // head: the store handed it out, then went back past it.
+        let floor = read.floor.max(self.created_base(&read.epoch));
+        if head.epoch == read.epoch && floor > head.offset {
+            return self.went_back(&read.epoch, floor);
         }
         match replay {
             Replay::Recovered { head, messages } => {
@@ -359,8 +470,9 @@ impl<H: Outlet> Sequencer<H> {
                     epoch: head.epoch,
                     after: 0,
                     expect: None,
+                    floor: 0,
                 };
-                out.step = Some(Step::Read(read));
+                out.step = Some(self.issue(Step::Read(read)));
                 return out;
             }
         }
@@ -370,9 +482,9 @@ impl<H: Outlet> Sequencer<H> {
 
     /// The bus moved the room to a new epoch after the store went back (`None`: it failed and
     /// the actor retries the step later).
-    pub fn renewed(&mut self, stale: &Epoch, floor: Offset, head: Option<RoomHead>) -> Outcome<H> {
+    pub fn renewed(&mut self, stale: &Epoch, floor: Offset, done: Option<Renewed>) -> Outcome<H> {
         let mut out = Outcome::default();
-        let Some(head) = head else {
+        let Some(Renewed { head, created }) = done else {
             out.step = Some(Step::Renew {
                 stale: stale.clone(),
                 floor,
@@ -387,30 +499,15 @@ impl<H: Outlet> Sequencer<H> {
             head.offset
         );
         self.retire(stale);
+        if created {
+            self.created = Some((head.epoch.clone(), head.offset));
+        }
         self.reset_members(&head.epoch, head.offset, &mut out);
-        // Members that synced on the new epoch meanwhile may be behind its head: read it
-        // from the lowest of them before going on.
-        let low = self
-            .members
-            .values()
-            .filter(|m| m.syncing.is_none() && m.epoch.as_ref() == Some(&head.epoch))
-            .map(|m| m.delivered)
-            .min()
-            .map_or(head.offset, |low| low.min(head.offset));
         self.seen = Some(Mark {
-            epoch: head.epoch.clone(),
-            offset: low,
+            epoch: head.epoch,
+            offset: head.offset,
             print: None,
         });
-        if low < head.offset {
-            let read = Read {
-                epoch: head.epoch,
-                after: low,
-                expect: None,
-            };
-            out.step = Some(Step::Read(read));
-            return out;
-        }
         self.release(&mut out);
         out
     }
@@ -443,6 +540,7 @@ impl<H: Outlet> Sequencer<H> {
                 epoch: epoch.clone(),
                 after: 0,
                 expect: None,
+                floor: 0,
             };
             self.start(Step::Read(read), vec![event], out);
             return;
@@ -506,15 +604,41 @@ impl<H: Outlet> Sequencer<H> {
     /// Starts a step, holding `held` and whatever arrives until it finishes.
     fn start(&mut self, step: Step, held: Vec<RoomEvent>, out: &mut Outcome<H>) {
         self.held = Some(held);
-        out.step = Some(step);
+        out.step = Some(self.issue(step));
     }
 
+    /// A step as it is handed to the actor, which issues it at once: a read records what is
+    /// known to be stored of its epoch at this moment.
+    fn issue(&self, step: Step) -> Step {
+        match step {
+            Step::Read(mut read) => {
+                read.floor = read.floor.max(self.known(&read.epoch));
+                Step::Read(read)
+            }
+            renew => renew,
+        }
+    }
+
+    /// The first head of `epoch` if this room's renewal started it, else 0.
+    fn created_base(&self, epoch: &Epoch) -> Offset {
+        match &self.created {
+            Some((e, base)) if e == epoch => *base,
+            _ => 0,
+        }
+    }
+
+    /// The newest offset of `epoch` known to be stored: delivered here or held live.
+    fn known(&self, epoch: &Epoch) -> Offset {
+        self.delivered_max(epoch).max(self.held_max(epoch))
+    }
+
+    /// Asks for a new epoch continuing after everything of `stale` any client may have seen.
     fn went_back(&mut self, stale: &Epoch, floor: Offset) -> Outcome<H> {
         Outcome {
             closed: Vec::new(),
             step: Some(Step::Renew {
                 stale: stale.clone(),
-                floor,
+                floor: floor.max(self.known(stale)),
             }),
         }
     }
@@ -536,6 +660,7 @@ impl<H: Outlet> Sequencer<H> {
             let next = self.resync();
             out.step = next.step;
         }
+        self.catch_up_laggards(out);
     }
 
     /// The hole is no longer in history: members that would have a gap are closed, the room
@@ -673,11 +798,13 @@ fn read_from(mark: &Mark) -> Read {
             epoch: mark.epoch.clone(),
             after: mark.offset - 1,
             expect: Some(print),
+            floor: 0,
         },
         _ => Read {
             epoch: mark.epoch.clone(),
             after: mark.offset,
             expect: None,
+            floor: 0,
         },
     }
 }

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use proptest::prelude::*;
 
 use super::*;
+use crate::bus::Renewed;
 
 /// A member's socket as the test sees it: every frame offered, in order.
 #[derive(Clone, Default)]
@@ -30,6 +31,8 @@ struct Store {
     size: usize,
     next_id: u64,
     epochs: u64,
+    /// Epochs started by `renew`: only a store that went back may need one.
+    renewals: u64,
 }
 
 impl Store {
@@ -41,6 +44,7 @@ impl Store {
             size,
             next_id: 0,
             epochs: 0,
+            renewals: 0,
         }
     }
 
@@ -101,12 +105,17 @@ impl Store {
         }
     }
 
-    fn renew(&mut self, stale: &Epoch, floor: Offset) -> RoomHead {
-        if self.epoch == *stale {
+    fn renew(&mut self, stale: &Epoch, floor: Offset) -> Renewed {
+        let created = self.epoch == *stale;
+        if created {
+            self.renewals += 1;
             self.epoch = self.new_epoch();
             self.offset = self.offset.max(floor);
         }
-        self.head()
+        Renewed {
+            head: self.head(),
+            created,
+        }
     }
 }
 
@@ -118,7 +127,11 @@ enum Op {
     Sync,
     Leave(usize),
     Resync,
-    /// The outstanding bus call answers (or fails).
+    /// The outstanding bus call runs on the store now; its answer comes later.
+    Execute,
+    /// The oldest unsynced member's head read runs on the store now.
+    SyncRead,
+    /// The outstanding bus call answers (or fails); it runs now if it has not yet.
     Answer(bool),
     /// Redis restarted empty: a new epoch from offset 1.
     Lose,
@@ -134,6 +147,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(Op::Leave),
         1 => Just(Op::Resync),
         4 => any::<bool>().prop_map(Op::Answer),
+        2 => Just(Op::Execute),
+        1 => Just(Op::SyncRead),
         1 => Just(Op::Lose),
         1 => (1u8..6).prop_map(Op::GoBack),
     ]
@@ -146,6 +161,15 @@ struct World {
     unsynced: Vec<SessionId>,
     next_session: SessionId,
     step: Option<Step>,
+    /// The outstanding step's result, when it already ran on the store.
+    executed: Option<Executed>,
+    /// Head reads of syncing members that already ran.
+    heads: HashMap<SessionId, RoomHead>,
+}
+
+enum Executed {
+    Read(Replay),
+    Renew(Renewed),
 }
 
 impl World {
@@ -157,6 +181,8 @@ impl World {
             unsynced: Vec::new(),
             next_session: 1,
             step: None,
+            executed: None,
+            heads: HashMap::new(),
         }
     }
 
@@ -173,17 +199,37 @@ impl World {
         }
     }
 
+    fn execute(&mut self) {
+        if self.executed.is_some() {
+            return;
+        }
+        self.executed = match &self.step {
+            Some(Step::Read(read)) => {
+                Some(Executed::Read(self.store.replay(read.after, &read.epoch)))
+            }
+            Some(Step::Renew { stale, floor }) => {
+                Some(Executed::Renew(self.store.renew(stale, *floor)))
+            }
+            None => None,
+        };
+    }
+
     fn answer(&mut self, ok: bool) {
+        // A call that ran on the store has its effect even if its answer is lost.
+        if ok {
+            self.execute();
+        }
         let Some(step) = self.step.take() else { return };
-        let out = match step {
-            Step::Read(read) => {
-                let replay = ok.then(|| self.store.replay(read.after, &read.epoch));
-                self.seq.read_done(&read, replay)
+        let executed = self.executed.take();
+        let out = match (step, executed) {
+            (Step::Read(read), Some(Executed::Read(replay))) if ok => {
+                self.seq.read_done(&read, Some(replay))
             }
-            Step::Renew { stale, floor } => {
-                let head = ok.then(|| self.store.renew(&stale, floor));
-                self.seq.renewed(&stale, floor, head)
+            (Step::Read(read), _) => self.seq.read_done(&read, None),
+            (Step::Renew { stale, floor }, Some(Executed::Renew(head))) if ok => {
+                self.seq.renewed(&stale, floor, Some(head))
             }
+            (Step::Renew { stale, floor }, _) => self.seq.renewed(&stale, floor, None),
         };
         self.take(out);
     }
@@ -216,7 +262,7 @@ impl World {
                     return;
                 }
                 let id = self.unsynced.remove(0);
-                let head = self.store.head();
+                let head = self.heads.remove(&id).unwrap_or_else(|| self.store.head());
                 let synced = Synced {
                     epoch: head.epoch,
                     offset: head.offset,
@@ -241,6 +287,13 @@ impl World {
                 self.take(out);
             }
             Op::Answer(ok) => self.answer(ok),
+            Op::Execute => self.execute(),
+            Op::SyncRead => {
+                if let Some(id) = self.unsynced.first() {
+                    let head = self.store.head();
+                    self.heads.entry(*id).or_insert(head);
+                }
+            }
             Op::Lose => {
                 self.store.epoch = self.store.new_epoch();
                 self.store.offset = 0;
@@ -324,10 +377,17 @@ fn check_member(
 
 fn run(ops: Vec<Op>, size: usize) {
     let mut world = World::new(size);
+    let went_back = ops.iter().any(|op| matches!(op, Op::GoBack(_)));
     for op in ops {
         world.apply(op);
     }
     world.settle();
+    if !went_back {
+        assert_eq!(
+            world.store.renewals, 0,
+            "a new epoch for a store that never went back"
+        );
+    }
     let mut meaning = HashMap::new();
     for (id, socket) in &world.sockets {
         let frames = socket.0.borrow();

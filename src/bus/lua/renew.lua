@@ -5,14 +5,17 @@
 --
 -- KEYS[1] meta hash   KEYS[2] history stream
 -- ARGV[1] stale epoch   ARGV[2] floor (decimal string)   ARGV[3] new epoch   ARGV[4] ttl secs
--- Returns {epoch, offset}: the room's head afterwards.
+-- Returns {epoch, offset, created}: the room's head afterwards, and 1 if this call started
+-- the epoch (0 when another replica had already).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local created = 0
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 if epoch == false or epoch == ARGV[1] then
   local floor = tonumber(ARGV[2])
   if floor > offset then offset = floor end
   epoch = ARGV[3]
+  created = 1
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', string.format('%d', offset))
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
-return {epoch, offset}
+return {epoch, offset, created}
