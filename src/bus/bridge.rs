@@ -146,7 +146,10 @@ impl RedisBridge {
             .set_not_ready(Some("catching rooms up from history".into()));
         let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
         self.sink.resync_all(Some(done));
+        let bus = Arc::clone(&self.bus);
         let wait = async move {
+            // Redis may have restarted without its scripts: publishes call them by SHA.
+            bus.load_scripts().await;
             tokio::time::timeout(CATCH_UP_LIMIT, all_done.recv())
                 .await
                 .is_ok()

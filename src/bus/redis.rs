@@ -2,7 +2,7 @@
 //!
 //! [`RedisBus`] implements the bus contract with a publisher client and Lua scripts (`lua/`):
 //! `publish` assigns the offset, appends to the room's history stream, and PUBLISHes in one
-//! step (sent with EVAL, in call order; see [`Bus::publish`]); `read` serves head, resume and
+//! step (sent in call order, see [`Bus::publish`]; never retried after `NOSCRIPT`); `read` serves head, resume and
 //! history from one snapshot; `renew` moves a room whose store went back to a new epoch; presence, with per-replica leases and reaping, lives in [`presence`] and its
 //! scripts (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
 //!
@@ -24,7 +24,7 @@
 //! Channel `P:room:R` carries JSON envelopes `{"kind","epoch"?,"offset"?,"user"?,"frame"}`
 //! whose `frame` is the client frame as is.
 
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -52,8 +52,6 @@ pub use presence::NodeIdTaken;
 use presence::Presence;
 
 const PUBLISH_LUA: &str = include_str!("lua/publish.lua");
-/// The publish script as sent with every EVAL: its comment lines stay in the source only.
-static PUBLISH_BODY: LazyLock<String> = LazyLock::new(|| strip_comments(PUBLISH_LUA));
 const READ_LUA: &str = include_str!("lua/read.lua");
 const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
@@ -87,6 +85,7 @@ pub struct RedisBus {
     pub(super) lease: Duration,
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
+    publish: Script,
     read: Script,
     renew: Script,
     presence: Presence,
@@ -141,11 +140,20 @@ impl RedisBus {
             ttl_secs: settings.history.ttl_secs,
             lease: Duration::from_secs(settings.redis.presence_lease_secs),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
+            publish: Script::from_lua(PUBLISH_LUA),
             read: Script::from_lua(READ_LUA),
             renew: Script::from_lua(RENEW_LUA),
             presence: Presence::new(),
         });
         Ok((bus, subscriber))
+    }
+
+    /// Loads the publish script, so publishes can call it by SHA; the bridge does this after
+    /// every resubscribe, before the replica takes publishes again.
+    pub(super) async fn load_scripts(&self) {
+        if let Err(e) = self.publish.load(&self.client).await {
+            log::warn!("node={} cannot load the publish script: {e}", self.node);
+        }
     }
 
     /// Starts the publisher's connection task (it reconnects by itself).
@@ -324,20 +332,28 @@ impl Bus for Arc<RedisBus> {
             Value::from(REF_TTL.as_secs() as i64),
         ];
         let client = self.client.clone();
+        let sha = self.publish.sha1().clone();
         // Sent now, so one session's messages get their offsets in the order it sent them.
         let call = sent(async move {
-            // EVAL with the body, not EVALSHA: a NOSCRIPT answer (a fresh or restarted Redis)
-            // would make this call retry after later ones had run, out of send order.
             client
-                .eval::<Value, _, _, _>(
-                    PUBLISH_BODY.as_str(),
-                    vec![keys.meta, keys.history, ref_key],
-                    args,
-                )
+                .evalsha::<Value, _, _, _>(sha, vec![keys.meta, keys.history, ref_key], args)
                 .await
         });
+        let bus = Arc::clone(self);
         async move {
-            let reply = call.await.map_err(unavailable)?;
+            let reply = call.await.map_err(|e| {
+                if e.details().starts_with("NOSCRIPT") {
+                    // Not retried: later messages of this session may already be stored, and
+                    // a retry would land after them. The client's retry (same `ref`) is a new
+                    // send. Redis lost its scripts (a restart the bridge has not seen yet):
+                    // load them again for the next calls.
+                    tokio::spawn(async move { bus.load_scripts().await });
+                    return BusError::Unavailable(
+                        "Redis is loading confab's scripts; try again".into(),
+                    );
+                }
+                unavailable(e)
+            })?;
             let bad = || BusError::Internal("unexpected reply from the publish script".into());
             let mut parts = reply.into_array().into_iter();
             let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;

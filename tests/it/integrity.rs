@@ -309,3 +309,69 @@ async fn a_backlog_past_the_byte_bound_closes_the_session_with_4008() {
         assert_eq!(reader.next_of("message").await["text"], long.as_str());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_senders_and_members_joining_mid_stream_cause_no_reset_and_lose_nothing() {
+    // A joining member's head is read while other sessions publish: by the time the read
+    // returns, the room has delivered newer messages. That must not be taken for a store that
+    // went back (a new epoch, resets, lost messages).
+    const SENDERS: usize = 8;
+    const EACH: usize = 200;
+    const JOINERS: usize = 8;
+    let redis = Redis::start();
+    // Nobody reads until the traffic is over: room to queue it all.
+    let mut env = FAST.to_vec();
+    env.push(("CONFAB_LIMITS__SESSION_QUEUE", "8192"));
+    let server = Server::replica(&redis, "busy", "a", &env).await;
+    let (mut reader, _) = server.join("/ws/busy?user=reader").await;
+    let mut sending = Vec::new();
+    for s in 0..SENDERS {
+        let (mut client, _) = server.join(&format!("/ws/busy?user=s{s}")).await;
+        sending.push(tokio::spawn(async move {
+            // Paced, so the traffic lasts while the members below join.
+            for i in 0..EACH {
+                client.send_text(&format!("{s}-{i}")).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            client
+        }));
+    }
+    let mut late = Vec::new();
+    for j in 0..JOINERS {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        late.push(server.join(&format!("/ws/busy?user=late{j}")).await);
+    }
+    let _senders: Vec<Client> = futures_util::future::join_all(sending)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let total = (SENDERS * EACH) as u64;
+    let mut members = vec![(reader, 0)];
+    members.extend(
+        late.drain(..)
+            .map(|(c, w)| (c, w["offset"].as_u64().unwrap())),
+    );
+    for (member, from) in &mut members {
+        let mut next = *from + 1;
+        while next <= total {
+            let v = member.next().await;
+            assert_ne!(
+                v["type"],
+                "reset",
+                "no reset for a store that never went back: {v}\n{}",
+                server.log()
+            );
+            if v["type"] == "message" {
+                assert_eq!(
+                    v["offset"], next,
+                    "a member misses nothing from its welcome on"
+                );
+                next += 1;
+            }
+        }
+    }
+    reader = members.remove(0).0;
+    reader.close().await;
+    assert!(!server.log().contains("went back"), "{}", server.log());
+}
