@@ -9,6 +9,7 @@
 //! right after it (SPEC §5): a message sent at once on connecting is then published after the
 //! room read its head for the welcome, so it comes back to its sender like any other.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,7 +97,11 @@ pub struct Session {
     /// Client text frames that arrived before the welcome; `None` once welcomed.
     held: Option<Vec<ByteString>>,
     pending: Arc<Pending>,
-    in_flight: usize,
+    /// Answers (ack or error) to the publishes in flight, in the order they were sent: an
+    /// answer is written once every earlier one is, so acks arrive in send order too.
+    answers: VecDeque<Option<ByteString>>,
+    /// How many publishes were answered and written; the sequence of `answers`' front.
+    answered: u64,
     _slot: ConnectionGuard,
 }
 
@@ -125,7 +130,8 @@ impl Session {
             last_heard: now,
             held: Some(Vec::new()),
             pending: Arc::new(Pending::default()),
-            in_flight: 0,
+            answers: VecDeque::new(),
+            answered: 0,
             cfg,
             _slot: slot,
         }
@@ -234,9 +240,9 @@ impl Session {
             reference: reference.clone(),
         };
         let publish = self.bus.publish(&self.room, msg);
-        self.in_flight += 1;
+        let seq = self.answered + self.answers.len() as u64;
+        self.answers.push_back(None);
         let done = publish.into_actor(self).map(move |result, session, ctx| {
-            session.in_flight -= 1;
             let frame = match result {
                 Ok(p) => ServerFrame::Ack {
                     reference: reference.as_deref(),
@@ -245,13 +251,29 @@ impl Session {
                 .to_text(),
                 Err(e) => bus_error_frame(&e, reference.as_deref()),
             };
-            session.reply(ctx, frame);
+            session.answer(seq, frame, ctx);
         });
-        if self.in_flight >= MAX_PUBLISHES_IN_FLIGHT {
+        if self.answers.len() >= MAX_PUBLISHES_IN_FLIGHT {
             // `wait` holds back every other event of this actor, the socket included.
             ctx.wait(done);
         } else {
             ctx.spawn(done);
+        }
+    }
+
+    /// Records the answer to publish number `seq` and writes every answer now in order.
+    fn answer(&mut self, seq: u64, frame: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Some(slot) = seq
+            .checked_sub(self.answered)
+            .and_then(|i| self.answers.get_mut(i as usize))
+        {
+            *slot = Some(frame);
+        }
+        while let Some(Some(_)) = self.answers.front() {
+            if let Some(Some(frame)) = self.answers.pop_front() {
+                self.answered += 1;
+                self.reply(ctx, frame);
+            }
         }
     }
 

@@ -84,6 +84,12 @@ async fn fast_messages_keep_send_order(bus: Bus) {
             (i, v["offset"].as_u64().unwrap())
         })
         .collect();
+    let arrival: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        arrival,
+        (0..N).collect::<Vec<_>>(),
+        "acks arrive in send order"
+    );
     let mut by_send = acks.clone();
     by_send.sort();
     let inversions = by_send.windows(2).filter(|w| w[1].1 <= w[0].1).count();
