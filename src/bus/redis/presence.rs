@@ -160,38 +160,30 @@ impl RedisBus {
         if self.presence.released.load(Ordering::Acquire) {
             return Ok(true);
         }
-        let held: i64 = self
-            .presence
+        let held = self.owner_call("hold", self.lease_ms()).await?;
+        Ok(held == 1)
+    }
+
+    /// Runs the `owner` script for this process's token (`hold` with a TTL, or `release`).
+    async fn owner_call(&self, action: &str, ttl_ms: i64) -> Result<i64, fred::error::Error> {
+        self.presence
             .owner
             .evalsha_with_reload(
                 &self.client,
                 vec![self.owner_key()],
                 vec![
-                    "hold".to_owned(),
+                    action.to_owned(),
                     self.presence.token.clone(),
-                    self.lease_ms().to_string(),
+                    ttl_ms.to_string(),
                 ],
             )
-            .await?;
-        Ok(held == 1)
+            .await
     }
 
     /// Frees the node id on a clean shutdown, so a restart under it need not wait a lease.
     pub(crate) async fn release_node_id(&self) {
         self.presence.released.store(true, Ordering::Release);
-        let released: Result<i64, _> = self
-            .presence
-            .owner
-            .evalsha_with_reload(
-                &self.client,
-                vec![self.owner_key()],
-                vec![
-                    "release".to_owned(),
-                    self.presence.token.clone(),
-                    "0".into(),
-                ],
-            )
-            .await;
+        let released = self.owner_call("release", 0).await;
         if let Err(e) = released {
             log::warn!("node={} could not release its node id: {e}", self.node);
         }
