@@ -21,6 +21,14 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub history: HistorySettings,
     pub websocket: WebSocketSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Bearer key of the HTTP API; empty means the API is disabled (403).
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
