@@ -111,7 +111,7 @@ impl Metrics {
             )?,
             messages_delivered: counter(
                 "confab_messages_delivered_total",
-                "Live message frames handed to local members' outbound queues.",
+                "Message frames a room handed to its local members' outbound queues (not join backlogs).",
             )?,
             typing_dropped: counter(
                 "confab_typing_dropped_total",

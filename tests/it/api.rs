@@ -130,7 +130,7 @@ async fn presence_lists_the_users_of_both_replicas() {
 }
 
 #[tokio::test]
-async fn the_api_answers_unavailable_while_redis_is_down() {
+async fn the_api_answers_unavailable_while_redis_is_down_and_publishes_again_once_it_is_back() {
     let mut redis = Redis::start();
     let a = Server::replica(&redis, "api-down", "node-a", &[("CONFAB_API__KEY", KEY)]).await;
     redis.kill();
@@ -139,6 +139,18 @@ async fn the_api_answers_unavailable_while_redis_is_down() {
         &post(&a, "ops", json!({"text":"hello"})).await,
         503,
         "unavailable",
+    );
+    assert_eq!(scrape(&a).await.get("confab_ready"), 0.0);
+    // Back, and empty: the bridge subscribes again and the API publishes from offset 1.
+    redis.restart();
+    a.wait_ready(true).await;
+    let m = scrape(&a).await;
+    assert!(m.get("confab_bus_reconnects_total") >= 1.0);
+    assert_eq!(m.get("confab_ready"), 1.0);
+    let reply = post(&a, "ops", json!({"text":"hello again"})).await;
+    assert_eq!(
+        (reply.status, reply.json()["offset"].as_u64()),
+        (201, Some(1))
     );
 }
 
@@ -441,6 +453,9 @@ async fn metrics_parse_and_move_by_what_a_scripted_exchange_causes() {
     assert_eq!(unauthorized.status, 401);
     // Bob has all four messages: the room counted each fan-out (to both) as it made it.
     message_at(&mut bob, 4).await;
+    alice.send_text(r#"{"type":"shout"}"#).await;
+    assert_eq!(alice.next_of("error").await["code"], "bad_request");
+    assert_eq!(server.refused_status("/ws/-bad-room").await, 400);
     // Refills are one a second: send until one is refused (at most a few are acked).
     let mut acked: u32 = 0;
     let mut refused = 0;
@@ -484,6 +499,14 @@ async fn metrics_parse_and_move_by_what_a_scripted_exchange_causes() {
         1.0
     );
     assert_eq!(delta(r#"confab_bad_frames_total{code="1003"}"#), 1.0);
+    assert_eq!(
+        delta(r#"confab_rejected_frames_total{code="bad_request"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"confab_upgrade_refusals_total{reason="bad_request"}"#),
+        1.0
+    );
     // Eve's session is gone; alice's and bob's are open, in one room.
     eventually(
         Duration::from_secs(10),

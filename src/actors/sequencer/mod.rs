@@ -105,7 +105,8 @@ impl<H> Default for Outcome<H> {
 /// or atomic per delivered frame and this module stays free of any metrics library.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Live message frames handed to members (not backlogs of joining members).
+    /// Message frames the room's fan-out handed to members, live or from a catch-up read
+    /// (not the backlog a joining member is sent with its welcome).
     pub delivered: u64,
     /// Typing frames skipped because a member's queue was half full.
     pub typing_dropped: u64,
