@@ -18,13 +18,15 @@
 //! - [`ratelimit`]: the per-session token bucket.
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
-//! - [`http`] holds the routes.
+//! - [`metrics`]: the Prometheus registry of a replica.
+//! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
 pub mod actors;
 pub mod bus;
 pub mod cli;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod settings;

@@ -61,10 +61,23 @@ pub enum ErrorCode {
     BadRequest,
     TooLong,
     RateLimited,
-    #[allow(dead_code)] // used once authorization arrives; part of the published code list
     Forbidden,
     Unavailable,
     Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire (and in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::TooLong => "too_long",
+            Self::RateLimited => "rate_limited",
+            Self::Forbidden => "forbidden",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 /// A client frame that was refused; becomes an `error` frame and the connection stays open.
@@ -139,6 +152,17 @@ pub fn parse_request(frame: &str, max_message_chars: usize) -> Result<Request, R
             })
         }
     }
+}
+
+/// Checks a chat message's text and `ref` as a `message` frame's are checked; the HTTP API
+/// uses it so both ways in refuse the same things.
+pub fn check_message(
+    text: &str,
+    reference: &Option<String>,
+    max_message_chars: usize,
+) -> Result<(), Rejection> {
+    check_ref(reference)?;
+    check_text(text, max_message_chars, reference)
 }
 
 fn describe_json_error(e: &serde_json::Error) -> String {

@@ -21,6 +21,14 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub history: HistorySettings,
     pub websocket: WebSocketSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Bearer key of the HTTP API; empty means the API is disabled (403).
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,9 +322,14 @@ impl Settings {
         Ok(())
     }
 
-    /// The settings as TOML, for `confab config`.
+    /// The settings as TOML, for `confab config`; secrets are shown as `***` so the output
+    /// can be pasted into a bug report.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut shown = self.clone();
+        if !shown.api.key.is_empty() {
+            shown.api.key = "***".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
 
@@ -664,6 +677,15 @@ mod tests {
         let s =
             Settings::load(&o, env(&[("CONFAB_REDIS__URL", "redis://127.0.0.1:6379")])).unwrap();
         assert_eq!(s.redis.url, "redis://127.0.0.1:7000");
+    }
+
+    #[test]
+    fn the_api_key_is_a_setting_and_is_not_printed() {
+        let s = Settings::load(&Overrides::default(), env(&[("CONFAB_API__KEY", "k1")])).unwrap();
+        assert_eq!(s.api.key, "k1");
+        let shown = s.to_toml();
+        assert!(shown.contains("key = \"***\""), "{shown}");
+        assert!(!shown.contains("k1"), "{shown}");
     }
 
     #[test]

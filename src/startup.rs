@@ -15,9 +15,11 @@ use crate::actors::member::QueueLimits;
 use crate::actors::session::SessionConfig;
 use crate::bus::bridge::RedisBridge;
 use crate::bus::memory::MemoryBus;
+use crate::bus::metered::MeteredBus;
 use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::settings::Settings;
 
 /// File descriptors kept back from `limits.max_connections` for listeners, logs and Redis.
@@ -33,7 +35,12 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     };
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
-    let (bus, redis) = start_bus(&settings, &node, &directory)?;
+    let metrics = Arc::new(Metrics::new().map_err(io::Error::other)?);
+    let (bus, redis) = start_bus(&settings, &node, &directory, &metrics)?;
+    let bus = MeteredBus::wrap(bus, Arc::clone(&metrics));
+    if settings.api.key.is_empty() {
+        log::info!("api.key is empty: the HTTP API answers 403");
+    }
     let hub = Hub::new(
         bus.clone(),
         directory,
@@ -42,6 +49,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             frames: settings.limits.session_queue,
             bytes: settings.limits.session_queue_bytes,
         },
+        Arc::clone(&metrics),
     )
     .start();
 
@@ -67,12 +75,15 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             session_queue_bytes: settings.limits.session_queue_bytes,
             ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
             client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
+            metrics: Arc::clone(&metrics),
         }),
         draining: draining.clone(),
         connections: Arc::new(AtomicUsize::new(0)),
         max_connections,
         allowed_origins: settings.server.allowed_origins.clone(),
         echo_endpoint: settings.websocket.echo_endpoint,
+        api_key: settings.api.key.clone(),
+        metrics,
     });
 
     let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
@@ -151,6 +162,7 @@ fn start_bus(
     settings: &Settings,
     node: &Arc<str>,
     directory: &RoomDirectory,
+    metrics: &Arc<Metrics>,
 ) -> io::Result<(SharedBus, Option<RedisSide>)> {
     let sink: Arc<dyn EventSink> = Arc::new(directory.clone());
     if settings.redis.url.is_empty() {
@@ -166,7 +178,14 @@ fn start_bus(
     }
     let (bus, subscriber) = RedisBus::new(settings, Arc::clone(node)).map_err(io::Error::other)?;
     let (refused_tx, refused) = oneshot::channel();
-    RedisBridge::new(Arc::clone(&bus), subscriber, sink, refused_tx).start();
+    RedisBridge::new(
+        Arc::clone(&bus),
+        subscriber,
+        sink,
+        refused_tx,
+        Arc::clone(metrics),
+    )
+    .start();
     log::info!(
         "node={node} uses Redis at {} with prefix `{}`",
         redact(&settings.redis.url),

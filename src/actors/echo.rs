@@ -34,7 +34,7 @@ impl Actor for Echo {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match handle_frame(&mut self.frames, item, ctx) {
+        match handle_frame(&mut self.frames, item, ctx, None) {
             Some(Inbound::Text(text)) => ctx.text(text),
             Some(Inbound::Binary(data)) => ctx.binary(data),
             _ => {}

@@ -23,6 +23,7 @@ use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, Resync, Room};
 use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
+use crate::metrics::Metrics;
 
 /// Close code for sessions closed by a draining replica.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -146,6 +147,7 @@ pub struct Hub {
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
     unrecorded_leaves: HashSet<(RoomName, UserId)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Hub {
@@ -154,8 +156,10 @@ impl Hub {
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             bus,
             directory,
             arbiters,
@@ -212,6 +216,7 @@ impl Hub {
             next_arbiter,
             limits,
             rooms,
+            metrics,
             ..
         } = self;
         rooms.entry(name.clone()).or_insert_with(|| {
@@ -221,6 +226,7 @@ impl Hub {
                 Arc::clone(bus),
                 limits.frames,
                 Arc::clone(&resync_asked),
+                Arc::clone(metrics),
             );
             let addr = if arbiters.is_empty() {
                 room.start()

@@ -17,6 +17,7 @@ use super::member::MemberHandle;
 use super::sequencer::{Outcome, Sequencer, Step, Synced};
 use crate::bus::{BusError, CatchUpDone, Replay, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::metrics::Metrics;
 use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
@@ -73,6 +74,7 @@ pub struct Room {
     resync_asked: Arc<AtomicBool>,
     /// Held until the current catch-up is done (see [`Resync`]).
     catch_up_done: Vec<CatchUpDone>,
+    metrics: Arc<Metrics>,
 }
 
 impl Room {
@@ -81,8 +83,10 @@ impl Room {
         bus: SharedBus,
         hold_per_member: usize,
         resync_asked: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             seq: Sequencer::new(name.clone(), hold_per_member),
             name,
             bus,
@@ -93,6 +97,7 @@ impl Room {
 
     /// Carries out what the sequencer asked for.
     fn apply(&mut self, outcome: Outcome<MemberHandle>, ctx: &mut Context<Self>) {
+        self.count();
         for closed in outcome.closed {
             log::info!(
                 "room={} session={:x} user={} closed with {}: {}",
@@ -112,11 +117,31 @@ impl Room {
         }
     }
 
+    /// Adds what the sequencer counted to the replica's metrics: one atomic add per kind
+    /// per room event, whatever the number of members.
+    fn count(&mut self) {
+        let stats = self.seq.take_stats();
+        let m = &self.metrics;
+        for (counter, n) in [
+            (&m.messages_delivered, stats.delivered),
+            (&m.typing_dropped, stats.typing_dropped),
+            (&m.slow_consumer_evictions, stats.evicted),
+            (&m.replayed_messages, stats.replayed),
+            (&m.unrecoverable_gaps, stats.gaps),
+            (&m.epoch_resets, stats.epoch_resets),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+    }
+
     fn run(&mut self, step: Step, ctx: &mut Context<Self>) {
         let bus = Arc::clone(&self.bus);
         let room = self.name.clone();
         match step {
             Step::Read(read) => {
+                self.metrics.catch_ups.inc();
                 let call = bus.replay(&room, read.after, &read.epoch);
                 ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
                     let replay = room.succeeded(result, "read history");
@@ -223,10 +248,12 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(ROOM_MAILBOX);
+        self.metrics.rooms_open.inc();
         log::debug!("room={} started", self.name);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.metrics.rooms_open.dec();
         log::debug!("room={} stopped", self.name);
     }
 }
@@ -252,6 +279,7 @@ impl Handler<Join> for Room {
                     }
                     Err(e) => {
                         log::warn!("room={} session={session:x} cannot start: {e}", room.name);
+                        room.count();
                         if let Some((_, handle)) = room.seq.remove(session) {
                             handle.close(CLOSE_TRY_AGAIN, "message bus unavailable; try again");
                         }

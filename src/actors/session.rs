@@ -24,6 +24,7 @@ use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
 use super::room::Join;
 use crate::bus::{BusError, NewMessage, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
 use crate::ratelimit::TokenBucket;
 use crate::wsframe::{Assembler, Inbound};
@@ -49,6 +50,7 @@ pub struct SessionConfig {
     pub session_queue_bytes: usize,
     pub ping_interval: Duration,
     pub client_timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Counts open sessions for `limits.max_connections`; released when the session ends.
@@ -162,6 +164,7 @@ impl Session {
             // Bounded like the outbound queue: a client has no reason to send more than a few
             // frames before the welcome, which comes within one bus round trip.
             Some(held) if held.len() >= self.cfg.session_queue => {
+                self.cfg.metrics.bad_frame(1008);
                 fail(ctx, CloseCode::Policy, "too many frames before the welcome")
             }
             Some(held) => held.push(text),
@@ -174,6 +177,7 @@ impl Session {
             Ok(r) => r,
             Err(rejection) => {
                 log::debug!("session={} bad frame: {}", self.label, rejection.message);
+                self.cfg.metrics.rejected(rejection.code);
                 return self.reply(ctx, protocol::rejection_frame(&rejection));
             }
         };
@@ -204,6 +208,7 @@ impl Session {
     }
 
     fn rate_limited(&mut self, request: &Request, ctx: &mut ws::WebsocketContext<Self>) {
+        self.cfg.metrics.rate_limited.inc();
         self.violations += 1;
         if self.violations > self.cfg.max_violations {
             log::info!(
@@ -211,6 +216,7 @@ impl Session {
                 self.label,
                 self.room
             );
+            self.cfg.metrics.bad_frame(1008);
             return fail(ctx, CloseCode::Policy, "rate limit exceeded too often");
         }
         let reference = match request {
@@ -374,6 +380,7 @@ pub fn handle_frame<A>(
     frames: &mut Assembler,
     item: Result<ws::Message, ws::ProtocolError>,
     ctx: &mut ws::WebsocketContext<A>,
+    metrics: Option<&Metrics>,
 ) -> Option<Inbound>
 where
     A: Actor<Context = ws::WebsocketContext<A>>,
@@ -388,7 +395,12 @@ where
         }
         Ok(message) => return Some(message),
         Err(failure) => match failure.code {
-            Some(code) => fail(ctx, code, failure.reason),
+            Some(code) => {
+                if let Some(m) = metrics {
+                    m.bad_frame(u16::from(code));
+                }
+                fail(ctx, code, failure.reason)
+            }
             None => ctx.stop(),
         },
     }
@@ -401,6 +413,7 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Room sends are bounded by `pending`; the mailbox only needs room for the close.
         ctx.set_mailbox_capacity(self.cfg.session_queue + 16);
+        self.cfg.metrics.sessions_open.inc();
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
         ctx.run_interval(tick, |session, ctx| {
             if session.last_heard.elapsed() > session.cfg.client_timeout {
@@ -439,6 +452,7 @@ impl Actor for Session {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.cfg.metrics.sessions_open.dec();
         self.hub.do_send(Disconnect {
             room: self.room.clone(),
             session: self.id,
@@ -456,13 +470,16 @@ impl Actor for Session {
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
-        match handle_frame(&mut self.frames, item, ctx) {
+        match handle_frame(&mut self.frames, item, ctx, Some(&self.cfg.metrics)) {
             Some(Inbound::Text(text)) => self.on_text(text, ctx),
-            Some(_) => fail(
-                ctx,
-                CloseCode::Unsupported,
-                "binary frames are not supported",
-            ),
+            Some(_) => {
+                self.cfg.metrics.bad_frame(1003);
+                fail(
+                    ctx,
+                    CloseCode::Unsupported,
+                    "binary frames are not supported",
+                )
+            }
             None => {}
         }
     }

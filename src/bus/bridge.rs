@@ -22,6 +22,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::redis::{NodeIdTaken, RedisBus};
 use super::EventSink;
+use crate::metrics::Metrics;
 
 /// How long rooms' catch-up after a resubscribe may hold the replica's readiness back.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
@@ -40,6 +41,7 @@ pub struct RedisBridge {
     refused: Option<oneshot::Sender<NodeIdTaken>>,
     /// Counts subscriptions, so a catch-up of an older one does not mark the replica ready.
     generation: u64,
+    metrics: Arc<Metrics>,
 }
 
 /// Subscriber → bridge: the connection came back (its subscriptions did not).
@@ -51,8 +53,10 @@ impl RedisBridge {
         subscriber: SubscriberClient,
         sink: Arc<dyn EventSink>,
         refused: oneshot::Sender<NodeIdTaken>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             bus,
             subscriber,
             sink,
@@ -121,6 +125,10 @@ impl RedisBridge {
             bridge.subscribing = false;
             match result {
                 Ok(()) => {
+                    if bridge.generation > 0 {
+                        // Not the first subscription: the bridge had lost it and got it back.
+                        bridge.metrics.bus_reconnects.inc();
+                    }
                     bridge.subscribed = true;
                     log::info!(
                         "node={} subscribed to {}; rooms catch up from history",

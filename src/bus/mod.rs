@@ -25,6 +25,7 @@
 
 pub mod bridge;
 pub mod memory;
+pub mod metered;
 pub mod redis;
 
 use std::sync::Arc;

@@ -12,15 +12,19 @@ pub async fn healthz() -> HttpResponse {
 
 /// 200 only while the bus is connected and the replica is not draining (SPEC §3).
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let reason = if state.draining.load(Ordering::Acquire) {
-        Some("draining".to_owned())
-    } else {
-        state.bus.readiness().err()
-    };
-    match reason {
+    match not_ready(&state) {
         None => HttpResponse::Ok().json(json!({"ready": true})),
         Some(reason) => {
             HttpResponse::ServiceUnavailable().json(json!({"ready": false, "reason": reason}))
         }
+    }
+}
+
+/// Why the replica is not ready, or `None` when it is.
+pub fn not_ready(state: &AppState) -> Option<String> {
+    if state.draining.load(Ordering::Acquire) {
+        Some("draining".to_owned())
+    } else {
+        state.bus.readiness().err()
     }
 }

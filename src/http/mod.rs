@@ -1,6 +1,9 @@
-//! HTTP routes: the WebSocket upgrade, health and readiness, and the built-in page.
+//! HTTP routes: the WebSocket upgrade, health and readiness, metrics, the HTTP API and the
+//! built-in page.
 
+pub mod api;
 mod health;
+mod metrics;
 mod page;
 mod ws;
 
@@ -14,6 +17,7 @@ use serde_json::json;
 use crate::actors::hub::Hub;
 use crate::actors::session::SessionConfig;
 use crate::bus::SharedBus;
+use crate::metrics::Metrics;
 
 /// What every request handler may use; one per replica.
 pub struct AppState {
@@ -27,12 +31,19 @@ pub struct AppState {
     /// Browser origins allowed to open sessions; empty allows all.
     pub allowed_origins: Vec<String>,
     pub echo_endpoint: bool,
+    /// `api.key`; empty disables the HTTP API.
+    pub api_key: String,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page::index))
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(metrics::metrics))
+        .route("/api/rooms/{room}/messages", web::post().to(api::publish))
+        .route("/api/rooms/{room}/history", web::get().to(api::history))
+        .route("/api/rooms/{room}/presence", web::get().to(api::presence))
         .route("/ws/{room}", web::get().to(ws::upgrade))
         .route("/echo", web::get().to(ws::echo));
 }

@@ -10,6 +10,7 @@ use super::{error, AppState};
 use crate::actors::echo::Echo;
 use crate::actors::session::{ConnectionGuard, Session, SessionRequest};
 use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
+use crate::metrics;
 use crate::protocol::MAX_HISTORY_LIMIT;
 
 #[derive(Debug, Deserialize)]
@@ -42,9 +43,19 @@ pub async fn upgrade(
 ) -> Result<HttpResponse, actix_web::Error> {
     let request = match check(&req, &room, &query, &state) {
         Ok(r) => r,
-        Err(refusal) => return Ok(refusal.response()),
+        Err(refusal) => {
+            // `check` refuses for exactly these three reasons, one status each.
+            let why = match refusal.0 {
+                StatusCode::FORBIDDEN => metrics::Refusal::Origin,
+                StatusCode::SERVICE_UNAVAILABLE => metrics::Refusal::Draining,
+                _ => metrics::Refusal::BadRequest,
+            };
+            state.metrics.refused(why);
+            return Ok(refusal.response());
+        }
     };
     let Some(slot) = ConnectionGuard::acquire(&state.connections, state.max_connections) else {
+        state.metrics.refused(metrics::Refusal::Cap);
         log::warn!(
             "refusing a session: limits.max_connections ({}) reached",
             state.max_connections

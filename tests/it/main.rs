@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod api;
 mod browser;
 mod chat;
 mod cluster;

@@ -100,6 +100,26 @@ impl<H> Default for Outcome<H> {
     }
 }
 
+/// What the sequencer did since the actor last asked ([`Sequencer::take_stats`]): plain
+/// numbers the actor adds to the replica's metrics once per call, so counting costs no lock
+/// or atomic per delivered frame and this module stays free of any metrics library.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Message frames the room's fan-out handed to members, live or from a catch-up read
+    /// (not the backlog a joining member is sent with its welcome).
+    pub delivered: u64,
+    /// Typing frames skipped because a member's queue was half full.
+    pub typing_dropped: u64,
+    /// Members closed with 4008 because their queue was full.
+    pub evicted: u64,
+    /// Messages taken from history reads rather than live events.
+    pub replayed: u64,
+    /// Holes no longer in history (members behind were closed).
+    pub gaps: u64,
+    /// Times the room moved to a new epoch.
+    pub epoch_resets: u64,
+}
+
 /// What a joining member is sent before live events, read by the actor from the bus.
 #[derive(Debug, Clone)]
 pub struct Synced {
@@ -144,6 +164,7 @@ pub struct Sequencer<H> {
     /// The epoch this room's renewal started, with its first head: every later read of that
     /// epoch ran after it existed, so a head below that means the store went back again.
     created: Option<(Epoch, Offset)>,
+    stats: Stats,
 }
 
 /// Fingerprint of a stored frame; equal bytes give equal prints.
@@ -165,7 +186,13 @@ impl<H: Outlet> Sequencer<H> {
             again: false,
             renew_after: None,
             created: None,
+            stats: Stats::default(),
         }
+    }
+
+    /// What happened since the last call; the counts start again from zero.
+    pub fn take_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.stats)
     }
 
     /// Whether a bus call it asked for is still outstanding.
@@ -257,10 +284,10 @@ impl<H: Outlet> Sequencer<H> {
                     continue;
                 }
             }
-            ok = ok && member.deliver(&room, &event) == Offer::Sent;
+            ok = ok && member.deliver(&room, &event, &mut self.stats) == Offer::Sent;
         }
         if !ok {
-            self.close(session, slow(), &mut out);
+            self.evict(session, &mut out);
         }
         self.catch_up_laggards(&mut out);
         out
@@ -302,7 +329,7 @@ impl<H: Outlet> Sequencer<H> {
                 m.epoch = Some(seen.epoch.clone());
                 m.delivered = seen.offset;
                 if m.handle.offer(Outbound::Frame(reset.clone()), false) != Offer::Sent {
-                    self.close(id, slow(), out);
+                    self.evict(id, out);
                 }
             }
         }
@@ -354,7 +381,7 @@ impl<H: Outlet> Sequencer<H> {
             .map(|(id, _)| *id)
             .collect();
         for id in evict {
-            self.close(id, slow(), &mut out);
+            self.evict(id, &mut out);
         }
         out
     }
@@ -445,6 +472,7 @@ impl<H: Outlet> Sequencer<H> {
                     .filter(|m| m.epoch == head.epoch)
                     .map_or(0, |m| m.offset);
                 for m in messages.filter(|m| m.offset > newest) {
+                    self.stats.replayed += 1;
                     self.accept(message_event(&self.room, &head.epoch, m), &mut out);
                 }
                 if let Some(old) = self.seen.as_ref().filter(|m| m.epoch != head.epoch) {
@@ -594,6 +622,7 @@ impl<H: Outlet> Sequencer<H> {
 
     fn retire(&mut self, epoch: &Epoch) {
         if !self.retired.contains(epoch) {
+            self.stats.epoch_resets += 1;
             if self.retired.len() == 4 {
                 self.retired.pop_front();
             }
@@ -667,6 +696,7 @@ impl<H: Outlet> Sequencer<H> {
     /// goes on from the store's head. Members still on an older epoch (the room's history was
     /// lost, and the new epoch's start is trimmed too) are told with a `reset` at the head.
     fn gap(&mut self, head: &RoomHead, out: &mut Outcome<H>) {
+        self.stats.gaps += 1;
         if let Some(old) = self.seen.as_ref().filter(|m| m.epoch != head.epoch) {
             let old = old.epoch.clone();
             self.retire(&old);
@@ -723,7 +753,7 @@ impl<H: Outlet> Sequencer<H> {
             }
         }
         for id in evict {
-            self.close(id, slow(), out);
+            self.evict(id, out);
         }
     }
 
@@ -765,13 +795,21 @@ impl<H: Outlet> Sequencer<H> {
                 }
                 continue;
             }
-            if member.deliver(&self.room, event) == Offer::Evict {
+            if member.deliver(&self.room, event, &mut self.stats) == Offer::Evict {
                 evict.push(*id);
             }
         }
         for id in evict {
-            self.close(id, slow(), out);
+            self.evict(id, out);
         }
+    }
+
+    /// Closes a slow consumer (4008), counted apart from the gaps' closes.
+    fn evict(&mut self, session: SessionId, out: &mut Outcome<H>) {
+        if self.members.contains_key(&session) {
+            self.stats.evicted += 1;
+        }
+        self.close(session, slow(), out);
     }
 
     fn close(&mut self, session: SessionId, why: (u16, &'static str), out: &mut Outcome<H>) {
@@ -810,7 +848,7 @@ fn read_from(mark: &Mark) -> Read {
 }
 
 impl<H: Outlet> Member<H> {
-    fn deliver(&mut self, room: &RoomName, event: &RoomEvent) -> Offer {
+    fn deliver(&mut self, room: &RoomName, event: &RoomEvent, stats: &mut Stats) -> Offer {
         match &event.kind {
             EventKind::Message { epoch, offset } => {
                 if self.epoch.as_ref() != Some(epoch) {
@@ -840,14 +878,21 @@ impl<H: Outlet> Member<H> {
                     .handle
                     .offer(Outbound::Frame(event.json.clone()), false)
                 {
-                    Offer::Sent => Offer::Sent,
+                    Offer::Sent => {
+                        stats.delivered += 1;
+                        Offer::Sent
+                    }
                     _ => Offer::Evict,
                 }
             }
             EventKind::Typing { .. } => {
                 match self.handle.offer(Outbound::Frame(event.json.clone()), true) {
                     Offer::Evict => Offer::Evict,
-                    _ => Offer::Sent,
+                    Offer::Dropped => {
+                        stats.typing_dropped += 1;
+                        Offer::Sent
+                    }
+                    Offer::Sent => Offer::Sent,
                 }
             }
             EventKind::Join { .. } | EventKind::Leave { .. } => {

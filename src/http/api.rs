@@ -1,0 +1,357 @@
+//! The HTTP API for backend services (SPEC §3): publish into a room, read its history, see
+//! who is present. Every call needs `Authorization: Bearer <api.key>`.
+//!
+//! A publish takes the same path as a WebSocket message: the same validation, then
+//! [`Bus::publish`](crate::bus::Bus::publish), so it gets the room's next offset, is stored
+//! before the answer, reaches every member on every replica, and a repeated `ref` (per user
+//! and room, as on the WebSocket) resolves to the first offset. Errors are the `error`
+//! frame's codes as JSON, plus `unauthorized` (401) and `too_large` (413).
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use crate::bus::{BusError, NewMessage};
+use crate::domain::{RoomName, UserId, MAX_OFFSET};
+use crate::protocol::{self, ErrorCode, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+
+/// The user an API message is posted as when the body names none.
+pub const DEFAULT_API_USER: &str = "api";
+
+/// Why an API request was refused. Client errors (4xx) are kept apart from ours (5xx).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("the HTTP API is disabled on this server (api.key is not set)")]
+    Disabled,
+    #[error("missing or wrong API key (send Authorization: Bearer <api.key>)")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLong(String),
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Disabled => StatusCode::FORBIDDEN,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::BadRequest(_) | Self::TooLong(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Bus(BusError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Bus(BusError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Disabled => ErrorCode::Forbidden.as_str(),
+            Self::Unauthorized => "unauthorized",
+            Self::BadRequest(_) => ErrorCode::BadRequest.as_str(),
+            Self::TooLong(_) => ErrorCode::TooLong.as_str(),
+            Self::TooLarge(_) => "too_large",
+            Self::Bus(BusError::Unavailable(_)) => ErrorCode::Unavailable.as_str(),
+            Self::Bus(BusError::Internal(_)) => ErrorCode::Internal.as_str(),
+        }
+    }
+
+    fn response(&self) -> HttpResponse {
+        let mut resp = super::error(self.status(), self.code(), &self.to_string());
+        if *self == Self::Unauthorized {
+            // RFC 6750 §3: a 401 names the scheme the client should use.
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// The body of `POST /api/rooms/{room}/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    text: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(rename = "ref", default)]
+    reference: Option<String>,
+}
+
+/// The query of `GET /api/rooms/{room}/history`, parsed by hand for clear messages.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+/// Which endpoint answered, the `endpoint` label of `confab_api_requests_total`.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Publish,
+    History,
+    Presence,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::History => "history",
+            Self::Presence => "presence",
+        }
+    }
+}
+
+/// Answers with the handler's response or its error as JSON, and counts the request.
+fn finish(
+    state: &AppState,
+    endpoint: Endpoint,
+    result: Result<HttpResponse, ApiError>,
+) -> HttpResponse {
+    let resp = result.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            log::warn!("api {}: {e}", endpoint.label());
+        } else {
+            log::debug!("api {} refused: {e}", endpoint.label());
+        }
+        e.response()
+    });
+    state
+        .metrics
+        .api_request(endpoint.label(), resp.status().as_u16());
+    resp
+}
+
+/// `POST /api/rooms/{room}/messages` → 201 `{"offset","epoch"}`; 200 with the first offset
+/// when the `ref` was seen before (nothing new was created).
+pub async fn publish(
+    req: HttpRequest,
+    room: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let result = publish_inner(&req, &room, payload, &state).await;
+    finish(&state, Endpoint::Publish, result)
+}
+
+async fn publish_inner(
+    req: &HttpRequest,
+    room: &str,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    authorize(req, &state.api_key)?;
+    let room = parse_room(room)?;
+    let limit = state.sessions.max_frame_bytes;
+    let body = read_body(req, payload, limit).await?;
+    let body: PublishBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let user = match body.user.as_deref() {
+        None => UserId::parse(DEFAULT_API_USER),
+        Some(name) => UserId::parse(name),
+    }
+    .map_err(|e| ApiError::BadRequest(format!("user {e}")))?;
+    protocol::check_message(
+        &body.text,
+        &body.reference,
+        state.sessions.max_message_chars,
+    )
+    .map_err(|r| match r.code {
+        ErrorCode::TooLong => ApiError::TooLong(r.message),
+        _ => ApiError::BadRequest(r.message),
+    })?;
+    let msg = NewMessage {
+        user,
+        text: body.text,
+        reference: body.reference,
+    };
+    let published = state.bus.publish(&room, msg).await?;
+    let status = if published.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(HttpResponse::build(status)
+        .json(json!({"offset": published.offset, "epoch": published.epoch})))
+}
+
+/// `GET /api/rooms/{room}/history?before=N&limit=50` → `{"room","epoch","messages"}`, oldest
+/// first; without `before`, the latest `limit`.
+pub async fn history(
+    req: HttpRequest,
+    room: web::Path<String>,
+    query: web::Query<HistoryQuery>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let result = history_inner(&req, &room, &query, &state).await;
+    finish(&state, Endpoint::History, result)
+}
+
+async fn history_inner(
+    req: &HttpRequest,
+    room: &str,
+    query: &HistoryQuery,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    authorize(req, &state.api_key)?;
+    let room = parse_room(room)?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_HISTORY_LIMIT,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("limit must be 1 to {MAX_HISTORY_LIMIT}"))
+            })?,
+    };
+    let before = match query.before.as_deref() {
+        None => None,
+        Some(n) => Some(
+            n.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=MAX_OFFSET).contains(n))
+                .ok_or_else(|| ApiError::BadRequest(format!("before must be 1 to {MAX_OFFSET}")))?,
+        ),
+    };
+    let page = state.bus.history(&room, before, limit).await?;
+    // The stored frames are spliced in as they were stored, as in the `history` frame.
+    let messages: Vec<_> = page
+        .messages
+        .iter()
+        .filter_map(|m| protocol::raw_json(&m.json))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "room": room,
+        "epoch": page.epoch,
+        "messages": messages,
+    })))
+}
+
+/// `GET /api/rooms/{room}/presence` → `{"room","users"}`, cluster-wide, sorted.
+pub async fn presence(
+    req: HttpRequest,
+    room: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let result = presence_inner(&req, &room, &state).await;
+    finish(&state, Endpoint::Presence, result)
+}
+
+async fn presence_inner(
+    req: &HttpRequest,
+    room: &str,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    authorize(req, &state.api_key)?;
+    let room = parse_room(room)?;
+    let users = state.bus.presence(&room).await?;
+    Ok(HttpResponse::Ok().json(json!({"room": room, "users": users})))
+}
+
+fn parse_room(room: &str) -> Result<RoomName, ApiError> {
+    RoomName::parse(room).map_err(|e| ApiError::BadRequest(format!("room name {e}")))
+}
+
+/// Checks the bearer key: 403 when no key is configured (the API is off), 401 when it is
+/// missing or wrong.
+fn authorize(req: &HttpRequest, key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::Disabled);
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 7235 §2.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell a
+/// guesser how many leading bytes were right. It depends only on the configured key's length.
+fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != key.len());
+    for (i, k) in key.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ k;
+    }
+    diff == 0
+}
+
+/// Reads the body up to `limit` bytes; a larger one is refused without reading it all.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<bytes::BytesMut, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_equal_only_when_identical() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+        assert!(!constant_time_eq(b"sec", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+
+    #[test]
+    fn every_error_has_the_status_and_code_the_contract_names() {
+        let cases = [
+            (ApiError::Disabled, 403, "forbidden"),
+            (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::BadRequest("x".into()), 400, "bad_request"),
+            (ApiError::TooLong("x".into()), 400, "too_long"),
+            (ApiError::TooLarge(10), 413, "too_large"),
+            (
+                ApiError::Bus(BusError::Unavailable("down".into())),
+                503,
+                "unavailable",
+            ),
+            (
+                ApiError::Bus(BusError::Internal("bug".into())),
+                500,
+                "internal",
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");
+        }
+    }
+}

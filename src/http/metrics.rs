@@ -1,0 +1,26 @@
+//! `GET /metrics`: the replica's metrics in the Prometheus text format.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+
+use super::{error, health, AppState};
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    // Readiness is a state, not an event: read it when scraped rather than tracking each
+    // change of the bus and the drain flag.
+    let ready = health::not_ready(&state).is_none();
+    state.metrics.ready.set(i64::from(ready));
+    match state.metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => {
+            log::error!("cannot render metrics: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot render metrics",
+            )
+        }
+    }
+}
