@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::bus::{BusError, NewMessage};
-use crate::domain::{RoomName, UserId, MAX_OFFSET};
+use crate::domain::{Epoch, RoomName, UserId, MAX_OFFSET};
 use crate::protocol::{self, ErrorCode, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 
 /// The user an API message is posted as when the body names none.
@@ -230,11 +230,18 @@ async fn history_inner(
         .iter()
         .filter_map(|m| protocol::raw_json(&m.json))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "room": room,
-        "epoch": page.epoch,
-        "messages": messages,
-    })))
+    // A struct, not `json!`: `json!` would parse each raw frame back into a `Value`.
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        room: &'a RoomName,
+        epoch: &'a Epoch,
+        messages: Vec<&'a serde_json::value::RawValue>,
+    }
+    Ok(HttpResponse::Ok().json(Page {
+        room: &room,
+        epoch: &page.epoch,
+        messages,
+    }))
 }
 
 /// `GET /api/rooms/{room}/presence` → `{"room","users"}`, cluster-wide, sorted.
