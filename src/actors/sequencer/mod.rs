@@ -54,9 +54,6 @@ pub struct Read {
     pub epoch: Epoch,
     /// Read the messages after this offset.
     pub after: Offset,
-    /// When set, the first message read must be `after + 1` with this fingerprint: the room
-    /// delivered it, and a store that lost or replaced it went back in time.
-    pub expect: Option<u64>,
     /// The newest offset of `epoch` known to be stored when the read was issued (delivered
     /// here, or held as a live event): a head below it means the store went back. Only what
     /// was known before the read counts, since the store moves on while it runs.
@@ -342,7 +339,6 @@ impl<H: Outlet> Sequencer<H> {
             let read = Read {
                 epoch,
                 after: 0,
-                expect: None,
                 floor: 0,
             };
             return self.start(Step::Read(read), Vec::new(), out);
@@ -363,7 +359,6 @@ impl<H: Outlet> Sequencer<H> {
             let read = Read {
                 epoch: seen.epoch,
                 after: low,
-                expect: None,
                 floor: 0,
             };
             self.start(Step::Read(read), Vec::new(), out);
@@ -401,27 +396,28 @@ impl<H: Outlet> Sequencer<H> {
             self.again = true;
             return out;
         }
-        // A room that saw no message yet starts from its members' cursors.
-        let read = match &self.seen {
-            Some(mark) => read_from(mark),
-            None => match self
-                .members
-                .values()
-                .filter(|m| m.syncing.is_none())
-                .filter_map(|m| m.epoch.clone().map(|e| (e, m.delivered)))
-                .min_by_key(|(_, delivered)| *delivered)
-            {
-                Some((epoch, after)) => Read {
-                    epoch,
-                    after,
-                    expect: None,
-                    floor: 0,
-                },
-                None => return out,
-            },
-        };
-        self.start(Step::Read(read), Vec::new(), &mut out);
+        if let Some(read) = self.resync_read() {
+            self.start(Step::Read(read), Vec::new(), &mut out);
+        }
         out
+    }
+
+    /// The read a resync needs: from the newest message delivered, or, in a room that saw
+    /// none yet, from its members' cursors.
+    fn resync_read(&self) -> Option<Read> {
+        if let Some(mark) = &self.seen {
+            return Some(read_from(mark));
+        }
+        self.members
+            .values()
+            .filter(|m| m.syncing.is_none())
+            .filter_map(|m| m.epoch.clone().map(|e| (e, m.delivered)))
+            .min_by_key(|(_, delivered)| *delivered)
+            .map(|(epoch, after)| Read {
+                epoch,
+                after,
+                floor: 0,
+            })
     }
 
     /// The history read asked for by a [`Step::Read`] finished; `None` when the bus failed
@@ -457,21 +453,12 @@ impl<H: Outlet> Sequencer<H> {
                         return self.went_back(&read.epoch, floor);
                     }
                 }
-                let mut messages = messages.into_iter().peekable();
-                if let Some(expect) = read.expect {
-                    let first = messages.next_if(|m| m.offset == read.after + 1);
-                    let kept = first.is_some_and(|m| fingerprint(&m.json) == expect);
-                    if !kept {
-                        // What this room delivered is gone or different: the store went back.
-                        return self.went_back(&read.epoch, read.after + 1);
-                    }
-                }
                 let newest = self
                     .seen
                     .as_ref()
                     .filter(|m| m.epoch == head.epoch)
                     .map_or(0, |m| m.offset);
-                for m in messages.filter(|m| m.offset > newest) {
+                for m in messages.into_iter().filter(|m| m.offset > newest) {
                     self.stats.replayed += 1;
                     self.accept(message_event(&self.room, &head.epoch, m), &mut out);
                 }
@@ -494,11 +481,15 @@ impl<H: Outlet> Sequencer<H> {
                 // The room has a new epoch (its history was lost or expired): read it from the
                 // start, then tell members. The epoch asked for is gone for good.
                 self.retire(&read.epoch);
-                let read = Read {
-                    epoch: head.epoch,
-                    after: 0,
-                    expect: None,
-                    floor: 0,
+                let read = match self.seen.as_ref().filter(|m| m.epoch == head.epoch) {
+                    // The room is on that epoch already (what it asked about was a straggler):
+                    // go on from what it delivered, checking the store still holds it.
+                    Some(mark) => read_from(mark),
+                    None => Read {
+                        epoch: head.epoch,
+                        after: 0,
+                        floor: 0,
+                    },
                 };
                 out.step = Some(self.issue(Step::Read(read)));
                 return out;
@@ -567,7 +558,6 @@ impl<H: Outlet> Sequencer<H> {
             let read = Read {
                 epoch: epoch.clone(),
                 after: 0,
-                expect: None,
                 floor: 0,
             };
             self.start(Step::Read(read), vec![event], out);
@@ -680,14 +670,19 @@ impl<H: Outlet> Sequencer<H> {
                 return;
             }
         }
+        if std::mem::take(&mut self.again) {
+            // A resync was asked for while the step ran (a reconnect: the store may have
+            // changed under it), or held events were let go: read again before the held
+            // events go out, so the read is checked against them too.
+            if let Some(read) = self.resync_read() {
+                out.step = Some(self.issue(Step::Read(read)));
+                return;
+            }
+        }
         let held = self.held.take().unwrap_or_default();
         for event in held {
             // If one of these starts another step, the rest are held for it, in order.
             self.event(event, out);
-        }
-        if self.held.is_none() && std::mem::take(&mut self.again) {
-            let next = self.resync();
-            out.step = next.step;
         }
         self.catch_up_laggards(out);
     }
@@ -829,21 +824,15 @@ fn slow() -> (u16, &'static str) {
     (CLOSE_SLOW_CONSUMER, "slow consumer: resume to catch up")
 }
 
-/// The read that fills a hole after `mark`, re-reading the marked message to check it.
+/// The read that fills a hole after `mark`. It starts one message early when the marked
+/// message's bytes are known, so [`Sequencer::read_done`] can check the store still holds it
+/// as it was delivered.
 fn read_from(mark: &Mark) -> Read {
-    match mark.print {
-        Some(print) if mark.offset > 0 => Read {
-            epoch: mark.epoch.clone(),
-            after: mark.offset - 1,
-            expect: Some(print),
-            floor: 0,
-        },
-        _ => Read {
-            epoch: mark.epoch.clone(),
-            after: mark.offset,
-            expect: None,
-            floor: 0,
-        },
+    let early = u64::from(mark.print.is_some() && mark.offset > 0);
+    Read {
+        epoch: mark.epoch.clone(),
+        after: mark.offset - early,
+        floor: 0,
     }
 }
 
