@@ -199,10 +199,12 @@ impl<H: Outlet> Sequencer<H> {
 
     /// A session joins; its events are held until [`Self::synced`].
     pub fn add(&mut self, session: SessionId, user: UserId, handle: H) {
+        // The room's own mark, not every member's cursor: joining stays O(1) in a big room,
+        // and a lower floor only means a later check, never a false one.
         let known_at_join = self
             .seen
             .as_ref()
-            .map(|m| (m.epoch.clone(), self.known(&m.epoch)));
+            .map(|m| (m.epoch.clone(), m.offset.max(self.held_max(&m.epoch))));
         self.members.insert(
             session,
             Member {
@@ -248,7 +250,6 @@ impl<H: Outlet> Sequencer<H> {
         };
         member.epoch = Some(synced.epoch.clone());
         member.delivered = synced.delivered;
-        let left_behind = self.retired.contains(&synced.epoch);
         let welcome = Outbound::Welcome {
             epoch: synced.epoch,
             offset: synced.offset,
@@ -257,19 +258,6 @@ impl<H: Outlet> Sequencer<H> {
         let mut ok = member.handle.offer(welcome, false) == Offer::Sent;
         for frame in synced.frames {
             ok = ok && member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
-        }
-        if let Some(now) = self.seen.as_ref().filter(|_| left_behind) {
-            // The member read its head before the room left that epoch: it is told where the
-            // room stands now, as the other members were.
-            let reset = ServerFrame::Reset {
-                room: &room,
-                epoch: &now.epoch,
-                offset: now.offset,
-            }
-            .to_text();
-            ok = ok && member.handle.offer(Outbound::Frame(reset), false) == Offer::Sent;
-            member.epoch = Some(now.epoch.clone());
-            member.delivered = now.offset;
         }
         for event in member.syncing.take().unwrap_or_default() {
             if let EventKind::Message { epoch, .. } = &event.kind {
@@ -286,7 +274,8 @@ impl<H: Outlet> Sequencer<H> {
         if !ok {
             self.evict(session, &mut out);
         }
-        self.catch_up_laggards(&mut out);
+        // Only this member changed: the others were brought up when the last step ended.
+        self.catch_up_laggards(Some(session), &mut out);
         out
     }
 
@@ -298,43 +287,31 @@ impl<H: Outlet> Sequencer<H> {
     /// - a member behind the room's newest offset with nothing held to fill the difference
     ///   (the room jumped to a head it did not read: a renewal, a reset) is brought up from
     ///   history: the room re-reads from the lowest such member.
-    fn catch_up_laggards(&mut self, out: &mut Outcome<H>) {
+    fn catch_up_laggards(&mut self, only: Option<SessionId>, out: &mut Outcome<H>) {
         if self.held.is_some() {
             return; // checked again when the step is done
         }
         let Some(seen) = self.seen.clone() else {
             return;
         };
+        let synced = |(id, m): &(&SessionId, &Member<H>)| {
+            m.syncing.is_none() && only.map_or(true, |o| **id == o)
+        };
+        // Members on an epoch the store left behind are told where the room stands.
+        let retired = &self.retired;
         let stale: Vec<SessionId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.syncing.is_none())
-            .filter(|(_, m)| m.epoch.as_ref().is_some_and(|e| self.retired.contains(e)))
+            .filter(synced)
+            .filter(|(_, m)| m.epoch.as_ref().is_some_and(|e| retired.contains(e)))
             .map(|(id, _)| *id)
             .collect();
-        if !stale.is_empty() {
-            let reset = ServerFrame::Reset {
-                room: &self.room,
-                epoch: &seen.epoch,
-                offset: seen.offset,
-            }
-            .to_text();
-            for id in stale {
-                let Some(m) = self.members.get_mut(&id) else {
-                    continue;
-                };
-                m.epoch = Some(seen.epoch.clone());
-                m.delivered = seen.offset;
-                if m.handle.offer(Outbound::Frame(reset.clone()), false) != Offer::Sent {
-                    self.evict(id, out);
-                }
-            }
-        }
+        self.reset(stale, &seen.epoch, seen.offset, out);
         let unknown = self
             .members
-            .values()
-            .filter(|m| m.syncing.is_none())
-            .find_map(|m| m.epoch.clone().filter(|e| *e != seen.epoch));
+            .iter()
+            .filter(synced)
+            .find_map(|(_, m)| m.epoch.clone().filter(|e| *e != seen.epoch));
         if let Some(epoch) = unknown {
             let read = Read {
                 epoch,
@@ -345,9 +322,10 @@ impl<H: Outlet> Sequencer<H> {
         }
         let low = self
             .members
-            .values()
-            .filter(|m| m.syncing.is_none() && m.epoch.as_ref() == Some(&seen.epoch))
-            .map(|m| m.delivered)
+            .iter()
+            .filter(synced)
+            .filter(|(_, m)| m.epoch.as_ref() == Some(&seen.epoch))
+            .map(|(_, m)| m.delivered)
             .min()
             .unwrap_or(seen.offset);
         if low < seen.offset {
@@ -684,7 +662,7 @@ impl<H: Outlet> Sequencer<H> {
             // If one of these starts another step, the rest are held for it, in order.
             self.event(event, out);
         }
-        self.catch_up_laggards(out);
+        self.catch_up_laggards(None, out);
     }
 
     /// The hole is no longer in history: members that would have a gap are closed, the room
@@ -730,25 +708,35 @@ impl<H: Outlet> Sequencer<H> {
     /// Tells synced members not on `epoch` that the room moved there, continuing after
     /// `offset`.
     fn reset_members(&mut self, epoch: &Epoch, offset: Offset, out: &mut Outcome<H>) {
+        let others: Vec<SessionId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.syncing.is_none() && m.epoch.as_ref() != Some(epoch))
+            .map(|(id, _)| *id)
+            .collect();
+        self.reset(others, epoch, offset, out);
+    }
+
+    /// Sends these members one `reset` frame (serialized once) and moves their cursors there.
+    fn reset(&mut self, ids: Vec<SessionId>, epoch: &Epoch, offset: Offset, out: &mut Outcome<H>) {
+        if ids.is_empty() {
+            return;
+        }
         let frame = ServerFrame::Reset {
             room: &self.room,
             epoch,
             offset,
         }
         .to_text();
-        let mut evict = Vec::new();
-        for (id, member) in &mut self.members {
-            if member.syncing.is_some() || member.epoch.as_ref() == Some(epoch) {
+        for id in ids {
+            let Some(m) = self.members.get_mut(&id) else {
                 continue;
+            };
+            m.epoch = Some(epoch.clone());
+            m.delivered = offset;
+            if m.handle.offer(Outbound::Frame(frame.clone()), false) != Offer::Sent {
+                self.evict(id, out);
             }
-            member.epoch = Some(epoch.clone());
-            member.delivered = offset;
-            if member.handle.offer(Outbound::Frame(frame.clone()), false) != Offer::Sent {
-                evict.push(*id);
-            }
-        }
-        for id in evict {
-            self.evict(id, out);
         }
     }
 
