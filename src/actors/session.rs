@@ -152,12 +152,6 @@ impl Session {
             .start()
     }
 
-    /// Writes a reply of this session's own (ack, error, pong, ...). Replies only come from
-    /// frames handled after the welcome, so they always follow it.
-    fn reply(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: ByteString) {
-        ctx.text(text);
-    }
-
     /// A complete text frame from the client: held until the welcome, then handled.
     fn on_text(&mut self, text: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
         match self.held.as_mut() {
@@ -172,13 +166,14 @@ impl Session {
         }
     }
 
+    /// Handles a frame after the welcome, so every reply (ack, error, pong…) follows it.
     fn handle_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
             Err(rejection) => {
                 log::debug!("session={} bad frame: {}", self.label, rejection.message);
                 self.cfg.metrics.rejected(rejection.code);
-                return self.reply(ctx, protocol::rejection_frame(&rejection));
+                return ctx.text(protocol::rejection_frame(&rejection));
             }
         };
         let metered = matches!(
@@ -189,7 +184,7 @@ impl Session {
             return self.rate_limited(&request, ctx);
         }
         match request {
-            Request::Ping => self.reply(ctx, ServerFrame::Pong.to_text()),
+            Request::Ping => ctx.text(ServerFrame::Pong.to_text()),
             Request::Typing => {
                 // Typing is droppable: over the limit it is skipped without a word.
                 if self.bucket.try_take(Instant::now()) {
@@ -231,7 +226,7 @@ impl Session {
             reference,
         }
         .to_text();
-        self.reply(ctx, frame);
+        ctx.text(frame);
     }
 
     fn publish(
@@ -275,11 +270,10 @@ impl Session {
         {
             *slot = Some(frame);
         }
-        while let Some(Some(_)) = self.answers.front() {
-            if let Some(Some(frame)) = self.answers.pop_front() {
-                self.answered += 1;
-                self.reply(ctx, frame);
-            }
+        while let Some(Some(frame)) = self.answers.front_mut().map(Option::take) {
+            self.answers.pop_front();
+            self.answered += 1;
+            ctx.text(frame);
         }
     }
 
@@ -294,7 +288,7 @@ impl Session {
                 .to_text(),
                 Err(e) => bus_error_frame(&e, None),
             };
-            session.reply(ctx, frame);
+            ctx.text(frame);
         }));
     }
 
@@ -321,7 +315,7 @@ impl Session {
                 .to_text(),
                 Err(e) => bus_error_frame(&e, reference.as_deref()),
             };
-            session.reply(ctx, frame);
+            ctx.text(frame);
         }));
     }
 

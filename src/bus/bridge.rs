@@ -141,9 +141,7 @@ impl RedisBridge {
             }
         }));
     }
-}
 
-impl RedisBridge {
     /// Whatever was published while we were not subscribed is in history: every room reads
     /// it, and checks the store did not go back, before the replica takes publishes again.
     /// A room whose reads keep failing holds readiness back for at most [`CATCH_UP_LIMIT`].

@@ -239,10 +239,9 @@ impl RedisBus {
 
     /// Parses `{epoch, offset, entries}` from the read script.
     fn parse_read(value: Value) -> Result<(RoomHead, Vec<StoredMessage>), BusError> {
-        let bad = || BusError::Internal("unexpected reply from the read script".into());
+        let bad = || bad_reply("read");
         let mut parts = value.into_array().into_iter();
-        let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
-        let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
+        let head = reply_head(&mut parts, "read")?;
         let entries = parts.next().map(Value::into_array).unwrap_or_default();
         let mut messages = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -264,10 +263,6 @@ impl RedisBus {
                 json: ByteString::from(json),
             });
         }
-        let head = RoomHead {
-            epoch: Epoch::from_string(&epoch),
-            offset,
-        };
         Ok((head, messages))
     }
 
@@ -354,13 +349,11 @@ impl Bus for Arc<RedisBus> {
                 }
                 unavailable(e)
             })?;
-            let bad = || BusError::Internal("unexpected reply from the publish script".into());
             let mut parts = reply.into_array().into_iter();
-            let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
-            let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
-            let duplicate = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)? == 1;
+            let RoomHead { epoch, offset } = reply_head(&mut parts, "publish")?;
+            let duplicate = reply_flag(&mut parts, "publish")?;
             Ok(Published {
-                epoch: Epoch::from_string(&epoch),
+                epoch,
                 offset,
                 duplicate,
             })
@@ -422,18 +415,10 @@ impl Bus for Arc<RedisBus> {
                 .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history], args)
                 .await
                 .map_err(unavailable)?;
-            let bad = || BusError::Internal("unexpected reply from the renew script".into());
             let mut parts = reply.into_array().into_iter();
-            let epoch = parts.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
-            let offset = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)?;
-            let created = parts.next().and_then(|v| v.as_u64()).ok_or_else(bad)? == 1;
-            Ok(Renewed {
-                head: RoomHead {
-                    epoch: Epoch::from_string(&epoch),
-                    offset,
-                },
-                created,
-            })
+            let head = reply_head(&mut parts, "renew")?;
+            let created = reply_flag(&mut parts, "renew")?;
+            Ok(Renewed { head, created })
         }
         .boxed()
     }
@@ -469,6 +454,29 @@ impl Bus for Arc<RedisBus> {
     fn readiness(&self) -> Result<(), String> {
         self.ready_state()
     }
+}
+
+fn bad_reply(script: &str) -> BusError {
+    BusError::Internal(format!("unexpected reply from the {script} script"))
+}
+
+/// The `epoch, offset` that the publish, read and renew scripts' replies start with.
+fn reply_head(parts: &mut impl Iterator<Item = Value>, script: &str) -> Result<RoomHead, BusError> {
+    let epoch = parts.next().and_then(|v| v.as_string());
+    let offset = parts.next().and_then(|v| v.as_u64());
+    match (epoch, offset) {
+        (Some(epoch), Some(offset)) => Ok(RoomHead {
+            epoch: Epoch::from_string(&epoch),
+            offset,
+        }),
+        _ => Err(bad_reply(script)),
+    }
+}
+
+/// A 0/1 flag in a script's reply.
+fn reply_flag(parts: &mut impl Iterator<Item = Value>, script: &str) -> Result<bool, BusError> {
+    let flag = parts.next().and_then(|v| v.as_u64());
+    flag.map(|f| f == 1).ok_or_else(|| bad_reply(script))
 }
 
 /// Starts a Redis call now rather than when its future is first awaited.
