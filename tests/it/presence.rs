@@ -103,7 +103,9 @@ async fn presence_events_until_leave(watcher: &mut Client, user: &str) -> Vec<St
 }
 
 #[tokio::test]
-async fn a_join_and_a_leave_in_a_room_of_5000_cost_no_scan_and_are_published_once() {
+async fn a_join_and_a_leave_in_a_room_of_5000_are_listed_and_published_once() {
+    // That they cost no scan is checked on the script itself (`redis/presence.rs` unit test);
+    // the timings are printed, not asserted.
     let redis = Redis::start();
     let p = prefix("big");
     seed_room(&redis, &p, "big").await;

@@ -473,6 +473,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_join_or_leave_touches_single_fields_never_a_whole_room() {
+        // The cost of one change must not grow with the room: no command that reads or
+        // walks a whole hash or set (the old script scanned every user with HKEYS).
+        let commands: Vec<&str> = CHANGE_LUA
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .flat_map(|l| l.split("redis.call('").skip(1))
+            .filter_map(|c| c.split('\'').next())
+            .collect();
+        assert!(!commands.is_empty());
+        for c in &commands {
+            assert!(
+                ["SADD", "SREM", "HINCRBY", "HDEL", "PUBLISH"].contains(c),
+                "{c} in the presence change script"
+            );
+        }
+    }
+
+    #[test]
     fn the_reap_template_rebuilds_the_leave_envelope_for_any_user() {
         for room in ["lobby", "x", "user", "9"] {
             let room = RoomName::parse(room).unwrap();
