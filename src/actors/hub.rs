@@ -20,7 +20,7 @@ use actix::prelude::*;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
-use super::room::{Event, Join, Leave, Resync, Room};
+use super::room::{Event, Join, Leave, RefreshPresence, Resync, Room};
 use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
@@ -335,6 +335,11 @@ impl Handler<Reassert> for Hub {
             .collect();
         for (room, user) in joins {
             self.record_join(&room, &user, ctx);
+        }
+        // The joins above are already on their way to the bus, so each room's presence read
+        // comes after them.
+        for entry in self.rooms.values() {
+            entry.addr.do_send(RefreshPresence);
         }
     }
 }

@@ -60,6 +60,12 @@ pub struct Resync {
     pub done: Option<CatchUpDone>,
 }
 
+/// Hub → room: the replica's joins were recorded again after a reconnect; send members the
+/// room's presence as it stands (joins and leaves during the outage were missed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RefreshPresence;
+
 /// Bus → room: something happened in this room.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -302,9 +308,23 @@ impl Handler<Resync> for Room {
 
     fn handle(&mut self, msg: Resync, ctx: &mut Self::Context) {
         self.resync_asked.store(false, Ordering::Release);
+        // After a reconnect (`done` given) presence is refreshed once the hub has recorded
+        // this replica's joins again (see `RefreshPresence`): read now, a Redis that came back
+        // empty would list nobody.
+        let reconnect = msg.done.is_some();
         self.catch_up_done.extend(msg.done);
         let outcome = self.seq.resync();
         self.apply(outcome, ctx);
+        if !reconnect {
+            self.refresh_presence(ctx);
+        }
+    }
+}
+
+impl Handler<RefreshPresence> for Room {
+    type Result = ();
+
+    fn handle(&mut self, _: RefreshPresence, ctx: &mut Self::Context) {
         self.refresh_presence(ctx);
     }
 }
