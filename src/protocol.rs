@@ -132,19 +132,10 @@ pub fn parse_request(frame: &str, max_message_chars: usize) -> Result<Request, R
             reference,
         } => {
             check_ref(&reference)?;
-            let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
-            if limit == 0 || limit > MAX_HISTORY_LIMIT {
-                return Err(Rejection::bad(
-                    format!("limit must be 1 to {MAX_HISTORY_LIMIT}"),
-                    reference,
-                ));
-            }
-            if before.is_some_and(|b| b == 0 || b > MAX_OFFSET) {
-                return Err(Rejection::bad(
-                    format!("before must be 1 to {MAX_OFFSET}"),
-                    reference,
-                ));
-            }
+            let limit = match check_page(before, limit) {
+                Ok(limit) => limit,
+                Err(message) => return Err(Rejection::bad(message, reference)),
+            };
             Ok(Request::History {
                 before,
                 limit,
@@ -152,6 +143,19 @@ pub fn parse_request(frame: &str, max_message_chars: usize) -> Result<Request, R
             })
         }
     }
+}
+
+/// Checks a history page request (a `history` frame's or the HTTP API's): `before` 1 to
+/// [`MAX_OFFSET`], `limit` 1 to [`MAX_HISTORY_LIMIT`]. Returns the limit, defaulted.
+pub fn check_page(before: Option<Offset>, limit: Option<usize>) -> Result<usize, String> {
+    let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+    if limit == 0 || limit > MAX_HISTORY_LIMIT {
+        return Err(format!("limit must be 1 to {MAX_HISTORY_LIMIT}"));
+    }
+    if before.is_some_and(|b| b == 0 || b > MAX_OFFSET) {
+        return Err(format!("before must be 1 to {MAX_OFFSET}"));
+    }
+    Ok(limit)
 }
 
 /// Checks a chat message's text and `ref` as a `message` frame's are checked; the HTTP API

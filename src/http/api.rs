@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::AppState;
 use crate::bus::{BusError, NewMessage};
-use crate::domain::{Epoch, RoomName, UserId, MAX_OFFSET};
-use crate::protocol::{self, ErrorCode, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+use crate::domain::{Epoch, RoomName, UserId};
+use crate::protocol::{self, ErrorCode};
 
 /// The user an API message is posted as when the body names none.
 pub const DEFAULT_API_USER: &str = "api";
@@ -204,25 +204,11 @@ async fn history_inner(
 ) -> Result<HttpResponse, ApiError> {
     authorize(req, &state.api_key)?;
     let room = parse_room(room)?;
-    let limit = match query.limit.as_deref() {
-        None => DEFAULT_HISTORY_LIMIT,
-        Some(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("limit must be 1 to {MAX_HISTORY_LIMIT}"))
-            })?,
-    };
-    let before = match query.before.as_deref() {
-        None => None,
-        Some(n) => Some(
-            n.parse::<u64>()
-                .ok()
-                .filter(|n| (1..=MAX_OFFSET).contains(n))
-                .ok_or_else(|| ApiError::BadRequest(format!("before must be 1 to {MAX_OFFSET}")))?,
-        ),
-    };
+    // Numbers as text first (a query string has no types), then the checks a `history`
+    // frame gets.
+    let before = whole_number(&query.before, "before")?;
+    let limit = whole_number(&query.limit, "limit")?;
+    let limit = protocol::check_page(before, limit).map_err(ApiError::BadRequest)?;
     let page = state.bus.history(&room, before, limit).await?;
     // The stored frames are spliced in as they were stored, as in the `history` frame.
     let messages: Vec<_> = page
@@ -263,6 +249,18 @@ async fn presence_inner(
     let room = parse_room(room)?;
     let users = state.bus.presence(&room).await?;
     Ok(HttpResponse::Ok().json(json!({"room": room, "users": users})))
+}
+
+/// An optional query parameter that must be a whole number.
+fn whole_number<T: std::str::FromStr>(
+    value: &Option<String>,
+    name: &str,
+) -> Result<Option<T>, ApiError> {
+    value
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|_| ApiError::BadRequest(format!("{name} must be a whole number")))
 }
 
 fn parse_room(room: &str) -> Result<RoomName, ApiError> {
