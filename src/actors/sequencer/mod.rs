@@ -235,7 +235,9 @@ impl<H: Outlet> Sequencer<H> {
             _ => 0,
         }
         .max(self.created_base(&synced.epoch));
-        if synced.offset < floor {
+        // (On an epoch the room already left, the head is simply old: the member is brought to
+        // where the room stands below.)
+        if synced.offset < floor && !self.retired.contains(&synced.epoch) {
             // The store's head is behind what this room already delivered of the epoch: it
             // went back, and will hand those offsets out again.
             let stale = synced.epoch.clone();
@@ -500,11 +502,15 @@ impl<H: Outlet> Sequencer<H> {
             self.created = Some((head.epoch.clone(), head.offset));
         }
         self.reset_members(&head.epoch, head.offset, &mut out);
-        self.seen = Some(Mark {
-            epoch: head.epoch,
-            offset: head.offset,
-            print: None,
-        });
+        // A room already on that epoch (an older renewal was answered late) keeps its mark:
+        // its check of the newest delivered message stays possible.
+        if self.seen.as_ref().map_or(true, |m| m.epoch != head.epoch) {
+            self.seen = Some(Mark {
+                epoch: head.epoch,
+                offset: head.offset,
+                print: None,
+            });
+        }
         self.release(&mut out);
         out
     }
