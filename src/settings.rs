@@ -55,6 +55,9 @@ pub struct RedisSettings {
     pub command_timeout_ms: u64,
     /// A replica that has not renewed its presence lease this long is dead; its members leave.
     pub presence_lease_secs: u64,
+    /// Redis replicas that must confirm a message (`WAIT`) before it is acked; 0 = stored on
+    /// the master is enough.
+    pub replicas_to_ack: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +111,7 @@ impl Default for RedisSettings {
             prefix: "confab".into(),
             command_timeout_ms: 2000,
             presence_lease_secs: 15,
+            replicas_to_ack: 0,
         }
     }
 }

@@ -47,9 +47,11 @@ use crate::protocol::ServerFrame;
 use crate::settings::Settings;
 
 mod presence;
+mod replication;
 
 pub use presence::NodeIdTaken;
 use presence::Presence;
+use replication::Replication;
 
 const PUBLISH_LUA: &str = include_str!("lua/publish.lua");
 const READ_LUA: &str = include_str!("lua/read.lua");
@@ -89,6 +91,8 @@ pub struct RedisBus {
     read: Script,
     renew: Script,
     presence: Presence,
+    /// `WAIT`s for `redis.replicas_to_ack` replicas before an ack (none when 0).
+    replication: Replication,
 }
 
 /// The keys of one room; all share the `{room}` hash tag, so one script may use them together
@@ -144,6 +148,7 @@ impl RedisBus {
             read: Script::from_lua(READ_LUA),
             renew: Script::from_lua(RENEW_LUA),
             presence: Presence::new(),
+            replication: Replication::new(settings.redis.replicas_to_ack, timeout),
         });
         Ok((bus, subscriber))
     }
@@ -325,15 +330,22 @@ impl Bus for Arc<RedisBus> {
             Epoch::generate().as_str().into(),
             msg.reference.unwrap_or_default().into(),
             Value::from(REF_TTL.as_secs() as i64),
+            if self.replication.enabled() { "1" } else { "0" }.into(),
         ];
         let client = self.client.clone();
         let sha = self.publish.sha1().clone();
+        let meta = keys.meta.clone();
         // Sent now, so one session's messages get their offsets in the order it sent them.
         let call = sent(async move {
             client
                 .evalsha::<Value, _, _, _>(sha, vec![keys.meta, keys.history, ref_key], args)
                 .await
         });
+        // After the script was sent: the WAIT that answers this comes after it on the wire.
+        let replicated = self
+            .replication
+            .enabled()
+            .then(|| self.replication.confirm(&self.client, &meta));
         let bus = Arc::clone(self);
         async move {
             let reply = call.await.map_err(|e| {
@@ -352,6 +364,12 @@ impl Bus for Arc<RedisBus> {
             let mut parts = reply.into_array().into_iter();
             let RoomHead { epoch, offset } = reply_head(&mut parts, "publish")?;
             let duplicate = reply_flag(&mut parts, "publish")?;
+            if let Some(replicated) = replicated {
+                // Stored (and published), but acked only once enough replicas have it. If
+                // they do not confirm in time the client retries with its ref, which finds
+                // this message and waits for the replicas again.
+                replicated.await?;
+            }
             Ok(Published {
                 epoch,
                 offset,

@@ -7,6 +7,8 @@
 -- ARGV[1] channel         ARGV[2] history size    ARGV[3] ttl secs
 -- ARGV[4] frame before the offset   ARGV[5] frame after the offset
 -- ARGV[6] epoch to use if the room has none   ARGV[7] ref ('' = none)   ARGV[8] ref ttl secs
+-- ARGV[9] '1' when the caller then WAITs for replicas: a repeated ref writes its key again, so
+--         that WAIT (which covers this connection's writes) also covers the first publish
 -- Returns {epoch, offset, duplicate (0/1)}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if ARGV[7] ~= '' and epoch then
@@ -14,6 +16,9 @@ if ARGV[7] ~= '' and epoch then
   if prev then
     local sep = string.find(prev, ' ', 1, true)
     if sep and string.sub(prev, 1, sep - 1) == epoch then
+      if ARGV[9] == '1' then
+        redis.call('SET', KEYS[3], prev, 'EX', ARGV[8])
+      end
       return {epoch, tonumber(string.sub(prev, sep + 1)), 1}
     end
   end

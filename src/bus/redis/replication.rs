@@ -1,0 +1,166 @@
+//! "Acked means replicated, when asked": with `redis.replicas_to_ack` > 0 a publish is acked
+//! only after that many Redis replicas confirmed it, with `WAIT` on the connection that ran
+//! the publish script.
+//!
+//! `WAIT n timeout` blocks the connection it runs on until `n` replicas have acknowledged
+//! every write that connection made before it, or until the timeout; it answers how many did.
+//! Every publish of this process to one Redis node goes over one connection (fred keeps one
+//! per node), and Redis runs nothing else from a connection while its `WAIT` blocks. So one
+//! `WAIT` per publish would hold every later publish back by a replication round trip each.
+//! Instead the waits are grouped, like a database's group commit: at most one `WAIT` per
+//! node is in flight; publishes that ran their script meanwhile join the next batch, and that
+//! batch's single `WAIT` (sent after all their scripts, so it covers them) answers them all.
+//!
+//! The order that makes this right: a publish sends its script first ([`super::sent`]), then
+//! joins a batch; a batch's `WAIT` is sent only after every member joined. On a Redis
+//! Cluster the `WAIT` is routed by the room's hash slot, like the script, so it reaches the
+//! same node's connection (a slot moving between the two is not covered: its `WAIT` would
+//! count another node's replicas).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::ClusterHash;
+use tokio::sync::oneshot;
+
+use crate::bus::BusError;
+
+/// What a batch's `WAIT` tells each of its publishes.
+type Outcome = Result<(), BusError>;
+
+/// The `WAIT`s of one process, grouped per Redis node.
+pub(super) struct Replication {
+    replicas: i64,
+    timeout: Duration,
+    /// Per node (`None` when Redis is not a Cluster): publishes waiting for the next batch,
+    /// and whether a batch's `WAIT` is in flight.
+    gates: Arc<Mutex<HashMap<Option<String>, Gate>>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    in_flight: bool,
+    next: Vec<oneshot::Sender<Outcome>>,
+}
+
+impl Replication {
+    pub(super) fn new(replicas: u32, timeout: Duration) -> Self {
+        Self {
+            replicas: i64::from(replicas),
+            timeout,
+            gates: Arc::default(),
+        }
+    }
+
+    /// Whether publishes wait for replicas at all.
+    pub(super) fn enabled(&self) -> bool {
+        self.replicas > 0
+    }
+
+    /// Joins the next batch for the node that holds `key`; resolves when a `WAIT` sent after
+    /// this call says enough replicas have every write made before it. Call it right after
+    /// the script was sent, never before.
+    pub(super) fn confirm(
+        &self,
+        client: &Client,
+        key: &str,
+    ) -> impl std::future::Future<Output = Outcome> + Send + 'static {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let node = client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).map(|s| s.to_string()));
+        let (tx, rx) = oneshot::channel();
+        let start = match self.gates.lock() {
+            Ok(mut gates) => {
+                let gate = gates.entry(node.clone()).or_default();
+                gate.next.push(tx);
+                !std::mem::replace(&mut gate.in_flight, true)
+            }
+            Err(_) => {
+                let _ = tx.send(Err(BusError::Internal("replication state poisoned".into())));
+                false
+            }
+        };
+        if start {
+            let batches = Batches {
+                client: client.clone(),
+                gates: Arc::clone(&self.gates),
+                node,
+                slot,
+                replicas: self.replicas,
+                timeout: self.timeout,
+            };
+            tokio::spawn(batches.run());
+        }
+        async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(BusError::Unavailable(
+                    "the replication check was dropped".into(),
+                ))
+            })
+        }
+    }
+}
+
+/// Sends one node's `WAIT`s, a batch at a time, until nobody waits.
+struct Batches {
+    client: Client,
+    gates: Arc<Mutex<HashMap<Option<String>, Gate>>>,
+    node: Option<String>,
+    slot: u16,
+    replicas: i64,
+    timeout: Duration,
+}
+
+impl Batches {
+    async fn run(self) {
+        // Bounded: each turn answers at least one publish, and publishes are bounded per
+        // session; the loop ends when a turn finds nobody waiting.
+        loop {
+            let batch = match self.gates.lock() {
+                Ok(mut gates) => {
+                    let gate = gates.entry(self.node.clone()).or_default();
+                    if gate.next.is_empty() {
+                        gate.in_flight = false;
+                        return;
+                    }
+                    std::mem::take(&mut gate.next)
+                }
+                Err(_) => return,
+            };
+            let outcome = self.wait().await;
+            for tx in batch {
+                let _ = tx.send(outcome.clone());
+            }
+        }
+    }
+
+    /// One `WAIT`, covering every write this process sent to the node before it.
+    async fn wait(&self) -> Outcome {
+        let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        let options = Options {
+            // On a Cluster: the node that holds the room, as for the publish script.
+            cluster_hash: Some(ClusterHash::Custom(self.slot)),
+            // Redis answers by its own timeout; give the answer time to arrive.
+            timeout: Some(self.timeout + Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let acked: i64 = self
+            .client
+            .with_options(&options)
+            .wait(self.replicas, timeout_ms)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("waiting for Redis replicas: {e}")))?;
+        if acked >= self.replicas {
+            Ok(())
+        } else {
+            Err(BusError::Unavailable(format!(
+                "stored, but only {acked} of {} Redis replicas confirmed it within {:?}; \
+                 retry with the same ref",
+                self.replicas, self.timeout
+            )))
+        }
+    }
+}
