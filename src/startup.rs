@@ -140,8 +140,9 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         e = refused => return Err(io::Error::other(e)),
     }
     if let Some(bus) = redis_bus {
-        // Frees the node id, so a restart under it does not wait out the lease.
-        let _ = tokio::time::timeout(Duration::from_secs(2), bus.release_node_id()).await;
+        // Gives up the presence lease (this replica's members leave at once) and frees the
+        // node id, so a restart under it does not wait out the lease.
+        let _ = tokio::time::timeout(Duration::from_secs(5), bus.release_node_id()).await;
     }
     for arbiter in arbiters {
         arbiter.stop();

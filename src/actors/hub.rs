@@ -147,6 +147,9 @@ pub struct Hub {
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
     unrecorded_leaves: HashSet<(RoomName, UserId)>,
+    /// Set by [`Drain`]: a session that was admitted just before the drain began (its upgrade
+    /// passed the check before the replica turned not-ready) and attaches now is closed too.
+    draining: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -168,6 +171,7 @@ impl Hub {
             rooms: HashMap::new(),
             sessions: HashMap::new(),
             unrecorded_leaves: HashSet::new(),
+            draining: false,
         }
     }
 
@@ -261,6 +265,13 @@ impl Handler<Connect> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) {
+        if self.draining {
+            // Not attached, so no join is recorded; the session sends its Disconnect anyway.
+            msg.join
+                .member
+                .close(CLOSE_GOING_AWAY, "server shutting down");
+            return;
+        }
         let user = msg.join.user.clone();
         self.sessions
             .insert(msg.join.session, (user.clone(), msg.join.member.clone()));
@@ -356,6 +367,7 @@ impl Handler<Drain> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Drain, ctx: &mut Self::Context) {
+        self.draining = true;
         // Spread the closes over most of the grace period so reconnecting clients do not
         // stampede the other replicas; the rest is left for the close handshakes.
         const TICK: Duration = Duration::from_millis(100);
@@ -374,5 +386,107 @@ impl Handler<Drain> for Hub {
                 member.close(CLOSE_GOING_AWAY, "server shutting down");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::actors::member::{Deliver, Outbound, Pending};
+    use crate::bus::memory::MemoryBus;
+
+    /// Stands in for a session: records what the room or hub sends it.
+    struct Collector(Arc<Mutex<Vec<Outbound>>>);
+
+    impl Actor for Collector {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Deliver> for Collector {
+        type Result = ();
+        fn handle(&mut self, Deliver(out): Deliver, _: &mut Context<Self>) {
+            self.0.lock().unwrap().push(out);
+        }
+    }
+
+    fn join(session: SessionId, seen: &Arc<Mutex<Vec<Outbound>>>) -> Connect {
+        let limits = QueueLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        };
+        let member = MemberHandle::new(
+            Collector(Arc::clone(seen)).start().recipient(),
+            Arc::new(Pending::default()),
+            limits,
+        );
+        Connect {
+            room: RoomName::parse("lobby").unwrap(),
+            join: Join {
+                session,
+                user: UserId::parse(&format!("u{session}")).unwrap(),
+                member,
+                resume: None,
+                history: 0,
+            },
+        }
+    }
+
+    fn closed_with(seen: &Arc<Mutex<Vec<Outbound>>>) -> Option<u16> {
+        seen.lock().unwrap().iter().find_map(|o| match o {
+            Outbound::Close { code, .. } => Some(*code),
+            _ => None,
+        })
+    }
+
+    #[actix_web::test]
+    async fn a_session_that_attaches_after_the_drain_began_is_closed_too() {
+        let directory = RoomDirectory::default();
+        let bus: SharedBus = Arc::new(MemoryBus::new(
+            100,
+            Duration::from_secs(60),
+            Arc::new(directory.clone()),
+        ));
+        let limits = QueueLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let hub = Hub::new(bus, directory, Vec::new(), limits, metrics).start();
+        let before = Arc::new(Mutex::new(Vec::new()));
+        hub.send(join(1, &before)).await.unwrap();
+        assert_eq!(hub.send(SessionCount).await.unwrap(), 1);
+
+        hub.send(Drain {
+            grace: Duration::from_millis(200),
+        })
+        .await
+        .unwrap();
+        // Admitted just before the drain (its upgrade was checked before), attached after.
+        let late = Arc::new(Mutex::new(Vec::new()));
+        hub.send(join(2, &late)).await.unwrap();
+        assert_eq!(
+            hub.send(SessionCount).await.unwrap(),
+            1,
+            "the late session is not attached"
+        );
+
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while (closed_with(&before).is_none() || closed_with(&late).is_none())
+            && std::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(closed_with(&before), Some(CLOSE_GOING_AWAY));
+        assert_eq!(closed_with(&late), Some(CLOSE_GOING_AWAY));
+        assert!(
+            !late
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|o| matches!(o, Outbound::Welcome { .. })),
+            "the late session gets no welcome, only the close"
+        );
     }
 }

@@ -66,6 +66,8 @@ pub(super) struct Presence {
     pending: Mutex<Option<String>>,
     /// Set by a clean shutdown: a lease tick still running must not take the id back.
     released: AtomicBool,
+    /// Held by a lease tick while it runs, so a clean shutdown's release comes after it.
+    ticking: tokio::sync::Mutex<()>,
 }
 
 impl Presence {
@@ -79,6 +81,7 @@ impl Presence {
             token: format!("{:016x}", rand::random::<u64>()),
             pending: Mutex::new(Some("claiming server.node_id".into())),
             released: AtomicBool::new(false),
+            ticking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -180,9 +183,21 @@ impl RedisBus {
             .await
     }
 
-    /// Frees the node id on a clean shutdown, so a restart under it need not wait a lease.
+    /// A clean shutdown's last words: gives up this replica's presence lease at once (its
+    /// members still recorded leave now, with their `leave` events, instead of when the lease
+    /// runs out) and frees the node id, so a restart under it need not wait a lease.
     pub(crate) async fn release_node_id(&self) {
         self.presence.released.store(true, Ordering::Release);
+        // A lease tick already running finishes first; later ones do nothing.
+        let _tick = self.presence.ticking.lock().await;
+        let node = Arc::clone(&self.node);
+        match self.reap_node(&node).await {
+            Ok(()) => log::info!("node={} released its presence lease", self.node),
+            Err(e) => log::warn!(
+                "node={} could not release its presence lease (it runs out by itself): {e}",
+                self.node
+            ),
+        }
         let released = self.owner_call("release", 0).await;
         if let Err(e) = released {
             log::warn!("node={} could not release its node id: {e}", self.node);
@@ -245,6 +260,10 @@ impl RedisBus {
     /// Renews this replica's lease (and its node-id hold and room-hash TTL), then reaps the
     /// members of replicas whose lease ran out (publishing their `leave` events).
     pub(in crate::bus) async fn lease_tick(&self) -> Result<(), fred::error::Error> {
+        let _tick = self.presence.ticking.lock().await;
+        if self.presence.released.load(Ordering::Acquire) {
+            return Ok(()); // shut down cleanly: the lease is given up, not renewed
+        }
         if !self.hold_node_id().await? {
             log::error!(
                 "node={} another confab process is running with this server.node_id; both \
