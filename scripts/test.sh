@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every confab test. On a fresh Debian/Ubuntu machine it first installs what the tests
 # need (a C compiler for `ring`, Chromium and ChromeDriver for the browser test, Redis for the
-# bus tests); as root it uses apt-get, otherwise it only checks and names what is missing.
+# bus, Sentinel and Cluster tests, HAProxy for the rolling-restart test, Python for the
+# deploy linters); as root it uses apt-get, otherwise it only checks and names what is missing.
+# The deploy linters (kubernetes-validate, checkov, hadolint) come from PyPI into a virtualenv
+# under Cargo's target directory (scripts/tools.sh).
 #
 #   scripts/test.sh            everything: fmt, clippy, unit + integration tests, Autobahn
 #   SKIP_INSTALL=1 scripts/test.sh   trust the machine as it is
@@ -17,6 +20,9 @@ declare -A NEEDS=(
     [chromium]=chromium
     [chromedriver]=chromium-driver
     [redis-server]=redis-server
+    [redis-cli]=redis-tools
+    [haproxy]=haproxy
+    [python3]=python3
 )
 
 install_missing() {
@@ -39,6 +45,10 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
     install_missing
 fi
 command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is not installed (https://rustup.rs)" >&2; exit 1; }
+
+say "deploy linters (kubernetes-validate, checkov, hadolint) for tests/it/deploy.rs"
+CONFAB_TOOLS_BIN=$(scripts/tools.sh)
+export CONFAB_TOOLS_BIN
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

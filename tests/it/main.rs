@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod chat;
 mod cluster;
+mod deploy;
 mod frames;
 mod integrity;
 mod lifecycle;
