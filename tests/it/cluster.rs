@@ -200,7 +200,7 @@ async fn collect_until(client: &mut Client, last: u64) -> Vec<u64> {
     seen
 }
 
-async fn say_with_retry(client: &mut Client, text: &str, reference: &str) -> u64 {
+pub(crate) async fn say_with_retry(client: &mut Client, text: &str, reference: &str) -> u64 {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         client

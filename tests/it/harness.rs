@@ -29,8 +29,13 @@ pub struct Server {
 impl Server {
     /// Starts the binary on 127.0.0.1:0 with these `CONFAB_…` variables.
     pub fn start(env: &[(&str, &str)]) -> Server {
+        Server::start_on("127.0.0.1:0", env)
+    }
+
+    /// Starts the binary listening on `listen` (a fixed port, e.g. behind a proxy).
+    pub fn start_on(listen: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
-        cmd.args(["--listen", "127.0.0.1:0"])
+        cmd.args(["--listen", listen])
             .env("RUST_LOG", "info,actix_server=warn")
             .env("CONFAB_SERVER__NODE_ID", "test-node")
             .env("CONFAB_SERVER__WORKERS", "2")
@@ -430,16 +435,32 @@ where
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// Further `redis-server` arguments, kept for restarts (e.g. `--replicaof`).
+    args: Vec<String>,
+}
+
+/// A free TCP port on the loopback interface (bound once, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis { child: None, port };
+        Redis::start_with(free_port(), &[])
+    }
+
+    /// A `redis-server` on `port` with these further arguments.
+    pub fn start_with(port: u16, args: &[&str]) -> Redis {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut redis = Redis {
+            child: None,
+            port,
+            args,
+        };
         redis.launch();
         redis
     }
@@ -447,6 +468,7 @@ impl Redis {
     fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

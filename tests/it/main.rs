@@ -7,6 +7,8 @@ mod browser;
 mod chat;
 mod cluster;
 mod deploy;
+mod failover;
+mod fleet;
 mod frames;
 mod integrity;
 mod lifecycle;
