@@ -201,27 +201,30 @@ pub struct RedisCluster {
     _dir: Scratch,
 }
 
+/// A `redis-server` ready to join a Cluster, with its own directory under `dir`.
+fn cluster_node(dir: &Scratch, name: &str) -> Redis {
+    let node_dir = dir.path(name);
+    std::fs::create_dir_all(&node_dir).unwrap();
+    Redis::start_with(
+        free_port(),
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--dir",
+            node_dir.to_str().unwrap(),
+        ],
+    )
+}
+
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = Scratch::new("cluster");
         let nodes: Vec<Redis> = (0..3)
-            .map(|i| {
-                let node_dir = dir.path(&format!("n{i}"));
-                std::fs::create_dir_all(&node_dir).unwrap();
-                Redis::start_with(
-                    free_port(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--dir",
-                        node_dir.to_str().unwrap(),
-                    ],
-                )
-            })
+            .map(|i| cluster_node(&dir, &format!("n{i}")))
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
@@ -244,6 +247,29 @@ impl RedisCluster {
             });
         }
         RedisCluster { nodes, _dir: dir }
+    }
+
+    /// Adds a replica to master `i` and returns it once it has synced.
+    pub fn add_replica(&self, i: usize) -> Redis {
+        let master = &self.nodes[i];
+        let replica = cluster_node(&self._dir, &format!("r{i}"));
+        let id = redis_cli(master.port, &["CLUSTER", "MYID"]);
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", replica.port))
+            .arg(format!("127.0.0.1:{}", master.port))
+            .args(["--cluster-slave", "--cluster-master-id", &id])
+            .output()
+            .expect("redis-cli --cluster add-node");
+        assert!(
+            out.status.success(),
+            "add-node: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        wait_until(Duration::from_secs(30), "the cluster replica syncs", || {
+            redis_cli(replica.port, &["INFO", "replication"]).contains("master_link_status:up")
+        });
+        replica
     }
 
     /// fred's Cluster URL naming every node.

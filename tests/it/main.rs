@@ -14,4 +14,5 @@ mod integrity;
 mod lifecycle;
 mod limits;
 mod presence;
+mod redis_cluster;
 mod resume;
