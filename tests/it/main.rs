@@ -16,3 +16,4 @@ mod limits;
 mod presence;
 mod redis_cluster;
 mod resume;
+mod rolling;
