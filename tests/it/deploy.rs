@@ -197,8 +197,7 @@ fn the_image_runs_as_the_user_and_port_the_deployment_expects() {
     assert!(dockerfile.contains(&format!("EXPOSE {port}")));
     let runtime = dockerfile
         .lines()
-        .filter(|l| l.starts_with("FROM "))
-        .last()
+        .rfind(|l| l.starts_with("FROM "))
         .unwrap();
     assert!(
         runtime.contains("distroless"),

@@ -257,6 +257,13 @@ async fn a_rolling_restart_behind_haproxy_loses_no_acked_message_and_shows_none_
     .await;
     let started = Instant::now();
     for i in 0..3 {
+        // The chat goes on between restarts too.
+        let before = shared.max_acked.load(Ordering::Acquire);
+        crate::harness::eventually(DEADLINE, "chat goes on", || {
+            let shared = Arc::clone(&shared);
+            async move { shared.max_acked.load(Ordering::Acquire) >= before + 6 }
+        })
+        .await;
         replicas[i].signal(libc::SIGTERM);
         let status = replicas[i].wait_exit(Duration::from_secs(20));
         assert!(
