@@ -91,6 +91,7 @@ impl Replication {
                 slot,
                 replicas: self.replicas,
                 timeout: self.timeout,
+                finished: false,
             };
             tokio::spawn(batches.run());
         }
@@ -112,10 +113,28 @@ struct Batches {
     slot: u16,
     replicas: i64,
     timeout: Duration,
+    /// Set when `run` ended by itself; else dropping it (its runtime shut down) hands the
+    /// node back, so later publishes start a batch of their own instead of waiting forever.
+    finished: bool,
+}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Ok(mut gates) = self.gates.lock() {
+            if let Some(gate) = gates.get_mut(&self.node) {
+                gate.in_flight = false;
+                // Their receivers see the senders go: `unavailable`, and the client retries.
+                gate.next.clear();
+            }
+        }
+    }
 }
 
 impl Batches {
-    async fn run(self) {
+    async fn run(mut self) {
         // Bounded: each turn answers at least one publish, and publishes are bounded per
         // session; the loop ends when a turn finds nobody waiting.
         loop {
@@ -124,6 +143,7 @@ impl Batches {
                     let gate = gates.entry(self.node.clone()).or_default();
                     if gate.next.is_empty() {
                         gate.in_flight = false;
+                        self.finished = true;
                         return;
                     }
                     std::mem::take(&mut gate.next)
