@@ -21,6 +21,7 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     # Debian's python3 has no ensurepip without python3-venv.
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "tools.sh: installing python3-venv" >&2
+        apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
     else
         echo "tools.sh: python3 cannot make a virtualenv (install python3-venv)" >&2
