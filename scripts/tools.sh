@@ -17,17 +17,6 @@ if [ -x "$VENV/bin/checkov" ] && cmp -s "$REQS" "$VENV/.confab-requirements.txt"
     echo "$VENV/bin"
     exit 0
 fi
-if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    # Debian's python3 has no ensurepip without python3-venv.
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "tools.sh: installing python3-venv" >&2
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
-    else
-        echo "tools.sh: python3 cannot make a virtualenv (install python3-venv)" >&2
-        exit 1
-    fi
-fi
 echo "tools.sh: creating $VENV" >&2
 # Only ever delete something that looks like a virtualenv we made.
 if [ -e "$VENV" ] && [ ! -f "$VENV/bin/activate" ]; then
@@ -35,7 +24,19 @@ if [ -e "$VENV" ] && [ ! -f "$VENV/bin/activate" ]; then
     exit 1
 fi
 rm -rf "$VENV"
-python3 -m venv "$VENV"
+if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian's python3 makes virtualenvs only with python3-venv installed.
+    rm -rf "$VENV"
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "tools.sh: installing python3-venv" >&2
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
+        python3 -m venv "$VENV"
+    else
+        echo "tools.sh: python3 cannot make a virtualenv (install python3-venv)" >&2
+        exit 1
+    fi
+fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS" >&2
 cp "$REQS" "$VENV/.confab-requirements.txt"
 echo "$VENV/bin"
