@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every confab test. On a fresh Debian/Ubuntu machine it first installs what the tests
 # need (a C compiler for `ring`, Chromium and ChromeDriver for the browser test, Redis for the
-# bus tests); as root it uses apt-get, otherwise it only checks and names what is missing.
+# bus tests, openssl for the key pairs of the RS256/ES256 tests); as root it uses apt-get,
+# otherwise it only checks and names what is missing.
 #
 #   scripts/test.sh            everything: fmt, clippy, unit + integration tests, Autobahn
 #   SKIP_INSTALL=1 scripts/test.sh   trust the machine as it is
@@ -17,6 +18,7 @@ declare -A NEEDS=(
     [chromium]=chromium
     [chromedriver]=chromium-driver
     [redis-server]=redis-server
+    [openssl]=openssl
 )
 
 install_missing() {
