@@ -73,11 +73,12 @@ async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
     let set = format!("{p}:{{{room}}}:presence:node:probe");
     let holders = format!("{p}:{{{room}}}:presence:nodes");
     let channel = format!("{p}:room:{room}");
+    let meta = format!("{p}:{{{room}}}:meta");
     let event = format!(r#"{{"kind":"{kind}","user":"probe","frame":{{}}}}"#);
     let reply = redis
         .cmd(&[
-            "EVAL", CHANGE_LUA, "3", &users, &set, &holders, kind, "probe", "probe", &channel,
-            &event,
+            "EVAL", CHANGE_LUA, "4", &users, &set, &holders, &meta, kind, "probe", "probe",
+            &channel, &event, "86400", "60",
         ])
         .await;
     assert!(
