@@ -98,6 +98,8 @@ pub struct LimitSettings {
     pub max_connections_per_ip: usize,
     /// WebSocket upgrades a client address may start per second; 0 = no limit.
     pub upgrades_per_ip_per_sec: u32,
+    /// Rooms with more members than this on a replica send no join/leave frames.
+    pub join_events_max_members: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +160,7 @@ impl Default for LimitSettings {
             session_queue_bytes: 4 << 20,
             max_connections_per_ip: 1000,
             upgrades_per_ip_per_sec: 50,
+            join_events_max_members: 100,
         }
     }
 }

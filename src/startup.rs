@@ -54,6 +54,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             frames: settings.limits.session_queue,
             bytes: settings.limits.session_queue_bytes,
         },
+        settings.limits.join_events_max_members,
         Arc::clone(&metrics),
     )
     .start();

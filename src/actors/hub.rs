@@ -143,6 +143,8 @@ pub struct Hub {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     limits: QueueLimits,
+    /// Rooms with more local members than this get no join/leave frames.
+    announce_max: usize,
     rooms: HashMap<RoomName, RoomEntry>,
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
@@ -156,9 +158,11 @@ impl Hub {
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
+        announce_max: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            announce_max,
             metrics,
             bus,
             directory,
@@ -215,6 +219,7 @@ impl Hub {
             arbiters,
             next_arbiter,
             limits,
+            announce_max,
             rooms,
             metrics,
             ..
@@ -225,6 +230,7 @@ impl Hub {
                 name.clone(),
                 Arc::clone(bus),
                 limits.frames,
+                *announce_max,
                 Arc::clone(&resync_asked),
                 Arc::clone(metrics),
             );
