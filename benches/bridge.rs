@@ -123,21 +123,34 @@ fn binary() -> String {
     std::env::var("BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_confab").to_owned())
 }
 
+/// Settings newer builds know, newest first: each is tried with everything after it, and an
+/// older build that refuses an unknown key is started with the next set.
+const MODERN_ENV: &[(&str, &str)] = &[
+    // Every bench client comes from 127.0.0.1.
+    ("CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP", "0"),
+    ("CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC", "0"),
+    // The ramp backs up far more than 4 MiB on B: raised like the frame bound.
+    ("CONFAB_LIMITS__SESSION_QUEUE_BYTES", "1000000000"),
+];
+
 /// Starts a replica on the Redis at `redis_port`, or on the embedded bus when `None`.
 fn start_replica(redis_port: Option<u16>, node: &str) -> (Proc, String) {
-    // Builds that know the per-session byte bound get it raised like the frame bound (the ramp
-    // backs up far more than 4 MiB on B); older builds refuse the unknown key, so they start
-    // without it.
-    match spawn_replica(redis_port, node, true) {
-        Some(started) => started,
-        None => {
-            eprintln!("{node}: this build has no limits.session_queue_bytes; started without it");
-            spawn_replica(redis_port, node, false).expect("replica started")
+    for skip in [0, 2, MODERN_ENV.len()] {
+        if let Some(started) = spawn_replica(redis_port, node, &MODERN_ENV[skip..]) {
+            return started;
+        }
+        if let Some((key, _)) = MODERN_ENV.get(skip) {
+            eprintln!("{node}: this build refuses {key}; trying without it");
         }
     }
+    panic!("{node}: the replica did not start");
 }
 
-fn spawn_replica(redis_port: Option<u16>, node: &str, queue_bytes: bool) -> Option<(Proc, String)> {
+fn spawn_replica(
+    redis_port: Option<u16>,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> Option<(Proc, String)> {
     let mut cmd = Command::new(binary());
     cmd.args(["--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn,confab::startup=info")
@@ -147,12 +160,10 @@ fn spawn_replica(redis_port: Option<u16>, node: &str, queue_bytes: bool) -> Opti
         .env("CONFAB_LIMITS__MESSAGES_PER_SEC", "10000000")
         .env("CONFAB_LIMITS__BURST", "10000000")
         .env("CONFAB_LIMITS__SESSION_QUEUE", "1000000")
+        .envs(extra.iter().copied())
         .stderr(Stdio::piped());
     if let Some(port) = redis_port {
         cmd.env("CONFAB_REDIS__URL", format!("redis://127.0.0.1:{port}"));
-    }
-    if queue_bytes {
-        cmd.env("CONFAB_LIMITS__SESSION_QUEUE_BYTES", "1000000000");
     }
     let mut child = cmd.spawn().expect("spawn confab");
     let stderr = child.stderr.take().unwrap();

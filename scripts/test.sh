@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every confab test. On a fresh Debian/Ubuntu machine it first installs what the tests
 # need (a C compiler for `ring`, Chromium and ChromeDriver for the browser test, Redis for the
-# bus, Sentinel and Cluster tests, HAProxy for the rolling-restart test, Python for the
-# deploy linters); as root it uses apt-get, otherwise it only checks and names what is missing.
-# The deploy linters (kubernetes-validate, checkov, hadolint) come from PyPI into a virtualenv
-# under Cargo's target directory (scripts/tools.sh).
+# bus, Sentinel and Cluster tests, openssl for the key pairs of the RS256/ES256 tests, HAProxy
+# for the rolling-restart test, Python for the deploy linters); as root it uses apt-get,
+# otherwise it only checks and names what is missing. The deploy linters (kubernetes-validate,
+# checkov, hadolint) come from PyPI into a virtualenv under Cargo's target directory
+# (scripts/tools.sh).
 #
 #   scripts/test.sh            everything: fmt, clippy, unit + integration tests, Autobahn
 #   SKIP_INSTALL=1 scripts/test.sh   trust the machine as it is
@@ -21,6 +22,7 @@ declare -A NEEDS=(
     [chromedriver]=chromium-driver
     [redis-server]=redis-server
     [redis-cli]=redis-tools
+    [openssl]=openssl
     [haproxy]=haproxy
     [python3]=python3
 )

@@ -1,9 +1,11 @@
-//! The command line: `confab [serve]` and `confab config`.
+//! The command line: `confab [serve]`, `confab config` and `confab token`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use crate::auth::TokenRequest;
 use crate::settings::{Overrides, ENV_CONFIG_FILE};
 
 /// confab: a self-hosted real-time chat server. Web clients connect to /ws/<room>; replicas
@@ -32,12 +34,56 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the server (the default).
     Serve,
     /// Print the effective settings as TOML and exit.
     Config,
+    /// Print a JWT for one user, signed with the configured HS256 secret (auth.jwt_secret),
+    /// with the configured audience and issuer: for trying auth out, and for scripts.
+    Token(TokenArgs),
+}
+
+/// `confab token`'s claims.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user (`sub`): letters, digits, '_', '-', '.'; up to 32 characters.
+    #[arg(long)]
+    pub sub: String,
+    /// Display name shown with the user's messages.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Rooms the user may join, as comma-separated globs (`*`, `?`), e.g. 'team-*,lobby';
+    /// absent = every room.
+    #[arg(long, value_delimiter = ',')]
+    pub rooms: Option<Vec<String>>,
+    /// Rooms the user may post in, as globs; absent = wherever they may join.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Option<Vec<String>>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_secs: u64,
+}
+
+impl TokenArgs {
+    pub fn request(&self) -> TokenRequest {
+        let globs = |l: &Option<Vec<String>>| {
+            l.as_ref().map(|l| {
+                l.iter()
+                    .map(|g| g.trim().to_owned())
+                    .filter(|g| !g.is_empty())
+                    .collect()
+            })
+        };
+        TokenRequest {
+            sub: self.sub.clone(),
+            name: self.name.clone(),
+            rooms: globs(&self.rooms),
+            publish: globs(&self.publish),
+            ttl: Duration::from_secs(self.ttl_secs),
+        }
+    }
 }
 
 impl Cli {

@@ -12,6 +12,8 @@
 //!
 //! Modules:
 //! - [`settings`]: layered settings and their validation.
+//! - [`auth`]: JWT validation, room and publish globs; [`net`]: client addresses behind
+//!   proxies.
 //! - [`startup`]: composition root; [`cli`]: the command line.
 //! - [`protocol`]: the JSON frames; [`domain`]: validated names, offsets, epochs.
 //! - [`wsframe`]: RFC 6455 message assembly on top of actix-http's codec.
@@ -22,11 +24,13 @@
 //! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
 pub mod actors;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod protocol;
 pub mod ratelimit;
 pub mod settings;

@@ -14,7 +14,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    match cli.command.clone().unwrap_or(Command::Serve) {
+        Command::Token(args) => match confab::auth::sign_hs256(&settings.auth, &args.request()) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("confab token: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Config => {
             print!("{}", settings.to_toml());
             ExitCode::SUCCESS

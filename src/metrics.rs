@@ -17,6 +17,14 @@ pub enum Refusal {
     Cap,
     Draining,
     BadRequest,
+    /// 401: a token missing, invalid or expired.
+    Unauthorized,
+    /// 403: the token's `rooms` do not include the room.
+    Room,
+    /// 429: the client address holds `limits.max_connections_per_ip` sessions.
+    PerIp,
+    /// 429: the client address started too many upgrades this second.
+    TooFast,
 }
 
 impl Refusal {
@@ -26,6 +34,10 @@ impl Refusal {
             Self::Cap => "cap",
             Self::Draining => "draining",
             Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Room => "room",
+            Self::PerIp => "per_ip",
+            Self::TooFast => "too_fast",
         }
     }
 }
@@ -137,7 +149,7 @@ impl Metrics {
             )?,
             upgrade_refusals: counter_vec(
                 "confab_upgrade_refusals_total",
-                "WebSocket upgrades refused, by reason (origin, cap, draining, bad_request).",
+                "WebSocket upgrades refused, by reason (origin, cap, draining, bad_request, unauthorized, room, per_ip, too_fast).",
                 &["reason"],
             )?,
             api_requests: counter_vec(

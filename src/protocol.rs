@@ -223,6 +223,9 @@ pub enum ServerFrame<'a> {
         room: &'a RoomName,
         offset: Offset,
         user: &'a UserId,
+        /// The display name from the sender's token, when it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
         text: &'a str,
         ts: u64,
     },

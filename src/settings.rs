@@ -21,7 +21,28 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub history: HistorySettings,
     pub websocket: WebSocketSettings,
+    pub auth: AuthSettings,
     pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// HS256 shared secret; empty = no HS256 tokens.
+    pub jwt_secret: String,
+    /// PEM public key (RSA for RS256, P-256 for ES256); empty = none.
+    pub jwt_public_key_file: String,
+    /// Required `aud` of every token when set.
+    pub audience: String,
+    /// Required `iss` of every token when set.
+    pub issuer: String,
+}
+
+impl AuthSettings {
+    /// True when connections need a token; otherwise they are anonymous.
+    pub fn enabled(&self) -> bool {
+        !self.jwt_secret.is_empty() || !self.jwt_public_key_file.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +64,10 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Arbiters (threads) that room actors are spread over; 0 means one per core.
     pub room_threads: usize,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` names the client; empty = none is believed.
+    pub trusted_proxies: Vec<String>,
+    /// A connection that has not sent its whole request head by then is cut.
+    pub handshake_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +97,12 @@ pub struct LimitSettings {
     pub max_connections: usize,
     pub session_queue: usize,
     pub session_queue_bytes: usize,
+    /// Open sessions per client address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// WebSocket upgrades a client address may start per second; 0 = no limit.
+    pub upgrades_per_ip_per_sec: u32,
+    /// Rooms with more members than this on a replica send no join/leave frames.
+    pub join_events_max_members: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +110,8 @@ pub struct LimitSettings {
 pub struct HistorySettings {
     pub size: usize,
     pub ttl_secs: u64,
+    /// How long a room that never got a message outlives its last member.
+    pub empty_room_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +133,8 @@ impl Default for ServerSettings {
             shutdown_grace_secs: 30,
             workers: 0,
             room_threads: 0,
+            trusted_proxies: Vec::new(),
+            handshake_timeout_secs: 10,
         }
     }
 }
@@ -127,6 +162,9 @@ impl Default for LimitSettings {
             max_connections: 0,
             session_queue: 1024,
             session_queue_bytes: 4 << 20,
+            max_connections_per_ip: 1000,
+            upgrades_per_ip_per_sec: 50,
+            join_events_max_members: 100,
         }
     }
 }
@@ -136,6 +174,7 @@ impl Default for HistorySettings {
         Self {
             size: 1000,
             ttl_secs: 86400,
+            empty_room_ttl_secs: 60,
         }
     }
 }
@@ -245,6 +284,14 @@ impl Settings {
             ("redis.presence_lease_secs", self.redis.presence_lease_secs),
             ("history.ttl_secs", self.history.ttl_secs),
             (
+                "history.empty_room_ttl_secs",
+                self.history.empty_room_ttl_secs,
+            ),
+            (
+                "server.handshake_timeout_secs",
+                self.server.handshake_timeout_secs,
+            ),
+            (
                 "websocket.ping_interval_secs",
                 self.websocket.ping_interval_secs,
             ),
@@ -316,6 +363,20 @@ impl Settings {
                 "must be at least 65536",
             ));
         }
+        for (i, cidr) in self.server.trusted_proxies.iter().enumerate() {
+            if let Err(e) = cidr.parse::<crate::net::Cidr>() {
+                return Err(key_error(
+                    "server.trusted_proxies",
+                    origin,
+                    format!("entry {} `{cidr}`: {e}", i + 1),
+                ));
+            }
+        }
+        if !self.auth.jwt_public_key_file.is_empty() {
+            if let Err(e) = crate::auth::read_public_key(&self.auth.jwt_public_key_file) {
+                return Err(key_error("auth.jwt_public_key_file", origin, e.to_string()));
+            }
+        }
         if self.limits.session_queue < 8 {
             return Err(key_error(
                 "limits.session_queue",
@@ -330,8 +391,10 @@ impl Settings {
     /// can be pasted into a bug report.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        if !shown.api.key.is_empty() {
-            shown.api.key = "***".into();
+        for secret in [&mut shown.api.key, &mut shown.auth.jwt_secret] {
+            if !secret.is_empty() {
+                *secret = "***".into();
+            }
         }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }

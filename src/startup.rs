@@ -2,7 +2,7 @@
 //! then runs until a signal has drained the replica.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,17 +13,22 @@ use tokio::sync::oneshot;
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
 use crate::actors::member::QueueLimits;
 use crate::actors::session::SessionConfig;
+use crate::auth::Verifier;
 use crate::bus::bridge::RedisBridge;
 use crate::bus::memory::MemoryBus;
 use crate::bus::metered::MeteredBus;
 use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
+use crate::http::admission::Admission;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 
-/// File descriptors kept back from `limits.max_connections` for listeners, logs and Redis.
+/// File descriptors kept back for listeners, logs, Redis and the runtime, never used by
+/// client sockets.
 const FD_RESERVE: usize = 64;
+/// Most sockets kept above the session cap for plain HTTP and unfinished handshakes.
+const MAX_HEADROOM: usize = 256;
 
 /// Runs one replica until SIGTERM or SIGINT has drained it.
 pub async fn run(settings: Settings) -> io::Result<()> {
@@ -49,17 +54,42 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             frames: settings.limits.session_queue,
             bytes: settings.limits.session_queue_bytes,
         },
+        settings.limits.join_events_max_members,
         Arc::clone(&metrics),
     )
     .start();
 
-    let max_connections = match settings.limits.max_connections {
-        0 => default_max_connections(),
+    let workers = match settings.server.workers {
+        0 => cores,
         n => n,
     };
+    let files = raise_open_file_limit();
+    let caps = Caps::plan(
+        files,
+        settings.limits.max_connections,
+        workers + room_threads,
+    );
     if settings.server.allowed_origins.is_empty() {
         log::warn!("server.allowed_origins is empty: pages from any site may open sessions here");
     }
+    let verifier = Verifier::from_settings(&settings.auth).map_err(io::Error::other)?;
+    match &verifier {
+        Some(v) => log::info!(
+            "auth: sessions need a token ({})",
+            v.algorithms().join(", ")
+        ),
+        None => log::warn!(
+            "auth: no auth.jwt_secret or auth.jwt_public_key_file set: ANONYMOUS mode, anyone who \
+             reaches this port may join any room under any name"
+        ),
+    }
+    // Validated at load, so every entry parses.
+    let trusted_proxies = settings
+        .server
+        .trusted_proxies
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
     let draining = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         hub: hub.clone(),
@@ -78,8 +108,13 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             metrics: Arc::clone(&metrics),
         }),
         draining: draining.clone(),
-        connections: Arc::new(AtomicUsize::new(0)),
-        max_connections,
+        admission: Arc::new(Admission::new(
+            caps.sessions,
+            settings.limits.max_connections_per_ip,
+            settings.limits.upgrades_per_ip_per_sec,
+        )),
+        trusted_proxies,
+        verifier,
         allowed_origins: settings.server.allowed_origins.clone(),
         echo_endpoint: settings.websocket.echo_endpoint,
         api_key: settings.api.key.clone(),
@@ -87,7 +122,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     });
 
     let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
-    let mut server =
+    let server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
             // Signals are ours: a drain closes sessions in batches before the server stops.
             .disable_signals()
@@ -97,13 +132,20 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             // Small frames go out at once: with Nagle's algorithm a frame written right after
             // another waits for the client's delayed ACK (about 40 ms).
             .tcp_nodelay(true)
-            .shutdown_timeout(5);
-    if settings.server.workers > 0 {
-        server = server.workers(settings.server.workers);
-    }
+            // A connection that never finishes its request head is cut; until then it holds a
+            // descriptor but no session slot.
+            .client_request_timeout(Duration::from_secs(settings.server.handshake_timeout_secs))
+            // Sessions plus handshakes in progress stay under the open-file limit with the
+            // reserve to spare, so /healthz, Redis reconnects and logs never hit EMFILE.
+            .max_connections(caps.sockets.div_ceil(workers))
+            .shutdown_timeout(5)
+            .workers(workers);
     let server = server.bind(&settings.server.listen)?;
     for addr in server.addrs() {
-        log::info!("node={node} listening on {addr} (max_connections={max_connections})");
+        log::info!(
+            "node={node} listening on {addr} (max_connections={}, open files {files})",
+            caps.sessions
+        );
     }
     let server = server.run();
     let handle = server.handle();
@@ -170,12 +212,29 @@ fn start_bus(
         log::warn!(
             "node={node} uses the embedded bus: replicas started this way will not see each other"
         );
-        let bus = MemoryBus::new(
-            settings.history.size,
-            Duration::from_secs(settings.history.ttl_secs),
-            sink,
+        let empty_ttl = Duration::from_secs(settings.history.empty_room_ttl_secs);
+        let bus = Arc::new(
+            MemoryBus::new(
+                settings.history.size,
+                Duration::from_secs(settings.history.ttl_secs),
+                sink,
+            )
+            .with_empty_room_ttl(empty_ttl),
         );
-        return Ok((Arc::new(bus), None));
+        let sweeper = Arc::downgrade(&bus);
+        // A room is gone at most a quarter of its life after it expired.
+        let every = (empty_ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        actix_web::rt::spawn(async move {
+            let mut tick = actix_web::rt::time::interval(every);
+            loop {
+                tick.tick().await;
+                match sweeper.upgrade() {
+                    Some(bus) => bus.sweep(),
+                    None => break,
+                }
+            }
+        });
+        return Ok((bus, None));
     }
     let (bus, subscriber) = RedisBus::new(settings, Arc::clone(node)).map_err(io::Error::other)?;
     let (refused_tx, refused) = oneshot::channel();
@@ -247,9 +306,38 @@ fn node_id(settings: &Settings) -> String {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit, then leaves a reserve for everything
-/// that is not a WebSocket.
-fn default_max_connections() -> usize {
+/// How the open-file limit is shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Caps {
+    /// Sessions (upgraded WebSockets): `limits.max_connections`.
+    sessions: usize,
+    /// Accepted sockets of every kind: sessions, handshakes in progress, plain HTTP.
+    sockets: usize,
+}
+
+impl Caps {
+    /// `files` open-file limit; `configured` is `limits.max_connections` (0 = derive it);
+    /// `threads` runtime threads, each holding a few descriptors of its own.
+    fn plan(files: usize, configured: usize, threads: usize) -> Self {
+        let reserve = FD_RESERVE + 4 * threads;
+        let sockets = files.saturating_sub(reserve).max(16);
+        // Room above the session cap for requests that are not sessions: probes, the API,
+        // handshakes that have not finished.
+        let headroom = (files / 16).clamp(16, MAX_HEADROOM);
+        let derived = sockets.saturating_sub(headroom).max(8);
+        let sessions = match configured {
+            0 => derived,
+            n => n,
+        };
+        Self {
+            sessions,
+            sockets: sessions.saturating_add(headroom).min(sockets),
+        }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit and returns it.
+fn raise_open_file_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -257,7 +345,7 @@ fn default_max_connections() -> usize {
     // SAFETY: getrlimit/setrlimit read and write the struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024 - FD_RESERVE;
+            return 1024;
         }
         if lim.rlim_cur < lim.rlim_max {
             let raised = libc::rlimit {
@@ -269,6 +357,30 @@ fn default_max_connections() -> usize {
             }
         }
     }
-    let files = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
-    files.saturating_sub(FD_RESERVE).max(16)
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_derived_cap_leaves_a_reserve_and_headroom() {
+        let c = Caps::plan(20_000, 0, 4);
+        assert_eq!(c.sockets, 20_000 - FD_RESERVE - 16);
+        assert_eq!(c.sessions, c.sockets - MAX_HEADROOM);
+        assert!(c.sessions >= 19_000, "19,000 sessions fit in 20,000 files");
+        let small = Caps::plan(1024, 0, 4);
+        assert!(small.sessions + 64 <= small.sockets && small.sockets < 1024);
+    }
+
+    #[test]
+    fn a_configured_cap_is_kept_and_sockets_stay_under_the_file_limit() {
+        let c = Caps::plan(1024, 100, 4);
+        assert_eq!(c.sessions, 100);
+        assert!(c.sockets < 1024 - FD_RESERVE);
+        let over = Caps::plan(1024, 5000, 4);
+        assert_eq!(over.sessions, 5000);
+        assert!(over.sockets <= 1024 - FD_RESERVE, "{over:?}");
+    }
 }

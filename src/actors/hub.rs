@@ -143,6 +143,8 @@ pub struct Hub {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     limits: QueueLimits,
+    /// Rooms with more local members than this get no join/leave frames.
+    announce_max: usize,
     rooms: HashMap<RoomName, RoomEntry>,
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
@@ -159,9 +161,11 @@ impl Hub {
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
+        announce_max: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            announce_max,
             metrics,
             bus,
             directory,
@@ -219,6 +223,7 @@ impl Hub {
             arbiters,
             next_arbiter,
             limits,
+            announce_max,
             rooms,
             metrics,
             ..
@@ -229,6 +234,7 @@ impl Hub {
                 name.clone(),
                 Arc::clone(bus),
                 limits.frames,
+                *announce_max,
                 Arc::clone(&resync_asked),
                 Arc::clone(metrics),
             );
@@ -453,7 +459,7 @@ mod tests {
             bytes: 1 << 20,
         };
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hub = Hub::new(bus, directory, Vec::new(), limits, metrics).start();
+        let hub = Hub::new(bus, directory, Vec::new(), limits, usize::MAX, metrics).start();
         let before = Arc::new(Mutex::new(Vec::new()));
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);

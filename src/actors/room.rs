@@ -88,12 +88,13 @@ impl Room {
         name: RoomName,
         bus: SharedBus,
         hold_per_member: usize,
+        announce_max: usize,
         resync_asked: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             metrics,
-            seq: Sequencer::new(name.clone(), hold_per_member),
+            seq: Sequencer::new(name.clone(), hold_per_member).with_announce_limit(announce_max),
             name,
             bus,
             resync_asked,
@@ -298,8 +299,11 @@ impl Handler<Join> for Room {
 impl Handler<Leave> for Room {
     type Result = ();
 
-    fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
         self.seq.remove(msg.session);
+        if self.seq.take_presence_stale() {
+            self.refresh_presence(ctx);
+        }
     }
 }
 

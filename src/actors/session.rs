@@ -10,9 +10,8 @@
 //! room read its head for the welcome, so it comes back to its sender like any other.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -22,6 +21,7 @@ use bytestring::ByteString;
 use super::hub::{Connect, Disconnect, Hub};
 use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
 use super::room::Join;
+use crate::auth::{Identity, LEEWAY};
 use crate::bus::{BusError, NewMessage, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
@@ -31,6 +31,12 @@ use crate::wsframe::{Assembler, Inbound};
 
 /// The subprotocol confab speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "confab.v1";
+
+/// Close code of a session whose token expired (SPEC §2).
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+/// Longest timer set for an expiry; a token valid for longer outlives any process anyway.
+const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Publishes one session may have waiting on the bus. At the cap the session stops reading
 /// its socket until one completes, so a fast client is slowed by TCP backpressure instead of
@@ -53,31 +59,13 @@ pub struct SessionConfig {
     pub metrics: Arc<Metrics>,
 }
 
-/// Counts open sessions for `limits.max_connections`; released when the session ends.
-pub struct ConnectionGuard(Arc<AtomicUsize>);
-
-impl ConnectionGuard {
-    /// Takes a slot if fewer than `max` are taken.
-    pub fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(Arc::clone(count)))
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// What the upgrade request asked for.
 pub struct SessionRequest {
     pub room: RoomName,
-    pub user: UserId,
+    /// Who the token (or, in anonymous mode, the query) says the client is.
+    pub identity: Identity,
+    /// Whether the token's `publish` globs allow this room.
+    pub may_publish: bool,
     pub resume: Option<(Offset, Epoch)>,
     pub history: usize,
 }
@@ -87,6 +75,11 @@ pub struct Session {
     label: String,
     room: RoomName,
     user: UserId,
+    /// Display name from the token, shown with this session's messages.
+    name: Option<Arc<str>>,
+    may_publish: bool,
+    /// When the token expires; the session is closed with 4001 then.
+    expires: Option<SystemTime>,
     resume: Option<(Offset, Epoch)>,
     history: usize,
     hub: Addr<Hub>,
@@ -104,7 +97,8 @@ pub struct Session {
     answers: VecDeque<Option<ByteString>>,
     /// How many publishes were answered and written; the sequence of `answers`' front.
     answered: u64,
-    _slot: ConnectionGuard,
+    /// The admission slot (connection caps); released when the session ends.
+    _slot: Box<dyn Send>,
 }
 
 impl Session {
@@ -113,7 +107,7 @@ impl Session {
         hub: Addr<Hub>,
         bus: SharedBus,
         cfg: Arc<SessionConfig>,
-        slot: ConnectionGuard,
+        slot: Box<dyn Send>,
     ) -> Self {
         let id: SessionId = rand::random();
         let now = Instant::now();
@@ -121,7 +115,10 @@ impl Session {
             id,
             label: format!("{}-{id:016x}", cfg.node),
             room: request.room,
-            user: request.user,
+            user: request.identity.user,
+            name: request.identity.name,
+            may_publish: request.may_publish,
+            expires: request.identity.expires,
             resume: request.resume,
             history: request.history,
             hub,
@@ -235,14 +232,26 @@ impl Session {
         reference: Option<String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
+        let seq = self.answered + self.answers.len() as u64;
+        self.answers.push_back(None);
+        if !self.may_publish {
+            // Answered in turn with the acks of earlier messages, and never stored.
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Forbidden,
+                message: "your token does not allow posting in this room",
+                reference: reference.as_deref(),
+            }
+            .to_text();
+            self.cfg.metrics.rejected(ErrorCode::Forbidden);
+            return self.answer(seq, frame, ctx);
+        }
         let msg = NewMessage {
             user: self.user.clone(),
+            name: self.name.clone(),
             text,
             reference: reference.clone(),
         };
         let publish = self.bus.publish(&self.room, msg);
-        let seq = self.answered + self.answers.len() as u64;
-        self.answers.push_back(None);
         let done = publish.into_actor(self).map(move |result, session, ctx| {
             let frame = match result {
                 Ok(p) => ServerFrame::Ack {
@@ -408,6 +417,24 @@ impl Actor for Session {
         // Room sends are bounded by `pending`; the mailbox only needs room for the close.
         ctx.set_mailbox_capacity(self.cfg.session_queue + 16);
         self.cfg.metrics.sessions_open.inc();
+        if let Some(expires) = self.expires {
+            // Closed at expiry plus the leeway the token check allowed; a client that wants
+            // to stay renews its token and reconnects with `since`.
+            let left = expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .saturating_add(LEEWAY)
+                .min(MAX_TIMER);
+            ctx.run_later(left, |session, ctx| {
+                log::info!(
+                    "session={} room={} user={} token expired",
+                    session.label,
+                    session.room,
+                    session.user
+                );
+                fail(ctx, CloseCode::Other(TOKEN_EXPIRED), "token expired")
+            });
+        }
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
         ctx.run_interval(tick, |session, ctx| {
             if session.last_heard.elapsed() > session.cfg.client_timeout {

@@ -19,6 +19,8 @@ use crate::protocol::ServerFrame;
 
 /// Idle rooms are swept after this many bus operations, to bound memory without a timer.
 const SWEEP_EVERY: u64 = 4096;
+/// `history.empty_room_ttl_secs`' default, for buses built without settings (tests).
+const DEFAULT_EMPTY_ROOM_TTL: Duration = Duration::from_secs(60);
 /// Remembered refs per room before expired ones are pruned.
 const REF_PRUNE_AT: usize = 1024;
 
@@ -31,6 +33,8 @@ pub struct MemoryBus {
 struct State {
     history_size: usize,
     ttl: Duration,
+    /// How long a room with no message outlives its last member.
+    empty_ttl: Duration,
     rooms: HashMap<RoomName, RoomLog>,
     presence: HashMap<RoomName, BTreeMap<UserId, usize>>,
     ops: u64,
@@ -42,6 +46,9 @@ struct RoomLog {
     offset: Offset,
     messages: VecDeque<StoredMessage>,
     last_write: Instant,
+    /// When the room was created or its last member left; what an empty room's life counts
+    /// from.
+    last_seen: Instant,
     refs: HashMap<(UserId, String), (Offset, Instant)>,
 }
 
@@ -52,6 +59,7 @@ impl RoomLog {
             offset: 0,
             messages: VecDeque::new(),
             last_write: now,
+            last_seen: now,
             refs: HashMap::new(),
         }
     }
@@ -88,12 +96,18 @@ impl State {
         log
     }
 
-    /// Forgets expired rooms that nobody is in.
+    /// Forgets rooms nobody is in whose history expired, and rooms that never got a message
+    /// once `empty_ttl` has passed since their last member left.
     fn sweep(&mut self, now: Instant) {
-        let ttl = self.ttl;
+        let (ttl, empty_ttl) = (self.ttl, self.empty_ttl);
         let presence = &self.presence;
         self.rooms.retain(|room, log| {
-            now.saturating_duration_since(log.last_write) <= ttl || presence.contains_key(room)
+            presence.contains_key(room)
+                || if log.offset == 0 {
+                    now.saturating_duration_since(log.last_seen) <= empty_ttl
+                } else {
+                    now.saturating_duration_since(log.last_write) <= ttl
+                }
         });
     }
 
@@ -124,6 +138,7 @@ impl State {
             room,
             offset,
             user: &msg.user,
+            name: msg.name.as_deref(),
             text: &msg.text,
             ts: now_ms(),
         }
@@ -235,7 +250,7 @@ impl State {
     }
 
     /// Counts a user out; true when this was their last connection.
-    fn leave(&mut self, room: &RoomName, user: &UserId) -> bool {
+    fn leave(&mut self, room: &RoomName, user: &UserId, now: Instant) -> bool {
         let Some(users) = self.presence.get_mut(room) else {
             return false;
         };
@@ -252,6 +267,9 @@ impl State {
         };
         if users.is_empty() {
             self.presence.remove(room);
+            if let Some(log) = self.rooms.get_mut(room) {
+                log.last_seen = now;
+            }
         }
         gone
     }
@@ -263,12 +281,34 @@ impl MemoryBus {
             state: Mutex::new(State {
                 history_size,
                 ttl,
+                empty_ttl: DEFAULT_EMPTY_ROOM_TTL,
                 rooms: HashMap::new(),
                 presence: HashMap::new(),
                 ops: 0,
             }),
             sink,
         }
+    }
+
+    /// Sets how long a room that never got a message outlives its last member.
+    pub fn with_empty_room_ttl(self, ttl: Duration) -> Self {
+        if let Ok(mut s) = self.state.lock() {
+            s.empty_ttl = ttl;
+        }
+        self
+    }
+
+    /// Forgets rooms that expired; start-up calls it on a timer, since a quiet replica runs
+    /// no operations that would sweep.
+    pub fn sweep(&self) {
+        if let Ok(mut s) = self.lock() {
+            s.sweep(Instant::now());
+        }
+    }
+
+    /// Rooms held, for tests.
+    pub fn rooms_held(&self) -> usize {
+        self.lock().map_or(0, |s| s.rooms.len())
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
@@ -365,7 +405,7 @@ impl Bus for MemoryBus {
 
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         done(self.lock().map(|mut s| {
-            if s.leave(room, user) {
+            if s.leave(room, user, Instant::now()) {
                 self.sink.deliver(Self::presence_event(room, user, false));
             }
         }))
@@ -419,6 +459,7 @@ mod tests {
     fn msg(text: &str, reference: Option<&str>) -> NewMessage {
         NewMessage {
             user: user("ann"),
+            name: None,
             text: text.into(),
             reference: reference.map(str::to_owned),
         }

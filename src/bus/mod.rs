@@ -55,6 +55,8 @@ pub enum BusError {
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub user: UserId,
+    /// Display name shown with the message (from the sender's token).
+    pub name: Option<Arc<str>>,
     pub text: String,
     pub reference: Option<String>,
 }

@@ -84,6 +84,8 @@ pub struct RedisBus {
     prefix: Arc<str>,
     history_size: usize,
     ttl_secs: u64,
+    /// How long a room with no message outlives its last member.
+    empty_room_ttl_secs: u64,
     pub(super) lease: Duration,
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
@@ -142,6 +144,7 @@ impl RedisBus {
             prefix: Arc::from(settings.redis.prefix.as_str()),
             history_size: settings.history.size,
             ttl_secs: settings.history.ttl_secs,
+            empty_room_ttl_secs: settings.history.empty_room_ttl_secs,
             lease: Duration::from_secs(settings.redis.presence_lease_secs),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             publish: Script::from_lua(PUBLISH_LUA),
@@ -280,6 +283,7 @@ impl RedisBus {
     ) -> BusFuture<(RoomHead, Vec<StoredMessage>)> {
         let bus = Arc::clone(self);
         let keys = self.keys(room);
+        let users = self.presence_users_key(room);
         async move {
             let args: Vec<Value> = vec![
                 mode.into(),
@@ -288,10 +292,11 @@ impl RedisBus {
                 limit.to_string().into(),
                 Epoch::generate().as_str().into(),
                 Value::from(bus.ttl_secs as i64),
+                Value::from(bus.empty_room_ttl_secs as i64),
             ];
             let reply: Value = bus
                 .read
-                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history], args)
+                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history, users], args)
                 .await
                 .map_err(unavailable)?;
             Self::parse_read(reply)
@@ -312,6 +317,7 @@ impl Bus for Arc<RedisBus> {
             room,
             offset: MARK,
             user: &msg.user,
+            name: msg.name.as_deref(),
             text: &msg.text,
             ts: now_ms(),
         }
@@ -546,6 +552,7 @@ mod tests {
             room: &room,
             offset: 9999,
             user: &user,
+            name: Some("9999 \"offset\":9999"),
             text: "9999 \"offset\":9999",
             ts: 1,
         }

@@ -171,6 +171,7 @@ async fn publish_inner(
     })?;
     let msg = NewMessage {
         user,
+        name: None,
         text: body.text,
         reference: body.reference,
     };

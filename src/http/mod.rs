@@ -1,23 +1,27 @@
 //! HTTP routes: the WebSocket upgrade, health and readiness, metrics, the HTTP API and the
 //! built-in page.
 
+pub mod admission;
 pub mod api;
 mod health;
 mod metrics;
 mod page;
 mod ws;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use self::admission::Admission;
 use crate::actors::hub::Hub;
 use crate::actors::session::SessionConfig;
+use crate::auth::Verifier;
 use crate::bus::SharedBus;
 use crate::metrics::Metrics;
+use crate::net::Cidr;
 
 /// What every request handler may use; one per replica.
 pub struct AppState {
@@ -26,8 +30,12 @@ pub struct AppState {
     pub sessions: Arc<SessionConfig>,
     /// Set on SIGTERM/SIGINT: not ready, no new sessions.
     pub draining: Arc<AtomicBool>,
-    pub connections: Arc<AtomicUsize>,
-    pub max_connections: usize,
+    /// The connection caps, per replica and per client address.
+    pub admission: Arc<Admission>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// `None` in anonymous mode.
+    pub verifier: Option<Verifier>,
     /// Browser origins allowed to open sessions; empty allows all.
     pub allowed_origins: Vec<String>,
     pub echo_endpoint: bool,
@@ -38,6 +46,7 @@ pub struct AppState {
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page::index))
+        .route("/client.json", web::get().to(page::client_config))
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))

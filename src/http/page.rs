@@ -1,4 +1,7 @@
-use actix_web::HttpResponse;
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
 
 const INDEX: &str = include_str!("../../static/index.html");
 
@@ -15,4 +18,12 @@ pub async fn index() -> HttpResponse {
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("Referrer-Policy", "no-referrer"))
         .body(INDEX)
+}
+
+/// What the page must know before it connects: whether it needs a token. A browser cannot
+/// read the 401 of a failed WebSocket handshake, so it asks here first.
+pub async fn client_config(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(json!({"auth": state.verifier.is_some()}))
 }

@@ -16,6 +16,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// A WebSocket handshake's response.
+pub type Handshake = tokio_tungstenite::tungstenite::handshake::client::Response;
+
 /// How long any single expected frame may take.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -29,17 +32,47 @@ pub struct Server {
 impl Server {
     /// Starts the binary on 127.0.0.1:0 with these `CONFAB_…` variables.
     pub fn start(env: &[(&str, &str)]) -> Server {
-        Server::start_on("127.0.0.1:0", env)
+        Self::start_with_files(env, None)
     }
 
     /// Starts the binary listening on `listen` (a fixed port, e.g. behind a proxy).
     pub fn start_on(listen: &str, env: &[(&str, &str)]) -> Server {
+        Self::launch(listen, env, None)
+    }
+
+    /// Starts the server with its open-file limit (soft and hard) set to `files`, when given.
+    pub fn start_with_files(env: &[(&str, &str)], files: Option<u64>) -> Server {
+        Self::launch("127.0.0.1:0", env, files)
+    }
+
+    fn launch(listen: &str, env: &[(&str, &str)], files: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+        if let Some(files) = files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: files,
+                        rlim_max: files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd.args(["--listen", listen])
             .env("RUST_LOG", "info,actix_server=warn")
             .env("CONFAB_SERVER__NODE_ID", "test-node")
             .env("CONFAB_SERVER__WORKERS", "2")
             .env("CONFAB_SERVER__ROOM_THREADS", "2")
+            // Every test client comes from 127.0.0.1: per-address limits are off unless a
+            // test sets them (tests/it/admission.rs does).
+            .env("CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP", "0")
+            .env("CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC", "0")
             .env_remove("CONFAB_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -98,6 +131,52 @@ impl Server {
                 .expect("connect in time")
                 .unwrap_or_else(|e| panic!("connect {path}: {e}"));
         Client { ws }
+    }
+
+    /// Opens a session from source address `from` (e.g. 127.0.0.2; `None` = any) with extra
+    /// request headers. Returns the client and the handshake response, or the status and body
+    /// of a refusal.
+    pub async fn open(
+        &self,
+        path: &str,
+        from: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(Client, Handshake), (u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut req = self.url(path).into_client_request().expect("request");
+        for (k, v) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        let socket = TcpSocket::new_v4().unwrap();
+        if let Some(from) = from {
+            socket
+                .bind(SocketAddr::new(from.parse().unwrap(), 0))
+                .expect("bind source address");
+        }
+        let stream = tokio::time::timeout(DEADLINE, socket.connect(self.addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let handshake = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream));
+        match tokio::time::timeout(DEADLINE, handshake)
+            .await
+            .expect("handshake in time")
+        {
+            Ok((ws, resp)) => Ok((Client { ws }, resp)),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("unexpected error opening {path}: {e}"),
+        }
     }
 
     /// The HTTP status a WebSocket upgrade to `path` is refused with.

@@ -2,7 +2,9 @@
 
 mod harness;
 
+mod admission;
 mod api;
+mod auth;
 mod browser;
 mod chat;
 mod cluster;

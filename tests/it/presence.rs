@@ -73,11 +73,12 @@ async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
     let set = format!("{p}:{{{room}}}:presence:node:probe");
     let holders = format!("{p}:{{{room}}}:presence:nodes");
     let channel = format!("{p}:room:{room}");
+    let meta = format!("{p}:{{{room}}}:meta");
     let event = format!(r#"{{"kind":"{kind}","user":"probe","frame":{{}}}}"#);
     let reply = redis
         .cmd(&[
-            "EVAL", CHANGE_LUA, "3", &users, &set, &holders, kind, "probe", "probe", &channel,
-            &event,
+            "EVAL", CHANGE_LUA, "4", &users, &set, &holders, &meta, kind, "probe", "probe",
+            &channel, &event, "86400", "60",
         ])
         .await;
     assert!(
@@ -378,4 +379,62 @@ async fn poll_listed(watcher: &mut Client, user: &str, present: bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Every frame `client` gets within `wait` of quiet.
+async fn drain(client: &mut Client, wait: Duration) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    while let Some(v) = client.try_next(wait).await {
+        frames.push(v);
+    }
+    frames
+}
+
+#[tokio::test]
+async fn a_room_over_the_join_limit_tells_no_joins_and_refreshes_presence_when_small_again() {
+    let server = Server::start(&[("CONFAB_LIMITS__JOIN_EVENTS_MAX_MEMBERS", "3")]);
+    let (mut first, _) = server.join("/ws/big?user=u1").await;
+    let mut others = Vec::new();
+    for i in 2..=8 {
+        let (c, _) = server.join(&format!("/ws/big?user=u{i}")).await;
+        others.push(c);
+    }
+    let frames = drain(&mut first, Duration::from_millis(700)).await;
+    let joined: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["type"] == "join")
+        .filter_map(|f| f["user"].as_str())
+        .collect();
+    // u2 and u3 arrived in a room under the limit; u4's join may race its own session's
+    // arrival; u5 to u8 arrived in a room over it.
+    assert!(
+        joined == ["u2", "u3"] || joined == ["u2", "u3", "u4"],
+        "{frames:?}"
+    );
+    // Asked, the list is whole.
+    first.send_json(json!({"type": "presence"})).await;
+    let listed = first.next_of("presence").await;
+    assert_eq!(
+        listed["users"],
+        json!(["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"])
+    );
+    // Five leave: back at the limit, members get the room's presence as it is now.
+    for _ in 0..5 {
+        others.pop().unwrap().close().await;
+    }
+    let fresh = first.next_of("presence").await;
+    let mut users: Vec<String> = fresh["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    // The refresh may have read the list before the last leave was recorded; then that
+    // leave's frame follows, since the room is small again.
+    for f in drain(&mut first, Duration::from_millis(700)).await {
+        if f["type"] == "leave" {
+            users.retain(|u| f["user"] != u.as_str());
+        }
+    }
+    assert_eq!(users, vec!["u1", "u2", "u3"], "{fresh}");
 }

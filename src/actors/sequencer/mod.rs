@@ -161,6 +161,12 @@ pub struct Sequencer<H> {
     /// The epoch this room's renewal started, with its first head: every later read of that
     /// epoch ran after it existed, so a head below that means the store went back again.
     created: Option<(Epoch, Offset)>,
+    /// Join and leave frames go to members only while the room has at most this many of
+    /// them: in a bigger room every arrival told to everyone costs N²/2 frames to fill it.
+    announce_max: usize,
+    /// A join or leave was not told because the room was big: its members' lists are stale
+    /// until they ask, or until the room is small again and gets a fresh `presence`.
+    presence_missed: bool,
     stats: Stats,
 }
 
@@ -183,8 +189,26 @@ impl<H: Outlet> Sequencer<H> {
             again: false,
             renew_after: None,
             created: None,
+            announce_max: usize::MAX,
+            presence_missed: false,
             stats: Stats::default(),
         }
+    }
+
+    /// Sets the room size above which join and leave frames are not sent.
+    pub fn with_announce_limit(mut self, max: usize) -> Self {
+        self.announce_max = max;
+        self
+    }
+
+    /// True once when the room is small enough again after joins or leaves went untold:
+    /// the actor then sends every member the room's presence.
+    pub fn take_presence_stale(&mut self) -> bool {
+        let stale = self.presence_missed && self.members.len() <= self.announce_max;
+        if stale {
+            self.presence_missed = false;
+        }
+        stale
     }
 
     /// What happened since the last call; the counts start again from zero.
@@ -765,6 +789,12 @@ impl<H: Outlet> Sequencer<H> {
     }
 
     fn fan_out(&mut self, event: &RoomEvent, out: &mut Outcome<H>) {
+        let presence_change =
+            matches!(event.kind, EventKind::Join { .. } | EventKind::Leave { .. });
+        if presence_change && self.members.len() > self.announce_max {
+            self.presence_missed = true;
+            return;
+        }
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
             if let EventKind::Typing { user }

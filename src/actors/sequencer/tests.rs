@@ -570,3 +570,51 @@ fn stats_count_gaps_and_replayed_messages() {
     world.answer(true);
     assert_eq!(world.seq.take_stats().gaps, 1);
 }
+
+#[test]
+fn a_big_room_tells_no_joins_and_asks_for_fresh_presence_once_small_again() {
+    let mut world = World::new(100);
+    world.seq = Sequencer::new(room(), 1 << 20).with_announce_limit(2);
+    for op in [Op::Join, Op::Sync, Op::Join, Op::Sync] {
+        world.apply(op);
+    }
+    let join = |name: &str| RoomEvent {
+        room: room(),
+        kind: EventKind::Join {
+            user: UserId::parse(name).unwrap(),
+        },
+        json: ByteString::from(format!(r#"{{"type":"join","user":"{name}"}}"#)),
+    };
+    let frames = |world: &World| -> usize {
+        world
+            .sockets
+            .values()
+            .map(|s| {
+                s.0.borrow()
+                    .iter()
+                    .filter(|o| matches!(o, Outbound::Frame(f) if f.contains("\"join\"")))
+                    .count()
+            })
+            .sum()
+    };
+    let out = world.seq.on_event(join("x"));
+    world.take(out);
+    assert_eq!(frames(&world), 2, "a small room tells every member");
+    world.apply(Op::Join);
+    world.apply(Op::Sync);
+    let out = world.seq.on_event(join("y"));
+    world.take(out);
+    assert_eq!(
+        frames(&world),
+        2,
+        "a room of 3 over a limit of 2 tells nobody"
+    );
+    assert!(!world.seq.take_presence_stale(), "still big");
+    let first = *world.sockets.keys().next().unwrap();
+    world.seq.remove(first);
+    assert!(
+        world.seq.take_presence_stale(),
+        "small again after a join went untold"
+    );
+    assert!(!world.seq.take_presence_stale(), "once");
+}

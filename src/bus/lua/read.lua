@@ -1,16 +1,25 @@
 -- Reads a room's head and part of its history in one consistent snapshot, creating the
 -- room's epoch if it has none (so every replica agrees on it).
 --
--- KEYS[1] meta hash   KEYS[2] history stream
+-- A room created here has no message yet: it lives `empty ttl` unless somebody is in it (the
+-- presence scripts extend it on a join and shorten it again when the last one leaves), so a
+-- client that opens thousands of rooms leaves nothing behind for long.
+--
+-- KEYS[1] meta hash   KEYS[2] history stream   KEYS[3] presence users hash
 -- ARGV[1] 'since' | 'before' | 'head'   ARGV[2] offset (since: after it; before: below it, 0 = none)
 -- ARGV[3] limit (before only)   ARGV[4] epoch to use if none   ARGV[5] ttl secs
+-- ARGV[6] empty room ttl secs
 -- Returns {epoch, offset, entries} with entries as XRANGE gives them, oldest first.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+  else
+    redis.call('EXPIRE', KEYS[1], ARGV[6])
+  end
 end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 -- ARGV[2] is a decimal string and is used as one: Lua numbers print 1e14 as '1e+14', which is

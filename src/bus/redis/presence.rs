@@ -127,10 +127,15 @@ pub struct NodeIdTaken {
 }
 
 impl RedisBus {
+    /// The room's presence users hash: read.lua checks whether anybody is in the room.
+    pub(super) fn presence_users_key(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:presence:users", self.prefix)
+    }
+
     fn presence_keys(&self, room: &RoomName) -> PresenceKeys {
         let p = &self.prefix;
         PresenceKeys {
-            users: format!("{p}:{{{room}}}:presence:users"),
+            users: self.presence_users_key(room),
             holders: format!("{p}:{{{room}}}:presence:nodes"),
             node_set: format!("{p}:{{{room}}}:presence:node:"),
         }
@@ -321,13 +326,19 @@ impl RedisBus {
                 .reap
                 .evalsha_with_reload(
                     &self.client,
-                    vec![keys.users.clone(), keys.node(node), keys.holders.clone()],
+                    vec![
+                        keys.users.clone(),
+                        keys.node(node),
+                        keys.holders.clone(),
+                        self.keys(&room).meta,
+                    ],
                     vec![
                         node.to_owned(),
                         self.keys(&room).channel,
                         head,
                         middle,
                         tail,
+                        self.empty_room_ttl_secs.to_string(),
                     ],
                 )
                 .await?;
@@ -377,13 +388,21 @@ impl RedisBus {
         };
         let event = Self::envelope(kind, user, &frame);
         let keys = self.presence_keys(room);
-        let script_keys = vec![keys.users.clone(), keys.node(&self.node), keys.holders];
+        let room_keys = self.keys(room);
+        let script_keys = vec![
+            keys.users.clone(),
+            keys.node(&self.node),
+            keys.holders,
+            room_keys.meta,
+        ];
         let args = vec![
             kind.to_owned(),
             self.node.to_string(),
             user.to_string(),
-            self.keys(room).channel,
+            room_keys.channel,
             event,
+            self.ttl_secs.to_string(),
+            self.empty_room_ttl_secs.to_string(),
         ];
         let bus = Arc::clone(self);
         let room = room.to_string();
@@ -504,7 +523,8 @@ mod tests {
         assert!(!commands.is_empty());
         for c in &commands {
             assert!(
-                ["SADD", "SREM", "HINCRBY", "HDEL", "PUBLISH"].contains(c),
+                ["SADD", "SREM", "HINCRBY", "HDEL", "HGET", "EXISTS", "EXPIRE", "PUBLISH"]
+                    .contains(c),
                 "{c} in the presence change script"
             );
         }

@@ -1,0 +1,428 @@
+//! Who may connect and what they may do (SPEC §2, §3): JWT validation, the identity a token
+//! grants, room and publish globs, and `confab token`'s signing. No actix here: the upgrade
+//! handler asks, this module answers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{RoomName, UserId};
+use crate::settings::AuthSettings;
+
+/// Clock skew forgiven on `exp`, also when a session is closed at its token's expiry.
+pub const LEEWAY: Duration = Duration::from_secs(5);
+
+/// Longest display name a token may carry, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// How tokens are checked; built once at start-up from `auth.*`.
+pub struct Verifier {
+    /// Each algorithm the configured keys allow, with its key. A token's `alg` must be one of
+    /// these: `none` never is, and an HS256 token is never checked against a public key.
+    keys: Vec<(Algorithm, DecodingKey)>,
+    audience: Option<String>,
+    issuer: Option<String>,
+}
+
+/// Why a token was refused; every one is a 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "a token is required: ?token=, Authorization: Bearer, or the `token.<jwt>` subprotocol"
+    )]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token's algorithm is not one this server accepts")]
+    Algorithm,
+    #[error("the token's signature does not verify")]
+    Signature,
+    #[error("the token is not for this audience")]
+    Audience,
+    #[error("the token is not from the expected issuer")]
+    Issuer,
+    #[error("the token's `sub` is not a valid user name: {0}")]
+    Subject(String),
+    #[error(
+        "the token's `name` must be 1 to {MAX_NAME_CHARS} characters with no control characters"
+    )]
+    Name,
+    #[error("the token is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Why a public key file is unusable; start-up stops naming `auth.jwt_public_key_file`.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a PEM RSA or EC (P-256) public key")]
+    Format(String),
+}
+
+/// A public key file's key and the algorithm it verifies.
+pub fn read_public_key(path: &str) -> Result<(Algorithm, DecodingKey), KeyError> {
+    let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((Algorithm::RS256, key));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((Algorithm::ES256, key));
+    }
+    Err(KeyError::Format(path.to_owned()))
+}
+
+/// The claims confab reads (SPEC §2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+/// Who a session is and what it may do.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: UserId,
+    /// Display name shown with the user's messages.
+    pub name: Option<Arc<str>>,
+    rooms: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    /// When the token stops being valid; `None` for anonymous sessions.
+    pub expires: Option<SystemTime>,
+}
+
+impl Identity {
+    /// Anonymous mode: anyone, any room, no expiry.
+    pub fn anonymous(user: UserId) -> Self {
+        Self {
+            user,
+            name: None,
+            rooms: None,
+            publish: None,
+            expires: None,
+        }
+    }
+
+    pub fn may_join(&self, room: &RoomName) -> bool {
+        self.rooms
+            .as_ref()
+            .map_or(true, |globs| any_match(globs, room))
+    }
+
+    /// `publish` absent means wherever the user may join.
+    pub fn may_publish(&self, room: &RoomName) -> bool {
+        self.may_join(room)
+            && self
+                .publish
+                .as_ref()
+                .map_or(true, |globs| any_match(globs, room))
+    }
+}
+
+fn any_match(globs: &[String], room: &RoomName) -> bool {
+    globs.iter().any(|g| glob_match(g, room.as_str()))
+}
+
+/// `*` matches any run of characters (also none), `?` exactly one; everything else itself.
+/// Iterative with one backtrack point, so a pattern like `*a*a*a*b` cannot blow up.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+impl Verifier {
+    /// `None` when no key is configured: connections are anonymous.
+    pub fn from_settings(settings: &AuthSettings) -> Result<Option<Self>, KeyError> {
+        if !settings.enabled() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        if !settings.jwt_secret.is_empty() {
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(settings.jwt_secret.as_bytes()),
+            ));
+        }
+        if !settings.jwt_public_key_file.is_empty() {
+            keys.push(read_public_key(&settings.jwt_public_key_file)?);
+        }
+        let set = |s: &String| (!s.is_empty()).then(|| s.clone());
+        Ok(Some(Self {
+            keys,
+            audience: set(&settings.audience),
+            issuer: set(&settings.issuer),
+        }))
+    }
+
+    /// The algorithms tokens may use, for logs and docs.
+    pub fn algorithms(&self) -> Vec<String> {
+        self.keys.iter().map(|(a, _)| format!("{a:?}")).collect()
+    }
+
+    /// Checks a token and returns the identity it grants.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            // `alg: none` and unknown algorithms fail here, as JSON the header type rejects.
+            ErrorKind::Json(_) => AuthError::Algorithm,
+            _ => AuthError::Malformed(e.to_string()),
+        })?;
+        let (alg, key) = self
+            .keys
+            .iter()
+            .find(|(a, _)| *a == header.alg)
+            .ok_or(AuthError::Algorithm)?;
+        let mut validation = Validation::new(*alg);
+        validation.leeway = LEEWAY.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::Signature,
+            ErrorKind::InvalidAudience => AuthError::Audience,
+            ErrorKind::InvalidIssuer => AuthError::Issuer,
+            ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+            _ => AuthError::Malformed(e.to_string()),
+        })?;
+        let claims = data.claims;
+        let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
+        let name = match claims.name {
+            None => None,
+            Some(n) => {
+                let chars = n.chars().count();
+                if chars == 0 || chars > MAX_NAME_CHARS || n.chars().any(char::is_control) {
+                    return Err(AuthError::Name);
+                }
+                Some(Arc::from(n))
+            }
+        };
+        Ok(Identity {
+            user,
+            name,
+            rooms: claims.rooms,
+            publish: claims.publish,
+            // A time past what the clock can hold never comes: no expiry.
+            expires: UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp)),
+        })
+    }
+}
+
+/// What `confab token` puts in a token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRequest {
+    pub sub: String,
+    pub name: Option<String>,
+    pub rooms: Option<Vec<String>>,
+    pub publish: Option<Vec<String>>,
+    pub ttl: Duration,
+}
+
+/// Signs an HS256 token with `auth.jwt_secret`, with `aud`/`iss` when configured, so the
+/// server that printed it accepts it.
+pub fn sign_hs256(settings: &AuthSettings, req: &TokenRequest) -> Result<String, String> {
+    if settings.jwt_secret.is_empty() {
+        return Err("auth.jwt_secret is not set (in the config file, or as \
+                    CONFAB_AUTH__JWT_SECRET): `confab token` signs with it"
+            .into());
+    }
+    UserId::parse(&req.sub).map_err(|e| format!("--sub {e}"))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let set = |s: &String| (!s.is_empty()).then(|| s.clone());
+    let claims = Claims {
+        sub: req.sub.clone(),
+        exp: (now + req.ttl).as_secs(),
+        name: req.name.clone(),
+        rooms: req.rooms.clone(),
+        publish: req.publish.clone(),
+        aud: set(&settings.audience),
+        iss: set(&settings.issuer),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(settings.jwt_secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(secret: &str) -> AuthSettings {
+        AuthSettings {
+            jwt_secret: secret.into(),
+            ..Default::default()
+        }
+    }
+
+    fn room(s: &str) -> RoomName {
+        RoomName::parse(s).unwrap()
+    }
+
+    fn token(settings: &AuthSettings, sub: &str, rooms: Option<&[&str]>) -> String {
+        let own = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect();
+        sign_hs256(
+            settings,
+            &TokenRequest {
+                sub: sub.into(),
+                rooms: rooms.map(own),
+                publish: Some(vec!["team-*".into()]),
+                ttl: Duration::from_secs(60),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn globs_match_like_shell_patterns() {
+        assert!(glob_match("team-*", "team-a"));
+        assert!(glob_match("team-*", "team-"));
+        assert!(!glob_match("team-*", "teams"));
+        assert!(glob_match("lobby", "lobby"));
+        assert!(!glob_match("lobby", "lobby2"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("r?om", "room"));
+        assert!(!glob_match("r?om", "rom"));
+        assert!(glob_match("*-ops-*", "eu-ops-1"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        let long = "a".repeat(64);
+        assert!(
+            !glob_match("*a*a*a*a*a*a*a*b", &long),
+            "no blow-up, no match"
+        );
+    }
+
+    #[test]
+    fn a_signed_token_grants_its_claims() {
+        let s = settings("s3cret");
+        let verifier = Verifier::from_settings(&s).unwrap().unwrap();
+        let id = verifier
+            .verify(&token(&s, "alice", Some(&["team-*", "lobby"])))
+            .unwrap();
+        assert_eq!(id.user.as_str(), "alice");
+        assert!(id.may_join(&room("team-x")) && id.may_join(&room("lobby")));
+        assert!(!id.may_join(&room("secret")));
+        assert!(id.may_publish(&room("team-x")));
+        assert!(!id.may_publish(&room("lobby")), "publish narrows join");
+        assert!(id.expires.is_some());
+    }
+
+    #[test]
+    fn wrong_secret_bad_subject_and_no_key_are_refused() {
+        let s = settings("s3cret");
+        let verifier = Verifier::from_settings(&s).unwrap().unwrap();
+        let other = token(&settings("other"), "alice", None);
+        assert_eq!(verifier.verify(&other).unwrap_err(), AuthError::Signature);
+        let claims = Claims {
+            sub: "al ice".into(),
+            exp: 4_000_000_000,
+            name: None,
+            rooms: None,
+            publish: None,
+            aud: None,
+            iss: None,
+        };
+        let bad = jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert!(matches!(
+            verifier.verify(&bad).unwrap_err(),
+            AuthError::Subject(_)
+        ));
+        assert!(Verifier::from_settings(&settings("")).unwrap().is_none());
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let s = settings("s3cret");
+        let verifier = Verifier::from_settings(&s).unwrap().unwrap();
+        let b64 = |j: &str| {
+            use base64_url as b;
+            b::encode(j.as_bytes())
+        };
+        let far = 4_000_000_000u64;
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&format!(r#"{{"sub":"alice","exp":{far}}}"#))
+        );
+        assert_eq!(verifier.verify(&none).unwrap_err(), AuthError::Algorithm);
+    }
+
+    /// Base64url without padding, the JWT alphabet, for hand-made tokens.
+    mod base64_url {
+        pub fn encode(data: &[u8]) -> String {
+            const A: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let mut out = String::new();
+            for chunk in data.chunks(3) {
+                let b = [
+                    chunk[0],
+                    *chunk.get(1).unwrap_or(&0),
+                    *chunk.get(2).unwrap_or(&0),
+                ];
+                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+                for i in 0..=chunk.len() {
+                    out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                }
+            }
+            out
+        }
+    }
+}
