@@ -286,7 +286,7 @@ fn the_deployment_keeps_its_promises() {
 }
 
 #[test]
-fn the_config_map_holds_only_settings_confab_accepts() {
+fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
     let objects = objects();
     let config = find(&objects, "ConfigMap", "confab");
     let data = config["data"].as_object().expect("data");
@@ -300,10 +300,21 @@ fn the_config_map_holds_only_settings_confab_accepts() {
         }
     }
     assert!(settings >= 4, "{data:?}");
+    // The Deployment's own variables (node id, secrets), with stand-in values.
+    let deployment = find(&objects, "Deployment", "confab");
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env");
+    for var in env {
+        let name = var["name"].as_str().unwrap();
+        if name.starts_with("CONFAB_") {
+            cmd.env(name, "stand-in-value-0123456789abcdef0123456789abcdef");
+        }
+    }
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "confab refuses the ConfigMap: {}",
+        "confab refuses the manifests' settings: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
