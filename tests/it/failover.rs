@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster::say_with_retry;
-use crate::fleet::{redis_cli, replica_of, wait_until, SentinelSet};
+use crate::fleet::{redis_cli, replica_args, replica_of, wait_until, SentinelSet};
 use crate::harness::{http, Client, Redis, Server, DEADLINE};
 
 const KEY: &str = "k-failover";
@@ -133,7 +133,9 @@ fn sentinel_master(port: u16) -> Option<u16> {
 
 /// A `redis-server` on `port` replicating `master`, once synced.
 fn replica_on(port: u16, master: u16) -> Redis {
-    let replica = Redis::start_with(port, &["--replicaof", "127.0.0.1", &master.to_string()]);
+    let args = replica_args(port, master);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let replica = Redis::start_with(port, &args);
     wait_until(
         Duration::from_secs(20),
         "the old master syncs as a replica",

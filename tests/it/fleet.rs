@@ -182,12 +182,34 @@ impl SentinelSet {
     }
 }
 
+/// Arguments that make a `redis-server` replicate `master` without writing files: it loads the
+/// master's data straight from the socket, and anything it would save goes to the temp dir.
+pub fn replica_args(port: u16, master: u16) -> Vec<String> {
+    let dir = std::env::temp_dir();
+    let master = master.to_string();
+    let file = format!("confab-it-replica-{port}.rdb");
+    [
+        "--replicaof",
+        "127.0.0.1",
+        master.as_str(),
+        "--repl-diskless-load",
+        "on-empty-db",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--dbfilename",
+        file.as_str(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 /// A `redis-server` replicating `master`, started once its link to the master is up.
 pub fn replica_of(master: u16) -> Redis {
-    let replica = Redis::start_with(
-        free_port(),
-        &["--replicaof", "127.0.0.1", &master.to_string()],
-    );
+    let port = free_port();
+    let args = replica_args(port, master);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let replica = Redis::start_with(port, &args);
     wait_until(Duration::from_secs(20), "the replica syncs", || {
         redis_cli(replica.port, &["INFO", "replication"]).contains("master_link_status:up")
     });
@@ -302,7 +324,8 @@ impl Haproxy {
              retry-on conn-failure empty-response 503\n\
              frontend chat\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\
              backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  \
-             http-check expect status 200\n  default-server inter 200ms fall 1 rise 1\n"
+             http-check expect status 200\n  option forwardfor\n  \
+             default-server inter 200ms fall 1 rise 1\n"
         );
         for (i, backend) in backends.iter().enumerate() {
             config.push_str(&format!("  server r{i} 127.0.0.1:{backend} check\n"));
