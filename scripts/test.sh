@@ -49,8 +49,10 @@ fi
 command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo is not installed (https://rustup.rs)" >&2; exit 1; }
 
 say "deploy linters (kubernetes-validate, checkov, hadolint) for tests/it/deploy.rs"
-CONFAB_TOOLS_BIN=$(scripts/tools.sh)
-export CONFAB_TOOLS_BIN
+# Not CONFAB_…: confab reads every CONFAB_ variable as a setting, and the servers the tests
+# start inherit this environment.
+DEPLOY_TOOLS_BIN=$(scripts/tools.sh)
+export DEPLOY_TOOLS_BIN
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

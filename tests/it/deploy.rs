@@ -3,7 +3,7 @@
 //! drain budget, posture, settings that exist), and the Dockerfile with hadolint.
 //!
 //! The linters come from PyPI into a virtualenv that `scripts/tools.sh` makes (`scripts/test.sh`
-//! runs it and exports `CONFAB_TOOLS_BIN`). A missing linter fails the test; it never skips.
+//! runs it and exports `DEPLOY_TOOLS_BIN`). A missing linter fails the test; it never skips.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,10 +22,10 @@ fn k8s_dir() -> PathBuf {
     root().join("config/k8s")
 }
 
-/// Where the linters are: `CONFAB_TOOLS_BIN`, else the virtualenv `scripts/tools.sh` makes
+/// Where the linters are: `DEPLOY_TOOLS_BIN`, else the virtualenv `scripts/tools.sh` makes
 /// under Cargo's target directory.
 fn tools_bin() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CONFAB_TOOLS_BIN") {
+    if let Some(dir) = std::env::var_os("DEPLOY_TOOLS_BIN") {
         return PathBuf::from(dir);
     }
     // CARGO_BIN_EXE_confab is <target>/<profile>/confab.
@@ -42,7 +42,7 @@ fn tool(name: &str) -> Command {
     assert!(
         path.exists(),
         "{} is missing: run scripts/tools.sh (scripts/test.sh does) to install the deploy \
-         linters, or point CONFAB_TOOLS_BIN at a directory that has them",
+         linters, or point DEPLOY_TOOLS_BIN at a directory that has them",
         path.display()
     );
     let mut cmd = Command::new(path);
