@@ -37,6 +37,16 @@ impl Server {
 
     /// Starts the server with its open-file limit (soft and hard) set to `files`, when given.
     pub fn start_with_files(env: &[(&str, &str)], files: Option<u64>) -> Server {
+        Self::launch("127.0.0.1:0", env, files)
+    }
+
+    /// Starts the binary on `listen` (e.g. the address of a server that was killed, so its
+    /// clients reconnect to the same place).
+    pub fn start_on(listen: &str, env: &[(&str, &str)]) -> Server {
+        Self::launch(listen, env, None)
+    }
+
+    fn launch(listen: &str, env: &[(&str, &str)], files: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
         if let Some(files) = files {
             use std::os::unix::process::CommandExt;
@@ -55,7 +65,7 @@ impl Server {
                 });
             }
         }
-        cmd.args(["--listen", "127.0.0.1:0"])
+        cmd.args(["--listen", listen])
             .env("RUST_LOG", "info,actix_server=warn")
             .env("CONFAB_SERVER__NODE_ID", "test-node")
             .env("CONFAB_SERVER__WORKERS", "2")
@@ -189,9 +199,12 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
+        // Never pid 0 (an exited server): kill(0, …) would signal the whole process group.
+        let pid = self.pid();
+        assert!(pid > 0, "the server is not running");
         // SAFETY: sending a signal to our own child process.
         unsafe {
-            libc::kill(self.pid(), sig);
+            libc::kill(pid, sig);
         }
     }
 
@@ -215,6 +228,12 @@ impl Server {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: the process vanishes at once, its sockets with it, nothing drained.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(Duration::from_secs(5));
     }
 }
 
