@@ -14,3 +14,4 @@ mod lifecycle;
 mod limits;
 mod presence;
 mod resume;
+mod webdriver;
