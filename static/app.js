@@ -83,8 +83,9 @@ function updateTitle() {
 }
 
 // ---- Rendering messages -----------------------------------------------------------------------
-// A message's element: time, user, text; all of it set as text.
-function messageElement(from, text, ts) {
+// A message's element: time, user (a token's display name when it has one), text; all of it
+// set as text.
+function messageElement(from, text, ts, name) {
   const el = document.createElement("div");
   el.className = from === user ? "msg mine" : "msg";
   const time = document.createElement("span");
@@ -93,7 +94,8 @@ function messageElement(from, text, ts) {
   time.title = new Date(ts).toLocaleString();
   const who = document.createElement("span");
   who.className = "user";
-  who.textContent = from;
+  who.textContent = name || from;
+  if (name && name !== from) who.title = from;
   const body = document.createElement("span");
   body.className = "text";
   body.textContent = text;
@@ -134,7 +136,7 @@ function showMessage(m) {
   const key = epoch + ":" + m.offset;
   if (typeof m.offset !== "number" || shown.has(key)) return false;
   shown.add(key);
-  place(messageElement(m.user, m.text, m.ts || Date.now()), m.offset);
+  place(messageElement(m.user, m.text, m.ts || Date.now(), m.name), m.offset);
   if (oldest === null || m.offset < oldest) oldest = m.offset;
   return true;
 }
@@ -504,23 +506,25 @@ function onWelcome(f) {
   welcomed = true;
   attempt = 0;
   stopped = false;
-  if (!typedName) {
-    // A guest keeps the name the server made up, across reconnects and reloads of this tab,
-    // so its refs stay its own (the server de-duplicates a ref per user).
-    user = f.user;
-    sessionStorage.setItem("confab.guest", f.user);
-  }
+  // Who the server says we are: the name asked for, a generated guest name, or the token's
+  // subject. A guest keeps its name across reconnects and reloads of this tab, so its refs
+  // stay its own (the server de-duplicates a ref per user).
+  user = f.user;
+  if (!typedName && !auth) sessionStorage.setItem("confab.guest", f.user);
   // 1. Continuity. The server sends what follows the welcome; only a gap needs us.
   if (epoch === null) {
     // First connect to this room: the latest messages follow (?history), then live ones.
   } else if (f.recovered === true) {
     // Resumed: every message after `cursor` follows, then live ones. Nothing to do.
-  } else {
+  } else if (cursor > 0) {
     // Not resumable (the history we had is trimmed, lost or reset): the latest messages
     // follow (?history). Keep what is on screen and mark the gap between the two.
     startRun(f.epoch === epoch
       ? "Messages were missed here: they are no longer in the room's history."
       : "The room's history was reset here; messages before it may be gone.");
+  } else {
+    // We had seen no message of that epoch: an empty room the server forgot meanwhile.
+    note("the room started afresh");
   }
   if (f.recovered !== true) {
     epoch = f.epoch;
@@ -574,7 +578,7 @@ function loadOlder() {
 
 // ---- What the user does -----------------------------------------------------------------------
 function join() {
-  const name = $("name").value.trim();
+  const name = auth ? "" : $("name").value.trim();   // with tokens the server ignores `user`
   const r = $("room").value.trim();
   if (name && (name.length > 32 || !NAME_RE.test(name))) {
     setStatus("invalid name: up to 32 letters, digits, _ . - (starting with a letter or digit)", "bad");
@@ -595,7 +599,9 @@ function join() {
     }
     sessionStorage.setItem("confab.token", token);
   }
-  try { localStorage.setItem("confab.name", name); } catch { /* not remembered, that is all */ }
+  if (!auth) {
+    try { localStorage.setItem("confab.name", name); } catch { /* not remembered, that is all */ }
+  }
 
   // Deliberate close: clearing `ws` first makes the old socket's onclose a no-op.
   const old = ws;
@@ -674,6 +680,8 @@ async function start() {
     auth = r.ok && (await r.json()).auth === true;
   } catch { auth = false; }
   $("token-field").hidden = !auth;
+  $("name").closest(".field").hidden = auth;   // with tokens, the token says who we are
+  if (auth && !$("token").value) setStatus("this server needs a token: enter one to join", "warn");
   // A link with a room in its hash opens that room at once.
   const fromHash = location.hash.slice(1);
   if (NAME_RE.test(fromHash)) {
