@@ -263,6 +263,23 @@ impl Browser {
     }
 }
 
+/// A script: whether a stored message with exactly this text is on the page.
+pub fn has_message(text: &str) -> String {
+    format!(
+        "return Array.from(document.querySelectorAll('#messages > [data-offset] .text'))
+             .some(e => e.textContent === {})",
+        json!(text)
+    )
+}
+
+/// A script: whether the badge says the page is offline and waiting to reconnect.
+pub const OFFLINE: &str =
+    "return document.getElementById('status').textContent.startsWith('offline, reconnecting in')";
+
+/// A script: whether none of our messages is still sending or refused.
+pub const NOTHING_SENDING: &str =
+    "return document.querySelectorAll('#messages > .pending, #messages > .failed').length === 0";
+
 /// Standard base64 (what WebDriver screenshots come in); no crate needed for one use.
 fn base64_decode(text: &str) -> Vec<u8> {
     let value = |c: u8| match c {
