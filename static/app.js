@@ -134,7 +134,14 @@ function place(el, offset) {
 // Returns false when it was already on screen.
 function showMessage(m) {
   const key = epoch + ":" + m.offset;
-  if (typeof m.offset !== "number" || shown.has(key)) return false;
+  if (typeof m.offset !== "number") return false;
+  if (shown.has(key)) {
+    // Our own message went up when its ack came; its echo brings the token's display name.
+    const who = m.name && $("messages").querySelector(
+      `[data-run="${run}"][data-offset="${m.offset}"] .user`);
+    if (who) { who.textContent = m.name; who.title = m.user; }
+    return false;
+  }
   shown.add(key);
   place(messageElement(m.user, m.text, m.ts || Date.now(), m.name), m.offset);
   if (oldest === null || m.offset < oldest) oldest = m.offset;

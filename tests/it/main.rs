@@ -6,6 +6,7 @@ mod admission;
 mod api;
 mod auth;
 mod browser;
+mod browser_auth;
 mod browser_reconnect;
 mod chat;
 mod cluster;
