@@ -1,23 +1,43 @@
+//! The built-in web client: the page, its script and its style, compiled into the binary,
+//! and what the page asks before connecting (`/client.json`).
+
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::AppState;
 
 const INDEX: &str = include_str!("../../static/index.html");
+const SCRIPT: &str = include_str!("../../static/app.js");
+const STYLE: &str = include_str!("../../static/app.css");
 
-/// The built-in chat page. The policy allows only the page's own inline code and sockets to
-/// this host, so nothing a chat message contains can load or run anything.
+/// The page's policy: code and style only from the files below (no inline code, so markup a
+/// chat message might smuggle into the page could not run), sockets and fetches to this host,
+/// no plugins, no forms posting elsewhere, no framing.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
 pub async fn index() -> HttpResponse {
+    file("text/html; charset=utf-8", INDEX)
+}
+
+pub async fn script() -> HttpResponse {
+    file("text/javascript; charset=utf-8", SCRIPT)
+}
+
+pub async fn style() -> HttpResponse {
+    file("text/css; charset=utf-8", STYLE)
+}
+
+/// `no-cache` lets browsers keep a copy but check it, so a new version shows after a restart.
+fn file(content_type: &str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header((
-            "Content-Security-Policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'",
-        ))
+        .content_type(content_type)
+        .insert_header(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("Referrer-Policy", "no-referrer"))
-        .body(INDEX)
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(body)
 }
 
 /// What the page must know before it connects: whether it needs a token. A browser cannot

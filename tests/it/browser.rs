@@ -1,242 +1,405 @@
-//! The built-in page in a real browser: two headless Chromium windows chat through it.
-//! Driven over the W3C WebDriver protocol by ChromeDriver (Debian's chromium-driver, which
-//! scripts/test.sh installs); a machine without it fails this test, it never skips.
+//! The built-in page in real browsers (headless Chromium, see `webdriver.rs`): chat, presence,
+//! typing, text that stays text, history pages, refusals. Reconnecting: `browser_reconnect.rs`.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::harness::{request, Server};
-
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-struct Driver {
-    child: Child,
-    addr: SocketAddr,
-    profiles: PathBuf,
-}
-
-impl Driver {
-    async fn start() -> Driver {
-        let binary = ["chromedriver", "/usr/bin/chromedriver"]
-            .into_iter()
-            .find(|b| Command::new(b).arg("--version").output().is_ok())
-            .expect("chromedriver not found: install chromium and chromium-driver (scripts/test.sh does)");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(binary)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let profiles =
-            std::env::temp_dir().join(format!("confab-browser-{}-{port}", std::process::id()));
-        let driver = Driver {
-            child,
-            addr,
-            profiles,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                let status = request(addr, "GET", "/status", &[], "").await;
-                if status.json()["value"]["ready"] == true {
-                    return driver;
-                }
-            }
-            assert!(Instant::now() < end, "chromedriver did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn browser(&self, name: &str) -> Browser {
-        let profile = self.profiles.join(name);
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                // The flags that keep Chromium off the network and quiet as root in a sandbox.
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--disable-quic", "--no-first-run", "--disable-background-networking",
-                         "--disable-component-update", "--disable-sync",
-                         format!("--user-data-dir={}", profile.display())]
-            }
-        }}});
-        let reply = request(self.addr, "POST", "/session", &[], &caps.to_string()).await;
-        let v = reply.json();
-        let id = v["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
-            .to_owned();
-        Browser {
-            addr: self.addr,
-            id,
-        }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profiles);
-    }
-}
-
-struct Browser {
-    addr: SocketAddr,
-    id: String,
-}
-
-impl Browser {
-    async fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
-        let path = format!("/session/{}{path}", self.id);
-        let body = if method == "GET" {
-            String::new()
-        } else {
-            body.to_string()
-        };
-        let reply = request(self.addr, method, &path, &[], &body).await;
-        let v = reply.json();
-        assert_eq!(reply.status, 200, "WebDriver {method} {path}: {v}");
-        v["value"].clone()
-    }
-
-    async fn goto(&self, url: &str) {
-        self.cmd("POST", "/url", json!({ "url": url })).await;
-    }
-
-    async fn element(&self, css: &str) -> String {
-        let v = self
-            .cmd(
-                "POST",
-                "/element",
-                json!({"using": "css selector", "value": css}),
-            )
-            .await;
-        v[ELEMENT_KEY]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}"))
-            .to_owned()
-    }
-
-    async fn fill(&self, css: &str, text: &str) {
-        let e = self.element(css).await;
-        self.cmd("POST", &format!("/element/{e}/clear"), json!({}))
-            .await;
-        self.cmd(
-            "POST",
-            &format!("/element/{e}/value"),
-            json!({ "text": text }),
-        )
-        .await;
-    }
-
-    async fn click(&self, css: &str) {
-        let e = self.element(css).await;
-        self.cmd("POST", &format!("/element/{e}/click"), json!({}))
-            .await;
-    }
-
-    async fn script(&self, js: &str) -> Value {
-        self.cmd("POST", "/execute/sync", json!({"script": js, "args": []}))
-            .await
-    }
-
-    /// Polls a script until it returns true.
-    async fn wait_for(&self, js: &str, what: &str) {
-        let end = Instant::now() + Duration::from_secs(15);
-        while self.script(js).await != json!(true) {
-            assert!(Instant::now() < end, "{what}: not true within 15 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn messages(&self) -> Vec<String> {
-        let v = self
-            .script("return Array.from(document.querySelectorAll('#messages > *')).map(e => e.textContent)")
-            .await;
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    async fn join(&self, base: &str, name: &str, room: &str) {
-        self.goto(base).await;
-        self.fill("#name", name).await;
-        self.fill("#room", room).await;
-        self.click("#join").await;
-        self.wait_for(
-            "return document.getElementById('status').textContent === 'connected'",
-            "page connected",
-        )
-        .await;
-    }
-
-    async fn send(&self, text: &str) {
-        self.fill("#message", text).await;
-        self.click("#send").await;
-    }
-
-    async fn quit(self) {
-        self.cmd("DELETE", "", json!({})).await;
-    }
-}
+use crate::harness::Server;
+use crate::webdriver::{has_message, screenshot_dir, Driver, ENTER, NOTHING_SENDING};
 
 #[tokio::test]
-async fn two_browser_windows_chat_through_the_built_in_page() {
+async fn two_browsers_chat_and_see_each_others_presence_and_typing() {
     let server = Server::start(&[]);
     let driver = Driver::start().await;
     let base = format!("http://{}/", server.addr);
     let alice = driver.browser("alice").await;
     let bob = driver.browser("bob").await;
+    alice.resize(960, 600).await;
     alice.join(&base, "alice", "e2e").await;
     bob.join(&base, "bob", "e2e").await;
 
-    alice.send("hello from alice").await;
-    bob.wait_for(
-        "return Array.from(document.querySelectorAll('#messages > *')).some(e => e.textContent.includes('hello from alice'))",
-        "bob sees alice's message",
-    )
-    .await;
-
-    // Markup in a message is shown as text, never parsed.
-    bob.send("<b>bold</b><img src=x onerror=alert(1)>").await;
+    // Presence: each lists the other (alice from bob's join, bob from the presence list).
     alice
         .wait_for(
-            "return Array.from(document.querySelectorAll('#messages > *')).some(e => e.textContent.includes('<b>bold</b>'))",
-            "alice sees bob's message as text",
+            "return document.getElementById('users').textContent.includes('bob')",
+            "alice sees bob online",
+        )
+        .await;
+    bob.wait_for(
+        "return document.getElementById('users').textContent.includes('alice')",
+        "bob sees alice online",
+    )
+    .await;
+    assert_eq!(
+        alice.script("return location.hash").await,
+        json!("#e2e"),
+        "the room is in the URL, so the link can be shared"
+    );
+
+    alice.send("hello from alice").await;
+    bob.wait_for(&has_message("hello from alice"), "bob sees alice's message")
+        .await;
+    bob.send("hi alice, how is the release going?").await;
+    alice.send("tests are green, shipping after lunch").await;
+    for browser in [&alice, &bob] {
+        browser
+            .wait_for(
+                &has_message("tests are green, shipping after lunch"),
+                "both see the last message",
+            )
+            .await;
+        browser
+            .wait_for(NOTHING_SENDING, "every message acked")
+            .await;
+    }
+
+    // Typing: bob types without sending; alice is told, bob is not told about himself.
+    bob.fill("#message", "great, I will write the notes").await;
+    alice
+        .wait_for(
+            "return document.getElementById('typing').textContent === 'bob is typing…'",
+            "alice sees bob typing",
+        )
+        .await;
+    assert_eq!(
+        bob.script("return document.getElementById('typing').textContent")
+            .await,
+        json!("")
+    );
+    let shot = screenshot_dir().join("chat.png");
+    alice.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "{shot:?}");
+
+    // His message ends the notice at once; alice's tab, hidden meanwhile, counts it as unread.
+    alice
+        .script("Object.defineProperty(document, 'hidden', {value: true, configurable: true})")
+        .await;
+    bob.keys("#message", ENTER).await;
+    alice
+        .wait_for(
+            "return document.title === '(1) #e2e · confab'",
+            "unread count in the title",
+        )
+        .await;
+    alice
+        .script("delete document.hidden; document.dispatchEvent(new Event('visibilitychange'))")
+        .await;
+    assert_eq!(
+        alice.script("return document.title").await,
+        json!("#e2e · confab")
+    );
+    alice
+        .wait_for(
+            &has_message("great, I will write the notes"),
+            "alice sees bob's message",
+        )
+        .await;
+    alice
+        .wait_for(
+            "return document.getElementById('typing').textContent === ''",
+            "bob's typing notice ends with his message",
+        )
+        .await;
+
+    // Each message is one child of #messages, once, in the same order in both windows.
+    let expected = [
+        "hello from alice",
+        "hi alice, how is the release going?",
+        "tests are green, shipping after lunch",
+        "great, I will write the notes",
+    ];
+    bob.wait_for(NOTHING_SENDING, "bob's last message acked")
+        .await;
+    for browser in [&alice, &bob] {
+        assert_eq!(browser.stored_texts().await, expected);
+        assert_eq!(browser.messages().await.len(), expected.len());
+    }
+
+    // Bob leaves: alice's list drops him.
+    bob.quit().await;
+    alice
+        .wait_for(
+            "return !document.getElementById('users').textContent.includes('bob')",
+            "alice sees bob leave",
+        )
+        .await;
+    alice.quit().await;
+}
+
+#[tokio::test]
+async fn markup_in_a_message_is_shown_as_text_and_runs_nothing() {
+    let server = Server::start(&[]);
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice
+        .join(&format!("http://{}/", server.addr), "alice", "xss")
+        .await;
+
+    // From another client, so the text comes from the server as any message would; and from
+    // the page itself, which shows it while sending and after the ack.
+    let payload = r#"<img src=x onerror="window.pwned='img'"><script>window.pwned='script'</script><b>bold</b>"#;
+    let (mut mallory, _) = server.join("/ws/xss?user=mallory").await;
+    mallory.say(payload, "x1").await;
+    alice
+        .wait_for(
+            &has_message(payload),
+            "alice sees mallory's message as text",
+        )
+        .await;
+    alice.send(&format!("{payload} (quoted)")).await;
+    alice
+        .wait_for(
+            &has_message(&format!("{payload} (quoted)")),
+            "alice's own copy is stored",
+        )
+        .await;
+
+    assert_eq!(
+        alice.script("return window.pwned === undefined").await,
+        json!(true)
+    );
+    assert_eq!(
+        alice
+            .script("return document.querySelectorAll('#messages img, #messages script, #messages b').length")
+            .await,
+        json!(0),
+        "markup became elements"
+    );
+    assert_eq!(
+        alice
+            .script("return document.querySelectorAll('img, script:not([src])').length")
+            .await,
+        json!(0)
+    );
+    // The page itself runs under its policy without tripping it.
+    assert_eq!(
+        alice
+            .script("return document.getElementById('events').textContent.includes('Content-Security-Policy')")
+            .await,
+        json!(false)
+    );
+    alice.quit().await;
+}
+
+#[tokio::test]
+async fn load_older_fetches_earlier_pages_of_history() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "1000"),
+        ("CONFAB_LIMITS__BURST", "1000"),
+    ]);
+    let (mut bot, _) = server.join("/ws/older?user=bot").await;
+    for i in 1..120 {
+        bot.send_json(json!({"type": "message", "text": format!("line {i}")}))
+            .await;
+    }
+    assert_eq!(bot.say("line 120", "last").await, 120);
+
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice
+        .join(&format!("http://{}/", server.addr), "alice", "older")
+        .await;
+    let offsets = "return Array.from(document.querySelectorAll('#messages > [data-offset]'))
+                       .map(e => Number(e.dataset.offset))";
+    let count = |n: usize| {
+        format!("return document.querySelectorAll('#messages > [data-offset]').length === {n}")
+    };
+    alice.wait_for(&count(50), "the latest 50 on joining").await;
+    assert_eq!(
+        alice.script(offsets).await,
+        json!((71..=120).collect::<Vec<_>>())
+    );
+
+    alice.click("#older").await;
+    alice.wait_for(&count(100), "a second page").await;
+    assert_eq!(
+        alice.script(offsets).await,
+        json!((21..=120).collect::<Vec<_>>())
+    );
+    assert_eq!(
+        alice
+            .script("return document.getElementById('older').hidden")
+            .await,
+        json!(false)
+    );
+
+    alice.click("#older").await;
+    alice.wait_for(&count(120), "the last page").await;
+    assert_eq!(
+        alice.script(offsets).await,
+        json!((1..=120).collect::<Vec<_>>())
+    );
+    assert_eq!(
+        alice.stored_texts().await.first().map(String::as_str),
+        Some("line 1")
+    );
+    alice
+        .wait_for(
+            "return document.getElementById('older').hidden",
+            "no button once the first message is shown",
+        )
+        .await;
+    alice.quit().await;
+}
+
+#[tokio::test]
+async fn a_refused_message_says_why_and_is_not_sent_again_on_a_phone_sized_screen() {
+    let server = Server::start(&[("CONFAB_LIMITS__MAX_MESSAGE_CHARS", "20")]);
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice.resize(360, 740).await;
+    alice.goto(&format!("http://{}/", server.addr)).await;
+
+    // Keyboard only: Enter in the room field joins, Enter in the message field sends.
+    alice.fill("#name", "alice").await;
+    alice.fill("#room", "phone").await;
+    alice.keys("#room", ENTER).await;
+    alice.wait_connected(Duration::from_secs(15)).await;
+    assert_eq!(
+        alice.script("return document.activeElement.id").await,
+        json!("message"),
+        "joining puts the focus where the user types"
+    );
+
+    // Nothing sticks out sideways; the composer is on screen; every field has a label.
+    let layout = alice
+        .script(
+            "const r = document.getElementById('send').getBoundingClientRect();
+             return [document.documentElement.scrollWidth <= innerWidth,
+                     r.right <= innerWidth && r.bottom <= innerHeight && r.width > 0,
+                     Array.from(document.querySelectorAll('input')).every(i => i.labels.length > 0)]",
+        )
+        .await;
+    assert_eq!(layout, json!([true, true, true]));
+
+    let long = "this one is far longer than twenty characters";
+    alice.send(long).await;
+    alice
+        .wait_for(
+            "const e = document.querySelector('#messages > .failed .state');
+             return e !== null && e.textContent.includes('longer than 20 characters')",
+            "the refusal is shown with the server's reason",
         )
         .await;
     assert_eq!(
         alice
-            .script("return document.querySelector('#messages b, #messages img') === null")
+            .script("return localStorage.getItem('confab.outbox.phone')")
             .await,
-        json!(true)
+        json!(null),
+        "a refused message is not kept for sending again"
+    );
+    let refused = || async {
+        let m = server.http("GET", "/metrics", &[]).await.body;
+        m.lines()
+            .find(|l| l.starts_with("confab_rejected_frames_total{code=\"too_long\"}"))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    assert_eq!(refused().await.as_deref(), Some("1"));
+
+    // Joining again (a resume) sends what is waiting, but not the refused message.
+    alice.click("#join").await;
+    alice.wait_connected(Duration::from_secs(15)).await;
+    alice.send("short one").await;
+    alice
+        .wait_for(&has_message("short one"), "the next message is stored")
+        .await;
+    assert_eq!(
+        refused().await.as_deref(),
+        Some("1"),
+        "the refused message was sent again"
     );
 
-    // Each message is exactly one child of #messages, once, in both windows.
-    for browser in [&alice, &bob] {
-        let texts = browser.messages().await;
-        assert_eq!(texts.len(), 2, "{texts:?}");
-        assert_eq!(
-            texts
-                .iter()
-                .filter(|t| t.contains("hello from alice"))
-                .count(),
-            1
-        );
-    }
+    alice.screenshot(&screenshot_dir().join("phone.png")).await;
+
+    // Edit puts the text back into the message field.
+    alice.click("#messages > .failed button").await;
+    assert_eq!(
+        alice.script("return [document.getElementById('message').value, document.querySelectorAll('#messages > .failed').length]").await,
+        json!([long, 0])
+    );
     alice.quit().await;
-    bob.quit().await;
+}
+
+#[tokio::test]
+async fn a_rate_limited_message_is_not_resent_and_a_1008_close_stops_reconnecting() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "1"),
+        ("CONFAB_LIMITS__BURST", "1"),
+        ("CONFAB_LIMITS__MAX_VIOLATIONS", "1"),
+    ]);
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice
+        .join(&format!("http://{}/", server.addr), "alice", "flood")
+        .await;
+    // Three messages in one go (Enter in the message field, no typing notices): the first
+    // passes, the second is refused as rate limited, the third closes the session with 1008.
+    alice
+        .script(
+            "const m = document.getElementById('message');
+             for (const t of ['one', 'two', 'three']) {
+               m.value = t;
+               m.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}));
+             }",
+        )
+        .await;
+    alice
+        .wait_for(
+            "return document.getElementById('status').textContent.includes('1008')",
+            "the page says why it stopped",
+        )
+        .await;
+    alice
+        .wait_for(
+            "const e = document.querySelector('#messages > .failed');
+             return e !== null && e.querySelector('.text').textContent === 'two'
+               && e.querySelector('.state').textContent.includes('rate limit')
+               && e.querySelector('button').textContent === 'Send again'",
+            "the refused message says why and offers to send again",
+        )
+        .await;
+    // Stopped means stopped: no reconnect within three times the first backoff's longest wait.
+    let end = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < end {
+        let status = alice
+            .script("return document.getElementById('status').textContent")
+            .await;
+        assert!(
+            status.as_str().unwrap().contains("1008"),
+            "reconnected: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // "three" got no answer, so it waits; "one" too if the close beat its ack (it is then
+    // stored already, and sending it again with its ref does not store it twice).
+    let waiting = alice
+        .script("return JSON.parse(localStorage.getItem('confab.outbox.flood')).map(e => e.text)")
+        .await;
+    assert!(
+        waiting == json!(["three"]) || waiting == json!(["one", "three"]),
+        "only unanswered messages wait to be sent: {waiting}"
+    );
+
+    // Joining again is the user's call; then what waits is sent (paced by the page if the
+    // limit bites), each once, and the refused message is not.
+    alice.click("#join").await;
+    alice.wait_connected(Duration::from_secs(15)).await;
+    alice
+        .wait_for(&has_message("three"), "the waiting message is sent")
+        .await;
+    alice
+        .wait_for(
+            "return document.querySelectorAll('#messages > .pending').length === 0",
+            "every waiting message acked",
+        )
+        .await;
+    assert_eq!(alice.stored_texts().await, ["one", "three"]);
+    assert_eq!(
+        alice
+            .script("return document.querySelector('#messages > .failed .text').textContent")
+            .await,
+        json!("two")
+    );
+    alice.quit().await;
 }

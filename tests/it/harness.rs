@@ -35,7 +35,8 @@ impl Server {
         Self::start_with_files(env, None)
     }
 
-    /// Starts the binary listening on `listen` (a fixed port, e.g. behind a proxy).
+    /// Starts the binary on `listen`: a fixed port, e.g. behind a proxy, or the address of a
+    /// server that was killed, so its clients reconnect to the same place.
     pub fn start_on(listen: &str, env: &[(&str, &str)]) -> Server {
         Self::launch(listen, env, None)
     }
@@ -198,9 +199,12 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
+        // Never pid 0 (an exited server): kill(0, …) would signal the whole process group.
+        let pid = self.pid();
+        assert!(pid > 0, "the server is not running");
         // SAFETY: sending a signal to our own child process.
         unsafe {
-            libc::kill(self.pid(), sig);
+            libc::kill(pid, sig);
         }
     }
 
@@ -224,6 +228,12 @@ impl Server {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: the process vanishes at once, its sockets with it, nothing drained.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(Duration::from_secs(5));
     }
 }
 

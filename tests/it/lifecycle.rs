@@ -29,8 +29,56 @@ async fn the_page_has_the_elements_browser_tests_use() {
     ] {
         assert!(page.body.contains(&format!("id=\"{id}\"")), "missing #{id}");
     }
-    assert!(!page.body.contains("<script src"), "no external scripts");
-    assert!(!page.body.contains("innerHTML"), "text is rendered as text");
+    // Script and style are files of this server: nothing inline, nothing from elsewhere.
+    assert!(page.body.contains(r#"<script src="/app.js""#));
+    assert!(page
+        .body
+        .contains(r#"<link rel="stylesheet" href="/app.css">"#));
+    assert!(!page.body.contains("<script>") && !page.body.contains("<style"));
+    assert!(!page.body.contains("//cdn") && !page.body.contains("https://"));
+    let script = server.http("GET", "/app.js", &[]).await;
+    assert_eq!(script.status, 200);
+    assert!(header(&script.head, "content-type").starts_with("text/javascript"));
+    assert!(
+        !script.body.contains("innerHTML"),
+        "text is rendered as text"
+    );
+    let style = server.http("GET", "/app.css", &[]).await;
+    assert_eq!(style.status, 200);
+    assert!(header(&style.head, "content-type").starts_with("text/css"));
+}
+
+#[tokio::test]
+async fn the_page_is_served_with_a_policy_that_forbids_inline_code() {
+    let server = Server::start(&[]);
+    for path in ["/", "/app.js", "/app.css"] {
+        let reply = server.http("GET", path, &[]).await;
+        let csp = header(&reply.head, "content-security-policy");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-eval"), "{path}: {csp}");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "base-uri 'none'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(
+                csp.contains(directive),
+                "{path}: {directive} missing in {csp}"
+            );
+        }
+        assert_eq!(header(&reply.head, "x-content-type-options"), "nosniff");
+    }
+}
+
+/// The value of a response header (case-insensitive name), or "" when absent.
+fn header(head: &str, name: &str) -> String {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
