@@ -5,6 +5,7 @@ mod harness;
 mod admission;
 mod api;
 mod auth;
+mod bench;
 mod browser;
 mod chat;
 mod cluster;
