@@ -10,8 +10,12 @@
 //! `{"type":"message","room":…,"offset":N,"user":…,"text":…,"ts":…}`, serialized once.
 //!
 //! ```text
-//! cargo run --release --example yardstick -- --listen 127.0.0.1:9100 [--capacity 65536]
+//! cargo run --release --example yardstick -- --listen 127.0.0.1:9100 [--capacity 1024]
 //! ```
+//!
+//! `--capacity` is each room's broadcast buffer in messages, allocated when the room is made
+//! (about 50 bytes a slot): 1024 matches confab's default per-session queue
+//! (`limits.session_queue`); a member more than that behind loses messages.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,13 +43,13 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("yardstick [--listen 127.0.0.1:9100] [--capacity 65536]: bare tokio broadcast chat (see benches/yardstick.rs)");
+        println!("yardstick [--listen 127.0.0.1:9100] [--capacity 1024]: bare tokio broadcast chat (see benches/yardstick.rs)");
         return;
     }
     let listen = flag("--listen").unwrap_or_else(|| "127.0.0.1:9100".into());
     let capacity: usize = flag("--capacity")
         .and_then(|c| c.parse().ok())
-        .unwrap_or(65536);
+        .unwrap_or(1024);
     raise_nofile();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {

@@ -138,7 +138,8 @@ pub struct TrafficArgs {
     #[arg(long, default_value_t = 1.0)]
     pub warmup_secs: f64,
     /// Seconds after a step's last send to wait for outstanding deliveries; what has not
-    /// arrived by then is lost.
+    /// arrived by then counts as lost for the step (the report says how much of it came
+    /// later, before the run ended: `late`; the rest `never_delivered`).
     #[arg(long, default_value_t = 5.0)]
     pub drain_secs: f64,
     /// A step fails when its p99 latency is over this many milliseconds.

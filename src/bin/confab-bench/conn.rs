@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
@@ -212,24 +212,53 @@ pub async fn run(
     let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
     let _ = attached.send(Ok(Arc::clone(&sink)));
     let mut by_server = None;
+    let mut counts = [0u64; KINDS.len()];
     loop {
-        tokio::select! {
-            biased;
-            _ = &mut stop => break,
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(t))) => on_text(&t, &shared, tracker.as_mut()),
-                Some(Ok(Message::Close(c))) => {
-                    by_server = Some(c.map_or(0, |c| u16::from(c.code)));
+        // Read what is ready without waiting; count locally, and add to the shared counters
+        // only when the socket has nothing more for now (or after a long burst).
+        let msg = match stream.next().now_or_never() {
+            Some(msg) if counts.iter().sum::<u64>() < 1024 => {
+                if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
                     break;
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
-                    by_server = Some(0);
-                    break;
+                msg
+            }
+            ready => {
+                flush(&shared, &mut counts, tracker.as_mut());
+                match ready {
+                    Some(msg) => msg,
+                    None => tokio::select! {
+                        biased;
+                        _ = &mut stop => break,
+                        msg = stream.next() => msg,
+                    },
                 }
-            },
+            }
+        };
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let kind = kind_of(&t);
+                counts[kind] += 1;
+                if kind == MESSAGE {
+                    if let (Some(tracker), Some((offset, text))) =
+                        (tracker.as_mut(), message_fields(&t))
+                    {
+                        tracker.on_message(offset, &text, shared.now_ns());
+                    }
+                }
+            }
+            Some(Ok(Message::Close(c))) => {
+                by_server = Some(c.map_or(0, |c| u16::from(c.code)));
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                by_server = Some(0);
+                break;
+            }
         }
     }
+    flush(&shared, &mut counts, tracker.as_mut());
     if let Some(code) = by_server {
         *shared
             .closed_by_server
@@ -246,20 +275,24 @@ pub async fn run(
     tracker
 }
 
-fn on_text(t: &str, shared: &Shared, tracker: Option<&mut Tracker>) {
-    let kind = kind_of(t);
-    shared.frames[kind].fetch_add(1, Ordering::Relaxed);
-    if kind == MESSAGE {
-        if let (Some(tracker), Some((offset, text))) = (tracker, message_fields(t)) {
-            tracker.on_message(offset, &text, shared.now_ns());
+fn flush(shared: &Shared, counts: &mut [u64; KINDS.len()], tracker: Option<&mut Tracker>) {
+    for (shared, n) in shared.frames.iter().zip(counts.iter_mut()) {
+        if *n > 0 {
+            shared.fetch_add(std::mem::take(n), Ordering::Relaxed);
         }
+    }
+    if let Some(t) = tracker {
+        t.flush();
     }
 }
 
+/// After our close: counts what the server still sends until its close.
 async fn drain(stream: &mut SplitStream<Ws>, shared: &Shared) {
     while let Some(Ok(msg)) = stream.next().await {
         match msg {
-            Message::Text(t) => on_text(&t, shared, None),
+            Message::Text(t) => {
+                shared.frames[kind_of(&t)].fetch_add(1, Ordering::Relaxed);
+            }
             Message::Close(_) => return,
             _ => {}
         }

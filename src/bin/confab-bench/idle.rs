@@ -76,9 +76,17 @@ pub async fn run(ctx: &Ctx, a: &IdleArgs) -> Result<Value, String> {
             })
         })
         .collect();
+    // If each member heard each later member's join once: m(m-1)/2 per room of m.
+    let expected_joins: usize = (0..a.rooms)
+        .map(|r| {
+            let m = (a.connections + a.rooms - 1 - r) / a.rooms;
+            m * m.saturating_sub(1) / 2
+        })
+        .sum();
     Ok(json!({
         "connections": connections_json(&fleet, a.connections),
         "rooms": a.rooms,
+        "expected_joins": expected_joins,
         "settle_secs": settled_in.as_secs_f64(),
         "hold_secs": a.hold_secs,
         "frames": {

@@ -87,6 +87,13 @@ pub fn table(r: &Value) -> String {
     );
     let frames = &r["frames"];
     let _ = writeln!(s, "frames to fill: {}", frames_line(&frames["fill"]));
+    if let Some(j) = r["expected_joins"].as_u64() {
+        let _ = writeln!(
+            s,
+            "joins: {} received; {j} if each member heard each later member once (m(m-1)/2 a room)",
+            frames["fill"]["join"]
+        );
+    }
     if frames["close"].is_object() {
         let _ = writeln!(
             s,

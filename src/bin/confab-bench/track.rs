@@ -62,12 +62,14 @@ impl Stats {
         }
     }
 
-    fn record(&self, shard: usize, step: usize, cross: bool, us: u64) {
+    fn record(&self, shard: usize, latencies: &[(usize, bool, u64)]) {
         let mut hists = self.shards[shard % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let h = hists[step].get_or_insert_with(|| [new_hist(), new_hist()]);
-        h[usize::from(cross)].saturating_record(us.clamp(1, MAX_US));
+        for &(step, cross, us) in latencies {
+            let h = hists[step].get_or_insert_with(|| [new_hist(), new_hist()]);
+            h[usize::from(cross)].saturating_record(us.clamp(1, MAX_US));
+        }
     }
 
     /// One step's latencies, all shards merged.
@@ -135,7 +137,20 @@ pub struct Pair {
     pub out_of_order: u64,
 }
 
-/// One receiver's view of its room's publishers.
+/// Counts a receiver adds to its step's shared counters at its next flush.
+#[derive(Debug, Default, Clone, Copy)]
+struct Batch {
+    unique: u64,
+    measured: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    first_ns: Option<u64>,
+    last_ns: u64,
+}
+
+/// One receiver's view of its room's publishers. It counts locally and adds to the shared
+/// counters in [`Tracker::flush`] (when its socket has nothing more to read right now), so a
+/// burst costs no shared cache line per message.
 pub struct Tracker {
     stats: Arc<Stats>,
     /// Publishers' global ids are `room * per_room + k`.
@@ -147,6 +162,13 @@ pub struct Tracker {
     pub_target: Arc<Vec<usize>>,
     pub pairs: Vec<Pair>,
     prev_offset: Option<u64>,
+    batch: Vec<Batch>,
+    /// (step, across replicas, microseconds) not yet in the histograms.
+    latencies: Vec<(usize, bool, u64)>,
+    pending: usize,
+    inversions: u64,
+    gaps: u64,
+    foreign: u64,
 }
 
 impl Tracker {
@@ -174,6 +196,12 @@ impl Tracker {
                 per_room
             ],
             prev_offset: None,
+            batch: vec![Batch::default(); steps],
+            latencies: Vec::new(),
+            pending: 0,
+            inversions: 0,
+            gaps: 0,
+            foreign: 0,
         }
     }
 
@@ -182,11 +210,12 @@ impl Tracker {
     }
 
     pub fn on_message(&mut self, offset: u64, text: &str, now_ns: u64) {
+        self.pending += 1;
         if let Some(prev) = self.prev_offset {
             if offset <= prev {
-                self.stats.offset_inversions.fetch_add(1, Ordering::Relaxed);
+                self.inversions += 1;
             } else if offset > prev + 1 {
-                self.stats.offset_gaps.fetch_add(1, Ordering::Relaxed);
+                self.gaps += 1;
             }
         }
         self.prev_offset = Some(self.prev_offset.map_or(offset, |p| p.max(offset)));
@@ -195,10 +224,10 @@ impl Tracker {
                 && h.publisher / self.per_room == self.room
                 && h.publisher < self.pub_target.len()
         }) else {
-            self.stats.foreign.fetch_add(1, Ordering::Relaxed);
+            self.foreign += 1;
             return;
         };
-        let step = &self.stats.steps[h.step];
+        let b = &mut self.batch[h.step];
         let pair = &mut self.pairs[h.publisher % self.per_room];
         let (word, bit) = ((h.seq / 64) as usize, 1u64 << (h.seq % 64));
         if pair.seen.len() <= word {
@@ -206,24 +235,61 @@ impl Tracker {
         }
         if pair.seen[word] & bit != 0 {
             pair.duplicated += 1;
-            step.duplicated.fetch_add(1, Ordering::Relaxed);
+            b.duplicated += 1;
             return;
         }
         pair.seen[word] |= bit;
         if pair.max.is_some_and(|m| h.seq < m) {
             pair.out_of_order += 1;
-            step.out_of_order.fetch_add(1, Ordering::Relaxed);
+            b.out_of_order += 1;
         }
         pair.max = Some(pair.max.map_or(h.seq, |m| m.max(h.seq)));
         pair.delivered[h.step] += 1;
-        step.unique.fetch_add(1, Ordering::Relaxed);
+        b.unique += 1;
         if h.measured {
-            step.measured.fetch_add(1, Ordering::Relaxed);
-            step.first_ns.fetch_min(now_ns, Ordering::Relaxed);
-            step.last_ns.fetch_max(now_ns, Ordering::Relaxed);
+            b.measured += 1;
+            b.first_ns.get_or_insert(now_ns);
+            b.last_ns = b.last_ns.max(now_ns);
             let cross = self.pub_target[h.publisher] != self.target;
             let us = now_ns.saturating_sub(h.sent_ns).div_ceil(1000);
-            self.stats.record(self.receiver, h.step, cross, us);
+            self.latencies.push((h.step, cross, us));
+        }
+    }
+
+    /// Adds what was counted since the last flush to the shared counters and histograms.
+    pub fn flush(&mut self) {
+        if self.pending == 0 {
+            return;
+        }
+        self.pending = 0;
+        let st = &self.stats;
+        for (b, step) in self.batch.iter_mut().zip(&st.steps) {
+            if b.unique + b.duplicated == 0 {
+                continue;
+            }
+            step.unique.fetch_add(b.unique, Ordering::Relaxed);
+            step.measured.fetch_add(b.measured, Ordering::Relaxed);
+            step.duplicated.fetch_add(b.duplicated, Ordering::Relaxed);
+            step.out_of_order
+                .fetch_add(b.out_of_order, Ordering::Relaxed);
+            if let Some(first) = b.first_ns {
+                step.first_ns.fetch_min(first, Ordering::Relaxed);
+                step.last_ns.fetch_max(b.last_ns, Ordering::Relaxed);
+            }
+            *b = Batch::default();
+        }
+        for (counter, n) in [
+            (&st.offset_inversions, &mut self.inversions),
+            (&st.offset_gaps, &mut self.gaps),
+            (&st.foreign, &mut self.foreign),
+        ] {
+            if *n > 0 {
+                counter.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if !self.latencies.is_empty() {
+            st.record(self.receiver, &self.latencies);
+            self.latencies.clear();
         }
     }
 }
@@ -267,6 +333,12 @@ mod tests {
         for (offset, seq) in [(1, 0), (2, 2), (3, 1), (4, 2)] {
             t.on_message(offset, &msg(0, 2, seq), 2_000_000);
         }
+        assert_eq!(
+            stats.steps[0].unique.load(Ordering::Relaxed),
+            0,
+            "counted locally"
+        );
+        t.flush();
         let s = &stats.steps[0];
         assert_eq!(s.unique.load(Ordering::Relaxed), 3);
         assert_eq!(s.duplicated.load(Ordering::Relaxed), 1);
@@ -282,6 +354,7 @@ mod tests {
         t.on_message(5, &msg(0, 3, 1), 2_000);
         t.on_message(7, &msg(0, 0, 0), 2_000);
         t.on_message(8, "hello", 2_000);
+        t.flush();
         assert_eq!(stats.offset_inversions.load(Ordering::Relaxed), 1);
         assert_eq!(stats.offset_gaps.load(Ordering::Relaxed), 1);
         assert_eq!(stats.foreign.load(Ordering::Relaxed), 2);

@@ -241,6 +241,15 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
     ctx.set_phase("closing");
     let trackers = fleet.close_all(n).await;
     let pairs = pair_summary(&trackers, &sent_by_pub, p);
+    // What arrived after a step's drain, before the connections closed: late, not lost.
+    for step in &mut steps {
+        let s = step["step"].as_u64().unwrap_or(0) as usize;
+        let by_end = stats.steps[s].unique.load(Ordering::Relaxed);
+        let at_drain = step["delivered"].as_u64().unwrap_or(0);
+        let expected = step["expected"].as_u64().unwrap_or(0);
+        step["late"] = json!(by_end.saturating_sub(at_drain));
+        step["never_delivered"] = json!(expected.saturating_sub(by_end));
+    }
     let n_f = n as f64;
     Ok(json!({
         "connections": connections_json(&fleet, n),
