@@ -68,6 +68,12 @@ pub struct Global {
     #[arg(long, default_value_t = 0, global = true)]
     pub threads: usize,
 
+    /// Check each member's view of its room: count joins of users it already knew (from its
+    /// presence frame or an earlier join) and leaves of users it did not. Costs a set of
+    /// names per connection.
+    #[arg(long, global = true)]
+    pub check_presence: bool,
+
     /// Seconds between progress lines on stderr; 0 = none.
     #[arg(long, default_value_t = 1.0, global = true)]
     pub progress_secs: f64,

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::args::Target;
+use crate::roster::{Checks, Roster};
 use crate::track::Tracker;
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -36,11 +37,14 @@ pub struct Shared {
     pub ended: AtomicU64,
     /// Connections the server closed or dropped before we asked, by close code (0 = none).
     pub closed_by_server: Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// Presence consistency counters, when `--check-presence` is on.
+    pub checks: Option<Checks>,
 }
 
 impl Shared {
-    pub fn new() -> Shared {
+    pub fn new(check_presence: bool) -> Shared {
         Shared {
+            checks: check_presence.then(Checks::default),
             epoch: Instant::now(),
             frames: Default::default(),
             attached: AtomicU64::new(0),
@@ -168,6 +172,7 @@ pub async fn run(
     let from =
         (!dialer.sources.is_empty()).then(|| dialer.sources[spec.index % dialer.sources.len()]);
     let url = format!("{}/ws/{}?user={}", target.base, spec.room, spec.user);
+    let mut roster = Roster::default();
     let opening = async {
         let _permit = permit.acquire().await.map_err(|e| e.to_string())?;
         let tcp = dialer
@@ -184,6 +189,9 @@ pub async fn run(
                 Some(Ok(Message::Text(t))) => {
                     let kind = kind_of(&t);
                     shared.frames[kind].fetch_add(1, Ordering::Relaxed);
+                    if let Some(checks) = &shared.checks {
+                        roster.on_frame(kind, &t, checks);
+                    }
                     if KINDS[kind] == "presence" {
                         return Ok((sink, stream));
                     }
@@ -239,6 +247,9 @@ pub async fn run(
             Some(Ok(Message::Text(t))) => {
                 let kind = kind_of(&t);
                 counts[kind] += 1;
+                if let Some(checks) = &shared.checks {
+                    roster.on_frame(kind, &t, checks);
+                }
                 if kind == MESSAGE {
                     if let (Some(tracker), Some((offset, text))) =
                         (tracker.as_mut(), message_fields(&t))
@@ -269,7 +280,8 @@ pub async fn run(
     } else {
         // Our close: send it, then read until the server's close (bounded).
         let _ = sink.lock().await.close().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), drain(&mut stream, &shared)).await;
+        let draining = drain(&mut stream, &shared, &mut roster);
+        let _ = tokio::time::timeout(Duration::from_secs(2), draining).await;
     }
     shared.ended.fetch_add(1, Ordering::Relaxed);
     tracker
@@ -287,11 +299,15 @@ fn flush(shared: &Shared, counts: &mut [u64; KINDS.len()], tracker: Option<&mut 
 }
 
 /// After our close: counts what the server still sends until its close.
-async fn drain(stream: &mut SplitStream<Ws>, shared: &Shared) {
+async fn drain(stream: &mut SplitStream<Ws>, shared: &Shared, roster: &mut Roster) {
     while let Some(Ok(msg)) = stream.next().await {
         match msg {
             Message::Text(t) => {
-                shared.frames[kind_of(&t)].fetch_add(1, Ordering::Relaxed);
+                let kind = kind_of(&t);
+                shared.frames[kind].fetch_add(1, Ordering::Relaxed);
+                if let Some(checks) = &shared.checks {
+                    roster.on_frame(kind, &t, checks);
+                }
             }
             Message::Close(_) => return,
             _ => {}

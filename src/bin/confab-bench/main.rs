@@ -9,6 +9,7 @@
 //! | `track` | per (publisher, receiver) delivery tracking, per-step counters, latency histograms |
 //! | `idle` | the `idle` scenario: memory per connection, frames to fill and empty rooms |
 //! | `traffic` | `fanout`, `rooms`, `cross`: stepped open-loop publishing, every member receives |
+//! | `roster` | `--check-presence`: joins of users a member knew, leaves of ones it did not |
 //! | `procs` | servers' resident memory and CPU time from /proc; our open-file limit |
 //! | `report` | JSON pieces and the readable table |
 //!
@@ -20,6 +21,7 @@ mod fleet;
 mod idle;
 mod procs;
 mod report;
+mod roster;
 mod track;
 mod traffic;
 
@@ -66,7 +68,7 @@ fn run(cli: Cli) -> Result<(), String> {
             sources: g.sources.clone(),
             timeout: Duration::from_secs(g.connect_timeout),
         }),
-        shared: Arc::new(Shared::new()),
+        shared: Arc::new(Shared::new(g.check_presence)),
         phase: Arc::new(Mutex::new("starting".into())),
         sent: Arc::default(),
     });
@@ -106,6 +108,17 @@ fn run(cli: Cli) -> Result<(), String> {
         );
         m.insert("sources".into(), json!(g.sources));
         m.insert("open_file_limit".into(), json!(nofile));
+        if let Some(c) = &ctx.shared.checks {
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            m.insert(
+                "presence_check".into(),
+                json!({
+                    "redundant_joins": n(&c.redundant_joins),
+                    "unknown_leaves": n(&c.unknown_leaves),
+                    "before_presence": n(&c.before_presence),
+                }),
+            );
+        }
     }
     let table = report::table(&report);
     if g.json {

@@ -168,6 +168,14 @@ pub fn table(r: &Value) -> String {
             r["offset_inversions"], r["offset_gaps"], r["foreign_messages"]
         );
     }
+    let pc = &r["presence_check"];
+    if pc.is_object() {
+        let _ = writeln!(
+            s,
+            "presence check: joins of users already known {}, leaves of unknown users {}, joins or leaves before presence {}",
+            pc["redundant_joins"], pc["unknown_leaves"], pc["before_presence"]
+        );
+    }
     let closed = &r["closed_by_server"];
     if closed.as_object().is_some_and(|m| !m.is_empty()) {
         let _ = writeln!(s, "closed by the server, by code: {closed}");
