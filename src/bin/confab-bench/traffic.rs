@@ -39,7 +39,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
     }
     let per_step = t.warmup + t.step + t.drain + Duration::from_secs(1);
     let planned = per_step * t.rates.len() as u32;
-    if planned.as_secs() + 30 > ctx.global.max_secs {
+    if planned.as_secs() + 60 > ctx.global.max_secs {
         return Err(format!(
             "the steps alone take up to {planned:?}; raise --max-secs or shorten the steps"
         ));
@@ -238,6 +238,9 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A backlog still draining after the last step is late, not lost: wait for it (bounded).
+    ctx.set_phase("final drain");
+    settle(&ctx.shared, Duration::from_secs(1), Duration::from_secs(30)).await;
     ctx.set_phase("closing");
     let trackers = fleet.close_all(n).await;
     let pairs = pair_summary(&trackers, &sent_by_pub, p);
