@@ -154,6 +154,11 @@ pub struct TrafficArgs {
     /// Go on to the next rate after a failed step (lost, duplicated, out of order, p99).
     #[arg(long)]
     pub keep_going: bool,
+    /// Members per room (its last ones) that stop reading once attached, like a hung
+    /// client: they are not expected to receive; the others' delivery and latency are
+    /// measured beside them, and the report says how each stalled one ended.
+    #[arg(long, default_value_t = 0)]
+    pub stalled: usize,
     /// Extra characters appended to each message text (the bench's header is ~30).
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
@@ -175,6 +180,7 @@ pub struct Traffic {
     pub max_p99_ms: f64,
     pub keep_going: bool,
     pub pad: usize,
+    pub stalled: usize,
     pub tick: Duration,
     /// `cross`: publishers on the first URL, the other members on the rest.
     pub cross: bool,
@@ -203,6 +209,7 @@ impl TrafficArgs {
             max_p99_ms: self.max_p99_ms,
             keep_going: self.keep_going,
             pad: self.pad,
+            stalled: self.stalled,
             tick: Duration::from_millis(self.tick_ms.max(1)),
             cross: scenario == "cross",
         };
@@ -211,6 +218,9 @@ impl TrafficArgs {
         }
         if t.publishers == 0 || t.publishers > t.members {
             return Err("--publishers must be between 1 and --members".into());
+        }
+        if t.publishers + t.stalled > t.members {
+            return Err("--publishers plus --stalled must not be more than --members".into());
         }
         if t.rates.iter().any(|r| !r.is_finite() || *r <= 0.0) {
             return Err("--rates must be positive numbers".into());

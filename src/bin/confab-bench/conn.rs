@@ -37,6 +37,8 @@ pub struct Shared {
     pub ended: AtomicU64,
     /// Connections the server closed or dropped before we asked, by close code (0 = none).
     pub closed_by_server: Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// How stalled members ended, by the close code they found (0 = still open).
+    pub stalled_ends: Mutex<std::collections::BTreeMap<u16, u64>>,
     /// Presence consistency counters, when `--check-presence` is on.
     pub checks: Option<Checks>,
 }
@@ -50,6 +52,7 @@ impl Shared {
             attached: AtomicU64::new(0),
             ended: AtomicU64::new(0),
             closed_by_server: Mutex::default(),
+            stalled_ends: Mutex::default(),
         }
     }
 
@@ -152,6 +155,8 @@ pub struct Spec {
     pub target: usize,
     pub room: String,
     pub user: String,
+    /// Stops reading once attached (a member whose client hangs): its socket fills up.
+    pub stalled: bool,
 }
 
 /// What the connection's task hands back once attached.
@@ -219,6 +224,12 @@ pub async fn run(
     shared.attached.fetch_add(1, Ordering::Relaxed);
     let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
     let _ = attached.send(Ok(Arc::clone(&sink)));
+    if spec.stalled {
+        let _ = (&mut stop).await;
+        stalled_end(&mut stream, &shared).await;
+        shared.ended.fetch_add(1, Ordering::Relaxed);
+        return tracker;
+    }
     let mut by_server = None;
     let mut counts = [0u64; KINDS.len()];
     loop {
@@ -296,6 +307,28 @@ fn flush(shared: &Shared, counts: &mut [u64; KINDS.len()], tracker: Option<&mut 
     if let Some(t) = tracker {
         t.flush();
     }
+}
+
+/// A stalled member at the end: reads its backlog (bounded) to see whether the server
+/// closed it, and records how it ended (close code; 0 = still open).
+async fn stalled_end(stream: &mut SplitStream<Ws>, shared: &Shared) {
+    let reading = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Message::Close(c) = msg {
+                return c.map_or(0, |c| u16::from(c.code));
+            }
+        }
+        0
+    };
+    let code = tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .unwrap_or(0);
+    *shared
+        .stalled_ends
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(code)
+        .or_default() += 1;
 }
 
 /// After our close: counts what the server still sends until its close.

@@ -25,6 +25,7 @@ pub async fn run(ctx: &Ctx, a: &IdleArgs) -> Result<Value, String> {
             target: i % targets,
             room: format!("{}-{}", ctx.global.prefix, i % a.rooms),
             user: format!("{}{i}", ctx.global.prefix),
+            stalled: false,
         })
         .collect();
     let before = procs::sample_all(pids);

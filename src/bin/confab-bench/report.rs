@@ -168,6 +168,21 @@ pub fn table(r: &Value) -> String {
             r["offset_inversions"], r["offset_gaps"], r["foreign_messages"]
         );
     }
+    if r["stalled_per_room"].as_u64().is_some_and(|n| n > 0) {
+        let rss: Vec<String> = r["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|st| st["servers_rss_kib"].to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "stalled members: {} per room, ended (close code: count, 0 = still open) {}; server RSS KiB after each step: {}",
+            r["stalled_per_room"],
+            r["stalled_ends"],
+            rss.join(" ")
+        );
+    }
     let pc = &r["presence_check"];
     if pc.is_object() {
         let _ = writeln!(

@@ -39,7 +39,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
     }
     let per_step = t.warmup + t.step + t.drain + Duration::from_secs(1);
     let planned = per_step * t.rates.len() as u32;
-    if planned.as_secs() + 60 > ctx.global.max_secs {
+    if planned.as_secs() + 30 > ctx.global.max_secs {
         return Err(format!(
             "the steps alone take up to {planned:?}; raise --max-secs or shorten the steps"
         ));
@@ -54,6 +54,8 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             (true, false) => 1 + c % (targets - 1),
         }
     };
+    // The last `stalled` members of each room stop reading once attached.
+    let is_stalled = |c: usize| c % t.members >= t.members - t.stalled;
     let pub_conn = |id: usize| (id / p) * t.members + id % p;
     let pub_target: Arc<Vec<usize>> =
         Arc::new((0..t.rooms * p).map(|id| target_of(pub_conn(id))).collect());
@@ -64,10 +66,14 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             target: target_of(c),
             room: format!("{}-{}", ctx.global.prefix, c / t.members),
             user: format!("{}{c}", ctx.global.prefix),
+            stalled: is_stalled(c),
         })
         .collect();
     let trackers = (0..n)
         .map(|c| {
+            if is_stalled(c) {
+                return None;
+            }
             let t = Tracker::new(
                 Arc::clone(&stats),
                 c / t.members,
@@ -147,7 +153,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             seqs[id] += one.all;
             sent_by_pub[id].push(one.all);
         }
-        let members = t.members as u64;
+        let members = (t.members - t.stalled) as u64;
         let expected: u64 = sent.iter().map(|x| x.all * members).sum();
         let expected_measured: u64 = sent.iter().map(|x| x.measured * members).sum();
         ctx.set_phase(format!("step {s}: draining"));
@@ -220,6 +226,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             "server_cpu_secs": (!pids.is_empty()).then_some(cpu),
             "deliveries_per_cpu_sec": per_cpu,
             "bench_cpu_secs": own1.cpu_secs - own0.cpu_secs,
+            "servers_rss_kib": cpu1.iter().map(|x| x.rss_kib).collect::<Vec<_>>(),
             "servers_cpu_secs": cpu0.iter().zip(&cpu1).map(|(a, b)| b.cpu_secs - a.cpu_secs).collect::<Vec<_>>(),
             "latency_ms": {"same": latency_json(&hists[0]), "cross": latency_json(&hists[1])},
             "passed": why.is_empty(),
@@ -259,6 +266,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         "rooms": t.rooms,
         "members": t.members,
         "publishers_per_room": p,
+        "stalled_per_room": t.stalled,
         "step_secs": t.step.as_secs_f64(),
         "warmup_secs": t.warmup.as_secs_f64(),
         "drain_secs": t.drain.as_secs_f64(),
@@ -275,6 +283,8 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         "offset_gaps": stats.offset_gaps.load(Ordering::Relaxed),
         "foreign_messages": stats.foreign.load(Ordering::Relaxed),
         "closed_by_server": closed_by_server(&ctx.shared),
+        "stalled_ends": json!(ctx.shared.stalled_ends.lock().unwrap_or_else(|e| e.into_inner())
+            .iter().map(|(code, n)| (code.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>()),
     }))
 }
 
