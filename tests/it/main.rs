@@ -5,6 +5,7 @@ mod harness;
 mod admission;
 mod api;
 mod auth;
+mod bench;
 mod browser;
 mod browser_auth;
 mod browser_reconnect;
