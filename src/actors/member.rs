@@ -108,4 +108,8 @@ impl Outlet for MemberHandle {
             }
         }
     }
+
+    fn gone(&self) -> bool {
+        !self.recipient.connected()
+    }
 }

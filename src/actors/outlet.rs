@@ -46,4 +46,10 @@ pub enum Offer {
 pub trait Outlet {
     /// Offers a frame; droppable frames (typing) may be skipped under load.
     fn offer(&self, out: Outbound, droppable: bool) -> Offer;
+
+    /// True when the session behind it has already stopped (it is leaving): a failed offer
+    /// then means nothing about its speed.
+    fn gone(&self) -> bool {
+        false
+    }
 }

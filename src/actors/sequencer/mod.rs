@@ -823,10 +823,16 @@ impl<H: Outlet> Sequencer<H> {
         }
     }
 
-    /// Closes a slow consumer (4008), counted apart from the gaps' closes.
+    /// Closes a slow consumer (4008), counted apart from the gaps' closes. A member whose
+    /// session already stopped is only dropped: its leave is on the way, and it was not slow.
     fn evict(&mut self, session: SessionId, out: &mut Outcome<H>) {
-        if self.members.contains_key(&session) {
-            self.stats.evicted += 1;
+        match self.members.get(&session) {
+            Some(m) if m.handle.gone() => {
+                self.members.remove(&session);
+                return;
+            }
+            Some(_) => self.stats.evicted += 1,
+            None => {}
         }
         self.close(session, slow(), out);
     }

@@ -618,3 +618,46 @@ fn a_big_room_tells_no_joins_and_asks_for_fresh_presence_once_small_again() {
     );
     assert!(!world.seq.take_presence_stale(), "once");
 }
+
+/// A member's socket that refuses every frame; `gone` when its session already stopped.
+struct Refusing {
+    gone: bool,
+}
+
+impl Outlet for Refusing {
+    fn offer(&self, _: Outbound, _: bool) -> Offer {
+        Offer::Evict
+    }
+
+    fn gone(&self) -> bool {
+        self.gone
+    }
+}
+
+#[test]
+fn a_member_whose_session_already_stopped_is_dropped_not_evicted_as_slow() {
+    for gone in [true, false] {
+        let mut seq = Sequencer::new(room(), 1 << 20);
+        seq.add(7, UserId::parse("u").unwrap(), Refusing { gone });
+        let out = seq.synced(
+            7,
+            Synced {
+                epoch: Epoch::from_string("e0"),
+                offset: 0,
+                recovered: None,
+                frames: Vec::new(),
+                delivered: 0,
+            },
+        );
+        let stats = seq.take_stats();
+        if gone {
+            assert!(out.closed.is_empty(), "no 4008 for a session that left");
+            assert_eq!(stats.evicted, 0, "not counted as a slow consumer");
+        } else {
+            assert_eq!(out.closed.len(), 1);
+            assert_eq!(out.closed[0].code, CLOSE_SLOW_CONSUMER);
+            assert_eq!(stats.evicted, 1);
+        }
+        assert!(seq.remove(7).is_none(), "detached either way");
+    }
+}
