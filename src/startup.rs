@@ -2,12 +2,16 @@
 //! then runs until a signal has drained the replica.
 
 use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::{web, App, HttpServer};
+use actix_http::HttpService;
+use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{fn_service, AppConfig, Server};
+use actix_web::{web, App};
 use tokio::sync::oneshot;
 
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
@@ -20,7 +24,7 @@ use crate::bus::metered::MeteredBus;
 use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
 use crate::http::admission::Admission;
-use crate::http::{self, AppState};
+use crate::http::{self, upgrade, AppState};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 
@@ -29,6 +33,8 @@ use crate::settings::Settings;
 const FD_RESERVE: usize = 64;
 /// Most sockets kept above the session cap for plain HTTP and unfinished handshakes.
 const MAX_HEADROOM: usize = 256;
+/// Connections the kernel may queue before they are accepted (actix-web's default).
+const BACKLOG: i32 = 1024;
 
 /// Runs one replica until SIGTERM or SIGINT has drained it.
 pub async fn run(settings: Settings) -> io::Result<()> {
@@ -122,32 +128,61 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     });
 
     let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
-    let server =
-        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-            // Signals are ours: a drain closes sessions in batches before the server stops.
-            .disable_signals()
-            // Close the TCP connection as soon as a WebSocket's close handshake is done instead
-            // of lingering for the client to hang up (RFC 6455 §7.1.1: the server closes first).
-            .client_disconnect_timeout(Duration::ZERO)
-            // Small frames go out at once: with Nagle's algorithm a frame written right after
-            // another waits for the client's delayed ACK (about 40 ms).
-            .tcp_nodelay(true)
-            // A connection that never finishes its request head is cut; until then it holds a
-            // descriptor but no session slot.
-            .client_request_timeout(Duration::from_secs(settings.server.handshake_timeout_secs))
-            // Sessions plus handshakes in progress stay under the open-file limit with the
-            // reserve to spare, so /healthz, Redis reconnects and logs never hit EMFILE.
-            .max_connections(caps.sockets.div_ceil(workers))
-            .shutdown_timeout(5)
-            .workers(workers);
-    let server = server.bind(&settings.server.listen)?;
-    for addr in server.addrs() {
+    let handshake_timeout = Duration::from_secs(settings.server.handshake_timeout_secs);
+    let listeners = bind(&settings.server.listen)?;
+    // actix-web's HttpServer, built from its parts so that upgrades go to `upgrade::serve`,
+    // which takes WebSockets off the HTTP/1 dispatcher and its buffers.
+    let builder = Server::build();
+    let shutdown = builder.graceful_shutdown_signal();
+    let mut builder = builder
+        // Signals are ours: a drain closes sessions in batches before the server stops.
+        .disable_signals()
+        // Sessions plus handshakes in progress stay under the open-file limit with the
+        // reserve to spare, so /healthz, Redis reconnects and logs never hit EMFILE. Sessions
+        // count: their upgrade's future lives as long as they do.
+        .max_concurrent_connections(caps.sockets.div_ceil(workers))
+        .shutdown_timeout(5)
+        .workers(workers);
+    for listener in listeners {
+        let addr = listener.local_addr()?;
         log::info!(
             "node={node} listening on {addr} (max_connections={}, open files {files})",
             caps.sessions
         );
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        builder = builder.listen(format!("confab-{addr}"), listener, move || {
+            let app_state = state.clone();
+            let ws_state = state.clone();
+            let shutdown = shutdown.clone();
+            let app = App::new()
+                .app_data(app_state)
+                .configure(http::routes)
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response());
+            HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let signal = shutdown.clone();
+                    async move { signal.notified().await }
+                })
+                // A connection that never finishes its request head is cut; until then it
+                // holds a descriptor but no session slot.
+                .client_request_timeout(handshake_timeout)
+                // Close the connection as soon as a response asked it closed, instead of
+                // lingering for the client to hang up.
+                .client_disconnect_timeout(Duration::ZERO)
+                // Small frames go out at once: with Nagle's algorithm a frame written right
+                // after another waits for the client's delayed ACK (about 40 ms).
+                .tcp_nodelay(true)
+                .local_addr(addr)
+                .upgrade(fn_service(move |(req, framed)| {
+                    upgrade::serve(req, framed, ws_state.clone())
+                }))
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })?;
     }
-    let server = server.run();
+    let server = builder.run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
@@ -256,6 +291,32 @@ fn start_bus(
         refused,
     };
     Ok((Arc::new(bus), Some(side)))
+}
+
+/// Listeners on every address `listen` resolves to, like actix-web's `HttpServer::bind`.
+fn bind(listen: &str) -> io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    let mut failure = None;
+    for addr in listen.to_socket_addrs()? {
+        match listener(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => failure = Some(e),
+        }
+    }
+    match failure {
+        Some(e) if listeners.is_empty() => Err(e),
+        _ if listeners.is_empty() => Err(io::Error::other(format!("`{listen}` names no address"))),
+        _ => Ok(listeners),
+    }
+}
+
+fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// The URL without credentials, for logs.

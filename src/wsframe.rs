@@ -1,12 +1,13 @@
 //! RFC 6455 message assembly on top of actix-http's frame codec.
 //!
-//! actix-web-actors hands the application single frames: continuation fragments, pings between
-//! fragments, and protocol errors. This module turns that stream into whole messages, enforces
+//! The codec ([`crate::actors::socket`] reads with it) hands over single frames: continuation
+//! fragments, pings between fragments, and protocol errors. This module turns that stream into
+//! whole messages, enforces
 //! the size cap over all fragments of a message, validates UTF-8 as fragments arrive (so a bad
 //! sequence fails fast, not after the last fragment), and maps each violation to the close code
 //! RFC 6455 §7.4.1 asks for. Both the chat session and the conformance echo endpoint use it.
 
-use actix_http::ws::{CloseCode, CloseReason, Item, Message, ProtocolError};
+use actix_http::ws::{CloseCode, CloseReason, Frame, Item, Message, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
@@ -62,7 +63,23 @@ impl Assembler {
         }
     }
 
-    /// Feeds one item from the actix-web-actors stream.
+    /// Feeds one frame as the codec decoded it; a text frame is checked for UTF-8 here.
+    pub fn push_frame(&mut self, item: Result<Frame, ProtocolError>) -> Result<Inbound, Fail> {
+        let message = match item.map_err(map_protocol_error)? {
+            Frame::Text(data) => Message::Text(
+                ByteString::try_from(data)
+                    .map_err(|_| Fail::with(CloseCode::Invalid, "invalid UTF-8 in text message"))?,
+            ),
+            Frame::Binary(data) => Message::Binary(data),
+            Frame::Continuation(item) => Message::Continuation(item),
+            Frame::Ping(data) => Message::Ping(data),
+            Frame::Pong(data) => Message::Pong(data),
+            Frame::Close(reason) => Message::Close(reason),
+        };
+        self.push(Ok(message))
+    }
+
+    /// Feeds one whole-frame message.
     pub fn push(&mut self, item: Result<Message, ProtocolError>) -> Result<Inbound, Fail> {
         let msg = item.map_err(map_protocol_error)?;
         match msg {
@@ -146,9 +163,9 @@ fn map_protocol_error(e: ProtocolError) -> Fail {
     match e {
         ProtocolError::Overflow => Fail::with(CloseCode::Size, "message too big"),
         ProtocolError::Io(io) => {
-            // actix-web-actors reports an invalid UTF-8 text frame as an I/O error carrying
-            // the Utf8Error text; reserved bits are also reported this way. Anything else is
-            // the transport breaking, where no close frame can be delivered.
+            // The codec reports reserved bits as an I/O error (and some readers an invalid
+            // UTF-8 text frame, carrying the Utf8Error text). Anything else is the transport
+            // breaking, where no close frame can be delivered.
             let text = io.to_string();
             if text.contains("utf-8") {
                 Fail::with(CloseCode::Invalid, "invalid UTF-8 in text message")
@@ -244,6 +261,17 @@ mod tests {
         feed(&mut a, cont(Item::FirstBinary(Bytes::from_static(b"\xff")))).unwrap();
         let done = feed(&mut a, cont(Item::Last(Bytes::from_static(b"\xfe"))));
         assert_eq!(done, Ok(Inbound::Binary(Bytes::from_static(b"\xff\xfe"))));
+    }
+
+    #[test]
+    fn an_invalid_utf8_text_frame_fails_with_1007() {
+        let mut a = Assembler::new(100);
+        let e = a
+            .push_frame(Ok(Frame::Text(Bytes::from_static(b"ok\xff"))))
+            .unwrap_err();
+        assert_eq!(e.code, Some(CloseCode::Invalid));
+        let ok = a.push_frame(Ok(Frame::Text(Bytes::from_static(b"ok"))));
+        assert_eq!(ok, Ok(Inbound::Text(ByteString::from_static("ok"))));
     }
 
     #[test]

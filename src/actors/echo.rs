@@ -1,43 +1,42 @@
 //! `/echo`: sends every message back as it came. Only served with `websocket.echo_endpoint`;
 //! it exists so WebSocket conformance suites (Autobahn), which expect an echo server, can test
-//! the very frame handling (`handle_frame`) that chat sessions use.
+//! the very socket and frame handling (`socket::handle_frame`) that chat sessions use.
 
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
+use actix_http::ws::{Frame, ProtocolError};
 
-use super::session::handle_frame;
+use super::socket::{self, handle_frame, Upgraded, WsSocket};
 use crate::wsframe::{Assembler, Inbound};
 
 pub struct Echo {
     frames: Assembler,
+    socket: WsSocket,
 }
 
 impl Echo {
-    pub fn start(
-        max_frame_bytes: usize,
-        req: &HttpRequest,
-        payload: web::Payload,
-    ) -> Result<HttpResponse, actix_web::Error> {
-        let echo = Self {
+    /// Starts echoing on the socket the upgrade handed over.
+    pub fn start(max_frame_bytes: usize, conn: Upgraded) -> Addr<Self> {
+        Self::create(move |ctx| Self {
             frames: Assembler::new(max_frame_bytes),
-        };
-        ws::WsResponseBuilder::new(echo, req, payload)
-            .frame_size(max_frame_bytes)
-            .start()
+            socket: WsSocket::start(conn, max_frame_bytes, ctx),
+        })
     }
 }
 
 impl Actor for Echo {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match handle_frame(&mut self.frames, item, ctx, None) {
-            Some(Inbound::Text(text)) => ctx.text(text),
-            Some(Inbound::Binary(data)) => ctx.binary(data),
+impl StreamHandler<Result<Frame, ProtocolError>> for Echo {
+    fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
+        match handle_frame(&mut self.frames, &mut self.socket, item, ctx, None) {
+            Some(Inbound::Text(text)) => self.socket.text(text, ctx),
+            Some(Inbound::Binary(data)) => self.socket.binary(data, ctx),
             _ => {}
         }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        socket::finished(&self.socket, ctx);
     }
 }

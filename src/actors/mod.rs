@@ -8,3 +8,4 @@ pub mod outlet;
 pub mod room;
 pub mod sequencer;
 pub mod session;
+pub mod socket;

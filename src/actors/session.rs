@@ -1,7 +1,8 @@
 //! The `Session` actor: one per WebSocket on `/ws/{room}`.
 //!
-//! This is the one place (with the conformance `echo`) that uses actix-web-actors, which is
-//! deprecated upstream; keeping it here keeps a future move to another WebSocket layer local.
+//! The session runs on its own socket after the upgrade ([`super::socket`]), not on
+//! actix-http's HTTP/1 dispatcher, so an idle connection costs a few hundred bytes of buffers
+//! rather than 16 KiB.
 //!
 //! A session turns client frames into requests (parsing in [`crate::protocol`], reassembly in
 //! [`crate::wsframe`]), publishes through the bus, and writes what its room delivers. Nothing
@@ -14,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws::{self, CloseCode, CloseReason};
+use actix_http::ws::{CloseCode, Frame, ProtocolError};
 use bytestring::ByteString;
 
 use super::hub::{Connect, Disconnect, Hub};
 use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
 use super::room::Join;
+use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
 use crate::bus::{BusError, NewMessage, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
@@ -97,66 +98,64 @@ pub struct Session {
     answers: VecDeque<Option<ByteString>>,
     /// How many publishes were answered and written; the sequence of `answers`' front.
     answered: u64,
+    socket: WsSocket,
     /// The admission slot (connection caps); released when the session ends.
     _slot: Box<dyn Send>,
 }
 
 impl Session {
-    pub fn new(
+    /// Starts the session on the socket the upgrade handed over.
+    pub fn start(
         request: SessionRequest,
         hub: Addr<Hub>,
         bus: SharedBus,
         cfg: Arc<SessionConfig>,
         slot: Box<dyn Send>,
-    ) -> Self {
-        let id: SessionId = rand::random();
-        let now = Instant::now();
-        Self {
-            id,
-            label: format!("{}-{id:016x}", cfg.node),
-            room: request.room,
-            user: request.identity.user,
-            name: request.identity.name,
-            may_publish: request.may_publish,
-            expires: request.identity.expires,
-            resume: request.resume,
-            history: request.history,
-            hub,
-            bus,
-            frames: Assembler::new(cfg.max_frame_bytes),
-            bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
-            violations: 0,
-            last_heard: now,
-            held: Some(Vec::new()),
-            pending: Arc::new(Pending::default()),
-            answers: VecDeque::new(),
-            answered: 0,
-            cfg,
-            _slot: slot,
-        }
-    }
-
-    /// Completes the WebSocket handshake and starts the actor.
-    pub fn start(
-        self,
-        req: &HttpRequest,
-        payload: web::Payload,
-    ) -> Result<HttpResponse, actix_web::Error> {
-        let max = self.cfg.max_frame_bytes;
-        ws::WsResponseBuilder::new(self, req, payload)
-            .protocols(&[SUBPROTOCOL])
-            .frame_size(max)
-            .start()
+        conn: Upgraded,
+    ) -> Addr<Self> {
+        Self::create(move |ctx| {
+            let socket = WsSocket::start(conn, cfg.max_frame_bytes, ctx);
+            let id: SessionId = rand::random();
+            let now = Instant::now();
+            Self {
+                id,
+                label: format!("{}-{id:016x}", cfg.node),
+                room: request.room,
+                user: request.identity.user,
+                name: request.identity.name,
+                may_publish: request.may_publish,
+                expires: request.identity.expires,
+                resume: request.resume,
+                history: request.history,
+                hub,
+                bus,
+                frames: Assembler::new(cfg.max_frame_bytes),
+                bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
+                violations: 0,
+                last_heard: now,
+                held: Some(Vec::new()),
+                pending: Arc::new(Pending::default()),
+                answers: VecDeque::new(),
+                answered: 0,
+                cfg,
+                socket,
+                _slot: slot,
+            }
+        })
     }
 
     /// A complete text frame from the client: held until the welcome, then handled.
-    fn on_text(&mut self, text: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         match self.held.as_mut() {
             // Bounded like the outbound queue: a client has no reason to send more than a few
             // frames before the welcome, which comes within one bus round trip.
             Some(held) if held.len() >= self.cfg.session_queue => {
                 self.cfg.metrics.bad_frame(1008);
-                fail(ctx, CloseCode::Policy, "too many frames before the welcome")
+                fail(
+                    &mut self.socket,
+                    CloseCode::Policy,
+                    "too many frames before the welcome",
+                )
             }
             Some(held) => held.push(text),
             None => self.handle_text(&text, ctx),
@@ -164,13 +163,13 @@ impl Session {
     }
 
     /// Handles a frame after the welcome, so every reply (ack, error, pong…) follows it.
-    fn handle_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+    fn handle_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
             Err(rejection) => {
                 log::debug!("session={} bad frame: {}", self.label, rejection.message);
                 self.cfg.metrics.rejected(rejection.code);
-                return ctx.text(protocol::rejection_frame(&rejection));
+                return self.socket.text(protocol::rejection_frame(&rejection), ctx);
             }
         };
         let metered = matches!(
@@ -181,7 +180,7 @@ impl Session {
             return self.rate_limited(&request, ctx);
         }
         match request {
-            Request::Ping => ctx.text(ServerFrame::Pong.to_text()),
+            Request::Ping => self.socket.text(ServerFrame::Pong.to_text(), ctx),
             Request::Typing => {
                 // Typing is droppable: over the limit it is skipped without a word.
                 if self.bucket.try_take(Instant::now()) {
@@ -199,7 +198,7 @@ impl Session {
         }
     }
 
-    fn rate_limited(&mut self, request: &Request, ctx: &mut ws::WebsocketContext<Self>) {
+    fn rate_limited(&mut self, request: &Request, ctx: &mut Context<Self>) {
         self.cfg.metrics.rate_limited.inc();
         self.violations += 1;
         if self.violations > self.cfg.max_violations {
@@ -209,7 +208,11 @@ impl Session {
                 self.room
             );
             self.cfg.metrics.bad_frame(1008);
-            return fail(ctx, CloseCode::Policy, "rate limit exceeded too often");
+            return fail(
+                &mut self.socket,
+                CloseCode::Policy,
+                "rate limit exceeded too often",
+            );
         }
         let reference = match request {
             Request::Message { reference, .. } | Request::History { reference, .. } => {
@@ -223,15 +226,10 @@ impl Session {
             reference,
         }
         .to_text();
-        ctx.text(frame);
+        self.socket.text(frame, ctx);
     }
 
-    fn publish(
-        &mut self,
-        text: String,
-        reference: Option<String>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
+    fn publish(&mut self, text: String, reference: Option<String>, ctx: &mut Context<Self>) {
         let seq = self.answered + self.answers.len() as u64;
         self.answers.push_back(None);
         if !self.may_publish {
@@ -272,7 +270,7 @@ impl Session {
     }
 
     /// Records the answer to publish number `seq` and writes every answer now in order.
-    fn answer(&mut self, seq: u64, frame: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
+    fn answer(&mut self, seq: u64, frame: ByteString, ctx: &mut Context<Self>) {
         if let Some(slot) = seq
             .checked_sub(self.answered)
             .and_then(|i| self.answers.get_mut(i as usize))
@@ -282,11 +280,11 @@ impl Session {
         while let Some(Some(frame)) = self.answers.front_mut().map(Option::take) {
             self.answers.pop_front();
             self.answered += 1;
-            ctx.text(frame);
+            self.socket.text(frame, ctx);
         }
     }
 
-    fn presence(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn presence(&mut self, ctx: &mut Context<Self>) {
         let presence = self.bus.presence(&self.room);
         ctx.spawn(presence.into_actor(self).map(|result, session, ctx| {
             let frame = match result {
@@ -297,7 +295,7 @@ impl Session {
                 .to_text(),
                 Err(e) => bus_error_frame(&e, None),
             };
-            ctx.text(frame);
+            session.socket.text(frame, ctx);
         }));
     }
 
@@ -306,7 +304,7 @@ impl Session {
         before: Option<Offset>,
         limit: usize,
         reference: Option<String>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) {
         let page = self.bus.history(&self.room, before, limit);
         ctx.spawn(page.into_actor(self).map(move |result, session, ctx| {
@@ -324,7 +322,7 @@ impl Session {
                 .to_text(),
                 Err(e) => bus_error_frame(&e, reference.as_deref()),
             };
-            ctx.text(frame);
+            session.socket.text(frame, ctx);
         }));
     }
 
@@ -333,7 +331,7 @@ impl Session {
         epoch: Epoch,
         offset: Offset,
         recovered: Option<bool>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) {
         let frame = ServerFrame::Welcome {
             room: &self.room,
@@ -345,7 +343,7 @@ impl Session {
             recovered,
         }
         .to_text();
-        ctx.text(frame);
+        self.socket.text(frame, ctx);
         for text in self.held.take().unwrap_or_default() {
             self.handle_text(&text, ctx);
         }
@@ -365,53 +363,8 @@ fn bus_error_frame(e: &BusError, reference: Option<&str>) -> ByteString {
     .to_text()
 }
 
-/// Fails the connection: a close frame with `code`, then stop.
-fn fail<A>(ctx: &mut ws::WebsocketContext<A>, code: CloseCode, reason: &str)
-where
-    A: Actor<Context = ws::WebsocketContext<A>>,
-{
-    ctx.close(Some(CloseReason {
-        code,
-        description: Some(reason.to_owned()),
-    }));
-    ctx.stop();
-}
-
-/// Feeds one frame through the assembler and answers what the protocol itself requires
-/// (pongs, close handshakes, failures). Returns complete text and binary messages.
-pub fn handle_frame<A>(
-    frames: &mut Assembler,
-    item: Result<ws::Message, ws::ProtocolError>,
-    ctx: &mut ws::WebsocketContext<A>,
-    metrics: Option<&Metrics>,
-) -> Option<Inbound>
-where
-    A: Actor<Context = ws::WebsocketContext<A>>,
-{
-    match frames.push(item) {
-        Ok(Inbound::Ping(data)) => ctx.pong(&data),
-        Ok(Inbound::Pong | Inbound::Partial) => {}
-        Ok(Inbound::Close(reason)) => {
-            // Answer the close handshake with the peer's code, as RFC 6455 §5.5.1 asks.
-            ctx.close(reason);
-            ctx.stop();
-        }
-        Ok(message) => return Some(message),
-        Err(failure) => match failure.code {
-            Some(code) => {
-                if let Some(m) = metrics {
-                    m.bad_frame(u16::from(code));
-                }
-                fail(ctx, code, failure.reason)
-            }
-            None => ctx.stop(),
-        },
-    }
-    None
-}
-
 impl Actor for Session {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Room sends are bounded by `pending`; the mailbox only needs room for the close.
@@ -425,14 +378,18 @@ impl Actor for Session {
                 .unwrap_or_default()
                 .saturating_add(LEEWAY)
                 .min(MAX_TIMER);
-            ctx.run_later(left, |session, ctx| {
+            ctx.run_later(left, |session, _| {
                 log::info!(
                     "session={} room={} user={} token expired",
                     session.label,
                     session.room,
                     session.user
                 );
-                fail(ctx, CloseCode::Other(TOKEN_EXPIRED), "token expired")
+                fail(
+                    &mut session.socket,
+                    CloseCode::Other(TOKEN_EXPIRED),
+                    "token expired",
+                )
             });
         }
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
@@ -444,9 +401,13 @@ impl Actor for Session {
                     session.room,
                     session.user
                 );
-                return fail(ctx, CloseCode::Away, "no pong within the client timeout");
+                return fail(
+                    &mut session.socket,
+                    CloseCode::Away,
+                    "no pong within the client timeout",
+                );
             }
-            ctx.ping(b"");
+            session.socket.ping(b"", ctx);
         });
         log::info!(
             "session={} room={} user={} connected",
@@ -488,21 +449,26 @@ impl Actor for Session {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<Frame, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
-        match handle_frame(&mut self.frames, item, ctx, Some(&self.cfg.metrics)) {
+        let metrics = Some(&*self.cfg.metrics);
+        match handle_frame(&mut self.frames, &mut self.socket, item, ctx, metrics) {
             Some(Inbound::Text(text)) => self.on_text(text, ctx),
             Some(_) => {
                 self.cfg.metrics.bad_frame(1003);
                 fail(
-                    ctx,
+                    &mut self.socket,
                     CloseCode::Unsupported,
                     "binary frames are not supported",
                 )
             }
             None => {}
         }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        socket::finished(&self.socket, ctx);
     }
 }
 
@@ -517,8 +483,10 @@ impl Handler<Deliver> for Session {
                 offset,
                 recovered,
             } => self.welcome(epoch, offset, recovered, ctx),
-            Outbound::Frame(text) => ctx.text(text),
-            Outbound::Close { code, reason } => fail(ctx, CloseCode::from(code), reason),
+            Outbound::Frame(text) => self.socket.text(text, ctx),
+            Outbound::Close { code, reason } => {
+                fail(&mut self.socket, CloseCode::from(code), reason)
+            }
         }
     }
 }

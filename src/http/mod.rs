@@ -6,6 +6,7 @@ pub mod api;
 mod health;
 mod metrics;
 mod page;
+pub mod upgrade;
 mod ws;
 
 use std::sync::atomic::AtomicBool;

@@ -1,17 +1,19 @@
-//! `GET /ws/{room}`: checks the request before any upgrade (SPEC §3), then starts a session.
+//! `GET /ws/{room}`: checks the request before any upgrade (SPEC §3). Upgrades themselves are
+//! served by [`super::upgrade`], off the HTTP/1 dispatcher; the routes here answer requests to
+//! the same paths that ask for no upgrade, with the same checks and then the handshake error.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Deserialize;
 
-use super::admission::Refused;
+use super::admission::{Refused, Slot};
 use super::{error, AppState};
-use crate::actors::echo::Echo;
-use crate::actors::session::{Session, SessionRequest};
+use crate::actors::session::SessionRequest;
 use crate::auth::{AuthError, Identity};
 use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 use crate::metrics;
@@ -31,7 +33,7 @@ pub struct WsQuery {
 const TOKEN_PROTOCOL_PREFIX: &str = "token.";
 
 /// A request refused before the upgrade.
-struct Refusal {
+pub struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -71,7 +73,7 @@ impl Refusal {
         )
     }
 
-    fn response(&self) -> HttpResponse {
+    pub fn response(&self) -> HttpResponse {
         let mut response = error(self.status, self.code, &self.message);
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             response
@@ -113,22 +115,67 @@ impl From<Refused> for Refusal {
     }
 }
 
-pub async fn upgrade(
-    req: HttpRequest,
-    room: web::Path<String>,
-    query: web::Query<WsQuery>,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let (request, client) = match check(&req, &room, &query, &state) {
+/// `GET /ws/{room}` without `Upgrade: websocket`: refused as the upgrade would be, else
+/// answered with the handshake error.
+pub async fn upgrade(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let room = req.match_info().get("room").unwrap_or_default();
+    let query = req.query_string();
+    match accept(req.headers(), req.peer_addr(), room, query, &state) {
+        Ok(_) => not_an_upgrade(&req),
+        Err(refusal) => refusal.response(),
+    }
+}
+
+/// `GET /echo` without `Upgrade: websocket`; 404 unless `websocket.echo_endpoint` is on.
+pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if state.echo_endpoint {
+        not_an_upgrade(&req)
+    } else {
+        echo_disabled()
+    }
+}
+
+fn not_an_upgrade(req: &HttpRequest) -> HttpResponse {
+    match actix_http::ws::verify_handshake(req.head()) {
+        Err(e) => e.error_response(),
+        Ok(()) => error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "this request was not upgraded",
+        ),
+    }
+}
+
+/// The answer to `/echo` without `websocket.echo_endpoint`.
+pub fn echo_disabled() -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "the echo endpoint is disabled",
+    )
+}
+
+/// Every check of a session request on `/ws/{room}`, then a slot under the connection caps:
+/// the session to start, or the refusal to answer with (counted in the metrics).
+pub fn accept(
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    room: &str,
+    query: &str,
+    state: &AppState,
+) -> Result<(SessionRequest, Slot), Refusal> {
+    let checked = web::Query::<WsQuery>::from_query(query)
+        .map_err(|e| Refusal::bad(format!("bad query string: {e}")))
+        .and_then(|query| check(headers, peer, room, &query, state));
+    let (request, client) = match checked {
         Ok(r) => r,
         Err(refusal) => {
             state.metrics.refused(refusal.metric);
-            return Ok(refusal.response());
+            return Err(refusal);
         }
     };
-    let slot = match state.admission.admit(client) {
-        Ok(slot) => slot,
+    match state.admission.admit(client) {
+        Ok(slot) => Ok((request, slot)),
         Err(refused) => {
             let refusal = Refusal::from(refused);
             if refused == Refused::Full {
@@ -140,39 +187,16 @@ pub async fn upgrade(
                 log::info!("refusing a session from {client}: {}", refusal.message);
             }
             state.metrics.refused(refusal.metric);
-            return Ok(refusal.response());
+            Err(refusal)
         }
-    };
-    let session = Session::new(
-        request,
-        state.hub.clone(),
-        state.bus.clone(),
-        state.sessions.clone(),
-        Box::new(slot),
-    );
-    session.start(&req, payload)
-}
-
-/// `GET /echo`, for conformance suites; 404 unless `websocket.echo_endpoint` is on.
-pub async fn echo(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
-    if !state.echo_endpoint {
-        return Ok(error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the echo endpoint is disabled",
-        ));
     }
-    Echo::start(state.sessions.max_frame_bytes, &req, payload)
 }
 
 /// Every check before the upgrade, cheapest first: the upgrade rate comes before the token so
 /// a flood costs no signature checks. Returns the session's request and the client address.
 fn check(
-    req: &HttpRequest,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
     room: &str,
     query: &WsQuery,
     state: &AppState,
@@ -187,7 +211,7 @@ fn check(
         ));
     }
     // A request without Origin is not from a browser, so there is no page to protect.
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
+    if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = state.allowed_origins.is_empty()
             || origin
                 .to_str()
@@ -201,7 +225,7 @@ fn check(
             ));
         }
     }
-    let client = client_address(req, &state.trusted_proxies);
+    let client = client_address(headers, peer, &state.trusted_proxies);
     state
         .admission
         .check_rate(client, Instant::now())
@@ -209,7 +233,7 @@ fn check(
     let identity = match &state.verifier {
         Some(verifier) => {
             let token =
-                token(req, query).ok_or_else(|| Refusal::unauthorized(&AuthError::Missing))?;
+                token(headers, query).ok_or_else(|| Refusal::unauthorized(&AuthError::Missing))?;
             let identity = verifier
                 .verify(token)
                 .map_err(|e| Refusal::unauthorized(&e))?;
@@ -263,8 +287,7 @@ fn check(
 
 /// The token from `Authorization: Bearer`, the `token.<jwt>` subprotocol (what browsers can
 /// send) or `?token=`, in that order.
-fn token<'r>(req: &'r HttpRequest, query: &'r WsQuery) -> Option<&'r str> {
-    let headers = req.headers();
+fn token<'r>(headers: &'r HeaderMap, query: &'r WsQuery) -> Option<&'r str> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -284,12 +307,9 @@ fn token<'r>(req: &'r HttpRequest, query: &'r WsQuery) -> Option<&'r str> {
 }
 
 /// The client's address for per-address limits: the peer, or what a trusted proxy forwarded.
-fn client_address(req: &HttpRequest, trusted: &[Cidr]) -> IpAddr {
-    let peer = req
-        .peer_addr()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let forwarded = req
-        .headers()
+fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let forwarded = headers
         .get_all("x-forwarded-for")
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>();

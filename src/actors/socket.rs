@@ -1,0 +1,398 @@
+//! One upgraded WebSocket on its own TCP stream, with small buffers.
+//!
+//! After the handshake ([`crate::http::upgrade`]) a session owns its socket outright: nothing
+//! of actix-http's HTTP/1 dispatcher (two 8 KiB buffers per connection) stays behind. Reading
+//! allocates only while bytes are in flight, and an idle socket holds no buffer at all.
+//!
+//! Backpressure keeps the property the rooms rely on (see [`super::member`]): the actor is not
+//! polled while its socket is backpressured. Past [`HIGH_WATERMARK`] unwritten bytes the actor
+//! waits (`ctx.wait`, which holds back its mailbox and its inbound frames) until the kernel
+//! took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is the backlog.
+//!
+//! Closing writes the close frame, lets everything before it reach the socket and then stops
+//! the actor, which drops the stream: the server closes the TCP connection right after the
+//! close handshake (RFC 6455 §7.1.1).
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context as TaskContext, Poll, Waker};
+
+use actix::prelude::*;
+use actix_codec::Decoder;
+use actix_http::ws::{self, CloseCode, CloseReason, Frame, OpCode, Parser, ProtocolError};
+use bytes::{Buf, BytesMut};
+use futures_util::Stream;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::wsframe::{Assembler, Inbound};
+
+/// Unwritten bytes past which the actor waits for its socket.
+pub const HIGH_WATERMARK: usize = 16 * 1024;
+/// Unwritten bytes under which a waiting actor runs again.
+pub const LOW_WATERMARK: usize = 4 * 1024;
+/// How much one read asks the kernel for.
+const READ_CHUNK: usize = 2048;
+
+/// What a socket's reader and writer share; single-threaded, like the actor that owns it.
+struct Io {
+    stream: TcpStream,
+    out: RefCell<Outbox>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Encoded frames not yet taken by the kernel; unallocated when empty.
+    buf: BytesMut,
+    /// A close frame is queued: nothing more is written, and the actor stops once it is out.
+    closing: bool,
+    /// The actor waits for the backlog to shrink.
+    draining: bool,
+    /// The writer, parked while there is nothing to write.
+    waker: Option<Waker>,
+}
+
+impl Io {
+    /// Writes what the kernel takes without waiting.
+    fn try_flush(&self) {
+        let mut out = self.out.borrow_mut();
+        while !out.buf.is_empty() {
+            match self.stream.try_write(&out.buf) {
+                Ok(n) if n > 0 => out.buf.advance(n),
+                // Errors and a full socket are the writer's to find and report.
+                _ => return,
+            }
+        }
+        out.buf = BytesMut::new();
+    }
+
+    /// Writes until the backlog is empty (ready), the socket is full (pending) or broken.
+    fn poll_flush(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let mut out = self.out.borrow_mut();
+        while !out.buf.is_empty() {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(&out.buf) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => out.buf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        // Frees the buffer: an idle connection keeps none.
+        out.buf = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A connection just upgraded: its stream, bytes read past the handshake, and the signal the
+/// upgrade waits on.
+pub struct Upgraded {
+    pub stream: TcpStream,
+    pub read: BytesMut,
+    pub done: oneshot::Sender<()>,
+}
+
+/// The write side of one WebSocket, held by its actor.
+pub struct WsSocket {
+    io: Rc<Io>,
+    /// Dropped with the actor: the upgrade's future waits for it, so the server counts the
+    /// connection until the session ends.
+    _done: oneshot::Sender<()>,
+}
+
+impl WsSocket {
+    /// Starts reading and writing `stream` for the actor being created; `read` holds bytes the
+    /// client sent right after its handshake. Inbound frames arrive as
+    /// `Result<Frame, ProtocolError>` through the actor's `StreamHandler`.
+    pub fn start<A>(conn: Upgraded, max_frame_bytes: usize, ctx: &mut Context<A>) -> Self
+    where
+        A: Actor<Context = Context<A>> + StreamHandler<Result<Frame, ProtocolError>>,
+    {
+        let Upgraded { stream, read, done } = conn;
+        let io = Rc::new(Io {
+            stream,
+            out: RefCell::new(Outbox::default()),
+        });
+        ctx.add_stream(Frames {
+            io: Rc::clone(&io),
+            buf: read,
+            codec: ws::Codec::new().max_size(max_frame_bytes),
+            done: false,
+        });
+        ctx.spawn(Writer { io: Rc::clone(&io) });
+        Self { io, _done: done }
+    }
+
+    /// Whether a close frame is queued; inbound frames are ignored from then on.
+    pub fn closing(&self) -> bool {
+        self.io.out.borrow().closing
+    }
+
+    pub fn text<A>(&mut self, text: impl AsRef<[u8]>, ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.frame(text.as_ref(), OpCode::Text, ctx);
+    }
+
+    pub fn binary<A>(&mut self, data: impl AsRef<[u8]>, ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.frame(data.as_ref(), OpCode::Binary, ctx);
+    }
+
+    pub fn ping<A>(&mut self, data: &[u8], ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.frame(data, OpCode::Ping, ctx);
+    }
+
+    pub fn pong<A>(&mut self, data: &[u8], ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.frame(data, OpCode::Pong, ctx);
+    }
+
+    /// Queues the close frame; the actor stops once it is written.
+    pub fn close(&mut self, reason: Option<CloseReason>) {
+        let mut out = self.io.out.borrow_mut();
+        if out.closing {
+            return;
+        }
+        out.closing = true;
+        Parser::write_close(&mut out.buf, reason, false);
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn frame<A>(&mut self, payload: &[u8], op: OpCode, ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        {
+            let mut out = self.io.out.borrow_mut();
+            if out.closing {
+                return;
+            }
+            let was_empty = out.buf.is_empty();
+            Parser::write_message(&mut out.buf, payload, op, true, false);
+            if !was_empty {
+                // The writer is already on it, or parked on a full socket.
+                return self.backpressure(out, ctx);
+            }
+        }
+        self.io.try_flush();
+        let mut out = self.io.out.borrow_mut();
+        if !out.buf.is_empty() {
+            if let Some(waker) = out.waker.take() {
+                waker.wake();
+            }
+        }
+        self.backpressure(out, ctx);
+    }
+
+    fn backpressure<A>(&self, mut out: std::cell::RefMut<'_, Outbox>, ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        if out.buf.len() > HIGH_WATERMARK && !out.draining {
+            out.draining = true;
+            drop(out);
+            ctx.wait(Drain {
+                io: Rc::clone(&self.io),
+            });
+        }
+    }
+}
+
+/// Fails the connection: a close frame with `code`, then stop once it is written.
+pub fn fail(socket: &mut WsSocket, code: CloseCode, reason: &str) {
+    socket.close(Some(CloseReason {
+        code,
+        description: Some(reason.to_owned()),
+    }));
+}
+
+/// Feeds one frame through the assembler and answers what the protocol itself requires
+/// (pongs, close handshakes, failures). Returns complete text and binary messages.
+pub fn handle_frame<A>(
+    frames: &mut Assembler,
+    socket: &mut WsSocket,
+    item: Result<Frame, ProtocolError>,
+    ctx: &mut Context<A>,
+    metrics: Option<&Metrics>,
+) -> Option<Inbound>
+where
+    A: Actor<Context = Context<A>>,
+{
+    if socket.closing() {
+        return None;
+    }
+    match frames.push_frame(item) {
+        Ok(Inbound::Ping(data)) => socket.pong(&data, ctx),
+        Ok(Inbound::Pong | Inbound::Partial) => {}
+        // Answer the close handshake with the peer's code, as RFC 6455 §5.5.1 asks.
+        Ok(Inbound::Close(reason)) => socket.close(reason),
+        Ok(message) => return Some(message),
+        Err(failure) => match failure.code {
+            Some(code) => {
+                if let Some(m) = metrics {
+                    m.bad_frame(u16::from(code));
+                }
+                fail(socket, code, failure.reason)
+            }
+            None => ctx.stop(),
+        },
+    }
+    None
+}
+
+/// The inbound stream ended (the peer hung up or the stream broke): stop, unless a close
+/// frame is still on its way out, whose writer stops the actor.
+pub fn finished<A>(socket: &WsSocket, ctx: &mut Context<A>)
+where
+    A: Actor<Context = Context<A>>,
+{
+    if !socket.closing() {
+        ctx.stop();
+    }
+}
+
+/// Inbound frames, decoded from a buffer that exists only while bytes are in flight.
+struct Frames {
+    io: Rc<Io>,
+    buf: BytesMut,
+    codec: ws::Codec,
+    done: bool,
+}
+
+impl Stream for Frames {
+    type Item = Result<Frame, ProtocolError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if !this.buf.is_empty() {
+                match this.codec.decode(&mut this.buf) {
+                    Ok(Some(frame)) => {
+                        if this.buf.is_empty() {
+                            this.buf = BytesMut::new();
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
+            if let Err(e) = ready!(this.io.stream.poll_read_ready(cx)) {
+                this.done = true;
+                return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+            }
+            this.buf.reserve(READ_CHUNK);
+            match this.io.stream.try_read_buf(&mut this.buf) {
+                Ok(0) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::new();
+                    }
+                }
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames for the life of the actor; stops it when the socket breaks or once a
+/// close frame is out.
+struct Writer {
+    io: Rc<Io>,
+}
+
+impl<A> ActorFuture<A> for Writer
+where
+    A: Actor<Context = Context<A>>,
+{
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        _: &mut A,
+        ctx: &mut Context<A>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        match self.io.poll_flush(task) {
+            Poll::Ready(Ok(())) => {
+                let mut out = self.io.out.borrow_mut();
+                if out.closing {
+                    drop(out);
+                    ctx.stop();
+                    return Poll::Ready(());
+                }
+                out.waker = Some(task.waker().clone());
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => {
+                log::debug!("websocket write failed: {e}");
+                ctx.stop();
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Holds the actor back while its backlog is above the low watermark.
+struct Drain {
+    io: Rc<Io>,
+}
+
+impl<A> ActorFuture<A> for Drain
+where
+    A: Actor<Context = Context<A>>,
+{
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        _: &mut A,
+        ctx: &mut Context<A>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        let flushed = self.io.poll_flush(task);
+        let mut out = self.io.out.borrow_mut();
+        match flushed {
+            Poll::Pending if out.buf.len() >= LOW_WATERMARK => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                log::debug!("websocket write failed: {e}");
+                out.draining = false;
+                drop(out);
+                ctx.stop();
+                Poll::Ready(())
+            }
+            _ => {
+                out.draining = false;
+                Poll::Ready(())
+            }
+        }
+    }
+}
