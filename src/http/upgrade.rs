@@ -156,12 +156,13 @@ async fn refuse(
     let (mut head, body) = response.into_parts();
     head.head_mut().set_connection_type(ConnectionType::Close);
     let body = body.try_into_bytes().unwrap_or_default();
+    // Head and body in one write: a client may read the refusal from its first segment only.
     framed
-        .send(Message::Item((head, BodySize::Sized(body.len() as u64))))
+        .feed(Message::Item((head, BodySize::Sized(body.len() as u64))))
         .await
         .map_err(UpgradeError)?;
     framed
-        .send(Message::Chunk(Some(body)))
+        .feed(Message::Chunk(Some(body)))
         .await
         .map_err(UpgradeError)?;
     framed
