@@ -396,3 +396,134 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Echoes text through the same helpers the session and `/echo` use.
+    struct Echoer {
+        socket: WsSocket,
+        frames: Assembler,
+    }
+
+    impl Actor for Echoer {
+        type Context = Context<Self>;
+    }
+
+    impl StreamHandler<Result<Frame, ProtocolError>> for Echoer {
+        fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
+            if let Some(Inbound::Text(text)) =
+                handle_frame(&mut self.frames, &mut self.socket, item, ctx, None)
+            {
+                self.socket.text(text, ctx);
+            }
+        }
+
+        fn finished(&mut self, ctx: &mut Context<Self>) {
+            finished(&self.socket, ctx);
+        }
+    }
+
+    fn encoded(payload: &[u8], op: OpCode, masked: bool) -> BytesMut {
+        let mut buf = BytesMut::new();
+        Parser::write_message(&mut buf, payload, op, true, masked);
+        buf
+    }
+
+    fn close_frame(masked: bool) -> BytesMut {
+        let mut buf = BytesMut::new();
+        Parser::write_close(&mut buf, Some(CloseCode::Normal.into()), masked);
+        buf
+    }
+
+    #[actix::test]
+    async fn bytes_read_with_the_handshake_are_handled_and_the_server_hangs_up_after_a_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (done, ended) = oneshot::channel();
+        // A frame the client sent right behind its handshake, already read by the server.
+        let read = encoded(b"early", OpCode::Text, true);
+        Echoer::create(move |ctx| Echoer {
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, ctx),
+            frames: Assembler::new(1024),
+        });
+        let echo = encoded(b"early", OpCode::Text, false);
+        let mut got = vec![0; echo.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, &echo[..]);
+
+        client.write_all(&close_frame(true)).await.unwrap();
+        let mut rest = Vec::new();
+        // Ends at EOF: the server closed the connection once its close frame was out.
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, &close_frame(false)[..]);
+        assert!(ended.await.is_err(), "the actor and its socket are gone");
+    }
+
+    /// Test → echoer: write this text.
+    struct Say(String, Arc<AtomicUsize>);
+
+    impl Message for Say {
+        type Result = ();
+    }
+
+    impl Handler<Say> for Echoer {
+        type Result = ();
+
+        fn handle(&mut self, Say(text, handled): Say, ctx: &mut Context<Self>) {
+            handled.fetch_add(1, Ordering::Relaxed);
+            self.socket.text(text, ctx);
+        }
+    }
+
+    #[actix::test]
+    async fn an_actor_whose_peer_does_not_read_takes_no_messages_until_it_does() {
+        const FRAMES: usize = 30_000;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (done, _ended) = oneshot::channel();
+        let read = BytesMut::new();
+        let addr = Echoer::create(move |ctx| Echoer {
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, ctx),
+            frames: Assembler::new(1024),
+        });
+        let handled = Arc::new(AtomicUsize::new(0));
+        let text = "x".repeat(1000);
+        // 30 MB: far more than the kernel's socket buffers hold.
+        for _ in 0..FRAMES {
+            addr.do_send(Say(text.clone(), Arc::clone(&handled)));
+        }
+        let mut last = usize::MAX;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = handled.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        assert!(
+            last < FRAMES,
+            "the actor stopped taking messages once its socket was full ({last})"
+        );
+        let frame = encoded(text.as_bytes(), OpCode::Text, false).len();
+        let mut buf = vec![0; frame * FRAMES];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            handled.load(Ordering::Relaxed),
+            FRAMES,
+            "all of them once read"
+        );
+    }
+}

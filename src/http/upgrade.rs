@@ -83,15 +83,9 @@ pub async fn serve(
         .send(Message::Item((response.drop_body(), BodySize::None)))
         .await
         .map_err(UpgradeError)?;
-    let parts = framed.into_parts();
-    // Frames the client sent right behind its handshake; the dispatcher's buffers go.
-    let read = BytesMut::from(&parts.read_buf[..]);
+    let (stream, read) = hand_over(framed);
     let (done, ended) = oneshot::channel();
-    let conn = Upgraded {
-        stream: parts.io,
-        read,
-        done,
-    };
+    let conn = Upgraded { stream, read, done };
     match accepted {
         Accepted::Session(accepted) => {
             let (request, slot) = *accepted;
@@ -112,6 +106,15 @@ pub async fn serve(
     // Resolves (as an error) when the actor, and with it the sender, is gone.
     let _ = ended.await;
     Ok(())
+}
+
+/// The bare stream and the bytes the client sent right behind its handshake (a copy, sized to
+/// them). Everything else of the dispatcher's, its two 8 KiB buffers above all, is dropped
+/// here, before the session's long wait.
+fn hand_over(framed: Framed<TcpStream, Codec>) -> (TcpStream, BytesMut) {
+    let parts = framed.into_parts();
+    let read = BytesMut::from(&parts.read_buf[..]);
+    (parts.io, read)
 }
 
 /// Which endpoint the request is for, after its checks; else the response to refuse it with.
