@@ -56,19 +56,6 @@ struct Outbox {
 }
 
 impl Io {
-    /// Writes what the kernel takes without waiting.
-    fn try_flush(&self) {
-        let mut out = self.out.borrow_mut();
-        while !out.buf.is_empty() {
-            match self.stream.try_write(&out.buf) {
-                Ok(n) if n > 0 => out.buf.advance(n),
-                // Errors and a full socket are the writer's to find and report.
-                _ => return,
-            }
-        }
-        out.buf = BytesMut::new();
-    }
-
     /// Writes until the backlog is empty (ready), the socket is full (pending) or broken.
     fn poll_flush(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         let mut out = self.out.borrow_mut();
@@ -176,32 +163,16 @@ impl WsSocket {
     where
         A: Actor<Context = Context<A>>,
     {
-        {
-            let mut out = self.io.out.borrow_mut();
-            if out.closing {
-                return;
-            }
-            let was_empty = out.buf.is_empty();
-            Parser::write_message(&mut out.buf, payload, op, true, false);
-            if !was_empty {
-                // The writer is already on it, or parked on a full socket.
-                return self.backpressure(out, ctx);
-            }
-        }
-        self.io.try_flush();
         let mut out = self.io.out.borrow_mut();
-        if !out.buf.is_empty() {
-            if let Some(waker) = out.waker.take() {
-                waker.wake();
-            }
+        if out.closing {
+            return;
         }
-        self.backpressure(out, ctx);
-    }
-
-    fn backpressure<A>(&self, mut out: std::cell::RefMut<'_, Outbox>, ctx: &mut Context<A>)
-    where
-        A: Actor<Context = Context<A>>,
-    {
+        Parser::write_message(&mut out.buf, payload, op, true, false);
+        // The writer runs later in this same poll of the actor, so frames handled together
+        // (a batch of deliveries, say) go out in one write.
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
         if out.buf.len() > HIGH_WATERMARK && !out.draining {
             out.draining = true;
             drop(out);
