@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 set -u
 # Bridge: 20 rooms, a publisher on replica A and a receiver on B each, through a redis-server
-# of its own; stepped rates per room (RATES=…). Usage: BIN=<release dir> scripts/bench-bridge.sh
+# of its own; stepped rates per room (RATES=…). SERVER_BIN=… runs another confab binary. Usage: BIN=<release dir> scripts/bench-bridge.sh
 # Writes /tmp/bridge.json (and the table on /tmp/bridge.err); stops what it started by PID.
 B=${BIN:-target/release}
 rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -14,7 +14,7 @@ export CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP=0 CONFAB_LIMITS__UPGRADES_PER_IP_PE
 ports=(); pids=()
 for n in a b; do
   p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  CONFAB_SERVER__NODE_ID=$n $B/confab --listen 127.0.0.1:$p > /tmp/bridge-$n.log 2>&1 &
+  CONFAB_SERVER__NODE_ID=$n ${SERVER_BIN:-$B/confab} --listen 127.0.0.1:$p > /tmp/bridge-$n.log 2>&1 &
   pids+=($!); ports+=($p)
 done
 sleep 2

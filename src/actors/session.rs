@@ -10,13 +10,14 @@
 //! right after it (SPEC §5): a message sent at once on connecting is then published after the
 //! room read its head for the welcome, so it comes back to its sender like any other.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, Frame, ProtocolError};
 use bytestring::ByteString;
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use super::hub::{Connect, Disconnect, Hub};
 use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
@@ -35,6 +36,44 @@ pub const SUBPROTOCOL: &str = "confab.v1";
 
 /// Close code of a session whose token expired (SPEC §2).
 pub const TOKEN_EXPIRED: u16 = 4001;
+
+/// Writes the answers to a session's publishes as they come back, in send order. Spawned
+/// while publishes are in flight (`until_below: None`, done when none is left), or waited on
+/// when a session has too many in flight (done once fewer than the cap are).
+struct Answers {
+    until_below: Option<usize>,
+}
+
+impl ActorFuture<Session> for Answers {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        session: &mut Session,
+        ctx: &mut Context<Session>,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        loop {
+            if self
+                .until_below
+                .is_some_and(|max| session.answers.len() < max)
+            {
+                return Poll::Ready(());
+            }
+            match session.answers.poll_next_unpin(task) {
+                Poll::Ready(Some(frame)) => session.socket.text(frame, ctx),
+                Poll::Ready(None) => {
+                    if self.until_below.is_none() {
+                        session.answering = false;
+                    }
+                    return Poll::Ready(());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// Longest timer set for an expiry; a token valid for longer outlives any process anyway.
 const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -93,11 +132,12 @@ pub struct Session {
     /// Client text frames that arrived before the welcome; `None` once welcomed.
     held: Option<Vec<ByteString>>,
     pending: Arc<Pending>,
-    /// Answers (ack or error) to the publishes in flight, in the order they were sent: an
-    /// answer is written once every earlier one is, so acks arrive in send order too.
-    answers: VecDeque<Option<ByteString>>,
-    /// How many publishes were answered and written; the sequence of `answers`' front.
-    answered: u64,
+    /// Answers (ack or error) to the publishes in flight, in the order they were sent, so
+    /// acks arrive in send order too. One queue driven by one future ([`Answers`]): a wake-up
+    /// of this actor polls only the publishes that made progress, not every one in flight.
+    answers: FuturesOrdered<BoxFuture<'static, ByteString>>,
+    /// An [`Answers`] future is spawned and drives `answers`.
+    answering: bool,
     socket: WsSocket,
     /// The admission slot (connection caps); released when the session ends.
     _slot: Box<dyn Send>,
@@ -135,8 +175,8 @@ impl Session {
                 last_heard: now,
                 held: Some(Vec::new()),
                 pending: Arc::new(Pending::default()),
-                answers: VecDeque::new(),
-                answered: 0,
+                answers: FuturesOrdered::new(),
+                answering: false,
                 cfg,
                 socket,
                 _slot: slot,
@@ -230,57 +270,47 @@ impl Session {
     }
 
     fn publish(&mut self, text: String, reference: Option<String>, ctx: &mut Context<Self>) {
-        let seq = self.answered + self.answers.len() as u64;
-        self.answers.push_back(None);
-        if !self.may_publish {
+        let answer = if self.may_publish {
+            let msg = NewMessage {
+                user: self.user.clone(),
+                name: self.name.clone(),
+                text,
+                reference: reference.clone(),
+            };
+            // The bus call is made (and sent) now, in send order; only its answer waits.
+            let publish = self.bus.publish(&self.room, msg);
+            async move {
+                match publish.await {
+                    Ok(p) => ServerFrame::Ack {
+                        reference: reference.as_deref(),
+                        offset: p.offset,
+                    }
+                    .to_text(),
+                    Err(e) => bus_error_frame(&e, reference.as_deref()),
+                }
+            }
+            .boxed()
+        } else {
             // Answered in turn with the acks of earlier messages, and never stored.
+            self.cfg.metrics.rejected(ErrorCode::Forbidden);
             let frame = ServerFrame::Error {
                 code: ErrorCode::Forbidden,
                 message: "your token does not allow posting in this room",
                 reference: reference.as_deref(),
             }
             .to_text();
-            self.cfg.metrics.rejected(ErrorCode::Forbidden);
-            return self.answer(seq, frame, ctx);
-        }
-        let msg = NewMessage {
-            user: self.user.clone(),
-            name: self.name.clone(),
-            text,
-            reference: reference.clone(),
+            futures_util::future::ready(frame).boxed()
         };
-        let publish = self.bus.publish(&self.room, msg);
-        let done = publish.into_actor(self).map(move |result, session, ctx| {
-            let frame = match result {
-                Ok(p) => ServerFrame::Ack {
-                    reference: reference.as_deref(),
-                    offset: p.offset,
-                }
-                .to_text(),
-                Err(e) => bus_error_frame(&e, reference.as_deref()),
-            };
-            session.answer(seq, frame, ctx);
-        });
+        self.answers.push_back(answer);
         if self.answers.len() >= MAX_PUBLISHES_IN_FLIGHT {
-            // `wait` holds back every other event of this actor, the socket included.
-            ctx.wait(done);
-        } else {
-            ctx.spawn(done);
-        }
-    }
-
-    /// Records the answer to publish number `seq` and writes every answer now in order.
-    fn answer(&mut self, seq: u64, frame: ByteString, ctx: &mut Context<Self>) {
-        if let Some(slot) = seq
-            .checked_sub(self.answered)
-            .and_then(|i| self.answers.get_mut(i as usize))
-        {
-            *slot = Some(frame);
-        }
-        while let Some(Some(frame)) = self.answers.front_mut().map(Option::take) {
-            self.answers.pop_front();
-            self.answered += 1;
-            self.socket.text(frame, ctx);
+            // `wait` holds back every other event of this actor, the socket included, until
+            // answers came back below the cap.
+            ctx.wait(Answers {
+                until_below: Some(MAX_PUBLISHES_IN_FLIGHT),
+            });
+        } else if !self.answering {
+            self.answering = true;
+            ctx.spawn(Answers { until_below: None });
         }
     }
 

@@ -387,6 +387,11 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
+    /// Sends unless the connection is already gone (a server that closed it may reset it).
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.ws.send(Message::text(text)).await.is_ok()
+    }
+
     pub async fn send_json(&mut self, v: Value) {
         self.send_text(&v.to_string()).await;
     }
