@@ -104,6 +104,10 @@ fn idle_reports_memory_per_connection_and_the_frames_to_fill_and_empty_rooms() {
             "3",
             "--hold-secs",
             "0.5",
+            // Closed in batches of 8, so members still open hear the earlier batches leave
+            // (closed all at once, every leave may find nobody left to tell).
+            "--connect-concurrency",
+            "8",
         ],
     );
     assert_eq!(r["connections"]["attached"], 60, "{r:#}");
