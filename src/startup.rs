@@ -397,8 +397,9 @@ impl Caps {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit and returns it.
-fn raise_open_file_limit() -> usize {
+/// Raises the open-file soft limit to the hard limit and returns it (the server at start-up,
+/// and `confab-bench`, which holds as many sockets as the server).
+pub fn raise_open_file_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -60,30 +60,6 @@ pub fn to_json(s: &Sample) -> Value {
     json!({"rss_kib": s.rss_kib, "anon_kib": s.anon_kib, "cpu_secs": s.cpu_secs, "threads": s.threads})
 }
 
-/// Raises the open-file soft limit to the hard limit; returns the limit now in force.
-pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
