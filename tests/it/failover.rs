@@ -249,8 +249,10 @@ async fn a_sentinel_failover_loses_no_acked_message_when_acks_wait_for_a_replica
             // again. Before the promotion it must stay down: an empty master that comes back
             // in time would be synced from.
             comeback = Some(tokio::task::spawn_blocking(move || {
+                // A split vote among the Sentinels retries after 2 × failover-timeout (10 s);
+                // on a loaded machine that can happen twice.
                 wait_until(
-                    Duration::from_secs(30),
+                    Duration::from_secs(60),
                     "the Sentinels promote the replica",
                     || sentinel_master(sentinel) == Some(promoted_port),
                 );

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{free_port, Redis};
+use crate::harness::{free_port, stop_child, Redis};
 
 /// Runs `redis-cli -p port args…` and returns what it printed (trimmed).
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
@@ -78,20 +78,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let end = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.0.take() {
+            stop_child(child);
         }
     }
 }

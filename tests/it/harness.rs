@@ -239,22 +239,51 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let end = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_child(child);
         }
     }
+}
+
+/// Stops a child process of ours: SIGTERM, up to 3 s to exit, then SIGKILL.
+pub fn stop_child(mut child: Child) {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends `count` messages (`{name}-{i}`, ref `{i}`) from `client` back to back, then reads
+/// until every one is acked; an `error` frame or a lost socket fails the test.
+pub fn burst_publisher(client: Client, name: String, count: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (mut tx, mut rx) = client.ws.split();
+        for i in 0..count {
+            let frame = serde_json::json!({"type": "message", "text": format!("{name}-{i}"), "ref": format!("{i}")});
+            tx.send(Message::text(frame.to_string())).await.unwrap();
+        }
+        let mut acks = 0;
+        while acks < count {
+            match tokio::time::timeout(DEADLINE, rx.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_ne!(v["type"], "error", "{name}: {v}");
+                    acks += usize::from(v["type"] == "ack");
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("{name} lost its socket: {other:?}"),
+            }
+        }
+    })
 }
 
 pub struct HttpReply {

@@ -4,12 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::fleet::{redis_cli, RedisCluster};
-use crate::harness::{Client, Server, DEADLINE};
+use crate::harness::{burst_publisher, Client, Server, DEADLINE};
 
 /// Messages each of a room's two publishers (one per replica) sends.
 const EACH: usize = 15;
@@ -34,29 +32,6 @@ fn rooms_over_all_slot_ranges() -> Vec<String> {
         }
     }
     picked.concat()
-}
-
-/// Sends `EACH` messages with refs from `client` and reads until all are acked.
-fn publisher(client: Client, name: String) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let (mut tx, mut rx) = client.ws.split();
-        for i in 0..EACH {
-            let frame = json!({"type":"message","text":format!("{name}-{i}"),"ref":format!("{i}")});
-            tx.send(Message::text(frame.to_string())).await.unwrap();
-        }
-        let mut acks = 0;
-        while acks < EACH {
-            match tokio::time::timeout(DEADLINE, rx.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    assert_ne!(v["type"], "error", "{name}: {v}");
-                    acks += usize::from(v["type"] == "ack");
-                }
-                Ok(Some(Ok(_))) => {}
-                other => panic!("{name} lost its socket: {other:?}"),
-            }
-        }
-    })
 }
 
 /// The next `n` message frames as (offset, text).
@@ -124,8 +99,8 @@ async fn a_redis_cluster_carries_rooms_on_every_master_in_one_order_with_resume_
         presence_until(&mut on_b, &json!(["oa", "ob", "pa", "pb"])).await;
 
         let senders = [
-            publisher(pa, format!("{room}-a")),
-            publisher(pb, format!("{room}-b")),
+            burst_publisher(pa, format!("{room}-a"), EACH),
+            burst_publisher(pb, format!("{room}-b"), EACH),
         ];
         let (va, vb) = tokio::join!(messages(&mut on_a, 2 * EACH), messages(&mut on_b, 2 * EACH));
         for s in senders {
