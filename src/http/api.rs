@@ -274,15 +274,7 @@ fn authorize(req: &HttpRequest, key: &str) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(ApiError::Disabled);
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        // The scheme is case-insensitive (RFC 7235 §2.1).
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
+    match super::bearer(req.headers()) {
         Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
         _ => Err(ApiError::Unauthorized),
     }

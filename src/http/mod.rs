@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use actix::Addr;
+use actix_web::http::header::{self, HeaderMap};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -63,4 +64,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// The JSON error body every endpoint uses: `{"error":{"code","message"}}`.
 fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
+}
+
+/// The credentials of `Authorization: Bearer …`; the scheme is case-insensitive (RFC 7235
+/// §2.1). Used by the HTTP API's key and the WebSocket's token alike.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim())
+}
+
+/// The entries a client offered in `Sec-WebSocket-Protocol` (all headers, comma-separated).
+fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }

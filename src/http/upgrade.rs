@@ -144,11 +144,7 @@ fn route(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>>
 
 /// Whether the client offers confab's subprotocol.
 fn offers_subprotocol(req: &Request) -> bool {
-    req.headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL)
+    super::offered_protocols(req.headers()).any(|p| p == SUBPROTOCOL)
 }
 
 /// Writes a refusal and lets the connection close.

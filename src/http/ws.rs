@@ -288,19 +288,9 @@ fn check(
 /// The token from `Authorization: Bearer`, the `token.<jwt>` subprotocol (what browsers can
 /// send) or `?token=`, in that order.
 fn token<'r>(headers: &'r HeaderMap, query: &'r WsQuery) -> Option<&'r str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let protocol = || {
-        headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX))
-    };
-    bearer
+    let protocol =
+        || super::offered_protocols(headers).find_map(|p| p.strip_prefix(TOKEN_PROTOCOL_PREFIX));
+    super::bearer(headers)
         .or_else(protocol)
         .or(query.token.as_deref())
         .filter(|t| !t.is_empty())

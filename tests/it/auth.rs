@@ -253,6 +253,16 @@ async fn the_token_works_in_each_of_its_three_places_and_names_the_user() {
         .await
         .expect("bearer token");
     assert_eq!(by_header.next().await["user"], "alice");
+    // The scheme is case-insensitive (RFC 7235 §2.1), as the HTTP API already took it.
+    let (mut lower, _) = server
+        .open(
+            "/ws/r",
+            None,
+            &[("Authorization", &format!("bearer {token}"))],
+        )
+        .await
+        .expect("bearer in lower case");
+    assert_eq!(lower.next().await["user"], "alice");
     let protocols = format!("confab.v1, token.{token}");
     let (mut by_protocol, resp) = server
         .open(
