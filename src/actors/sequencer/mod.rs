@@ -320,23 +320,16 @@ impl<H: Outlet> Sequencer<H> {
         let Some(seen) = self.seen.clone() else {
             return;
         };
-        let synced = |(id, m): &(&SessionId, &Member<H>)| {
-            m.syncing.is_none() && only.map_or(true, |o| **id == o)
-        };
         // Members on an epoch the store left behind are told where the room stands.
         let retired = &self.retired;
         let stale: Vec<SessionId> = self
-            .members
-            .iter()
-            .filter(synced)
+            .synced_members(only)
             .filter(|(_, m)| m.epoch.as_ref().is_some_and(|e| retired.contains(e)))
             .map(|(id, _)| *id)
             .collect();
         self.reset(stale, &seen.epoch, seen.offset, out);
         let unknown = self
-            .members
-            .iter()
-            .filter(synced)
+            .synced_members(only)
             .find_map(|(_, m)| m.epoch.clone().filter(|e| *e != seen.epoch));
         if let Some(epoch) = unknown {
             let read = Read {
@@ -347,9 +340,7 @@ impl<H: Outlet> Sequencer<H> {
             return self.start(Step::Read(read), Vec::new(), out);
         }
         let low = self
-            .members
-            .iter()
-            .filter(synced)
+            .synced_members(only)
             .filter(|(_, m)| m.epoch.as_ref() == Some(&seen.epoch))
             .map(|(_, m)| m.delivered)
             .min()
@@ -366,6 +357,19 @@ impl<H: Outlet> Sequencer<H> {
                 floor: 0,
             };
             self.start(Step::Read(read), Vec::new(), out);
+        }
+    }
+
+    /// The synced members, or just `only` (a join looks at its own member, not the whole
+    /// room: filling a room stays O(N)).
+    fn synced_members(
+        &self,
+        only: Option<SessionId>,
+    ) -> Box<dyn Iterator<Item = (&SessionId, &Member<H>)> + '_> {
+        let synced = |(_, m): &(&SessionId, &Member<H>)| m.syncing.is_none();
+        match only {
+            Some(s) => Box::new(self.members.get_key_value(&s).into_iter().filter(synced)),
+            None => Box::new(self.members.iter().filter(synced)),
         }
     }
 
