@@ -50,7 +50,8 @@ fn main() {
     let capacity: usize = flag("--capacity")
         .and_then(|c| c.parse().ok())
         .unwrap_or(1024);
-    raise_nofile();
+    // The same raise as confab's own start-up: the soft open-file limit up to the hard one.
+    let _ = confab::startup::raise_open_file_limit();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
         let listener = TcpListener::bind(&listen).await.expect("bind");
@@ -173,18 +174,4 @@ fn parse_path(path: &str) -> (String, String) {
             .collect()
     };
     (clean(room), clean(user))
-}
-
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

@@ -306,11 +306,6 @@ impl MemoryBus {
         }
     }
 
-    /// Rooms held, for tests.
-    pub fn rooms_held(&self) -> usize {
-        self.lock().map_or(0, |s| s.rooms.len())
-    }
-
     fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
         self.state
             .lock()

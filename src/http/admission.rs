@@ -64,7 +64,9 @@ impl Admission {
         self.max
     }
 
-    pub fn open(&self) -> usize {
+    /// Sessions admitted now, for tests (`confab_sessions_open` is the metric).
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 

@@ -337,7 +337,11 @@ async fn publish(
     let total = ((job.warmup + job.step_len).as_secs_f64() * job.rate).round() as u64;
     let measure_from = job.start_ns + job.warmup.as_nanos() as u64;
     let mut out = Sent::default();
-    let mut ticker = tokio::time::interval(job.tick);
+    // No faster than one message is due: a slow publisher (the `rooms` scenario's 1 msg/s)
+    // must not wake every `--tick-ms` and take CPU from the server it measures. Due times are
+    // absolute, so the schedule stays open-loop either way.
+    let tick = job.tick.max(Duration::from_secs_f64(1.0 / job.rate));
+    let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sink = sink.lock().await;
     while out.all < total {

@@ -320,6 +320,7 @@ impl RedisBus {
         );
         for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
             let keys = self.presence_keys(&room);
+            let room_keys = self.keys(&room);
             let (head, middle, tail) = leave_template(&room);
             let gone: Vec<String> = self
                 .presence
@@ -330,11 +331,11 @@ impl RedisBus {
                         keys.users.clone(),
                         keys.node(node),
                         keys.holders.clone(),
-                        self.keys(&room).meta,
+                        room_keys.meta,
                     ],
                     vec![
                         node.to_owned(),
-                        self.keys(&room).channel,
+                        room_keys.channel,
                         head,
                         middle,
                         tail,
