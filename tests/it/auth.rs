@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::harness::{Ending, Server};
+use crate::harness::{run_confab, Ending, Server};
 
 const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
@@ -361,16 +361,6 @@ async fn a_session_is_closed_with_4001_when_its_token_expires() {
     assert_eq!(ending, Ending::Closed(4001));
 }
 
-fn confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(args)
-        .env_remove("CONFAB_CONFIG")
-        .env_remove("CONFAB_AUTH__JWT_SECRET")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run confab")
-}
-
 #[tokio::test]
 async fn confab_token_prints_a_token_the_server_accepts() {
     let env = [
@@ -378,7 +368,7 @@ async fn confab_token_prints_a_token_the_server_accepts() {
         ("CONFAB_AUTH__AUDIENCE", "chat"),
         ("CONFAB_AUTH__ISSUER", "corp"),
     ];
-    let out = confab(
+    let out = run_confab(
         &[
             "token",
             "--sub",
@@ -406,7 +396,7 @@ async fn confab_token_prints_a_token_the_server_accepts() {
     team.send_text("hello").await;
     assert_eq!(team.next_of("message").await["name"], "Bob");
 
-    let out = confab(&["token", "--sub", "bob"], &[]);
+    let out = run_confab(&["token", "--sub", "bob"], &[]);
     assert!(!out.status.success(), "no secret: non-zero exit");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auth.jwt_secret"), "names the setting: {err}");
@@ -431,7 +421,7 @@ async fn the_page_learns_whether_a_token_is_needed_and_anonymous_mode_warns() {
 
 #[test]
 fn an_unreadable_public_key_file_stops_start_up_naming_the_key() {
-    let out = confab(
+    let out = run_confab(
         &["--listen", "127.0.0.1:0"],
         &[("CONFAB_AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
     );

@@ -182,7 +182,9 @@ impl Server {
 
     /// The HTTP status a WebSocket upgrade to `path` is refused with.
     pub async fn refused_status(&self, path: &str) -> u16 {
-        match tokio_tungstenite::connect_async(self.url(path)).await {
+        let attempt =
+            tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(self.url(path)));
+        match attempt.await.expect("an answer in time") {
             Ok(_) => panic!("upgrade to {path} should have been refused"),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
             Err(e) => panic!("unexpected error for {path}: {e}"),
@@ -241,6 +243,38 @@ impl Drop for Server {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
             stop_child(child);
+        }
+    }
+}
+
+/// Runs the confab binary to completion (a subcommand, or a start-up meant to be refused)
+/// with only the given `CONFAB_*` settings; a run that has not ended within 30 s is killed
+/// and fails the test, so a start-up that should have been refused cannot hang the suite.
+pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CONFAB_")) {
+        cmd.env_remove(k);
+    }
+    let child = cmd
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run confab");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("confab's output"),
+        Err(_) => {
+            // SAFETY: killing our own child, which has not been reaped (its waiter is blocked).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("confab {args:?} did not finish within 30 s");
         }
     }
 }

@@ -1,9 +1,8 @@
 //! Process-level behaviour: health, the page, settings errors, Origin policy, drain.
 
-use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{eventually, Ending, Server, DEADLINE};
+use crate::harness::{eventually, run_confab, Ending, Server, DEADLINE};
 
 #[tokio::test]
 async fn health_and_readiness_answer_200_when_running() {
@@ -91,18 +90,9 @@ async fn the_echo_endpoint_is_off_unless_enabled() {
     assert_eq!(c.next().await["not"], "parsed");
 }
 
-fn confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
-    cmd.args(args).env_remove("CONFAB_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run confab")
-}
-
 #[test]
 fn bad_settings_stop_start_up_naming_the_key() {
-    let out = confab(
+    let out = run_confab(
         &["--listen", "127.0.0.1:0"],
         &[("CONFAB_LIMITS__BURTS", "3")],
     );
@@ -110,7 +100,7 @@ fn bad_settings_stop_start_up_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("limits.burts"), "{err}");
 
-    let out = confab(
+    let out = run_confab(
         &["--listen", "127.0.0.1:0"],
         &[("CONFAB_HISTORY__SIZE", "many")],
     );
@@ -121,7 +111,7 @@ fn bad_settings_stop_start_up_naming_the_key() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.toml");
     std::fs::write(&file, "[websocket]\nping_interval = 5\n").unwrap();
-    let out = confab(&["serve", "--config", file.to_str().unwrap()], &[]);
+    let out = run_confab(&["serve", "--config", file.to_str().unwrap()], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("websocket.ping_interval"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -129,7 +119,7 @@ fn bad_settings_stop_start_up_naming_the_key() {
 
 #[test]
 fn config_prints_the_effective_settings() {
-    let out = confab(
+    let out = run_confab(
         &["config", "--listen", "127.0.0.1:9999"],
         &[("CONFAB_HISTORY__SIZE", "7")],
     );
@@ -141,7 +131,7 @@ fn config_prints_the_effective_settings() {
 
 #[test]
 fn help_explains_the_settings_layers() {
-    let out = confab(&["--help"], &[]);
+    let out = run_confab(&["--help"], &[]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
