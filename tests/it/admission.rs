@@ -3,7 +3,7 @@
 //! handshakes cut without taking a session slot, a reserve of descriptors at the cap, and
 //! rooms without messages leaving no state behind.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -65,18 +65,9 @@ async fn x_forwarded_for_is_believed_only_from_a_trusted_proxy() {
         )
         .await
         .unwrap();
-    let refused = server
-        .open(
-            "/ws/r",
-            Some("127.0.0.1"),
-            &[("X-Forwarded-For", "10.0.0.2")],
-        )
-        .await
-        .err()
-        .map(|(code, _)| code);
     assert_eq!(
-        refused,
-        Some(429),
+        status(&server, "127.0.0.1", &[("X-Forwarded-For", "10.0.0.2")]).await,
+        429,
         "a spoofed header does not make a new client"
     );
     // 127.0.0.2 is the trusted proxy: each forwarded client counts on its own.
@@ -96,18 +87,9 @@ async fn x_forwarded_for_is_believed_only_from_a_trusted_proxy() {
         )
         .await
         .expect("second client behind the proxy (rightmost entry counts)");
-    let refused = server
-        .open(
-            "/ws/r",
-            Some("127.0.0.2"),
-            &[("X-Forwarded-For", "10.0.0.5")],
-        )
-        .await
-        .err()
-        .map(|(code, _)| code);
     assert_eq!(
-        refused,
-        Some(429),
+        status(&server, "127.0.0.2", &[("X-Forwarded-For", "10.0.0.5")]).await,
+        429,
         "the first forwarded client is at its cap"
     );
 }
@@ -150,7 +132,6 @@ async fn unfinished_handshakes_are_cut_and_hold_no_session_slot() {
         .open("/ws/r", None, &[])
         .await
         .expect("second session");
-    let started = Instant::now();
     for mut s in stalled {
         let mut buf = [0u8; 1024];
         // The server answers 408 and closes, or just closes: either way the read ends.
@@ -166,7 +147,6 @@ async fn unfinished_handshakes_are_cut_and_hold_no_session_slot() {
             .await
             .expect("an unfinished handshake is cut");
     }
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test]
@@ -240,12 +220,6 @@ async fn rooms_without_messages_leave_no_redis_keys_behind() {
     kept.close().await;
     // A quiet room whose member stays keeps its epoch past the empty-room TTL.
     let (_quiet, welcome) = server.join("/ws/quiet").await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (_second, again) = server.join("/ws/quiet").await;
-    assert_eq!(
-        welcome["epoch"], again["epoch"],
-        "an occupied room keeps its epoch"
-    );
     eventually(
         Duration::from_secs(15),
         "scanned rooms are gone from Redis",
@@ -255,6 +229,18 @@ async fn rooms_without_messages_leave_no_redis_keys_behind() {
         },
     )
     .await;
+    // The scanned rooms outlived their 1 s; the occupied quiet room lives as long as history.
+    let ttl = redis.cmd(&["TTL", "empty:{quiet}:meta"]).await;
+    let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!(
+        ttl > 60,
+        "an occupied empty room keeps the history TTL: {ttl}"
+    );
+    let (_second, again) = server.join("/ws/quiet").await;
+    assert_eq!(
+        welcome["epoch"], again["epoch"],
+        "an occupied room keeps its epoch"
+    );
     let talked = redis.cmd(&["KEYS", "empty:{talked}:*"]).await;
     assert!(
         talked.contains("meta") && talked.contains("history"),
