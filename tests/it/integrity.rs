@@ -358,6 +358,14 @@ async fn many_senders_and_members_joining_mid_stream_cause_no_reset_and_lose_not
         late.drain(..)
             .map(|(c, w)| (c, w["offset"].as_u64().unwrap())),
     );
+    // What the test is about: some member joined while the traffic ran, not before or after.
+    assert!(
+        members[1..]
+            .iter()
+            .any(|(_, from)| *from > 0 && *from < total),
+        "a late member joined mid-stream: {:?}",
+        members.iter().map(|(_, f)| f).collect::<Vec<_>>()
+    );
     for (member, from) in &mut members {
         let mut next = *from + 1;
         while next <= total {
