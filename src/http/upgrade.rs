@@ -62,11 +62,11 @@ pub async fn serve(
     mut framed: Framed<TcpStream, Codec>,
     state: web::Data<AppState>,
 ) -> Result<(), UpgradeError> {
-    let accepted = route(&req, &state).and_then(|accepted| {
-        actix_http::ws::verify_handshake(req.head())
-            .map(|()| accepted)
-            .map_err(Response::from)
-    });
+    // A malformed handshake is refused before the checks: it costs no token check and no
+    // session slot.
+    let accepted = actix_http::ws::verify_handshake(req.head())
+        .map_err(Response::from)
+        .and_then(|()| route(&req, &state));
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(response) => return refuse(response, &mut framed).await,

@@ -120,7 +120,8 @@ impl From<Refused> for Refusal {
 pub async fn upgrade(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let room = req.match_info().get("room").unwrap_or_default();
     let query = req.query_string();
-    match accept(req.headers(), req.peer_addr(), room, query, &state) {
+    // The same answers as an upgrade would get, but no session slot: none will be used.
+    match validate(req.headers(), req.peer_addr(), room, query, &state) {
         Ok(_) => not_an_upgrade(&req),
         Err(refusal) => refusal.response(),
     }
@@ -155,8 +156,23 @@ pub fn echo_disabled() -> HttpResponse {
     )
 }
 
-/// Every check of a session request on `/ws/{room}`, then a slot under the connection caps:
-/// the session to start, or the refusal to answer with (counted in the metrics).
+/// Every check of a session request on `/ws/{room}`: the request and the client's address,
+/// or the refusal to answer with (counted in the metrics).
+fn validate(
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    room: &str,
+    query: &str,
+    state: &AppState,
+) -> Result<(SessionRequest, IpAddr), Refusal> {
+    web::Query::<WsQuery>::from_query(query)
+        .map_err(|e| Refusal::bad(format!("bad query string: {e}")))
+        .and_then(|query| check(headers, peer, room, &query, state))
+        .inspect_err(|refusal| state.metrics.refused(refusal.metric))
+}
+
+/// [`validate`], then a slot under the connection caps: the session to start, or the refusal
+/// to answer with (counted in the metrics).
 pub fn accept(
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
@@ -164,16 +180,7 @@ pub fn accept(
     query: &str,
     state: &AppState,
 ) -> Result<(SessionRequest, Slot), Refusal> {
-    let checked = web::Query::<WsQuery>::from_query(query)
-        .map_err(|e| Refusal::bad(format!("bad query string: {e}")))
-        .and_then(|query| check(headers, peer, room, &query, state));
-    let (request, client) = match checked {
-        Ok(r) => r,
-        Err(refusal) => {
-            state.metrics.refused(refusal.metric);
-            return Err(refusal);
-        }
-    };
+    let (request, client) = validate(headers, peer, room, query, state)?;
     match state.admission.admit(client) {
         Ok(slot) => Ok((request, slot)),
         Err(refused) => {
