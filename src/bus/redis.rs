@@ -24,6 +24,7 @@
 //! Channel `P:room:R` carries JSON envelopes `{"kind","epoch"?,"offset"?,"user"?,"frame"}`
 //! whose `frame` is the client frame as is.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +91,8 @@ pub struct RedisBus {
     /// `None` while subscribed; else why the replica is not ready.
     not_ready: Mutex<Option<String>>,
     publish: Script,
+    /// A script reload after `NOSCRIPT` is running.
+    reloading: AtomicBool,
     read: Script,
     renew: Script,
     presence: Presence,
@@ -148,6 +151,7 @@ impl RedisBus {
             lease: Duration::from_secs(settings.redis.presence_lease_secs),
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             publish: Script::from_lua(PUBLISH_LUA),
+            reloading: AtomicBool::new(false),
             read: Script::from_lua(READ_LUA),
             renew: Script::from_lua(RENEW_LUA),
             presence: Presence::new(),
@@ -360,7 +364,13 @@ impl Bus for Arc<RedisBus> {
                     // a retry would land after them. The client's retry (same `ref`) is a new
                     // send. Redis lost its scripts (a restart the bridge has not seen yet):
                     // load them again for the next calls.
-                    tokio::spawn(async move { bus.load_scripts().await });
+                    // One reload at a time: a burst of publishes in flight all fail alike.
+                    if !bus.reloading.swap(true, Ordering::AcqRel) {
+                        tokio::spawn(async move {
+                            bus.load_scripts().await;
+                            bus.reloading.store(false, Ordering::Release);
+                        });
+                    }
                     return BusError::Unavailable(
                         "Redis is loading confab's scripts; try again".into(),
                     );
