@@ -54,9 +54,8 @@ pub enum Request {
     },
 }
 
-/// The `code` of an `error` frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// The `code` of an `error` frame (and of the HTTP refusals that share its meaning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
     TooLong,
@@ -77,6 +76,13 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
+    }
+}
+
+/// Written as [`ErrorCode::as_str`]: one spelling of each code, on the wire and in metrics.
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

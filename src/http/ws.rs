@@ -18,7 +18,7 @@ use crate::auth::{AuthError, Identity};
 use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 use crate::metrics;
 use crate::net::{client_addr, Cidr};
-use crate::protocol::MAX_HISTORY_LIMIT;
+use crate::protocol::{ErrorCode, MAX_HISTORY_LIMIT};
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -58,7 +58,7 @@ impl Refusal {
     fn bad(message: String) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest.as_str(),
             message,
             metrics::Refusal::BadRequest,
         )
@@ -95,19 +95,19 @@ impl From<Refused> for Refusal {
         match r {
             Refused::TooFast => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited.as_str(),
                 "too many connection attempts from this address; retry in a second".into(),
                 metrics::Refusal::TooFast,
             ),
             Refused::PerIp => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited.as_str(),
                 "this address holds limits.max_connections_per_ip sessions already".into(),
                 metrics::Refusal::PerIp,
             ),
             Refused::Full => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable.as_str(),
                 "this replica is at its connection limit".into(),
                 metrics::Refusal::Cap,
             ),
@@ -141,7 +141,7 @@ fn not_an_upgrade(req: &HttpRequest) -> HttpResponse {
         Err(e) => e.error_response(),
         Ok(()) => error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest.as_str(),
             "this request was not upgraded",
         ),
     }
@@ -212,7 +212,7 @@ fn check(
     if state.draining.load(Ordering::Acquire) {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable.as_str(),
             "this replica is shutting down; reconnect to another".into(),
             metrics::Refusal::Draining,
         ));
@@ -226,7 +226,7 @@ fn check(
         if !allowed {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                ErrorCode::Forbidden.as_str(),
                 "this Origin is not allowed".into(),
                 metrics::Refusal::Origin,
             ));
@@ -247,7 +247,7 @@ fn check(
             if !identity.may_join(&room) {
                 return Err(Refusal::new(
                     StatusCode::FORBIDDEN,
-                    "forbidden",
+                    ErrorCode::Forbidden.as_str(),
                     format!("this token does not allow room `{room}`"),
                     metrics::Refusal::Room,
                 ));
