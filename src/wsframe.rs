@@ -76,12 +76,11 @@ impl Assembler {
             Frame::Pong(data) => Message::Pong(data),
             Frame::Close(reason) => Message::Close(reason),
         };
-        self.push(Ok(message))
+        self.push(message)
     }
 
     /// Feeds one whole-frame message.
-    pub fn push(&mut self, item: Result<Message, ProtocolError>) -> Result<Inbound, Fail> {
-        let msg = item.map_err(map_protocol_error)?;
+    fn push(&mut self, msg: Message) -> Result<Inbound, Fail> {
         match msg {
             Message::Text(text) => Ok(Inbound::Text(text)),
             Message::Binary(data) => Ok(Inbound::Binary(data)),
@@ -163,13 +162,11 @@ fn map_protocol_error(e: ProtocolError) -> Fail {
     match e {
         ProtocolError::Overflow => Fail::with(CloseCode::Size, "message too big"),
         ProtocolError::Io(io) => {
-            // The codec reports reserved bits as an I/O error (and some readers an invalid
-            // UTF-8 text frame, carrying the Utf8Error text). Anything else is the transport
-            // breaking, where no close frame can be delivered.
+            // The codec reports reserved bits as an I/O error (UTF-8 is checked by
+            // `push_frame`). Anything else is the transport breaking, where no close frame
+            // can be delivered.
             let text = io.to_string();
-            if text.contains("utf-8") {
-                Fail::with(CloseCode::Invalid, "invalid UTF-8 in text message")
-            } else if text.contains("reserved bits") {
+            if text.contains("reserved bits") {
                 Fail::with(CloseCode::Protocol, "reserved bits set")
             } else {
                 Fail {
@@ -187,7 +184,7 @@ mod tests {
     use super::*;
 
     fn feed(a: &mut Assembler, m: Message) -> Result<Inbound, Fail> {
-        a.push(Ok(m))
+        a.push(m)
     }
 
     fn cont(item: Item) -> Message {
@@ -277,16 +274,14 @@ mod tests {
     #[test]
     fn codec_errors_map_to_close_codes() {
         let mut a = Assembler::new(100);
-        let e = a.push(Err(ProtocolError::Overflow)).unwrap_err();
+        let e = a.push_frame(Err(ProtocolError::Overflow)).unwrap_err();
         assert_eq!(e.code, Some(CloseCode::Size));
         let e = a
-            .push(Err(ProtocolError::ContinuationNotStarted))
+            .push_frame(Err(ProtocolError::ContinuationNotStarted))
             .unwrap_err();
         assert_eq!(e.code, Some(CloseCode::Protocol));
-        let bad = vec![0xffu8];
-        let utf8 = std::str::from_utf8(&bad).unwrap_err();
-        let io = std::io::Error::other(utf8.to_string());
-        let e = a.push(Err(ProtocolError::Io(io))).unwrap_err();
+        let bad = Frame::Text(bytes::Bytes::from_static(&[0xff]));
+        let e = a.push_frame(Ok(bad)).unwrap_err();
         assert_eq!(e.code, Some(CloseCode::Invalid));
     }
 }
