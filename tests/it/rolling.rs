@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fleet::Haproxy;
-use crate::harness::{free_port, Ending, Redis, Server, DEADLINE};
+use crate::harness::{eventually, free_port, Ending, Redis, Server, DEADLINE};
 
 const KEY: &str = "k-rolling";
 const ROOM: &str = "roll";
@@ -389,43 +389,57 @@ async fn a_clean_drain_gives_up_the_presence_lease_at_once() {
 async fn sessions_that_open_while_the_drain_begins_are_closed_with_1001_or_refused() {
     let mut server = Server::start(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "2")]);
     let addr = server.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Clients keep opening sessions around the signal; each is either refused (503) or
-    // admitted, and every admitted one must be closed with 1001 before the process exits.
+    let opened = Arc::new(AtomicUsize::new(0));
+    // Clients keep opening sessions until the drain refuses them: each is either refused
+    // (503) or admitted, and every admitted one must be closed with 1001 before the process
+    // exits. An opener ends only at its first 503 (or a broken connection, or its cap).
     let openers: Vec<_> = (0..4)
         .map(|n| {
-            let stop = Arc::clone(&stop);
+            let opened = Arc::clone(&opened);
             tokio::spawn(async move {
                 let mut admitted = Vec::new();
-                for i in 0..200 {
-                    if stop.load(Ordering::Acquire) {
-                        break;
-                    }
+                let mut refused = false;
+                for i in 0..5000 {
                     let url = format!("ws://{addr}/ws/d?user=u{n}-{i}");
                     match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
                         .await
                     {
-                        Ok(Ok((ws, _))) => admitted.push(crate::harness::Client { ws }),
+                        Ok(Ok((ws, _))) => {
+                            admitted.push(crate::harness::Client { ws });
+                            opened.fetch_add(1, Ordering::AcqRel);
+                        }
                         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
                             assert_eq!(resp.status().as_u16(), 503);
+                            refused = true;
                             break;
                         }
                         Ok(Err(_)) | Err(_) => break,
                     }
                 }
-                admitted
+                (admitted, refused)
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The signal comes while every opener is busy opening.
+    eventually(DEADLINE, "sessions are being opened", || async {
+        opened.load(Ordering::Acquire) >= 8
+    })
+    .await;
     server.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
     let mut sessions = Vec::new();
+    let mut refused = 0;
     for o in openers {
-        sessions.extend(o.await.unwrap());
+        let (admitted, was_refused) = tokio::time::timeout(DEADLINE, o)
+            .await
+            .expect("openers stop once the drain refuses them")
+            .unwrap();
+        sessions.extend(admitted);
+        refused += usize::from(was_refused);
     }
-    assert!(!sessions.is_empty());
+    assert!(
+        refused > 0,
+        "openings went on into the drain and were refused with 503"
+    );
     let count = sessions.len();
     for mut s in sessions {
         let (ending, _) = s.ending(DEADLINE).await;
