@@ -23,30 +23,7 @@ FANOUT_MEMBERS=${FANOUT_MEMBERS:-1000}
 FANOUT_RATES=${FANOUT_RATES:-250,500,750,1000,1500,2000,3000,4000}
 SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    return 1
-}
-PIDS=()
-stop() {
-    # SIGTERM, then SIGKILL after 5 s: only the processes this script started.
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-cleanup() { for p in "${PIDS[@]}"; do stop "$p"; done; }
-trap cleanup EXIT
-
-# Load settings: no per-address limits (every client is on 127.0.0.x), no message rate limit.
-export CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP=0 CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
-    CONFAB_LIMITS__MESSAGES_PER_SEC=10000000 CONFAB_LIMITS__BURST=10000000 \
-    CONFAB_SERVER__SHUTDOWN_GRACE_SECS=1 RUST_LOG=warn
+. scripts/bench-lib.sh
 
 { date -u; nproc; grep -m1 'model name' /proc/cpuinfo; uptime; redis-server --version; } >"$OUT/machine.txt"
 

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# One room of 5,000 idle members: frames to fill and to empty, join limit on (default) vs off.
-# Usage: BIN=<dir with release confab and confab-bench> scripts/bench-joins.sh  (JSON in /tmp/joins-*.json)
-set -u
+# One room of 5,000 idle members: frames to fill and to empty, with the join limit on (the
+# default, 100) and off (10⁹, the behaviour before it), same binary.
+#
+#   BIN=<dir with release confab and confab-bench> scripts/bench-joins.sh [OUT_DIR]
+#
+# Writes joins-<limit>.json (table in joins-<limit>.txt) to OUT_DIR; stops what it started.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 B=${BIN:-target/release}
+OUT=${1:-$(mktemp -d /tmp/confab-joins.XXXXXX)}
+mkdir -p "$OUT"
+. scripts/bench-lib.sh
+
 for limit in 100 1000000000; do
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP=0 CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
-  CONFAB_LIMITS__JOIN_EVENTS_MAX_MEMBERS=$limit RUST_LOG=warn \
-    $B/confab --listen 127.0.0.1:$port > /tmp/joins-$limit.log 2>&1 &
-  pid=$!
-  sleep 1
-  $B/confab-bench --url ws://127.0.0.1:$port --source 127.0.0.2,127.0.0.3 --pid $pid --progress-secs 0 \
-    idle --connections 5000 --rooms 1 --hold-secs 2 --json > /tmp/joins-$limit.json 2> /tmp/joins-$limit.err
-  echo "limit=$limit exit=$?"
-  kill $pid; wait $pid 2>/dev/null
+    port=$(free_port)
+    CONFAB_LIMITS__JOIN_EVENTS_MAX_MEMBERS=$limit "$B/confab" --listen "127.0.0.1:$port" \
+        >"$OUT/confab-$limit.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_port "$port"
+    status=0
+    "$B/confab-bench" --url "ws://127.0.0.1:$port" --source 127.0.0.2,127.0.0.3 --pid "$pid" \
+        --progress-secs 0 idle --connections 5000 --rooms 1 --hold-secs 2 --json \
+        >"$OUT/joins-$limit.json" 2>"$OUT/joins-$limit.txt" || status=$?
+    echo "limit=$limit: confab-bench exit $status"
+    stop "$pid"
 done
+echo "results in $OUT"

@@ -25,8 +25,10 @@ CONFAB_SERVER__SHUTDOWN_GRACE_SECS=1 CONFAB_SERVER__NODE_ID="profile-$PORT" RUST
     "$CONFAB" --listen "127.0.0.1:$PORT" 2>"$OUT/valgrind.log" &
 PID=$!
 trap 'kill -KILL $PID 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
+for i in $(seq 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    kill -0 "$PID" 2>/dev/null || { echo "valgrind/confab exited; see $OUT/valgrind.log" >&2; exit 1; }
+    [ "$i" -lt 600 ] || { echo "confab under valgrind never listened on $PORT" >&2; exit 1; }
     sleep 0.1
 done
 
@@ -34,10 +36,15 @@ done
 "$BENCH" --url "ws://127.0.0.1:$PORT" --source 127.0.0.2,127.0.0.3 --pid "$PID" --json \
     --progress-secs 10 --connect-timeout 120 --connect-concurrency 16 --max-secs 900 \
     idle --connections "$N" --rooms "$ROOMS" --hold-secs 5 --close false \
-    >"$OUT/idle.json" 2>"$OUT/idle.txt"
+    >"$OUT/idle.json" 2>"$OUT/idle.txt" \
+    || echo "confab-bench failed (see $OUT/idle.txt); the profile is still written" >&2
 sed -n '/^== confab-bench/,$p' "$OUT/idle.txt"
 
 kill -TERM "$PID"
 for _ in $(seq 1200); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$PID" 2>/dev/null; then
+    echo "valgrind did not finish writing $OUT/dhat.out within 120 s" >&2
+    exit 1
+fi
 trap - EXIT
 python3 scripts/dhat-top.py "$OUT/dhat.out" --connections "$N" --top 40 | tee "$OUT/top.md"
