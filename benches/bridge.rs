@@ -135,7 +135,7 @@ const MODERN_ENV: &[(&str, &str)] = &[
 
 /// Starts a replica on the Redis at `redis_port`, or on the embedded bus when `None`.
 fn start_replica(redis_port: Option<u16>, node: &str) -> (Proc, String) {
-    for skip in [0, 2, MODERN_ENV.len()] {
+    for skip in 0..=MODERN_ENV.len() {
         if let Some(started) = spawn_replica(redis_port, node, &MODERN_ENV[skip..]) {
             return started;
         }
