@@ -397,50 +397,37 @@ impl Handler<Drain> for Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::actors::member::{Deliver, Outbound, Pending};
+    use crate::actors::member::{InboxReader, Outbound};
     use crate::bus::memory::MemoryBus;
 
-    /// Stands in for a session: records what the room or hub sends it.
-    struct Collector(Arc<Mutex<Vec<Outbound>>>);
-
-    impl Actor for Collector {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<Deliver> for Collector {
-        type Result = ();
-        fn handle(&mut self, Deliver(out): Deliver, _: &mut Context<Self>) {
-            self.0.lock().unwrap().push(out);
-        }
-    }
-
-    fn join(session: SessionId, seen: &Arc<Mutex<Vec<Outbound>>>) -> Connect {
+    /// Stands in for a session: its inbox, read by the test.
+    fn join(session: SessionId, inbox: &InboxReader) -> Connect {
         let limits = QueueLimits {
             frames: 64,
             bytes: 1 << 20,
         };
-        let member = MemberHandle::new(
-            Collector(Arc::clone(seen)).start().recipient(),
-            Arc::new(Pending::default()),
-            limits,
-        );
         Connect {
             room: RoomName::parse("lobby").unwrap(),
             join: Join {
                 session,
                 user: UserId::parse(&format!("u{session}")).unwrap(),
-                member,
+                member: inbox.handle(limits),
                 resume: None,
                 history: 0,
             },
         }
     }
 
-    fn closed_with(seen: &Arc<Mutex<Vec<Outbound>>>) -> Option<u16> {
-        seen.lock().unwrap().iter().find_map(|o| match o {
+    /// Reads what arrived and keeps it in `seen`.
+    fn read(inbox: &mut InboxReader, seen: &mut Vec<Outbound>) {
+        seen.extend(std::iter::from_fn(|| {
+            inbox.next(futures_util::task::noop_waker_ref())
+        }));
+    }
+
+    fn closed_with(seen: &[Outbound]) -> Option<u16> {
+        seen.iter().find_map(|o| match o {
             Outbound::Close { code, .. } => Some(*code),
             _ => None,
         })
@@ -460,7 +447,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new().unwrap());
         let hub = Hub::new(bus, directory, Vec::new(), limits, usize::MAX, metrics).start();
-        let before = Arc::new(Mutex::new(Vec::new()));
+        let (mut before, mut before_seen) = (InboxReader::new(), Vec::new());
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);
 
@@ -470,7 +457,7 @@ mod tests {
         .await
         .unwrap();
         // Admitted just before the drain (its upgrade was checked before), attached after.
-        let late = Arc::new(Mutex::new(Vec::new()));
+        let (mut late, mut late_seen) = (InboxReader::new(), Vec::new());
         hub.send(join(2, &late)).await.unwrap();
         assert_eq!(
             hub.send(SessionCount).await.unwrap(),
@@ -479,17 +466,19 @@ mod tests {
         );
 
         let end = std::time::Instant::now() + Duration::from_secs(5);
-        while (closed_with(&before).is_none() || closed_with(&late).is_none())
-            && std::time::Instant::now() < end
-        {
+        loop {
+            read(&mut before, &mut before_seen);
+            read(&mut late, &mut late_seen);
+            let closed = closed_with(&before_seen).is_some() && closed_with(&late_seen).is_some();
+            if closed || std::time::Instant::now() > end {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(closed_with(&before), Some(CLOSE_GOING_AWAY));
-        assert_eq!(closed_with(&late), Some(CLOSE_GOING_AWAY));
+        assert_eq!(closed_with(&before_seen), Some(CLOSE_GOING_AWAY));
+        assert_eq!(closed_with(&late_seen), Some(CLOSE_GOING_AWAY));
         assert!(
-            !late
-                .lock()
-                .unwrap()
+            !late_seen
                 .iter()
                 .any(|o| matches!(o, Outbound::Welcome { .. })),
             "the late session gets no welcome, only the close"

@@ -20,7 +20,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use super::hub::{Connect, Disconnect, Hub};
-use super::member::{Deliver, MemberHandle, Outbound, Pending, QueueLimits};
+use super::member::{InboxReader, Outbound, QueueLimits};
 use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
@@ -131,7 +131,8 @@ pub struct Session {
     last_heard: Instant,
     /// Client text frames that arrived before the welcome; `None` once welcomed.
     held: Option<Vec<ByteString>>,
-    pending: Arc<Pending>,
+    /// What the room sends this session, drained by [`Deliveries`].
+    inbox: InboxReader,
     /// Answers (ack or error) to the publishes in flight, in the order they were sent, so
     /// acks arrive in send order too. One queue driven by one future ([`Answers`]): a wake-up
     /// of this actor polls only the publishes that made progress, not every one in flight.
@@ -174,7 +175,7 @@ impl Session {
                 violations: 0,
                 last_heard: now,
                 held: Some(Vec::new()),
-                pending: Arc::new(Pending::default()),
+                inbox: InboxReader::new(),
                 answers: FuturesOrdered::new(),
                 answering: false,
                 cfg,
@@ -397,8 +398,6 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Room sends are bounded by `pending`; the mailbox only needs room for the close.
-        ctx.set_mailbox_capacity(self.cfg.session_queue + 16);
         self.cfg.metrics.sessions_open.inc();
         if let Some(expires) = self.expires {
             // Closed at expiry plus the leeway the token check allowed; a client that wants
@@ -438,6 +437,7 @@ impl Actor for Session {
                 );
             }
             session.socket.ping(b"", ctx);
+            session.inbox.trim();
         });
         log::info!(
             "session={} room={} user={} connected",
@@ -449,8 +449,8 @@ impl Actor for Session {
             frames: self.cfg.session_queue,
             bytes: self.cfg.session_queue_bytes,
         };
-        let member =
-            MemberHandle::new(ctx.address().recipient(), Arc::clone(&self.pending), limits);
+        let member = self.inbox.handle(limits);
+        ctx.spawn(Deliveries);
         self.hub.do_send(Connect {
             room: self.room.clone(),
             join: Join {
@@ -502,11 +502,33 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
     }
 }
 
-impl Handler<Deliver> for Session {
-    type Result = ();
+/// Writes what the room puts in the session's inbox, for the life of the session. Pauses
+/// while the socket is backpressured (the socket's `ctx.wait`), so the room's counts stay the
+/// backlog; actix polls it again once the wait is over.
+struct Deliveries;
 
-    fn handle(&mut self, Deliver(out): Deliver, ctx: &mut Self::Context) {
-        self.pending.written(out.bytes());
+impl ActorFuture<Session> for Deliveries {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        session: &mut Session,
+        ctx: &mut Context<Session>,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        while let Some(out) = session.inbox.next(task.waker()) {
+            session.deliver(out, ctx);
+            if ctx.waiting() {
+                session.inbox.settle_now();
+                break;
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Session {
+    fn deliver(&mut self, out: Outbound, ctx: &mut Context<Self>) {
         match out {
             Outbound::Welcome {
                 epoch,
