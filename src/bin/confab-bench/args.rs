@@ -165,6 +165,19 @@ pub struct TrafficArgs {
     /// Milliseconds between a publisher's send ticks (it sends what is due at each tick).
     #[arg(long, default_value_t = 2)]
     pub tick_ms: u64,
+    /// Where a message's latency starts: `sent`, when the publisher wrote it (what the
+    /// server and the network took), or `due`, its scheduled time (adds how late the bench's
+    /// own timer sent it: up to `--tick-ms` plus a millisecond of timer rounding). Either
+    /// way the schedule is open-loop and the report gives the latest send (`send lag`).
+    #[arg(long, value_enum, default_value_t = LatencyFrom::Sent)]
+    pub latency_from: LatencyFrom,
+}
+
+/// See [`TrafficArgs::latency_from`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LatencyFrom {
+    Sent,
+    Due,
 }
 
 /// Traffic settings after the scenario's defaults are filled in.
@@ -182,6 +195,7 @@ pub struct Traffic {
     pub pad: usize,
     pub stalled: usize,
     pub tick: Duration,
+    pub latency_from: LatencyFrom,
     /// `cross`: publishers on the first URL, the other members on the rest.
     pub cross: bool,
 }
@@ -211,6 +225,7 @@ impl TrafficArgs {
             pad: self.pad,
             stalled: self.stalled,
             tick: Duration::from_millis(self.tick_ms.max(1)),
+            latency_from: self.latency_from,
             cross: scenario == "cross",
         };
         if t.rooms == 0 || t.members == 0 {

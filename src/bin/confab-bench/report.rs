@@ -120,7 +120,11 @@ pub fn table(r: &Value) -> String {
         }
     }
     if let Some(steps) = r["steps"].as_array() {
-        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "\nlatency from the message's {} time; send lag (latest send behind schedule) per step in the JSON",
+            r["latency_from"].as_str().unwrap_or("sent")
+        );
         let _ = writeln!(s, "| rate/room | sent | delivered/expected | lost | dup | ooo | deliveries/s | server CPU s | deliveries/CPU-s | bench CPU s | p50 ms | p99 ms | p99 cross ms | max ms | passed |");
         let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
         for st in steps {

@@ -13,7 +13,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::args::Traffic;
+use crate::args::{LatencyFrom, Traffic};
 use crate::conn::{Sink, Spec};
 use crate::fleet::{settle, Ctx, Fleet};
 use crate::idle::{closed_by_server, connections_json};
@@ -132,6 +132,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
                     warmup: t.warmup,
                     step_len: t.step,
                     tick: t.tick,
+                    latency_from: t.latency_from,
                     pad: " ".repeat(usize::from(t.pad > 0)) + &"x".repeat(t.pad.saturating_sub(1)),
                 };
                 tokio::spawn(publish(
@@ -271,6 +272,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         "warmup_secs": t.warmup.as_secs_f64(),
         "drain_secs": t.drain.as_secs_f64(),
         "max_p99_ms": t.max_p99_ms,
+        "latency_from": match t.latency_from { LatencyFrom::Sent => "sent", LatencyFrom::Due => "due" },
         "frames": {"fill": frames_json(&fill, n_f), "total": frames_json(&ctx.shared.frames(), n_f)},
         "servers": pids.iter().enumerate().map(|(i, pid)| json!({
             "pid": pid, "before": procs::to_json(&before[i]), "filled": procs::to_json(&filled[i]),
@@ -322,6 +324,7 @@ struct Job {
     warmup: Duration,
     step_len: Duration,
     tick: Duration,
+    latency_from: LatencyFrom,
     pad: String,
 }
 
@@ -357,7 +360,10 @@ async fn publish(
                 step: job.step,
                 publisher: job.publisher,
                 seq: job.first_seq + out.all,
-                sent_ns: due,
+                sent_ns: match job.latency_from {
+                    LatencyFrom::Sent => shared.now_ns(),
+                    LatencyFrom::Due => due,
+                },
                 measured: due >= measure_from,
             };
             if sink
