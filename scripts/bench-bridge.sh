@@ -15,7 +15,8 @@ mkdir -p "$OUT"
 
 rport=$(free_port)
 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &
-PIDS+=("$!")
+redis_pid=$!
+PIDS+=("$redis_pid")
 wait_port "$rport"
 export CONFAB_REDIS__URL="redis://127.0.0.1:$rport"
 ports=(); pids=()
@@ -27,7 +28,7 @@ done
 for p in "${ports[@]}"; do wait_port "$p"; done
 status=0
 "$B/confab-bench" --url "ws://127.0.0.1:${ports[0]},ws://127.0.0.1:${ports[1]}" \
-    --pid "${pids[0]},${pids[1]}" --progress-secs 0 \
+    --pid "${pids[0]},${pids[1]},$redis_pid" --progress-secs 0 \
     cross --rooms 20 --members 2 --rates "${RATES:-1000,2500,4000,5000}" --step-secs 4 \
     --drain-secs 4 --keep-going --json >"$OUT/bridge.json" 2>"$OUT/bridge.txt" || status=$?
 echo "confab-bench exit $status; results in $OUT"

@@ -27,9 +27,10 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
-/// Queue capacity an inbox keeps between bursts; more is given back when it runs empty at
-/// a [`InboxReader::trim`].
-const KEPT_CAPACITY: usize = 16;
+/// Queue capacity a session keeps while it is busy; more is given back each time its inbox
+/// runs empty, and all of it once a ping interval went by without a frame
+/// ([`InboxReader::trim`]).
+const KEPT_CAPACITY: usize = 4;
 
 /// Frames for one session, shared by the room's [`MemberHandle`] and the session's
 /// [`InboxReader`].
@@ -137,6 +138,8 @@ pub struct InboxReader {
     batch: VecDeque<Outbound>,
     /// Frames and bytes handled since the inbox was last told.
     handled: (usize, usize),
+    /// A frame came since the last [`Self::trim`].
+    busy: bool,
 }
 
 impl InboxReader {
@@ -145,6 +148,7 @@ impl InboxReader {
             inbox: Arc::new(Inbox::default()),
             batch: VecDeque::new(),
             handled: (0, 0),
+            busy: false,
         }
     }
 
@@ -163,12 +167,21 @@ impl InboxReader {
                 if !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
                     state.waker = Some(waker.clone());
                 }
+                // A burst's buffers go back, so a big room's join storm or a backlog leaves
+                // no kilobytes behind in every member.
+                if state.queue.capacity() > KEPT_CAPACITY {
+                    state.queue = VecDeque::new();
+                }
+                if self.batch.capacity() > KEPT_CAPACITY {
+                    self.batch = VecDeque::new();
+                }
                 return None;
             }
             // Takes everything at once; the emptied batch's buffer becomes the inbox's.
             std::mem::swap(&mut state.queue, &mut self.batch);
         }
         let out = self.batch.pop_front()?;
+        self.busy = true;
         self.handled.0 += 1;
         self.handled.1 += out.bytes();
         Some(out)
@@ -186,14 +199,15 @@ impl InboxReader {
         state.bytes = state.bytes.saturating_sub(bytes);
     }
 
-    /// Gives back the buffers a burst left behind, when nothing is queued; called on the
-    /// session's ping tick, so an idle session holds none.
+    /// Gives back the buffers of a session that got nothing since the last call; called on
+    /// the session's ping tick, so a quiet session holds none.
     pub fn trim(&mut self) {
-        if self.batch.is_empty() && self.batch.capacity() > KEPT_CAPACITY {
-            self.batch = VecDeque::new();
+        if std::mem::take(&mut self.busy) || !self.batch.is_empty() {
+            return;
         }
+        self.batch = VecDeque::new();
         let mut state = self.inbox.lock();
-        if state.queue.is_empty() && state.queue.capacity() > KEPT_CAPACITY {
+        if state.queue.is_empty() {
             state.queue = VecDeque::new();
         }
     }
@@ -328,5 +342,37 @@ mod tests {
         let all: Vec<_> = std::iter::from_fn(|| reader.next(&waker)).collect();
         assert_eq!(all.len(), 5);
         assert!(matches!(all[4], Outbound::Close { code: 4008, .. }));
+    }
+
+    #[test]
+    fn a_burst_leaves_no_big_buffers_behind_and_a_quiet_session_keeps_none() {
+        let mut reader = InboxReader::new();
+        let handle = reader.handle(QueueLimits {
+            frames: 1000,
+            bytes: 1 << 20,
+        });
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        for n in 0..100 {
+            assert_eq!(handle.offer(frame(&n.to_string()), false), Offer::Sent);
+        }
+        assert_eq!(std::iter::from_fn(|| reader.next(&waker)).count(), 100);
+        let capacities = |r: &InboxReader| (r.batch.capacity(), r.inbox.lock().queue.capacity());
+        let (batch, queue) = capacities(&reader);
+        assert!(
+            batch <= KEPT_CAPACITY && queue <= KEPT_CAPACITY,
+            "{batch} {queue}"
+        );
+
+        assert_eq!(handle.offer(frame("a"), false), Offer::Sent);
+        assert!(reader.next(&waker).is_some());
+        assert!(reader.next(&waker).is_none());
+        reader.trim();
+        assert_ne!(
+            capacities(&reader),
+            (0, 0),
+            "busy since the last tick: kept"
+        );
+        reader.trim();
+        assert_eq!(capacities(&reader), (0, 0), "a quiet tick: all given back");
     }
 }

@@ -1,6 +1,6 @@
 //! What a room hands a session: frames to write, offered through a bounded [`Outlet`] that
 //! never blocks the room. Plain types, no actix: the sequencer and its tests use them, the
-//! room's `MemberHandle` implements the outlet over an actor mailbox.
+//! room's `MemberHandle` implements the outlet over the session's inbox.
 
 use bytestring::ByteString;
 

@@ -6,7 +6,7 @@
 //!
 //! Backpressure keeps the property the rooms rely on (see [`super::member`]): the actor is not
 //! polled while its socket is backpressured. Past [`HIGH_WATERMARK`] unwritten bytes the actor
-//! waits (`ctx.wait`, which holds back its mailbox and its inbound frames) until the kernel
+//! waits (`ctx.wait`, which holds back its inbox, its mailbox and its inbound frames) until the kernel
 //! took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is the backlog.
 //!
 //! Closing writes the close frame, lets everything before it reach the socket and then stops
