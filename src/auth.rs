@@ -20,11 +20,10 @@ pub const MAX_NAME_CHARS: usize = 64;
 
 /// How tokens are checked; built once at start-up from `auth.*`.
 pub struct Verifier {
-    /// Each algorithm the configured keys allow, with its key. A token's `alg` must be one of
-    /// these: `none` never is, and an HS256 token is never checked against a public key.
-    keys: Vec<(Algorithm, DecodingKey)>,
-    audience: Option<String>,
-    issuer: Option<String>,
+    /// Each algorithm the configured keys allow, with its key and the checks a token of it
+    /// must pass (built once, not per connection). A token's `alg` must be one of these:
+    /// `none` never is, and an HS256 token is never checked against a public key.
+    keys: Vec<(Algorithm, DecodingKey, Validation)>,
 }
 
 /// Why a token was refused; every one is a 401.
@@ -171,6 +170,22 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
+/// What a token signed with `alg` must carry: `exp` and `sub`, and the configured audience
+/// and issuer.
+fn validation(alg: Algorithm, settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = LEEWAY.as_secs();
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    match settings.audience.as_str() {
+        "" => validation.validate_aud = false,
+        aud => validation.set_audience(&[aud]),
+    }
+    if !settings.issuer.is_empty() {
+        validation.set_issuer(&[&settings.issuer]);
+    }
+    validation
+}
+
 impl Verifier {
     /// `None` when no key is configured: connections are anonymous.
     pub fn from_settings(settings: &AuthSettings) -> Result<Option<Self>, KeyError> {
@@ -187,17 +202,16 @@ impl Verifier {
         if !settings.jwt_public_key_file.is_empty() {
             keys.push(read_public_key(&settings.jwt_public_key_file)?);
         }
-        let set = |s: &String| (!s.is_empty()).then(|| s.clone());
-        Ok(Some(Self {
-            keys,
-            audience: set(&settings.audience),
-            issuer: set(&settings.issuer),
-        }))
+        let keys = keys
+            .into_iter()
+            .map(|(alg, key)| (alg, key, validation(alg, settings)))
+            .collect();
+        Ok(Some(Self { keys }))
     }
 
     /// The algorithms tokens may use, for logs and docs.
     pub fn algorithms(&self) -> Vec<String> {
-        self.keys.iter().map(|(a, _)| format!("{a:?}")).collect()
+        self.keys.iter().map(|(a, _, _)| format!("{a:?}")).collect()
     }
 
     /// Checks a token and returns the identity it grants.
@@ -207,31 +221,20 @@ impl Verifier {
             ErrorKind::Json(_) => AuthError::Algorithm,
             _ => AuthError::Malformed(e.to_string()),
         })?;
-        let (alg, key) = self
+        let (_, key, validation) = self
             .keys
             .iter()
-            .find(|(a, _)| *a == header.alg)
+            .find(|(a, _, _)| *a == header.alg)
             .ok_or(AuthError::Algorithm)?;
-        let mut validation = Validation::new(*alg);
-        validation.leeway = LEEWAY.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &self.issuer {
-            validation.set_issuer(&[iss]);
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidSignature => AuthError::Signature,
-            ErrorKind::InvalidAudience => AuthError::Audience,
-            ErrorKind::InvalidIssuer => AuthError::Issuer,
-            ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
-            _ => AuthError::Malformed(e.to_string()),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::Signature,
+                ErrorKind::InvalidAudience => AuthError::Audience,
+                ErrorKind::InvalidIssuer => AuthError::Issuer,
+                ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+                _ => AuthError::Malformed(e.to_string()),
+            })?;
         let claims = data.claims;
         let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
         let name = match claims.name {
