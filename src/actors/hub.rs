@@ -401,7 +401,7 @@ mod tests {
     use crate::actors::member::{InboxReader, Outbound};
     use crate::bus::memory::MemoryBus;
 
-    /// Stands in for a session: its inbox, read by the test.
+    /// A session joining the lobby; its inbox stands in for the session, read by the test.
     fn join(session: SessionId, inbox: &InboxReader) -> Connect {
         let limits = QueueLimits {
             frames: 64,

@@ -4,7 +4,8 @@
 //! inbox that the session has not yet written; past half of either bound droppable frames
 //! (typing) are skipped, and at the bound the session is a slow consumer: it is detached and
 //! told to close with 4008. The session stops draining while its socket is backpressured, so
-//! these counts are exactly the backlog.
+//! these counts are the backlog (frames the session wrote during its current batch are
+//! credited back when the batch ends or pauses: at most one socket's worth, 16 KiB, of slack).
 //!
 //! The inbox is a plain queue under a lock rather than the session's actor mailbox: a
 //! delivery is one push into a buffer that keeps its capacity, where a mailbox message is
@@ -195,6 +196,8 @@ impl InboxReader {
 
     fn settle(state: &mut State, handled: &mut (usize, usize)) {
         let (frames, bytes) = std::mem::take(handled);
+        // Every frame handled was counted in when it was put in.
+        debug_assert!(frames <= state.frames && bytes <= state.bytes);
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
     }
@@ -281,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_taken_but_not_handled_still_count_against_the_bound() {
+    fn frames_handled_count_against_the_bound_until_the_session_reports_them() {
         let mut reader = InboxReader::new();
         let handle = reader.handle(LIMITS);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));

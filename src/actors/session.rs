@@ -504,7 +504,9 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
 
 /// Writes what the room puts in the session's inbox, for the life of the session. Pauses
 /// while the socket is backpressured (the socket's `ctx.wait`), so the room's counts stay the
-/// backlog; actix polls it again once the wait is over.
+/// backlog; actix polls it again once the wait is over. It must stop only there or at an
+/// empty inbox (which keeps its waker): a pause for any other reason, a per-poll cap say,
+/// needs a wake-up of its own or the session hangs.
 struct Deliveries;
 
 impl ActorFuture<Session> for Deliveries {

@@ -6,8 +6,9 @@
 //!
 //! Backpressure keeps the property the rooms rely on (see [`super::member`]): the actor is not
 //! polled while its socket is backpressured. Past [`HIGH_WATERMARK`] unwritten bytes the actor
-//! waits (`ctx.wait`, which holds back its inbox, its mailbox and its inbound frames) until the kernel
-//! took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is the backlog.
+//! waits (`ctx.wait`, which holds back its inbox, its mailbox and its inbound frames) until
+//! the kernel took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is
+//! the backlog.
 //!
 //! Closing writes the close frame, lets everything before it reach the socket and then stops
 //! the actor, which drops the stream: the server closes the TCP connection right after the
@@ -168,8 +169,9 @@ impl WsSocket {
             return;
         }
         Parser::write_message(&mut out.buf, payload, op, true, false);
-        // The writer runs later in this same poll of the actor, so frames handled together
-        // (a batch of deliveries, say) go out in one write.
+        // The writer runs after this handler, in this poll of the actor or (when it was polled
+        // before, as it is before the session's deliveries) in the next one, which this wake
+        // schedules: frames handled together (a batch of deliveries) go out in one write.
         if let Some(waker) = out.waker.take() {
             waker.wake();
         }
