@@ -35,4 +35,5 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod settings;
 pub mod startup;
+pub mod trim;
 pub mod wsframe;

@@ -24,6 +24,7 @@ use super::room::{Event, Join, Leave, RefreshPresence, Resync, Room};
 use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
+use crate::trim::Trimmer;
 
 /// Close code for sessions closed by a draining replica.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -152,6 +153,8 @@ pub struct Hub {
     /// Set by [`Drain`]: a session that was admitted just before the drain began (its upgrade
     /// passed the check before the replica turned not-ready) and attaches now is closed too.
     draining: bool,
+    /// Gives freed heap back after many sessions ended.
+    trimmer: Trimmer,
     metrics: Arc<Metrics>,
 }
 
@@ -174,6 +177,7 @@ impl Hub {
             limits,
             rooms: HashMap::new(),
             sessions: HashMap::new(),
+            trimmer: Trimmer::default(),
             unrecorded_leaves: HashSet::new(),
             draining: false,
         }
@@ -281,6 +285,7 @@ impl Handler<Connect> for Hub {
         let user = msg.join.user.clone();
         self.sessions
             .insert(msg.join.session, (user.clone(), msg.join.member.clone()));
+        self.trimmer.sessions(self.sessions.len());
         let entry = self.room(&msg.room);
         entry.sessions += 1;
         let count = entry.users.entry(user.clone()).or_insert(0);
@@ -301,6 +306,12 @@ impl Handler<Disconnect> for Hub {
         let Some((user, _)) = self.sessions.remove(&msg.session) else {
             return;
         };
+        if self.trimmer.sessions(self.sessions.len()) {
+            log::info!(
+                "{} sessions left of a peak twice that or more: giving freed memory back",
+                self.sessions.len()
+            );
+        }
         let Some(entry) = self.rooms.get_mut(&msg.room) else {
             return;
         };

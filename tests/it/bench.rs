@@ -129,3 +129,47 @@ fn idle_reports_memory_per_connection_and_the_frames_to_fill_and_empty_rooms() {
     );
     assert_eq!(r["closed_by_server"], serde_json::json!({}), "{r:#}");
 }
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn memory_freed_by_thousands_of_ended_sessions_goes_back_to_the_system() {
+    let server = server();
+    let r = bench(
+        &server,
+        &[
+            "idle",
+            "--connections",
+            "2500",
+            "--rooms",
+            "25",
+            "--hold-secs",
+            "0.5",
+        ],
+    );
+    assert_eq!(r["connections"]["attached"], 2500, "{r:#}");
+    let srv = &r["servers"][0];
+    let before = srv["before"]["rss_kib"].as_u64().expect("before");
+    let held = srv["held"]["rss_kib"].as_u64().expect("held");
+    assert!(held > before + 5_000, "2,500 sessions took memory: {srv}");
+    // Without a trim glibc keeps the high-water mark (RSS stays near `held`).
+    let line = before + (held - before) / 2;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut now = rss_kib(server.pid());
+    while now > line && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        now = rss_kib(server.pid());
+    }
+    assert!(
+        now <= line,
+        "RSS {now} KiB after every session ended; {before} before, {held} held"
+    );
+}

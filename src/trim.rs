@@ -1,0 +1,76 @@
+//! Gives the heap that many ended sessions freed back to the system.
+//!
+//! glibc keeps freed memory in its arenas: after a spike of sessions (or of big rooms' join
+//! storms) ends, a replica's resident memory stays at its high-water mark (docs/PERFORMANCE.md,
+//! "RSS is not given back"), which an operator reads as a leak and a memory-based autoscaler
+//! as load. Once the sessions attached fell to half of their peak, and by at least
+//! [`MIN_FREED`], `malloc_trim` hands the free pages back, on a thread of its own so that no
+//! actor waits for it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Sessions that must have ended since the peak before a trim is worth its walk of the heap.
+pub const MIN_FREED: usize = 1000;
+
+/// Watches the number of attached sessions; owned by the hub.
+#[derive(Debug, Default)]
+pub struct Trimmer {
+    peak: usize,
+    running: Arc<AtomicBool>,
+}
+
+impl Trimmer {
+    /// Called with the number of sessions after each change. Returns whether a trim began.
+    pub fn sessions(&mut self, now: usize) -> bool {
+        self.peak = self.peak.max(now);
+        if self.peak - now < MIN_FREED || now > self.peak / 2 {
+            return false;
+        }
+        self.peak = now;
+        if self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let running = Arc::clone(&self.running);
+        let spawned = std::thread::Builder::new()
+            .name("confab-trim".into())
+            .spawn(move || {
+                release_free_heap();
+                running.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a thread to give freed memory back: {e}");
+            self.running.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_heap() {
+    // SAFETY: malloc_trim only takes glibc's arena locks; any thread may call it at any time.
+    let released = unsafe { libc::malloc_trim(0) };
+    log::debug!("gave freed heap back to the system: {}", released == 1);
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_heap() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trim_begins_once_sessions_fell_to_half_the_peak_and_by_enough() {
+        let mut t = Trimmer::default();
+        assert!(!t.sessions(10_000));
+        assert!(!t.sessions(6_000), "above half the peak");
+        assert!(t.sessions(5_000), "half the peak, 5,000 fewer");
+        assert!(!t.sessions(2_600), "the peak is now 5,000: above half");
+        // Small replicas never trim: too few sessions for the walk to be worth it.
+        let mut small = Trimmer::default();
+        assert!(!small.sessions(1_500));
+        assert!(!small.sessions(600));
+    }
+}
