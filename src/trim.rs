@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Sessions that must have ended since the peak before a trim is worth its walk of the heap.
 pub const MIN_FREED: usize = 1000;
@@ -17,30 +18,66 @@ pub const MIN_FREED: usize = 1000;
 #[derive(Debug, Default)]
 pub struct Trimmer {
     peak: usize,
-    running: Arc<AtomicBool>,
+    /// A trim runs again this long after the first: what ended sessions leave behind for a
+    /// while (closed sockets that linger) is freed by then.
+    again_after: Duration,
+    state: Arc<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// A trim thread runs.
+    running: AtomicBool,
+    /// Another trim was asked for while one ran: the thread trims again.
+    again: AtomicBool,
 }
 
 impl Trimmer {
-    /// Called with the number of sessions after each change. Returns whether a trim began.
+    pub fn new(again_after: Duration) -> Self {
+        Self {
+            again_after,
+            ..Self::default()
+        }
+    }
+
+    /// Called with the number of sessions after each change. Returns whether a trim was asked
+    /// for.
     pub fn sessions(&mut self, now: usize) -> bool {
         self.peak = self.peak.max(now);
         if self.peak - now < MIN_FREED || now > self.peak / 2 {
             return false;
         }
         self.peak = now;
-        if self.running.swap(true, Ordering::AcqRel) {
-            return false;
+        self.state.again.store(true, Ordering::Release);
+        if self.state.running.swap(true, Ordering::AcqRel) {
+            // The running thread sees `again` and trims once more.
+            return true;
         }
-        let running = Arc::clone(&self.running);
+        let state = Arc::clone(&self.state);
+        let again_after = self.again_after;
         let spawned = std::thread::Builder::new()
             .name("confab-trim".into())
-            .spawn(move || {
+            .spawn(move || loop {
+                state.again.store(false, Ordering::Release);
                 release_free_heap();
-                running.store(false, Ordering::Release);
+                // Ended sessions' sockets may still linger, scattered over pages the first
+                // trim could not free: once more after them.
+                std::thread::sleep(again_after);
+                release_free_heap();
+                if state.again.load(Ordering::Acquire) {
+                    continue;
+                }
+                state.running.store(false, Ordering::Release);
+                // Asked again between the check and the store: go on if no one else did.
+                if !state.again.load(Ordering::Acquire)
+                    || state.running.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
             });
         if let Err(e) = spawned {
             log::warn!("cannot start a thread to give freed memory back: {e}");
-            self.running.store(false, Ordering::Release);
+            self.state.running.store(false, Ordering::Release);
             return false;
         }
         true
@@ -68,6 +105,10 @@ mod tests {
         assert!(!t.sessions(6_000), "above half the peak");
         assert!(t.sessions(5_000), "half the peak, 5,000 fewer");
         assert!(!t.sessions(2_600), "the peak is now 5,000: above half");
+        assert!(
+            t.sessions(2_500),
+            "asked again, also while a trim may still run"
+        );
         // Small replicas never trim: too few sessions for the walk to be worth it.
         let mut small = Trimmer::default();
         assert!(!small.sessions(1_500));

@@ -8,6 +8,10 @@ use actix_http::ws::{Frame, ProtocolError};
 use super::socket::{self, handle_frame, Upgraded, WsSocket};
 use crate::wsframe::{Assembler, Inbound};
 
+/// How long an echo peer may take nothing of a full backlog (sessions use
+/// `websocket.client_timeout_secs`); Autobahn's big-message cases read steadily.
+const ECHO_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Echo {
     frames: Assembler,
     socket: WsSocket,
@@ -18,7 +22,7 @@ impl Echo {
     pub fn start(max_frame_bytes: usize, conn: Upgraded) -> Addr<Self> {
         Self::create(move |ctx| Self {
             frames: Assembler::new(max_frame_bytes),
-            socket: WsSocket::start(conn, max_frame_bytes, ctx),
+            socket: WsSocket::start(conn, max_frame_bytes, ECHO_STALL, ctx),
         })
     }
 }

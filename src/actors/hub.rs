@@ -21,6 +21,7 @@ use actix::prelude::*;
 use super::member::MemberHandle;
 use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, RefreshPresence, Resync, Room};
+use super::socket::CLOSE_GRACE;
 use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
@@ -177,7 +178,8 @@ impl Hub {
             limits,
             rooms: HashMap::new(),
             sessions: HashMap::new(),
-            trimmer: Trimmer::default(),
+            // Closed sockets linger up to `CLOSE_GRACE` (socket.rs) before their memory is free.
+            trimmer: Trimmer::new(CLOSE_GRACE + Duration::from_secs(1)),
             unrecorded_leaves: HashSet::new(),
             draining: false,
         }

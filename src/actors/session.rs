@@ -155,7 +155,7 @@ impl Session {
         conn: Upgraded,
     ) -> Addr<Self> {
         Self::create(move |ctx| {
-            let socket = WsSocket::start(conn, cfg.max_frame_bytes, ctx);
+            let socket = WsSocket::start(conn, cfg.max_frame_bytes, cfg.client_timeout, ctx);
             let id: SessionId = rand::random();
             let now = Instant::now();
             Self {

@@ -10,15 +10,22 @@
 //! the kernel took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is
 //! the backlog.
 //!
-//! Closing writes the close frame, lets everything before it reach the socket and then stops
-//! the actor, which drops the stream: the server closes the TCP connection right after the
-//! close handshake (RFC 6455 §7.1.1).
+//! Closing writes the close frame, lets everything before it reach the socket, shuts the
+//! write side (the server starts the TCP close, RFC 6455 §7.1.1) and stops the actor, so the
+//! session leaves its room at once. The socket itself lingers a little longer in a task of its
+//! own ([`linger`]), reading and discarding until the peer closes too: closing with unread bytes
+//! in the kernel would send a reset, which can destroy the close frame before the client reads
+//! it. A close frame that cannot go out (the peer stopped reading) is given up [`CLOSE_GRACE`]
+//! after it was queued, so a hung client cannot hold its session, its presence and its
+//! connection slot.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{ready, Context as TaskContext, Poll, Waker};
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_codec::Decoder;
@@ -37,11 +44,15 @@ pub const HIGH_WATERMARK: usize = 16 * 1024;
 pub const LOW_WATERMARK: usize = 4 * 1024;
 /// How much one read asks the kernel for.
 const READ_CHUNK: usize = 2048;
+/// Longest a closing connection is kept for its close frame to go out and the peer to close.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What a socket's reader and writer share; single-threaded, like the actor that owns it.
 struct Io {
     stream: TcpStream,
     out: RefCell<Outbox>,
+    /// Longest the actor waits on a backlog the peer takes nothing of.
+    stall: Duration,
 }
 
 #[derive(Default)]
@@ -52,6 +63,8 @@ struct Outbox {
     closing: bool,
     /// The actor waits for the backlog to shrink.
     draining: bool,
+    /// The peer's end of stream was read: nothing to linger for.
+    read_done: bool,
     /// The writer, parked while there is nothing to write.
     waker: Option<Waker>,
 }
@@ -94,8 +107,15 @@ pub struct WsSocket {
 impl WsSocket {
     /// Starts reading and writing `stream` for the actor being created; `read` holds bytes the
     /// client sent right after its handshake. Inbound frames arrive as
-    /// `Result<Frame, ProtocolError>` through the actor's `StreamHandler`.
-    pub fn start<A>(conn: Upgraded, max_frame_bytes: usize, ctx: &mut Context<A>) -> Self
+    /// `Result<Frame, ProtocolError>` through the actor's `StreamHandler`. A peer that takes
+    /// none of a full backlog for `stall` is dropped (the actor stops): while it waits on its
+    /// socket the actor runs nothing else, not even its heartbeat.
+    pub fn start<A>(
+        conn: Upgraded,
+        max_frame_bytes: usize,
+        stall: Duration,
+        ctx: &mut Context<A>,
+    ) -> Self
     where
         A: Actor<Context = Context<A>> + StreamHandler<Result<Frame, ProtocolError>>,
     {
@@ -103,6 +123,7 @@ impl WsSocket {
         let io = Rc::new(Io {
             stream,
             out: RefCell::new(Outbox::default()),
+            stall,
         });
         ctx.add_stream(Frames {
             io: Rc::clone(&io),
@@ -110,7 +131,10 @@ impl WsSocket {
             codec: ws::Codec::new().max_size(max_frame_bytes),
             done: false,
         });
-        ctx.spawn(Writer { io: Rc::clone(&io) });
+        ctx.spawn(Writer {
+            io: Rc::clone(&io),
+            deadline: false,
+        });
         Self { io, _done: done }
     }
 
@@ -180,6 +204,8 @@ impl WsSocket {
             drop(out);
             ctx.wait(Drain {
                 io: Rc::clone(&self.io),
+                left: usize::MAX,
+                deadline: Box::pin(tokio::time::sleep(self.io.stall)),
             });
         }
     }
@@ -272,12 +298,14 @@ impl Stream for Frames {
             }
             if let Err(e) = ready!(this.io.stream.poll_read_ready(cx)) {
                 this.done = true;
+                this.io.out.borrow_mut().read_done = true;
                 return Poll::Ready(Some(Err(ProtocolError::Io(e))));
             }
             this.buf.reserve(READ_CHUNK);
             match this.io.stream.try_read_buf(&mut this.buf) {
                 Ok(0) => {
                     this.done = true;
+                    this.io.out.borrow_mut().read_done = true;
                     return Poll::Ready(None);
                 }
                 Ok(_) => {}
@@ -288,6 +316,7 @@ impl Stream for Frames {
                 }
                 Err(e) => {
                     this.done = true;
+                    this.io.out.borrow_mut().read_done = true;
                     return Poll::Ready(Some(Err(ProtocolError::Io(e))));
                 }
             }
@@ -296,9 +325,11 @@ impl Stream for Frames {
 }
 
 /// Writes queued frames for the life of the actor; stops it when the socket breaks or once a
-/// close frame is out.
+/// close frame is out (or could not go out within [`CLOSE_GRACE`]).
 struct Writer {
     io: Rc<Io>,
+    /// The close deadline is set.
+    deadline: bool,
 }
 
 impl<A> ActorFuture<A> for Writer
@@ -313,10 +344,21 @@ where
         ctx: &mut Context<A>,
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        match self.io.poll_flush(task) {
+        let this = self.get_mut();
+        if this.io.out.borrow().closing && !this.deadline {
+            this.deadline = true;
+            ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
+        }
+        match this.io.poll_flush(task) {
             Poll::Ready(Ok(())) => {
-                let mut out = self.io.out.borrow_mut();
+                let mut out = this.io.out.borrow_mut();
                 if out.closing {
+                    // FIN right after the close frame; the socket lingers for the peer's.
+                    let _ =
+                        socket2::SockRef::from(&this.io.stream).shutdown(std::net::Shutdown::Write);
+                    if !out.read_done {
+                        actix::spawn(linger(Rc::clone(&this.io)));
+                    }
                     drop(out);
                     ctx.stop();
                     return Poll::Ready(());
@@ -334,9 +376,34 @@ where
     }
 }
 
+/// Keeps a closed connection's socket, reading and discarding, until the peer closes its
+/// side or [`CLOSE_GRACE`] passed; then drops it. Without this, bytes the peer sent after our
+/// close frame would make the kernel answer with a reset.
+async fn linger(conn: Rc<Io>) {
+    let mut scratch = [0u8; 512];
+    let read_to_end = async {
+        loop {
+            if conn.stream.readable().await.is_err() {
+                return;
+            }
+            match conn.stream.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, read_to_end).await;
+}
+
 /// Holds the actor back while its backlog is above the low watermark.
 struct Drain {
     io: Rc<Io>,
+    /// The smallest backlog seen: progress when it shrinks.
+    left: usize,
+    /// When the peer is given up, unless it takes some of the backlog before.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<A> ActorFuture<A> for Drain
@@ -351,10 +418,29 @@ where
         ctx: &mut Context<A>,
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
-        let flushed = self.io.poll_flush(task);
-        let mut out = self.io.out.borrow_mut();
+        let this = self.get_mut();
+        let flushed = this.io.poll_flush(task);
+        let mut out = this.io.out.borrow_mut();
         match flushed {
-            Poll::Pending if out.buf.len() >= LOW_WATERMARK => Poll::Pending,
+            Poll::Pending if out.buf.len() >= LOW_WATERMARK => {
+                if out.buf.len() < this.left {
+                    this.left = out.buf.len();
+                    let until = tokio::time::Instant::now() + this.io.stall;
+                    this.deadline.as_mut().reset(until);
+                }
+                if this.deadline.as_mut().poll(task).is_pending() {
+                    return Poll::Pending;
+                }
+                log::info!(
+                    "websocket peer took nothing of {} bytes for {:?}: dropped",
+                    out.buf.len(),
+                    this.io.stall
+                );
+                out.draining = false;
+                drop(out);
+                ctx.stop();
+                Poll::Ready(())
+            }
             Poll::Ready(Err(e)) => {
                 log::debug!("websocket write failed: {e}");
                 out.draining = false;
@@ -377,6 +463,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// How long the test actors wait on a peer that reads nothing.
+    const STALL: Duration = Duration::from_secs(5);
 
     /// Echoes text through the same helpers the session and `/echo` use.
     struct Echoer {
@@ -425,7 +514,7 @@ mod tests {
         // A frame the client sent right behind its handshake, already read by the server.
         let read = encoded(b"early", OpCode::Text, true);
         Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, ctx),
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
             frames: Assembler::new(1024),
         });
         let echo = encoded(b"early", OpCode::Text, false);
@@ -435,10 +524,72 @@ mod tests {
 
         client.write_all(&close_frame(true)).await.unwrap();
         let mut rest = Vec::new();
-        // Ends at EOF: the server closed the connection once its close frame was out.
+        // Ends at EOF: the server shut its side once its close frame was out.
         client.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, &close_frame(false)[..]);
-        assert!(ended.await.is_err(), "the actor and its socket are gone");
+        let end = tokio::time::timeout(CLOSE_GRACE / 2, ended).await;
+        assert!(
+            matches!(end, Ok(Err(_))),
+            "the actor and its session are gone"
+        );
+        drop(client);
+    }
+
+    #[actix::test]
+    async fn the_session_ends_at_its_close_frame_while_the_socket_waits_for_the_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (done, ended) = oneshot::channel();
+        let read = close_frame(true);
+        Echoer::create(move |ctx| Echoer {
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
+            frames: Assembler::new(1024),
+        });
+        // The client keeps its side open: the actor (and so the session) still ends at once.
+        let end = tokio::time::timeout(CLOSE_GRACE / 2, ended).await;
+        assert!(
+            matches!(end, Ok(Err(_))),
+            "the actor ended without the peer"
+        );
+        // The lingering socket still takes what the client sends after the close (no reset),
+        // and the client reads the close frame and then the server's end of stream.
+        client
+            .write_all(&encoded(b"late", OpCode::Text, true))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, &close_frame(false)[..]);
+    }
+
+    #[actix::test]
+    async fn a_peer_that_takes_nothing_of_a_full_backlog_is_dropped_after_the_stall_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (done, ended) = oneshot::channel();
+        let read = BytesMut::new();
+        let stall = Duration::from_millis(300);
+        let addr = Echoer::create(move |ctx| Echoer {
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, stall, ctx),
+            frames: Assembler::new(1024),
+        });
+        let handled = Arc::new(AtomicUsize::new(0));
+        let text = "x".repeat(1000);
+        // 30 MB: more than the kernel's buffers, so the actor waits on its socket, where
+        // nothing else of it runs (a session's heartbeat neither): only the stall limit ends it.
+        for _ in 0..30_000 {
+            addr.do_send(Say(text.clone(), Arc::clone(&handled)));
+        }
+        let end = tokio::time::timeout(Duration::from_secs(10), ended).await;
+        assert!(matches!(end, Ok(Err(_))), "the actor gave the peer up");
+        assert!(handled.load(Ordering::Relaxed) < 30_000, "it was waiting");
+        drop(client);
     }
 
     /// Test → echoer: write this text.
@@ -468,7 +619,7 @@ mod tests {
         let (done, _ended) = oneshot::channel();
         let read = BytesMut::new();
         let addr = Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, ctx),
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
             frames: Assembler::new(1024),
         });
         let handled = Arc::new(AtomicUsize::new(0));
