@@ -95,6 +95,42 @@ async fn a_slow_consumer_is_closed_with_4008_while_a_fast_member_gets_everything
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_nothing_of_a_full_backlog_is_dropped_and_leaves() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+        ("CONFAB_LIMITS__BURST", "100000"),
+        ("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "1"),
+        ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "2"),
+    ]);
+    // A hung client: connected, its TCP stack alive, reading nothing, ever.
+    let mut hung = Client::connect_small_window(&server.url("/ws/hang?user=hung")).await;
+    assert_eq!(hung.next().await["type"], "welcome");
+    // The watcher reads all along (so it answers pings) until it sees the hung user leave.
+    let (watcher, _) = server.join("/ws/hang?user=watcher").await;
+    let left = tokio::spawn(async move {
+        let mut watcher = watcher;
+        loop {
+            let v = watcher.next().await;
+            if v["type"] == "leave" && v["user"] == "hung" {
+                return;
+            }
+        }
+    });
+    // 7.5 MB: more than the kernel's buffers hold for the hung client, so its session waits
+    // on its socket, where it runs nothing else, not even its heartbeat.
+    let (mut sender, _) = server.join("/ws/hang?user=sender").await;
+    let text = "z".repeat(3000);
+    for i in 0..2500 {
+        sender.say(&text, &i.to_string()).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), left)
+        .await
+        .expect("the hung client was dropped and left within the client timeout")
+        .expect("watcher");
+    drop(hung);
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_get_503() {
     let server = Server::start(&[("CONFAB_LIMITS__MAX_CONNECTIONS", "2")]);
