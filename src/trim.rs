@@ -7,8 +7,7 @@
 //! [`MIN_FREED`], `malloc_trim` hands the free pages back, on a thread of its own so that no
 //! actor waits for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
 /// Sessions that must have ended since the peak before a trim is worth its walk of the heap.
@@ -21,15 +20,9 @@ pub struct Trimmer {
     /// A trim runs again this long after the first: what ended sessions leave behind for a
     /// while (closed sockets that linger) is freed by then.
     again_after: Duration,
-    state: Arc<State>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// A trim thread runs.
-    running: AtomicBool,
-    /// Another trim was asked for while one ran: the thread trims again.
-    again: AtomicBool,
+    /// To the trim thread, started at the first trim; asks arriving while it works are
+    /// answered by one more round.
+    asks: Option<Sender<()>>,
 }
 
 impl Trimmer {
@@ -48,39 +41,37 @@ impl Trimmer {
             return false;
         }
         self.peak = now;
-        self.state.again.store(true, Ordering::Release);
-        if self.state.running.swap(true, Ordering::AcqRel) {
-            // The running thread sees `again` and trims once more.
-            return true;
+        if let Some(asks) = &self.asks {
+            if asks.send(()).is_ok() {
+                return true;
+            }
         }
-        let state = Arc::clone(&self.state);
+        let (asks, asked) = mpsc::channel();
         let again_after = self.again_after;
         let spawned = std::thread::Builder::new()
             .name("confab-trim".into())
-            .spawn(move || loop {
-                state.again.store(false, Ordering::Release);
-                release_free_heap();
-                // Ended sessions' sockets may still linger, scattered over pages the first
-                // trim could not free: once more after them.
-                std::thread::sleep(again_after);
-                release_free_heap();
-                if state.again.load(Ordering::Acquire) {
-                    continue;
-                }
-                state.running.store(false, Ordering::Release);
-                // Asked again between the check and the store: go on if no one else did.
-                if !state.again.load(Ordering::Acquire)
-                    || state.running.swap(true, Ordering::AcqRel)
-                {
-                    return;
+            .spawn(move || {
+                while asked.recv().is_ok() {
+                    // One round for every ask that came meanwhile.
+                    while asked.try_recv().is_ok() {}
+                    release_free_heap();
+                    // Ended sessions' sockets may still linger, scattered over pages the
+                    // first trim could not free: once more after them.
+                    std::thread::sleep(again_after);
+                    release_free_heap();
                 }
             });
-        if let Err(e) = spawned {
-            log::warn!("cannot start a thread to give freed memory back: {e}");
-            self.state.running.store(false, Ordering::Release);
-            return false;
+        match spawned {
+            Ok(_) => {
+                let _ = asks.send(());
+                self.asks = Some(asks);
+                true
+            }
+            Err(e) => {
+                log::warn!("cannot start a thread to give freed memory back: {e}");
+                false
+            }
         }
-        true
     }
 }
 
