@@ -205,7 +205,8 @@ impl WsSocket {
             ctx.wait(Drain {
                 io: Rc::clone(&self.io),
                 left: usize::MAX,
-                deadline: Box::pin(tokio::time::sleep(self.io.stall)),
+                progress: tokio::time::Instant::now(),
+                deadline: None,
             });
         }
     }
@@ -272,6 +273,14 @@ struct Frames {
     done: bool,
 }
 
+impl Frames {
+    /// Nothing more can be read: the peer's end of stream or a broken socket.
+    fn end(&mut self) {
+        self.done = true;
+        self.io.out.borrow_mut().read_done = true;
+    }
+}
+
 impl Stream for Frames {
     type Item = Result<Frame, ProtocolError>;
 
@@ -297,15 +306,13 @@ impl Stream for Frames {
                 }
             }
             if let Err(e) = ready!(this.io.stream.poll_read_ready(cx)) {
-                this.done = true;
-                this.io.out.borrow_mut().read_done = true;
+                this.end();
                 return Poll::Ready(Some(Err(ProtocolError::Io(e))));
             }
             this.buf.reserve(READ_CHUNK);
             match this.io.stream.try_read_buf(&mut this.buf) {
                 Ok(0) => {
-                    this.done = true;
-                    this.io.out.borrow_mut().read_done = true;
+                    this.end();
                     return Poll::Ready(None);
                 }
                 Ok(_) => {}
@@ -315,8 +322,7 @@ impl Stream for Frames {
                     }
                 }
                 Err(e) => {
-                    this.done = true;
-                    this.io.out.borrow_mut().read_done = true;
+                    this.end();
                     return Poll::Ready(Some(Err(ProtocolError::Io(e))));
                 }
             }
@@ -402,8 +408,11 @@ struct Drain {
     io: Rc<Io>,
     /// The smallest backlog seen: progress when it shrinks.
     left: usize,
-    /// When the peer is given up, unless it takes some of the backlog before.
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// When the backlog last shrank.
+    progress: tokio::time::Instant,
+    /// The stall timer, made only when the socket stays full: most waits end at once, as the
+    /// kernel takes the backlog on the first try.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<A> ActorFuture<A> for Drain
@@ -425,11 +434,21 @@ where
             Poll::Pending if out.buf.len() >= LOW_WATERMARK => {
                 if out.buf.len() < this.left {
                     this.left = out.buf.len();
-                    let until = tokio::time::Instant::now() + this.io.stall;
-                    this.deadline.as_mut().reset(until);
+                    this.progress = tokio::time::Instant::now();
                 }
-                if this.deadline.as_mut().poll(task).is_pending() {
-                    return Poll::Pending;
+                loop {
+                    let until = this.progress + this.io.stall;
+                    let timer = this
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                    if timer.as_mut().poll(task).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if timer.deadline() >= until {
+                        break;
+                    }
+                    // The peer took some since the timer was set: wait from then.
+                    timer.as_mut().reset(until);
                 }
                 log::info!(
                     "websocket peer took nothing of {} bytes for {:?}: dropped",
@@ -491,6 +510,25 @@ mod tests {
         }
     }
 
+    /// An echoer on one end of a loopback connection; returns the client's end, the actor,
+    /// and what tells when the actor (and its socket's session slot) is gone.
+    async fn echoer(
+        read: BytesMut,
+        stall: Duration,
+    ) -> (TcpStream, Addr<Echoer>, oneshot::Receiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (done, ended) = oneshot::channel();
+        let addr = Echoer::create(move |ctx| Echoer {
+            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, stall, ctx),
+            frames: Assembler::new(1024),
+        });
+        (client, addr, ended)
+    }
+
     fn encoded(payload: &[u8], op: OpCode, masked: bool) -> BytesMut {
         let mut buf = BytesMut::new();
         Parser::write_message(&mut buf, payload, op, true, masked);
@@ -505,18 +543,8 @@ mod tests {
 
     #[actix::test]
     async fn bytes_read_with_the_handshake_are_handled_and_the_server_hangs_up_after_a_close() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let (done, ended) = oneshot::channel();
         // A frame the client sent right behind its handshake, already read by the server.
-        let read = encoded(b"early", OpCode::Text, true);
-        Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
-            frames: Assembler::new(1024),
-        });
+        let (mut client, _, ended) = echoer(encoded(b"early", OpCode::Text, true), STALL).await;
         let echo = encoded(b"early", OpCode::Text, false);
         let mut got = vec![0; echo.len()];
         client.read_exact(&mut got).await.unwrap();
@@ -537,17 +565,7 @@ mod tests {
 
     #[actix::test]
     async fn the_session_ends_at_its_close_frame_while_the_socket_waits_for_the_peer() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let (done, ended) = oneshot::channel();
-        let read = close_frame(true);
-        Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
-            frames: Assembler::new(1024),
-        });
+        let (mut client, _, ended) = echoer(close_frame(true), STALL).await;
         // The client keeps its side open: the actor (and so the session) still ends at once.
         let end = tokio::time::timeout(CLOSE_GRACE / 2, ended).await;
         assert!(
@@ -567,18 +585,8 @@ mod tests {
 
     #[actix::test]
     async fn a_peer_that_takes_nothing_of_a_full_backlog_is_dropped_after_the_stall_limit() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let (done, ended) = oneshot::channel();
-        let read = BytesMut::new();
         let stall = Duration::from_millis(300);
-        let addr = Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, stall, ctx),
-            frames: Assembler::new(1024),
-        });
+        let (client, addr, ended) = echoer(BytesMut::new(), stall).await;
         let handled = Arc::new(AtomicUsize::new(0));
         let text = "x".repeat(1000);
         // 30 MB: more than the kernel's buffers, so the actor waits on its socket, where
@@ -611,17 +619,7 @@ mod tests {
     #[actix::test]
     async fn an_actor_whose_peer_does_not_read_takes_no_messages_until_it_does() {
         const FRAMES: usize = 30_000;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let (done, _ended) = oneshot::channel();
-        let read = BytesMut::new();
-        let addr = Echoer::create(move |ctx| Echoer {
-            socket: WsSocket::start(Upgraded { stream, read, done }, 1024, STALL, ctx),
-            frames: Assembler::new(1024),
-        });
+        let (mut client, addr, _ended) = echoer(BytesMut::new(), STALL).await;
         let handled = Arc::new(AtomicUsize::new(0));
         let text = "x".repeat(1000);
         // 30 MB: far more than the kernel's socket buffers hold.
