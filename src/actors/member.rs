@@ -331,6 +331,11 @@ mod tests {
         assert_eq!(handle.offer(frame("a"), false), Offer::Evict);
         assert_eq!(handle.offer(frame("a"), true), Offer::Dropped);
         handle.close(4008, "slow");
+        let state = handle.inbox.lock();
+        assert!(
+            state.queue.is_empty() && state.frames == 0,
+            "not even the close"
+        );
     }
 
     #[test]

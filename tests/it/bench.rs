@@ -8,6 +8,11 @@ use serde_json::Value;
 
 use crate::harness::Server;
 
+/// confab-bench's /proc reader, shared rather than written again; the tests use a part of it.
+#[path = "../../src/bin/confab-bench/procs.rs"]
+#[allow(dead_code)]
+mod procs;
+
 /// Runs confab-bench against `server` with `args` and returns its JSON report.
 fn bench(server: &Server, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_confab-bench"))
@@ -57,6 +62,10 @@ fn fanout_delivers_every_message_to_every_member_once_and_in_order() {
             "1000000",
             "--keep-going",
         ],
+    );
+    assert_eq!(
+        r["latency_from"], "sent",
+        "the default, named in the report"
     );
     let steps = r["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 2, "{r:#}");
@@ -130,14 +139,9 @@ fn idle_reports_memory_per_connection_and_the_frames_to_fill_and_empty_rooms() {
     assert_eq!(r["closed_by_server"], serde_json::json!({}), "{r:#}");
 }
 
-/// Resident memory of a process, KiB.
+/// Resident memory of a process, KiB, read the way confab-bench reads it.
 fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    procs::sample(pid as u32).expect("/proc/PID").rss_kib
 }
 
 #[test]

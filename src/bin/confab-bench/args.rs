@@ -180,6 +180,15 @@ pub enum LatencyFrom {
     Due,
 }
 
+impl LatencyFrom {
+    /// The name `--latency-from` takes, for the report.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned())
+    }
+}
+
 /// Traffic settings after the scenario's defaults are filled in.
 #[derive(Debug, Clone)]
 pub struct Traffic {

@@ -272,7 +272,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         "warmup_secs": t.warmup.as_secs_f64(),
         "drain_secs": t.drain.as_secs_f64(),
         "max_p99_ms": t.max_p99_ms,
-        "latency_from": match t.latency_from { LatencyFrom::Sent => "sent", LatencyFrom::Due => "due" },
+        "latency_from": t.latency_from.name(),
         "frames": {"fill": frames_json(&fill, n_f), "total": frames_json(&ctx.shared.frames(), n_f)},
         "servers": pids.iter().enumerate().map(|(i, pid)| json!({
             "pid": pid, "before": procs::to_json(&before[i]), "filled": procs::to_json(&filled[i]),
