@@ -215,11 +215,16 @@ pub struct RedisCluster {
 fn cluster_node(dir: &Scratch, name: &str) -> Redis {
     let node_dir = dir.path(name);
     std::fs::create_dir_all(&node_dir).unwrap();
+    // The bus port is chosen too: by default it is the client port + 10,000, which can be
+    // another test's port (or past 65,535) when the client port is a free ephemeral one.
+    let bus_port = free_port().to_string();
     Redis::start_with(
         free_port(),
         &[
             "--cluster-enabled",
             "yes",
+            "--cluster-port",
+            &bus_port,
             "--cluster-config-file",
             "nodes.conf",
             "--cluster-node-timeout",

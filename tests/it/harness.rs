@@ -632,7 +632,12 @@ impl Redis {
             .expect("redis-server not found: install it (scripts/test.sh does: apt-get install redis-server)");
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Ready when it answers PING: an open port alone may be another process's, or this
+        // one's in the moment before it fails to bind something else and exits.
+        while !self.pings() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("redis-server on {} exited at start: {status}", self.port);
+            }
             assert!(
                 Instant::now() < end,
                 "redis-server did not start on {}",
@@ -640,6 +645,23 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a PING on the port gets this server's PONG.
+    fn pings(&mut self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        let pong = stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n";
+        pong && self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub fn url(&self) -> String {
