@@ -83,6 +83,9 @@ const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// queueing work without bound.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
 
+/// Most messages handed to the bus in one run (one script call on Redis).
+const MAX_RUN: usize = 64;
+
 /// Settings every session of a replica shares.
 #[derive(Debug)]
 pub struct SessionConfig {
@@ -139,6 +142,11 @@ pub struct Session {
     answers: FuturesOrdered<BoxFuture<'static, ByteString>>,
     /// An [`Answers`] future is spawned and drives `answers`.
     answering: bool,
+    /// Messages read but not yet handed to the bus: those of one read go as one run
+    /// ([`Session::send_run`]).
+    run: Vec<NewMessage>,
+    /// Wakes [`Runs`] when a run begins.
+    run_waker: Option<std::task::Waker>,
     socket: WsSocket,
     /// The admission slot (connection caps); released when the session ends.
     _slot: Box<dyn Send>,
@@ -178,6 +186,8 @@ impl Session {
                 inbox: InboxReader::new(),
                 answers: FuturesOrdered::new(),
                 answering: false,
+                run: Vec::new(),
+                run_waker: None,
                 cfg,
                 socket,
                 _slot: slot,
@@ -219,6 +229,11 @@ impl Session {
         );
         if metered && !self.bucket.try_take(Instant::now()) {
             return self.rate_limited(&request, ctx);
+        }
+        if !matches!(request, Request::Message { .. }) {
+            // Messages read before this request reach the bus before it (typing) and are
+            // answered before it is (pong, presence, history).
+            self.send_run(ctx);
         }
         match request {
             Request::Ping => self.socket.text(ServerFrame::Pong.to_text(), ctx),
@@ -271,27 +286,7 @@ impl Session {
     }
 
     fn publish(&mut self, text: String, reference: Option<String>, ctx: &mut Context<Self>) {
-        let answer = if self.may_publish {
-            let msg = NewMessage {
-                user: self.user.clone(),
-                name: self.name.clone(),
-                text,
-                reference: reference.clone(),
-            };
-            // The bus call is made (and sent) now, in send order; only its answer waits.
-            let publish = self.bus.publish(&self.room, msg);
-            async move {
-                match publish.await {
-                    Ok(p) => ServerFrame::Ack {
-                        reference: reference.as_deref(),
-                        offset: p.offset,
-                    }
-                    .to_text(),
-                    Err(e) => bus_error_frame(&e, reference.as_deref()),
-                }
-            }
-            .boxed()
-        } else {
+        if !self.may_publish {
             // Answered in turn with the acks of earlier messages, and never stored.
             self.cfg.metrics.rejected(ErrorCode::Forbidden);
             let frame = ServerFrame::Error {
@@ -300,9 +295,60 @@ impl Session {
                 reference: reference.as_deref(),
             }
             .to_text();
-            futures_util::future::ready(frame).boxed()
-        };
-        self.answers.push_back(answer);
+            return self.answer(vec![futures_util::future::ready(frame).boxed()], ctx);
+        }
+        self.run.push(NewMessage {
+            user: self.user.clone(),
+            name: self.name.clone(),
+            text,
+            reference,
+        });
+        if self.run.len() == 1 {
+            // [`Runs`] sends it once the frames read with it are handled.
+            if let Some(waker) = &self.run_waker {
+                waker.wake_by_ref();
+            }
+        }
+        if self.run.len() >= MAX_RUN
+            || self.answers.len() + self.run.len() >= MAX_PUBLISHES_IN_FLIGHT
+        {
+            self.send_run(ctx);
+        }
+    }
+
+    /// Hands the messages read so far to the bus as one run (one script call on Redis), in
+    /// the order the client sent them; their acks come back in that order too.
+    fn send_run(&mut self, ctx: &mut Context<Self>) {
+        if self.run.is_empty() {
+            return;
+        }
+        let run = std::mem::take(&mut self.run);
+        let references: Vec<Option<String>> = run.iter().map(|m| m.reference.clone()).collect();
+        // The bus call is made (and sent) now, in send order; only the answers wait.
+        let calls = self.bus.publish_run(&self.room, run);
+        let answers = calls
+            .into_iter()
+            .zip(references)
+            .map(|(call, reference)| {
+                async move {
+                    match call.await {
+                        Ok(p) => ServerFrame::Ack {
+                            reference: reference.as_deref(),
+                            offset: p.offset,
+                        }
+                        .to_text(),
+                        Err(e) => bus_error_frame(&e, reference.as_deref()),
+                    }
+                }
+                .boxed()
+            })
+            .collect();
+        self.answer(answers, ctx);
+    }
+
+    /// Queues answers behind those in flight, and makes sure they are written as they come.
+    fn answer(&mut self, answers: Vec<BoxFuture<'static, ByteString>>, ctx: &mut Context<Self>) {
+        self.answers.extend(answers);
         if self.answers.len() >= MAX_PUBLISHES_IN_FLIGHT {
             // `wait` holds back every other event of this actor, the socket included, until
             // answers came back below the cap.
@@ -451,6 +497,7 @@ impl Actor for Session {
         };
         let member = self.inbox.handle(limits);
         ctx.spawn(Deliveries);
+        ctx.spawn(Runs);
         self.hub.do_send(Connect {
             room: self.room.clone(),
             join: Join {
@@ -464,6 +511,10 @@ impl Actor for Session {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        // Messages read just before the end (a send, then a close) are still stored, as
+        // they would have been sent one by one; nobody is left to take their acks.
+        let run = std::mem::take(&mut self.run);
+        drop(self.bus.publish_run(&self.room, run));
         self.cfg.metrics.sessions_open.dec();
         self.hub.do_send(Disconnect {
             room: self.room.clone(),
@@ -499,6 +550,34 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
 
     fn finished(&mut self, ctx: &mut Self::Context) {
         socket::finished(&self.socket, ctx);
+    }
+}
+
+/// Sends the messages read so far as one run, for the life of the session. actix polls an
+/// actor's futures after its socket's stream has handled the frames at hand (up to 16 in a
+/// row), so a run holds what one read brought. A future that lives on rather than one
+/// spawned per run: a spawn makes actix poll the stream again before yielding, so a client
+/// sending fast would keep its session reading with nothing else on its thread running.
+struct Runs;
+
+impl ActorFuture<Session> for Runs {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        session: &mut Session,
+        ctx: &mut Context<Session>,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        session.send_run(ctx);
+        if !session
+            .run_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(task.waker()))
+        {
+            session.run_waker = Some(task.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 }
 

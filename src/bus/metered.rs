@@ -21,12 +21,9 @@ impl MeteredBus {
     }
 }
 
-impl Bus for MeteredBus {
-    fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
-        self.metrics.messages_received.inc();
-        let started = Instant::now();
-        // Called now, not when polled: the inner bus orders publishes by call (see `Bus`).
-        let call = self.inner.publish(room, msg);
+impl MeteredBus {
+    /// Times one message's publish and counts it once stored.
+    fn measured(&self, call: BusFuture<Published>, started: Instant) -> BusFuture<Published> {
         let metrics = Arc::clone(&self.metrics);
         Box::pin(async move {
             let result = call.await;
@@ -40,6 +37,26 @@ impl Bus for MeteredBus {
             }
             result
         })
+    }
+}
+
+impl Bus for MeteredBus {
+    fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
+        self.metrics.messages_received.inc();
+        let started = Instant::now();
+        // Called now, not when polled: the inner bus orders publishes by call (see `Bus`).
+        let call = self.inner.publish(room, msg);
+        self.measured(call, started)
+    }
+
+    fn publish_run(&self, room: &RoomName, msgs: Vec<NewMessage>) -> Vec<BusFuture<Published>> {
+        self.metrics.messages_received.inc_by(msgs.len() as u64);
+        let started = Instant::now();
+        let calls = self.inner.publish_run(room, msgs);
+        calls
+            .into_iter()
+            .map(|call| self.measured(call, started))
+            .collect()
     }
 
     fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {

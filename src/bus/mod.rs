@@ -160,6 +160,15 @@ pub trait Bus: Send + Sync + 'static {
     /// started by this call, so calls are stored in call order.
     fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published>;
 
+    /// Publishes a run of one room's messages in order, exactly as `publish` would one after
+    /// another (offsets in order, each acked for itself), returning one future per message.
+    /// A bus may store the run in one round trip: the Redis bus makes one script call of it.
+    fn publish_run(&self, room: &RoomName, msgs: Vec<NewMessage>) -> Vec<BusFuture<Published>> {
+        msgs.into_iter()
+            .map(|msg| self.publish(room, msg))
+            .collect()
+    }
+
     /// Relays a typing signal; not stored.
     fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
 

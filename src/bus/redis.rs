@@ -278,6 +278,25 @@ impl RedisBus {
         Ok((head, messages))
     }
 
+    /// What a failed publish call tells its client.
+    fn publish_failed(self: &Arc<Self>, e: fred::error::Error) -> BusError {
+        if e.details().starts_with("NOSCRIPT") {
+            // Not retried: later messages of this session may already be stored, and a retry
+            // would land after them. The client's retry (same `ref`) is a new send. Redis lost
+            // its scripts (a restart the bridge has not seen yet): load them again for the
+            // next calls. One reload at a time: a burst of publishes in flight all fail alike.
+            if !self.reloading.swap(true, Ordering::AcqRel) {
+                let bus = Arc::clone(self);
+                tokio::spawn(async move {
+                    bus.load_scripts().await;
+                    bus.reloading.store(false, Ordering::Release);
+                });
+            }
+            return BusError::Unavailable("Redis is loading confab's scripts; try again".into());
+        }
+        unavailable(e)
+    }
+
     fn read_room(
         self: &Arc<Self>,
         room: &RoomName,
@@ -311,88 +330,114 @@ impl RedisBus {
 
 impl Bus for Arc<RedisBus> {
     fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
+        match self.publish_run(room, vec![msg]).pop() {
+            Some(call) => call,
+            None => unreachable!("one future per message"),
+        }
+    }
+
+    fn publish_run(&self, room: &RoomName, msgs: Vec<NewMessage>) -> Vec<BusFuture<Published>> {
+        let count = msgs.len();
+        let each = |result: Result<Published, BusError>| {
+            (0..count)
+                .map(|_| futures_util::future::ready(result.clone()).boxed())
+                .collect()
+        };
+        if count == 0 {
+            return Vec::new();
+        }
         if let Err(e) = self.check_ready() {
-            return futures_util::future::ready(Err(e)).boxed();
+            return each(Err(e));
         }
         let keys = self.keys(room);
-        // The frame is serialized here, once, with a marker where the script puts the offset.
-        const MARK: u64 = 9_999_999_999_999_999;
-        let frame = ServerFrame::Message {
-            room,
-            offset: MARK,
-            user: &msg.user,
-            name: msg.name.as_deref(),
-            text: &msg.text,
-            ts: now_ms(),
-        }
-        .to_text();
-        let (before, after) = split_at_offset(&frame, MARK);
-        let ref_key = match &msg.reference {
-            Some(r) => format!("{}:{{{room}}}:ref:{}:{r}", self.prefix, msg.user),
-            None => keys.meta.clone(),
-        };
-        let args: Vec<Value> = vec![
+        let mut script_keys = Vec::with_capacity(2 + count);
+        script_keys.push(keys.meta.clone());
+        script_keys.push(keys.history.clone());
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 3 * count);
+        args.extend([
             keys.channel.into(),
             Value::from(self.history_size as i64),
             Value::from(self.ttl_secs as i64),
-            before.into(),
-            after.into(),
             Epoch::generate().as_str().into(),
-            msg.reference.unwrap_or_default().into(),
             Value::from(REF_TTL.as_secs() as i64),
             if self.replication.enabled() { "1" } else { "0" }.into(),
-        ];
+        ]);
+        let ts = now_ms();
+        for msg in msgs {
+            // Each frame is serialized here, once, with a marker where the script puts the
+            // offset.
+            const MARK: u64 = 9_999_999_999_999_999;
+            let frame = ServerFrame::Message {
+                room,
+                offset: MARK,
+                user: &msg.user,
+                name: msg.name.as_deref(),
+                text: &msg.text,
+                ts,
+            }
+            .to_text();
+            let (before, after) = split_at_offset(&frame, MARK);
+            script_keys.push(match &msg.reference {
+                Some(r) => format!("{}:{{{room}}}:ref:{}:{r}", self.prefix, msg.user),
+                None => keys.meta.clone(),
+            });
+            args.extend([
+                before.into(),
+                after.into(),
+                msg.reference.unwrap_or_default().into(),
+            ]);
+        }
         let client = self.client.clone();
         let sha = self.publish.sha1().clone();
-        let meta = keys.meta.clone();
         // Sent now, so one session's messages get their offsets in the order it sent them.
         let call = sent(async move {
             client
-                .evalsha::<Value, _, _, _>(sha, vec![keys.meta, keys.history, ref_key], args)
+                .evalsha::<Value, _, _, _>(sha, script_keys, args)
                 .await
         });
         // After the script was sent: the WAIT that answers this comes after it on the wire.
         let replicated = self
             .replication
             .enabled()
-            .then(|| self.replication.confirm(&self.client, &meta));
+            .then(|| self.replication.confirm(&self.client, &keys.meta));
         let bus = Arc::clone(self);
-        async move {
-            let reply = call.await.map_err(|e| {
-                if e.details().starts_with("NOSCRIPT") {
-                    // Not retried: later messages of this session may already be stored, and
-                    // a retry would land after them. The client's retry (same `ref`) is a new
-                    // send. Redis lost its scripts (a restart the bridge has not seen yet):
-                    // load them again for the next calls.
-                    // One reload at a time: a burst of publishes in flight all fail alike.
-                    if !bus.reloading.swap(true, Ordering::AcqRel) {
-                        tokio::spawn(async move {
-                            bus.load_scripts().await;
-                            bus.reloading.store(false, Ordering::Release);
-                        });
-                    }
-                    return BusError::Unavailable(
-                        "Redis is loading confab's scripts; try again".into(),
-                    );
-                }
-                unavailable(e)
-            })?;
+        let run = async move {
+            let reply = call.await.map_err(|e| bus.publish_failed(e))?;
             let mut parts = reply.into_array().into_iter();
-            let RoomHead { epoch, offset } = reply_head(&mut parts, "publish")?;
-            let duplicate = reply_flag(&mut parts, "publish")?;
+            let epoch = parts
+                .next()
+                .and_then(|v| v.as_string())
+                .map(|e| Epoch::from_string(&e))
+                .ok_or_else(|| bad_reply("publish"))?;
+            let mut stored = Vec::with_capacity(count);
+            for _ in 0..count {
+                let offset = parts
+                    .next()
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| bad_reply("publish"))?;
+                let duplicate = reply_flag(&mut parts, "publish")?;
+                stored.push(Published {
+                    epoch: epoch.clone(),
+                    offset,
+                    duplicate,
+                });
+            }
             if let Some(replicated) = replicated {
                 // Stored (and published), but acked only once enough replicas have it. If
                 // they do not confirm in time the client retries with its ref, which finds
                 // this message and waits for the replicas again.
                 replicated.await?;
             }
-            Ok(Published {
-                epoch,
-                offset,
-                duplicate,
-            })
+            Ok::<_, BusError>(Arc::new(stored))
         }
         .boxed()
+        .shared();
+        (0..count)
+            .map(|i| {
+                let run = run.clone();
+                async move { run.await.map(|stored| stored[i].clone()) }.boxed()
+            })
+            .collect()
     }
 
     fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {

@@ -116,6 +116,109 @@ async fn one_connections_fast_messages_get_offsets_in_send_order_on_the_embedded
     fast_messages_keep_send_order(Bus::Embedded).await;
 }
 
+/// Script calls Redis has run since its statistics were last reset.
+async fn evalsha_calls(redis: &Redis) -> u64 {
+    let stats = redis.cmd(&["INFO", "commandstats"]).await;
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_stored_in_order_in_few_script_calls_with_a_ref_repeated_in_it_stored_once() {
+    const N: usize = 48;
+    let bus = Bus::Redis(Redis::start());
+    let server = bus.server("burst", &[]).await;
+    let Bus::Redis(redis) = &bus else {
+        unreachable!()
+    };
+    let (mut reader, _) = server.join("/ws/burst?user=reader").await;
+    let (mut writer, _) = server.join("/ws/burst?user=writer").await;
+    // Two retries inside the burst: of an earlier message, and of the one just before.
+    let refs: Vec<String> = (0..N)
+        .map(|i| match i {
+            20 => "r3".to_owned(),
+            47 => "r46".to_owned(),
+            _ => format!("r{i}"),
+        })
+        .collect();
+    let frames: Vec<String> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| json!({"type":"message","text":format!("m{i}"),"ref":r}).to_string())
+        .collect();
+    redis.cmd(&["CONFIG", "RESETSTAT"]).await;
+    // Written back to back, so the server reads many frames at a time.
+    let seen = send_while_reading(&mut writer, frames, |seen| {
+        seen.iter().filter(|v| v["type"] == "ack").count() == N
+    })
+    .await;
+    let calls = evalsha_calls(redis).await;
+
+    let acks: Vec<(String, u64)> = seen
+        .iter()
+        .filter(|v| v["type"] == "ack")
+        .map(|v| {
+            (
+                v["ref"].as_str().unwrap().to_owned(),
+                v["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut expected = Vec::new();
+    let mut offsets = std::collections::HashMap::new();
+    for r in &refs {
+        let next = offsets.len() as u64 + 1;
+        let offset = *offsets.entry(r.clone()).or_insert(next);
+        expected.push((r.clone(), offset));
+    }
+    assert_eq!(
+        acks, expected,
+        "acks in send order, a retry acked with the first offset"
+    );
+    let mut texts = Vec::new();
+    while texts.len() < N - 2 {
+        let v = reader.next_of("message").await;
+        assert_eq!(v["offset"], texts.len() as u64 + 1, "{v}");
+        texts.push(v["text"].as_str().unwrap().to_owned());
+    }
+    let sent: Vec<String> = (0..N)
+        .filter(|i| ![20, 47].contains(i))
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(texts, sent, "each message once, in send order");
+    assert!(
+        reader.try_next(Duration::from_millis(300)).await.is_none(),
+        "nothing after them"
+    );
+    assert!(
+        calls <= (N / 2) as u64,
+        "{N} messages read together took {calls} script calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_just_before_closing_is_still_stored_and_delivered() {
+    let bus = Bus::Redis(Redis::start());
+    let server = bus.server("parting", &[]).await;
+    let (mut reader, _) = server.join("/ws/parting?user=reader").await;
+    for i in 0..10 {
+        let (mut writer, _) = server.join(&format!("/ws/parting?user=w{i}")).await;
+        // The message and the close frame go out together.
+        writer
+            .ws
+            .feed(Message::text(
+                json!({"type":"message","text":format!("bye {i}")}).to_string(),
+            ))
+            .await
+            .unwrap();
+        writer.ws.close(None).await.unwrap();
+        let v = reader.next_of("message").await;
+        assert_eq!(v["text"], format!("bye {i}"));
+    }
+}
+
 async fn first_message_comes_back(bus: Bus) {
     const TRIES: usize = 40;
     let server = bus.server("first", &[]).await;
