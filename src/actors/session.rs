@@ -147,6 +147,8 @@ pub struct Session {
     run: Vec<NewMessage>,
     /// Wakes [`Runs`] when a run begins.
     run_waker: Option<std::task::Waker>,
+    /// A [`Runs`] future is spawned.
+    runs_started: bool,
     socket: WsSocket,
     /// The admission slot (connection caps); released when the session ends.
     _slot: Box<dyn Send>,
@@ -188,6 +190,7 @@ impl Session {
                 answering: false,
                 run: Vec::new(),
                 run_waker: None,
+                runs_started: false,
                 cfg,
                 socket,
                 _slot: slot,
@@ -304,9 +307,15 @@ impl Session {
             reference,
         });
         if self.run.len() == 1 {
-            // [`Runs`] sends it once the frames read with it are handled.
-            if let Some(waker) = &self.run_waker {
-                waker.wake_by_ref();
+            // [`Runs`] sends it once the frames read with it are handled. Started with the
+            // session's first message: most members of a big room never send one.
+            match &self.run_waker {
+                Some(waker) => waker.wake_by_ref(),
+                None if !self.runs_started => {
+                    self.runs_started = true;
+                    ctx.spawn(Runs);
+                }
+                None => {}
             }
         }
         if self.run.len() >= MAX_RUN
@@ -497,7 +506,6 @@ impl Actor for Session {
         };
         let member = self.inbox.handle(limits);
         ctx.spawn(Deliveries);
-        ctx.spawn(Runs);
         self.hub.do_send(Connect {
             room: self.room.clone(),
             join: Join {
@@ -553,11 +561,12 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
     }
 }
 
-/// Sends the messages read so far as one run, for the life of the session. actix polls an
-/// actor's futures after its socket's stream has handled the frames at hand (up to 16 in a
-/// row), so a run holds what one read brought. A future that lives on rather than one
+/// Sends the messages read so far as one run, from the session's first message on. actix
+/// polls an actor's futures after its socket's stream has handled the frames at hand (up to
+/// 16 in a row), so a run holds what one read brought. A future that lives on rather than one
 /// spawned per run: a spawn makes actix poll the stream again before yielding, so a client
-/// sending fast would keep its session reading with nothing else on its thread running.
+/// sending fast would keep its session reading with nothing else on its thread running (its
+/// own backlog then reached the room at once and closed it with 4008).
 struct Runs;
 
 impl ActorFuture<Session> for Runs {
