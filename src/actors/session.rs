@@ -234,8 +234,8 @@ impl Session {
             return self.rate_limited(&request, ctx);
         }
         if !matches!(request, Request::Message { .. }) {
-            // Messages read before this request reach the bus before it (typing) and are
-            // answered before it is (pong, presence, history).
+            // Messages read before this request reach the bus before it does (a typing
+            // signal lands after them on the channel), as they did when each went at once.
             self.send_run(ctx);
         }
         match request {
@@ -540,6 +540,21 @@ impl Actor for Session {
 
 impl StreamHandler<Result<Frame, ProtocolError>> for Session {
     fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
+        self.on_frame(item, ctx);
+        if ctx.waiting() {
+            // Writing an answer filled the socket: actix polls nothing but the wait until
+            // the client reads, [`Runs`] included, and the messages read must not wait on it.
+            self.send_run(ctx);
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        socket::finished(&self.socket, ctx);
+    }
+}
+
+impl Session {
+    fn on_frame(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
         let metrics = Some(&*self.cfg.metrics);
         match handle_frame(&mut self.frames, &mut self.socket, item, ctx, metrics) {
@@ -555,15 +570,11 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
             None => {}
         }
     }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        socket::finished(&self.socket, ctx);
-    }
 }
 
 /// Sends the messages read so far as one run, from the session's first message on. actix
-/// polls an actor's futures after its socket's stream has handled the frames at hand (up to
-/// 16 in a row), so a run holds what one read brought. A future that lives on rather than one
+/// polls an actor's futures after its socket's stream has handled the frames at hand (16 at
+/// a time, sometimes a few rounds), so a run holds what one read brought. A future that lives on rather than one
 /// spawned per run: a spawn makes actix poll the stream again before yielding, so a client
 /// sending fast would keep its session reading with nothing else on its thread running (its
 /// own backlog then reached the room at once and closed it with 4008).
@@ -609,6 +620,8 @@ impl ActorFuture<Session> for Deliveries {
         while let Some(out) = session.inbox.next(task.waker()) {
             session.deliver(out, ctx);
             if ctx.waiting() {
+                // The socket is full: messages the session read go now, not after the wait.
+                session.send_run(ctx);
                 session.inbox.settle_now();
                 break;
             }

@@ -192,10 +192,48 @@ async fn a_burst_is_stored_in_order_in_few_script_calls_with_a_ref_repeated_in_i
         reader.try_next(Duration::from_millis(300)).await.is_none(),
         "nothing after them"
     );
+    // 0 would mean the count was not read at all.
     assert!(
-        calls <= (N / 2) as u64,
+        (1..=(N / 2) as u64).contains(&calls),
         "{N} messages read together took {calls} script calls"
     );
+}
+
+#[tokio::test]
+async fn the_publish_script_stores_a_ref_repeated_within_one_call_once() {
+    // Whether a retry lands in the same run as its first send depends on how reads fall, so
+    // the script is driven directly: two messages with one ref in one call.
+    let redis = Redis::start();
+    let script = include_str!("../../src/bus/lua/publish.lua");
+    let (before, after) = (r#"{"type":"message","offset":"#, r#","text":"hi"}"#);
+    let reply = redis
+        .cmd(&[
+            "EVAL",
+            script,
+            "4",
+            "t:{r}:meta",
+            "t:{r}:history",
+            "t:{r}:ref:u:a",
+            "t:{r}:ref:u:a",
+            "t:room:r",
+            "100",
+            "60",
+            "ep1",
+            "300",
+            "0",
+            before,
+            after,
+            "a",
+            before,
+            after,
+            "a",
+        ])
+        .await;
+    assert_eq!(
+        reply, "*5\r\n$3\r\nep1\r\n:1\r\n:0\r\n:1\r\n:1\r\n",
+        "epoch, then offset 1 stored and offset 1 again as a duplicate"
+    );
+    assert_eq!(redis.cmd(&["XLEN", "t:{r}:history"]).await, ":1\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

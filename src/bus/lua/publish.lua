@@ -15,12 +15,16 @@
 -- the offset, ARGV[9 + 3i] ref ('' = none).
 -- Returns {epoch, offset_1, duplicate_1 (0/1), offset_2, duplicate_2, ...}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+-- Whether this call wrote the room: only then is its idle TTL refreshed (a retry alone, as
+-- before runs, leaves it).
+local wrote = false
 if not epoch then
   -- A new epoch: whatever history is left belongs to a lost one. A ref remembered from it
   -- names that epoch, so it never matches below.
   epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  wrote = true
 end
 local out = {epoch}
 local n = (#ARGV - 6) / 3
@@ -55,8 +59,11 @@ for i = 0, n - 1 do
       '{"kind":"message","epoch":"' .. epoch .. '","offset":' .. offset .. ',"frame":' .. frame .. '}')
     out[#out + 1] = tonumber(offset)
     out[#out + 1] = 0
+    wrote = true
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+if wrote then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
 return out
