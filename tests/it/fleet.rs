@@ -106,13 +106,15 @@ impl SentinelSet {
         for i in 0..3 {
             let port = free_port();
             let conf = dir.path(&format!("sentinel-{i}.conf"));
-            // Sentinel rewrites its file as it learns, so each gets its own.
+            // Sentinel rewrites its file as it learns, so each gets its own. Down after 3 s,
+            // not 1: with 1 s, a Sentinel on a loaded machine marked the master it had just
+            // switched to down before its new link answered, and failed over again.
             std::fs::write(
                 &conf,
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                      sentinel monitor {SERVICE} 127.0.0.1 {master} 2\n\
-                     sentinel down-after-milliseconds {SERVICE} 1000\n\
+                     sentinel down-after-milliseconds {SERVICE} 3000\n\
                      sentinel failover-timeout {SERVICE} 5000\n\
                      sentinel parallel-syncs {SERVICE} 1\n",
                     dir = dir.0.display(),
