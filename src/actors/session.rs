@@ -574,10 +574,10 @@ impl Session {
 
 /// Sends the messages read so far as one run, from the session's first message on. actix
 /// polls an actor's futures after its socket's stream has handled the frames at hand (16 at
-/// a time, sometimes a few rounds), so a run holds what one read brought. A future that lives on rather than one
-/// spawned per run: a spawn makes actix poll the stream again before yielding, so a client
-/// sending fast would keep its session reading with nothing else on its thread running (its
-/// own backlog then reached the room at once and closed it with 4008).
+/// a time, sometimes a few rounds), so a run holds what one read brought. A future that lives
+/// on rather than one spawned per run: a spawn makes actix poll the stream again before
+/// yielding, so a client sending fast would keep its session reading with nothing else on its
+/// thread running (its own backlog then reached the room at once and closed it with 4008).
 struct Runs;
 
 impl ActorFuture<Session> for Runs {

@@ -1,10 +1,13 @@
 //! The Redis bus: replicas share rooms through one Redis (standalone, Sentinel or Cluster).
 //!
 //! [`RedisBus`] implements the bus contract with a publisher client and Lua scripts (`lua/`):
-//! `publish` assigns the offset, appends to the room's history stream, and PUBLISHes in one
-//! step (sent in call order, see [`Bus::publish`]; never retried after `NOSCRIPT`); `read` serves head, resume and
-//! history from one snapshot; `renew` moves a room whose store went back to a new epoch; presence, with per-replica leases and reaping, lives in [`presence`] and its
-//! scripts (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
+//! - `publish` assigns each message of a run its offset, appends it to the room's history
+//!   stream and PUBLISHes it, in one call (sent in call order, see [`Bus::publish`]; never
+//!   retried after `NOSCRIPT`);
+//! - `read` serves head, resume and history from one snapshot;
+//! - `renew` moves a room whose store went back to a new epoch;
+//! - presence, with per-replica leases and reaping, lives in [`presence`] and its scripts
+//!   (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
 //!
 //! The subscriber side lives in [`RedisBridge`](super::bridge::RedisBridge).
 //!
