@@ -13,7 +13,7 @@
 //! Closing writes the close frame, lets everything before it reach the socket, shuts the
 //! write side (the server starts the TCP close, RFC 6455 §7.1.1) and stops the actor, so the
 //! session leaves its room at once. The socket itself lingers a little longer in a task of its
-//! own ([`linger`]), reading and discarding until the peer closes too: closing with unread bytes
+//! own (`linger`), reading and discarding until the peer closes too: closing with unread bytes
 //! in the kernel would send a reset, which can destroy the close frame before the client reads
 //! it. A close frame that cannot go out (the peer stopped reading) is given up [`CLOSE_GRACE`]
 //! after it was queued, so a hung client cannot hold its session, its presence and its

@@ -1,4 +1,4 @@
-//! The embedded bus: the whole [`Bus`](super::Bus) contract inside one process, for a single
+//! The embedded bus: the whole [`Bus`] contract inside one process, for a single
 //! replica with no Redis. Replicas started this way do not see each other.
 //!
 //! One mutex guards all rooms. Events are handed to the sink while it is held, so the order in

@@ -6,8 +6,8 @@
 //!   retried after `NOSCRIPT`);
 //! - `read` serves head, resume and history from one snapshot;
 //! - `renew` moves a room whose store went back to a new epoch;
-//! - presence, with per-replica leases and reaping, lives in [`presence`] and its scripts
-//!   (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
+//! - presence, with per-replica leases and reaping, lives in the `presence` module and its
+//!   scripts (`presence`, `members`, `reap`, `lease`, `owner`, `rooms`).
 //!
 //! The subscriber side lives in [`RedisBridge`](super::bridge::RedisBridge).
 //!

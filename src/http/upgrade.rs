@@ -2,7 +2,7 @@
 //!
 //! actix-http hands every request carrying `Upgrade: websocket` here with the connection's
 //! framed stream. Requests for `/ws/{room}` (and `/echo` when enabled) get the checks of
-//! [`super::ws`]; a refusal, or any other path, is answered with its JSON error and the
+//! `super::ws`; a refusal, or any other path, is answered with its JSON error and the
 //! connection closed. An accepted request gets the `101` answer, and then its session owns the
 //! bare TCP stream and any bytes the client sent right behind its handshake: the dispatcher's
 //! two 8 KiB buffers are dropped, which is most of what an idle connection used to cost.
