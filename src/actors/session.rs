@@ -145,10 +145,8 @@ pub struct Session {
     /// Messages read but not yet handed to the bus: those of one read go as one run
     /// ([`Session::send_run`]).
     run: Vec<NewMessage>,
-    /// Wakes [`Runs`] when a run begins.
+    /// Wakes [`Deliveries`], which sends the run, when a run begins.
     run_waker: Option<std::task::Waker>,
-    /// A [`Runs`] future is spawned.
-    runs_started: bool,
     socket: WsSocket,
     /// The admission slot (connection caps); released when the session ends.
     _slot: Box<dyn Send>,
@@ -190,7 +188,6 @@ impl Session {
                 answering: false,
                 run: Vec::new(),
                 run_waker: None,
-                runs_started: false,
                 cfg,
                 socket,
                 _slot: slot,
@@ -307,15 +304,9 @@ impl Session {
             reference,
         });
         if self.run.len() == 1 {
-            // [`Runs`] sends it once the frames read with it are handled. Started with the
-            // session's first message: most members of a big room never send one.
-            match &self.run_waker {
-                Some(waker) => waker.wake_by_ref(),
-                None if !self.runs_started => {
-                    self.runs_started = true;
-                    ctx.spawn(Runs);
-                }
-                None => {}
+            // [`Deliveries`] sends it once the frames read with it are handled.
+            if let Some(waker) = &self.run_waker {
+                waker.wake_by_ref();
             }
         }
         if self.run.len() >= MAX_RUN
@@ -521,8 +512,12 @@ impl Actor for Session {
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         // Messages read just before the end (a send, then a close) are still stored, as
         // they would have been sent one by one; nobody is left to take their acks.
-        let run = std::mem::take(&mut self.run);
-        drop(self.bus.publish_run(&self.room, run));
+        if !self.run.is_empty() {
+            drop(
+                self.bus
+                    .publish_run(&self.room, std::mem::take(&mut self.run)),
+            );
+        }
         self.cfg.metrics.sessions_open.dec();
         self.hub.do_send(Disconnect {
             room: self.room.clone(),
@@ -543,7 +538,8 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Session {
         self.on_frame(item, ctx);
         if ctx.waiting() {
             // Writing an answer filled the socket: actix polls nothing but the wait until
-            // the client reads, [`Runs`] included, and the messages read must not wait on it.
+            // the client reads, [`Deliveries`] included, and the messages read must not wait
+            // on it.
             self.send_run(ctx);
         }
     }
@@ -572,15 +568,22 @@ impl Session {
     }
 }
 
-/// Sends the messages read so far as one run, from the session's first message on. actix
-/// polls an actor's futures after its socket's stream has handled the frames at hand (16 at
-/// a time, sometimes a few rounds), so a run holds what one read brought. A future that lives
-/// on rather than one spawned per run: a spawn makes actix poll the stream again before
-/// yielding, so a client sending fast would keep its session reading with nothing else on its
-/// thread running (its own backlog then reached the room at once and closed it with 4008).
-struct Runs;
+/// Writes what the room puts in the session's inbox, for the life of the session. Pauses
+/// while the socket is backpressured (the socket's `ctx.wait`), so the room's counts stay the
+/// backlog; actix polls it again once the wait is over. It must stop only there or at an
+/// empty inbox (which keeps its waker): a pause for any other reason, a per-poll cap say,
+/// needs a wake-up of its own or the session hangs.
+///
+/// It first sends the messages read so far as one run ([`Session::send_run`]): actix polls an
+/// actor's futures after its socket's stream has handled the frames at hand (16 at a time,
+/// sometimes a few rounds), so a run holds what one read brought, and [`Session::publish`]
+/// wakes it for a run that began after it was polled. Not a future spawned per run: a spawn
+/// makes actix poll the stream again before yielding, so a client sending fast kept its
+/// session reading with nothing else on its thread running (its own backlog then reached the
+/// room at once and closed it with 4008).
+struct Deliveries;
 
-impl ActorFuture<Session> for Runs {
+impl ActorFuture<Session> for Deliveries {
     type Output = ();
 
     fn poll(
@@ -597,31 +600,13 @@ impl ActorFuture<Session> for Runs {
         {
             session.run_waker = Some(task.waker().clone());
         }
-        std::task::Poll::Pending
-    }
-}
-
-/// Writes what the room puts in the session's inbox, for the life of the session. Pauses
-/// while the socket is backpressured (the socket's `ctx.wait`), so the room's counts stay the
-/// backlog; actix polls it again once the wait is over. It must stop only there or at an
-/// empty inbox (which keeps its waker): a pause for any other reason, a per-poll cap say,
-/// needs a wake-up of its own or the session hangs.
-struct Deliveries;
-
-impl ActorFuture<Session> for Deliveries {
-    type Output = ();
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        session: &mut Session,
-        ctx: &mut Context<Session>,
-        task: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+        if ctx.waiting() {
+            // The run filled the in-flight cap: nothing more until answers came back.
+            return std::task::Poll::Pending;
+        }
         while let Some(out) = session.inbox.next(task.waker()) {
             session.deliver(out, ctx);
             if ctx.waiting() {
-                // The socket is full: messages the session read go now, not after the wait.
-                session.send_run(ctx);
                 session.inbox.settle_now();
                 break;
             }
