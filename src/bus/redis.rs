@@ -369,7 +369,6 @@ impl Bus for Arc<RedisBus> {
         for msg in msgs {
             // Each frame is serialized here, once, with a marker where the script puts the
             // offset.
-            const MARK: u64 = 9_999_999_999_999_999;
             let frame = ServerFrame::Message {
                 room,
                 offset: MARK,
@@ -379,7 +378,7 @@ impl Bus for Arc<RedisBus> {
                 ts,
             }
             .to_text();
-            let (before, after) = split_at_offset(&frame, MARK);
+            let (before, after) = split_at_offset(&frame);
             script_keys.push(match &msg.reference {
                 Some(r) => format!("{}:{{{room}}}:ref:{}:{r}", self.prefix, msg.user),
                 None => keys.meta.clone(),
@@ -407,17 +406,15 @@ impl Bus for Arc<RedisBus> {
         let run = async move {
             let reply = call.await.map_err(|e| bus.publish_failed(e))?;
             let mut parts = reply.into_array().into_iter();
-            let epoch = parts
-                .next()
-                .and_then(|v| v.as_string())
-                .map(|e| Epoch::from_string(&e))
-                .ok_or_else(|| bad_reply("publish"))?;
+            // `epoch, offset, duplicate` for the first message, `offset, duplicate` for each
+            // further one.
+            let RoomHead { epoch, offset } = reply_head(&mut parts, "publish")?;
             let mut stored = Vec::with_capacity(count);
-            for _ in 0..count {
-                let offset = parts
-                    .next()
-                    .and_then(|v| v.as_u64())
-                    .ok_or_else(|| bad_reply("publish"))?;
+            for i in 0..count {
+                let offset = match i {
+                    0 => offset,
+                    _ => reply_offset(&mut parts, "publish")?,
+                };
                 let duplicate = reply_flag(&mut parts, "publish")?;
                 stored.push(Published {
                     epoch: epoch.clone(),
@@ -431,10 +428,15 @@ impl Bus for Arc<RedisBus> {
                 // this message and waits for the replicas again.
                 replicated.await?;
             }
-            Ok::<_, BusError>(Arc::new(stored))
+            Ok::<_, BusError>(stored)
+        };
+        if count == 1 {
+            // The usual run, a client sending one message at a time: nothing to share.
+            return vec![run
+                .map(|r| r.map(|mut stored| stored.swap_remove(0)))
+                .boxed()];
         }
-        .boxed()
-        .shared();
+        let run = run.map(|r| r.map(Arc::new)).boxed().shared();
         (0..count)
             .map(|i| {
                 let run = run.clone();
@@ -545,14 +547,17 @@ fn bad_reply(script: &str) -> BusError {
 /// The `epoch, offset` that the publish, read and renew scripts' replies start with.
 fn reply_head(parts: &mut impl Iterator<Item = Value>, script: &str) -> Result<RoomHead, BusError> {
     let epoch = parts.next().and_then(|v| v.as_string());
+    let epoch = epoch.ok_or_else(|| bad_reply(script))?;
+    Ok(RoomHead {
+        epoch: Epoch::from_string(&epoch),
+        offset: reply_offset(parts, script)?,
+    })
+}
+
+/// An offset in a script's reply.
+fn reply_offset(parts: &mut impl Iterator<Item = Value>, script: &str) -> Result<u64, BusError> {
     let offset = parts.next().and_then(|v| v.as_u64());
-    match (epoch, offset) {
-        (Some(epoch), Some(offset)) => Ok(RoomHead {
-            epoch: Epoch::from_string(&epoch),
-            offset,
-        }),
-        _ => Err(bad_reply(script)),
-    }
+    offset.ok_or_else(|| bad_reply(script))
 }
 
 /// A 0/1 flag in a script's reply.
@@ -585,14 +590,19 @@ fn strip_comments(lua: &str) -> String {
         .join("\n")
 }
 
+/// The offset a message frame is serialized with before the publish script knows the real one.
+const MARK: u64 = 9_999_999_999_999_999;
+/// `MARK` as the frame carries it. The key is part of the pattern: a room name may be all
+/// digits too.
+const MARK_FIELD: &str = r#""offset":9999999999999999"#;
+
 /// Splits a serialized `message` frame around its offset value, so the publish script can put
-/// the real offset there. The key is part of the pattern: a room name may be all digits too.
-fn split_at_offset(frame: &str, mark: u64) -> (&str, &str) {
-    let pattern = format!(r#""offset":{mark}"#);
-    match frame.find(&pattern) {
+/// the real offset there.
+fn split_at_offset(frame: &str) -> (&str, &str) {
+    match frame.find(MARK_FIELD) {
         Some(at) => {
             let value = at + r#""offset":"#.len();
-            (&frame[..value], &frame[at + pattern.len()..])
+            (&frame[..value], &frame[at + MARK_FIELD.len()..])
         }
         None => (frame, ""),
     }
@@ -604,23 +614,27 @@ mod tests {
 
     #[test]
     fn the_offset_is_spliced_even_when_names_and_text_look_like_the_marker() {
-        let room = RoomName::parse("9999").unwrap();
-        let user = UserId::parse("9999").unwrap();
+        assert_eq!(MARK_FIELD, format!(r#""offset":{MARK}"#));
+        let digits = MARK.to_string();
+        let room = RoomName::parse(&digits).unwrap();
+        let user = UserId::parse(&digits).unwrap();
+        let lookalike = format!("{digits} {MARK_FIELD}");
         let frame = ServerFrame::Message {
             room: &room,
-            offset: 9999,
+            offset: MARK,
             user: &user,
-            name: Some("9999 \"offset\":9999"),
-            text: "9999 \"offset\":9999",
+            name: Some(&lookalike),
+            text: &lookalike,
             ts: 1,
         }
         .to_text();
-        let (before, after) = split_at_offset(&frame, 9999);
+        let (before, after) = split_at_offset(&frame);
         let spliced = format!("{before}42{after}");
         let v: serde_json::Value = serde_json::from_str(&spliced).unwrap();
         assert_eq!(v["offset"], 42);
-        assert_eq!(v["room"], "9999");
-        assert_eq!(v["text"], "9999 \"offset\":9999");
+        assert_eq!(v["room"], digits.as_str());
+        assert_eq!(v["user"], digits.as_str());
+        assert_eq!(v["text"], lookalike.as_str());
     }
 
     fn message(channel: &str, payload: &str) -> PubSubMessage {
