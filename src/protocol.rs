@@ -208,7 +208,35 @@ fn check_text(text: &str, max_chars: usize, reference: &Option<String>) -> Resul
             reference: reference.clone(),
         });
     }
+    // What is stored is JSON, where a control character takes six bytes (`\u0001`): a text of
+    // `max_chars` control characters would cost 6× its count in history and on every wire.
+    // Four bytes a character is the most any printable text needs in UTF-8, so only such
+    // padding is refused.
+    let max_bytes = max_chars.saturating_mul(MAX_BYTES_PER_CHAR);
+    if escaped_len(text) > max_bytes {
+        return Err(Rejection {
+            code: ErrorCode::TooLong,
+            message: format!(
+                "message text takes more than {max_bytes} bytes as JSON (control characters count 6 each)"
+            ),
+            reference: reference.clone(),
+        });
+    }
     Ok(())
+}
+
+/// Stored bytes a message may take per character of `limits.max_message_chars`.
+pub const MAX_BYTES_PER_CHAR: usize = 4;
+
+/// The length of `text` as a JSON string's contents, escaped as serde_json escapes it.
+pub fn escaped_len(text: &str) -> usize {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum()
 }
 
 /// A frame the server sends. Each is serialized once and the bytes shared by every receiver.
@@ -313,6 +341,29 @@ mod tests {
 
     fn parse(s: &str) -> Result<Request, Rejection> {
         parse_request(s, 10)
+    }
+
+    #[test]
+    fn escaped_len_is_what_serde_json_writes() {
+        for text in [
+            "plain",
+            "quote \" and \\",
+            "tab\tnl\ncr\r",
+            "\u{1}\u{8}\u{c}\u{1f}\u{7f}",
+            "héllo 🎉",
+        ] {
+            let json = serde_json::to_string(text).unwrap();
+            assert_eq!(escaped_len(text), json.len() - 2, "{json}");
+        }
+    }
+
+    #[test]
+    fn control_character_padding_is_too_long_though_within_the_character_count() {
+        // 10 characters allowed, 40 bytes stored: 7 control characters take 42.
+        let padded = "\u{1}".repeat(7);
+        assert_eq!(parse(&padded).unwrap_err().code, ErrorCode::TooLong);
+        let emoji = "🎉".repeat(10);
+        assert!(parse(&emoji).is_ok(), "ten 4-byte characters fit");
     }
 
     #[test]

@@ -49,6 +49,11 @@ struct State {
     bytes: usize,
     /// The session's task, parked on an empty inbox.
     waker: Option<Waker>,
+    /// The session's task, waiting on its socket ([`InboxReader::interrupt`]).
+    socket_waker: Option<Waker>,
+    /// The room told the session to close: the queue holds only the close, and the session
+    /// drops what it took out and has not written.
+    closing: bool,
     /// The session is gone: nothing is accepted any more.
     closed: bool,
 }
@@ -86,12 +91,24 @@ impl MemberHandle {
         Self { inbox, limits }
     }
 
-    /// Tells a detached member to close. The one frame put in past the bound, so that even a
-    /// full queue ends with the close frame.
+    /// Tells a detached member to close, at once: the backlog is dropped (every frame in it
+    /// is in history, and the client resumes from the last offset it got), the close goes
+    /// first, and a session waiting on its socket stops waiting. A slow consumer's close no
+    /// longer waits behind the megabytes it is about, holding its slot and presence until the
+    /// client reads them.
     pub fn close(&self, code: u16, reason: &'static str) {
-        let state = self.inbox.lock();
-        if !state.closed {
-            put(state, Outbound::Close { code, reason }, 0);
+        let mut state = self.inbox.lock();
+        if state.closed || state.closing {
+            return;
+        }
+        state.closing = true;
+        state.queue = VecDeque::new();
+        state.frames = 0;
+        state.bytes = 0;
+        let socket_waker = state.socket_waker.take();
+        put(state, Outbound::Close { code, reason }, 0);
+        if let Some(waker) = socket_waker {
+            waker.wake();
         }
     }
 }
@@ -106,7 +123,7 @@ impl Outlet for MemberHandle {
         } = self.limits;
         let state = self.inbox.lock();
         let (frames, bytes) = (state.frames, state.bytes);
-        if state.closed {
+        if state.closed || state.closing {
             return if droppable {
                 Offer::Dropped
             } else {
@@ -161,6 +178,11 @@ impl InboxReader {
     /// The next frame to handle. At an empty inbox it returns `None` and remembers `waker`,
     /// woken by the next frame put in.
     pub fn next(&mut self, waker: &Waker) -> Option<Outbound> {
+        if !self.batch.is_empty() && self.inbox.lock().closing {
+            // Told to close: what was taken out and not written goes too.
+            self.batch = VecDeque::new();
+            self.handled = (0, 0);
+        }
         if self.batch.is_empty() {
             let mut state = self.inbox.lock();
             Self::settle(&mut state, &mut self.handled);
@@ -194,10 +216,31 @@ impl InboxReader {
         Self::settle(&mut self.inbox.lock(), &mut self.handled);
     }
 
+    /// Whether the session, waiting on its socket, should stop waiting: asked with the
+    /// session's waker, which [`MemberHandle::close`] wakes; true once the room told it to
+    /// close (the socket's wait then ends, and the close goes out at once).
+    pub fn interrupter(&self) -> impl Fn(&Waker) -> bool + 'static {
+        let inbox = Arc::clone(&self.inbox);
+        move |waker| {
+            let mut state = inbox.lock();
+            if state.closing {
+                return true;
+            }
+            if !state
+                .socket_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(waker))
+            {
+                state.socket_waker = Some(waker.clone());
+            }
+            false
+        }
+    }
+
     fn settle(state: &mut State, handled: &mut (usize, usize)) {
         let (frames, bytes) = std::mem::take(handled);
-        // Every frame handled was counted in when it was put in.
-        debug_assert!(frames <= state.frames && bytes <= state.bytes);
+        // Every frame handled was counted in when it was put in (a close zeroes the counts).
+        debug_assert!(state.closing || (frames <= state.frames && bytes <= state.bytes));
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
     }
@@ -227,6 +270,7 @@ impl Drop for InboxReader {
         let mut state = self.inbox.lock();
         state.closed = true;
         state.waker = None;
+        state.socket_waker = None;
         // Frames share their bytes with other members; let them go now, not with the room's
         // handle.
         state.queue = VecDeque::new();
@@ -339,17 +383,33 @@ mod tests {
     }
 
     #[test]
-    fn a_close_goes_in_past_the_bound() {
+    fn a_close_drops_the_backlog_even_what_the_session_took_out_and_goes_at_once() {
         let mut reader = InboxReader::new();
         let handle = reader.handle(LIMITS);
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for text in ["1", "2", "3", "4"] {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
         }
+        assert_eq!(reader.next(&waker), Some(frame("1")), "a batch taken out");
+        let interrupted = reader.interrupter();
+        let socket_wakes = Arc::new(Count(AtomicUsize::new(0)));
+        let socket_waker = Waker::from(Arc::clone(&socket_wakes));
+        assert!(!interrupted(&socket_waker), "nothing to interrupt yet");
         handle.close(4008, "slow");
-        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        assert_eq!(
+            socket_wakes.0.load(Ordering::Relaxed),
+            1,
+            "a wait on the socket is woken"
+        );
+        assert!(interrupted(&socket_waker));
         let all: Vec<_> = std::iter::from_fn(|| reader.next(&waker)).collect();
-        assert_eq!(all.len(), 5);
-        assert!(matches!(all[4], Outbound::Close { code: 4008, .. }));
+        assert!(
+            matches!(all[..], [Outbound::Close { code: 4008, .. }]),
+            "{all:?}"
+        );
+        assert_eq!(handle.offer(frame("5"), false), Offer::Evict);
+        handle.close(4008, "again");
+        assert_eq!(reader.next(&waker), None, "one close only");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::member::{InboxReader, Outbound, QueueLimits};
 use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
-use crate::bus::{BusError, NewMessage, SharedBus};
+use crate::bus::{BusError, NewMessage, SharedBus, StoredMessage};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
@@ -134,6 +134,8 @@ pub struct Session {
     last_heard: Instant,
     /// Client text frames that arrived before the welcome; `None` once welcomed.
     held: Option<Vec<ByteString>>,
+    /// Bytes in `held`, bounded by `limits.session_queue_bytes`.
+    held_bytes: usize,
     /// What the room sends this session, drained by [`Deliveries`].
     inbox: InboxReader,
     /// Answers (ack or error) to the publishes in flight, in the order they were sent, so
@@ -183,6 +185,7 @@ impl Session {
                 violations: 0,
                 last_heard: now,
                 held: Some(Vec::new()),
+                held_bytes: 0,
                 inbox: InboxReader::new(),
                 answers: FuturesOrdered::new(),
                 answering: false,
@@ -198,9 +201,13 @@ impl Session {
     /// A complete text frame from the client: held until the welcome, then handled.
     fn on_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         match self.held.as_mut() {
-            // Bounded like the outbound queue: a client has no reason to send more than a few
-            // frames before the welcome, which comes within one bus round trip.
-            Some(held) if held.len() >= self.cfg.session_queue => {
+            // Bounded like the outbound queue, in frames and in bytes: a client has no reason
+            // to send more than a few frames before the welcome, which comes within one bus
+            // round trip.
+            Some(held)
+                if held.len() >= self.cfg.session_queue
+                    || self.held_bytes + text.len() > self.cfg.session_queue_bytes =>
+            {
                 self.cfg.metrics.bad_frame(1008);
                 fail(
                     &mut self.socket,
@@ -208,7 +215,10 @@ impl Session {
                     "too many frames before the welcome",
                 )
             }
-            Some(held) => held.push(text),
+            Some(held) => {
+                self.held_bytes += text.len();
+                held.push(text)
+            }
             None => self.handle_text(&text, ctx),
         }
     }
@@ -218,17 +228,25 @@ impl Session {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
             Err(rejection) => {
+                // A refused frame costs a token like a message (SPEC §4): a client that only
+                // sends garbage is closed with 1008 like one that floods with messages.
+                if !self.bucket.try_take(Instant::now()) {
+                    return self.rate_limited(rejection.reference.as_deref(), ctx);
+                }
                 log::debug!("session={} bad frame: {}", self.label, rejection.message);
                 self.cfg.metrics.rejected(rejection.code);
                 return self.socket.text(protocol::rejection_frame(&rejection), ctx);
             }
         };
-        let metered = matches!(
-            request,
-            Request::Message { .. } | Request::Presence | Request::History { .. }
-        );
-        if metered && !self.bucket.try_take(Instant::now()) {
-            return self.rate_limited(&request, ctx);
+        // Typing takes its token below, where it is dropped silently instead.
+        if !matches!(request, Request::Typing) && !self.bucket.try_take(Instant::now()) {
+            let reference = match &request {
+                Request::Message { reference, .. } | Request::History { reference, .. } => {
+                    reference.as_deref()
+                }
+                _ => None,
+            };
+            return self.rate_limited(reference, ctx);
         }
         if !matches!(request, Request::Message { .. }) {
             // Messages read before this request reach the bus before it does (a typing
@@ -254,7 +272,7 @@ impl Session {
         }
     }
 
-    fn rate_limited(&mut self, request: &Request, ctx: &mut Context<Self>) {
+    fn rate_limited(&mut self, reference: Option<&str>, ctx: &mut Context<Self>) {
         self.cfg.metrics.rate_limited.inc();
         self.violations += 1;
         if self.violations > self.cfg.max_violations {
@@ -270,12 +288,6 @@ impl Session {
                 "rate limit exceeded too often",
             );
         }
-        let reference = match request {
-            Request::Message { reference, .. } | Request::History { reference, .. } => {
-                reference.as_deref()
-            }
-            _ => None,
-        };
         let frame = ServerFrame::Error {
             code: ErrorCode::RateLimited,
             message: "slow down: rate limit exceeded",
@@ -361,9 +373,13 @@ impl Session {
         }
     }
 
+    /// Reads (presence, history) hold the session until their reply is written, so each
+    /// session has at most one in flight: a client that asks for twenty pages and reads none
+    /// holds one reply's bytes, not twenty (the socket then holds the actor until the client
+    /// takes it). Deliveries wait meanwhile, one bus round trip.
     fn presence(&mut self, ctx: &mut Context<Self>) {
         let presence = self.bus.presence(&self.room);
-        ctx.spawn(presence.into_actor(self).map(|result, session, ctx| {
+        ctx.wait(presence.into_actor(self).map(|result, session, ctx| {
             let frame = match result {
                 Ok(users) => ServerFrame::Presence {
                     room: &session.room,
@@ -384,14 +400,14 @@ impl Session {
         ctx: &mut Context<Self>,
     ) {
         let page = self.bus.history(&self.room, before, limit);
-        ctx.spawn(page.into_actor(self).map(move |result, session, ctx| {
+        // One read in flight (see `presence`).
+        ctx.wait(page.into_actor(self).map(move |result, session, ctx| {
             let frame = match result {
                 Ok(page) => ServerFrame::History {
                     reference: reference.as_deref(),
                     room: &session.room,
                     epoch: &page.epoch,
-                    messages: page
-                        .messages
+                    messages: newest_within(&page.messages, session.cfg.session_queue_bytes / 2)
                         .iter()
                         .filter_map(|m| protocol::raw_json(&m.json))
                         .collect(),
@@ -425,6 +441,24 @@ impl Session {
             self.handle_text(&text, ctx);
         }
     }
+}
+
+/// The newest messages of a page (oldest first) whose stored bytes fit `budget`, at least
+/// one: a page of padded messages is shortened from its old end, and the client pages on
+/// with `before` = the oldest offset it got, as it does anyway.
+fn newest_within(messages: &[StoredMessage], budget: usize) -> &[StoredMessage] {
+    let mut bytes = 0;
+    let kept = messages
+        .iter()
+        .rev()
+        .take_while(|m| {
+            bytes += m.json.len();
+            bytes <= budget
+        })
+        .count()
+        .max(1)
+        .min(messages.len());
+    &messages[messages.len() - kept..]
 }
 
 fn bus_error_frame(e: &BusError, reference: Option<&str>) -> ByteString {
@@ -496,6 +530,7 @@ impl Actor for Session {
             bytes: self.cfg.session_queue_bytes,
         };
         let member = self.inbox.handle(limits);
+        self.socket.interrupt_with(self.inbox.interrupter());
         ctx.spawn(Deliveries);
         self.hub.do_send(Connect {
             room: self.room.clone(),
@@ -509,7 +544,13 @@ impl Actor for Session {
         });
     }
 
-    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+    fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
+        // Frames read before a welcome that never came (`echo hi | websocat`: the line, then
+        // the close) are handled now like any others: what the server read is stored. Their
+        // answers go nowhere, the socket is closing.
+        for text in self.held.take().unwrap_or_default() {
+            self.handle_text(&text, ctx);
+        }
         // Messages read just before the end (a send, then a close) are still stored, as
         // they would have been sent one by one; nobody is left to take their acks.
         if !self.run.is_empty() {

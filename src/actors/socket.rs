@@ -10,14 +10,13 @@
 //! the kernel took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is
 //! the backlog.
 //!
-//! Closing writes the close frame, lets everything before it reach the socket, shuts the
-//! write side (the server starts the TCP close, RFC 6455 §7.1.1) and stops the actor, so the
-//! session leaves its room at once. The socket itself lingers a little longer in a task of its
-//! own (`linger`), reading and discarding until the peer closes too: closing with unread bytes
-//! in the kernel would send a reset, which can destroy the close frame before the client reads
-//! it. A close frame that cannot go out (the peer stopped reading) is given up [`CLOSE_GRACE`]
-//! after it was queued, so a hung client cannot hold its session, its presence and its
-//! connection slot.
+//! Closing queues the close frame and stops the actor at once, so the session leaves its
+//! room, its presence and its slot even when the peer reads nothing (a slow consumer's 4008).
+//! A task of its own (`finish`) then writes what is still queued, the close frame last (given
+//! up when the peer takes nothing of it for the stall timeout), shuts the write side (the
+//! server starts the TCP close, RFC 6455 §7.1.1), and lingers (`linger`), reading and
+//! discarding until the peer closes too: closing with unread bytes in the kernel would send a
+//! reset, which can destroy the close frame before the client reads it.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -44,7 +43,8 @@ pub const HIGH_WATERMARK: usize = 16 * 1024;
 pub const LOW_WATERMARK: usize = 4 * 1024;
 /// How much one read asks the kernel for.
 const READ_CHUNK: usize = 2048;
-/// Longest a closing connection is kept for its close frame to go out and the peer to close.
+/// Longest a closed connection lingers for the peer to close its side, once the close frame
+/// is out.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What a socket's reader and writer share; single-threaded, like the actor that owns it.
@@ -53,7 +53,13 @@ struct Io {
     out: RefCell<Outbox>,
     /// Longest the actor waits on a backlog the peer takes nothing of.
     stall: Duration,
+    /// Asked while the actor waits on its backlog: true ends the wait at once (a room told
+    /// the session to close; its close must not wait for a client that reads nothing).
+    interrupt: RefCell<Option<Interrupt>>,
 }
+
+/// See [`WsSocket::interrupt_with`].
+type Interrupt = Box<dyn Fn(&Waker) -> bool>;
 
 #[derive(Default)]
 struct Outbox {
@@ -65,7 +71,8 @@ struct Outbox {
     draining: bool,
     /// The peer's end of stream was read: nothing to linger for.
     read_done: bool,
-    /// The writer, parked while there is nothing to write.
+    /// The writer, parked while there is nothing to write or the socket is full (a close
+    /// queued then must wake it).
     waker: Option<Waker>,
 }
 
@@ -124,6 +131,7 @@ impl WsSocket {
             stream,
             out: RefCell::new(Outbox::default()),
             stall,
+            interrupt: RefCell::new(None),
         });
         ctx.add_stream(Frames {
             io: Rc::clone(&io),
@@ -131,11 +139,15 @@ impl WsSocket {
             codec: ws::Codec::new().max_size(max_frame_bytes),
             done: false,
         });
-        ctx.spawn(Writer {
-            io: Rc::clone(&io),
-            deadline: false,
-        });
+        ctx.spawn(Writer { io: Rc::clone(&io) });
         Self { io, _done: done }
+    }
+
+    /// Lets a wait on the backlog be cut short: `interrupted` is asked with the actor's waker
+    /// (to wake when it should be asked again) and ends the wait when it answers true. The
+    /// actor then runs, and closes the socket.
+    pub fn interrupt_with(&mut self, interrupted: impl Fn(&Waker) -> bool + 'static) {
+        *self.io.interrupt.borrow_mut() = Some(Box::new(interrupted));
     }
 
     /// Whether a close frame is queued; inbound frames are ignored from then on.
@@ -331,11 +343,9 @@ impl Stream for Frames {
 }
 
 /// Writes queued frames for the life of the actor; stops it when the socket breaks or once a
-/// close frame is out (or could not go out within [`CLOSE_GRACE`]).
+/// close frame is queued (the rest is written by [`finish`]).
 struct Writer {
     io: Rc<Io>,
-    /// The close deadline is set.
-    deadline: bool,
 }
 
 impl<A> ActorFuture<A> for Writer
@@ -351,25 +361,18 @@ where
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
         let this = self.get_mut();
-        if this.io.out.borrow().closing && !this.deadline {
-            this.deadline = true;
-            ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
+        if this.io.out.borrow().closing {
+            // The actor ends now, so its room, presence and memory go at once, even when the
+            // peer reads nothing (a slow consumer's 4008 used to wait behind its backlog).
+            // What is still unwritten, at most a socket's worth and the close frame, goes out
+            // from a task of its own.
+            actix::spawn(finish(Rc::clone(&this.io)));
+            ctx.stop();
+            return Poll::Ready(());
         }
         match this.io.poll_flush(task) {
             Poll::Ready(Ok(())) => {
-                let mut out = this.io.out.borrow_mut();
-                if out.closing {
-                    // FIN right after the close frame; the socket lingers for the peer's.
-                    let _ =
-                        socket2::SockRef::from(&this.io.stream).shutdown(std::net::Shutdown::Write);
-                    if !out.read_done {
-                        actix::spawn(linger(Rc::clone(&this.io)));
-                    }
-                    drop(out);
-                    ctx.stop();
-                    return Poll::Ready(());
-                }
-                out.waker = Some(task.waker().clone());
+                this.io.out.borrow_mut().waker = Some(task.waker().clone());
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => {
@@ -377,8 +380,52 @@ where
                 ctx.stop();
                 Poll::Ready(())
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Waiting on a full socket: a close queued meanwhile must still wake this
+                // writer, or a peer that reads nothing keeps the session until its stall
+                // timeout.
+                let mut out = this.io.out.borrow_mut();
+                if !out
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(task.waker()))
+                {
+                    out.waker = Some(task.waker().clone());
+                }
+                Poll::Pending
+            }
         }
+    }
+}
+
+/// Writes what a closed connection still has queued, the close frame last, then shuts the
+/// write side (the server starts the TCP close, RFC 6455 §7.1.1) and lingers for the peer's
+/// close. A peer that takes nothing of it for the stall timeout is dropped. What it holds is
+/// the socket and at most a socket's worth of bytes (the actor waits past
+/// [`HIGH_WATERMARK`]) plus the frame that crossed it.
+async fn finish(conn: Rc<Io>) {
+    let flushed = async {
+        let mut left = usize::MAX;
+        loop {
+            let wrote =
+                tokio::time::timeout(conn.stall, std::future::poll_fn(|cx| conn.poll_flush(cx)))
+                    .await;
+            match wrote {
+                Ok(result) => return result.is_ok(),
+                // Progress since the last look: wait another stall.
+                Err(_) if conn.out.borrow().buf.len() < left => {
+                    left = conn.out.borrow().buf.len();
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    if !flushed.await {
+        return;
+    }
+    let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
+    if !conn.out.borrow().read_done {
+        linger(conn).await;
     }
 }
 
@@ -428,6 +475,16 @@ where
         task: &mut TaskContext<'_>,
     ) -> Poll<()> {
         let this = self.get_mut();
+        if this
+            .io
+            .interrupt
+            .borrow()
+            .as_ref()
+            .is_some_and(|interrupted| interrupted(task.waker()))
+        {
+            this.io.out.borrow_mut().draining = false;
+            return Poll::Ready(());
+        }
         let flushed = this.io.poll_flush(task);
         let mut out = this.io.out.borrow_mut();
         match flushed {

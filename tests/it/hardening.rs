@@ -1,0 +1,255 @@
+//! What a hostile or unlucky client can do to one replica, each as the attack itself: a client
+//! that reads nothing, one that asks for pages it never reads, one that pads its text, one
+//! that sends garbage, one that closes before its welcome.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{eventually, Client, Ending, Redis, Server, DEADLINE};
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_at_once_not_after_the_backlog_it_is_about() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+        ("CONFAB_LIMITS__BURST", "100000"),
+        ("CONFAB_LIMITS__SESSION_QUEUE", "64"),
+        // The stall timeout that used to be the only way out for a session waiting on a
+        // client that reads nothing: far longer than this test waits.
+        ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "120"),
+    ]);
+    let mut slow = Client::connect_small_window(&server.url("/ws/evict?user=slow")).await;
+    assert_eq!(slow.next().await["type"], "welcome");
+    let (watcher, _) = server.join("/ws/evict?user=watcher").await;
+    let left = tokio::spawn(async move {
+        let mut watcher = watcher;
+        loop {
+            let v = watcher.next().await;
+            if v["type"] == "leave" && v["user"] == "slow" {
+                return;
+            }
+        }
+    });
+    // 6 MB: more than the kernel's buffers and the queue hold for the slow member.
+    let (mut sender, _) = server.join("/ws/evict?user=sender").await;
+    let text = "z".repeat(3000);
+    for i in 0..2000u64 {
+        assert_eq!(sender.say(&text, &i.to_string()).await, i + 1);
+    }
+    tokio::time::timeout(DEADLINE, left)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the evicted member did not leave while its client read nothing; log:\n{}",
+                server.log()
+            )
+        })
+        .expect("watcher");
+    // What the client finds when it finally reads: a prefix with no hole, then the 4008.
+    let (ending, seen) = slow.ending(Duration::from_secs(30)).await;
+    assert_eq!(ending, Ending::Closed(4008));
+    let offsets: Vec<u64> = seen
+        .iter()
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "no hole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_asked_for_and_never_read_hold_one_reply_per_session() {
+    const SESSIONS: usize = 8;
+    const ASKS: usize = 20;
+    let redis = Redis::start();
+    let server = Server::replica(
+        &redis,
+        "pages",
+        "n1",
+        &[
+            ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+            ("CONFAB_LIMITS__BURST", "100000"),
+        ],
+    )
+    .await;
+    // 100 messages of 4,000 four-byte characters: 1.6 MB a page.
+    let (mut writer, _) = server.join("/ws/big?user=writer").await;
+    let text = "🎉".repeat(4000);
+    for i in 0..100 {
+        writer.say(&text, &format!("w{i}")).await;
+    }
+    writer.close().await;
+    let before = rss(server.pid());
+    let mut hoarders = Vec::new();
+    for n in 0..SESSIONS {
+        let mut c =
+            Client::connect_small_window(&server.url(&format!("/ws/big?user=hoarder{n}"))).await;
+        for a in 0..ASKS {
+            c.send_json(json!({"type":"history","limit":100,"ref":format!("h{a}")}))
+                .await;
+        }
+        hoarders.push(c);
+    }
+    // Every reply the server made would be 8 × 20 × 1.6 MB = 256 MB; one per session is 13 MB.
+    // Give the server time to read every request it will read and fetch what it will fetch.
+    let mut grown = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        grown = grown.max(rss(server.pid()).saturating_sub(before));
+    }
+    assert!(
+        grown < 80 << 20,
+        "the server grew by {} MB for {SESSIONS} sessions that read nothing",
+        grown >> 20
+    );
+    // A session that reads gets every page it asked for, in turn.
+    let mut reader = hoarders.pop().unwrap();
+    assert_eq!(reader.next().await["type"], "welcome");
+    for a in 0..ASKS {
+        let page = reader.next_of("history").await;
+        assert_eq!(page["ref"], format!("h{a}"));
+        assert_eq!(page["messages"].as_array().unwrap().len(), 100);
+    }
+}
+
+#[tokio::test]
+async fn a_history_page_of_big_messages_is_cut_to_the_session_budget_from_its_old_end() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+        ("CONFAB_LIMITS__BURST", "100000"),
+        ("CONFAB_LIMITS__SESSION_QUEUE_BYTES", "65536"),
+    ]);
+    let (mut c, _) = server.join("/ws/budget?user=a").await;
+    let text = "🎉".repeat(4000);
+    for i in 0..10 {
+        c.say(&text, &format!("m{i}")).await;
+    }
+    c.send_json(json!({"type":"history","limit":10,"ref":"h"}))
+        .await;
+    let page = c.next_of("history").await;
+    let offsets: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    // Half of 64 KiB holds one of these 16 KB messages... and a second.
+    assert_eq!(offsets, vec![9, 10], "the newest that fit, oldest first");
+    // Paging on from the oldest offset got reaches the rest.
+    c.send_json(json!({"type":"history","before":9,"limit":10,"ref":"h2"}))
+        .await;
+    let older = c.next_of("history").await;
+    assert_eq!(older["messages"][0]["offset"].as_u64(), Some(7));
+}
+
+#[tokio::test]
+async fn text_padded_with_control_characters_is_too_long_though_within_the_character_count() {
+    let server = Server::start(&[]);
+    let (mut c, _) = server.join("/ws/pad?user=a").await;
+    // 4,000 characters (the default limit), 24,000 bytes once stored as JSON.
+    let padded = "\u{1}".repeat(4000);
+    c.send_json(json!({"type":"message","text":padded,"ref":"p"}))
+        .await;
+    let e = c.next_of("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("too_long"), Some("p"))
+    );
+    // A message of 4,000 emoji (16,000 bytes) is what a person can type: stored.
+    let emoji = "🎉".repeat(4000);
+    assert_eq!(c.say(&emoji, "e").await, 1);
+}
+
+#[tokio::test]
+async fn refused_frames_and_pings_count_against_the_rate_limit_and_flooding_with_them_closes() {
+    for (what, frame) in [
+        ("garbage", "{not json".to_owned()),
+        ("pings", json!({"type":"ping"}).to_string()),
+        (
+            "empty texts",
+            json!({"type":"message","text":" "}).to_string(),
+        ),
+    ] {
+        let server = Server::start(&[
+            ("CONFAB_LIMITS__MESSAGES_PER_SEC", "1"),
+            ("CONFAB_LIMITS__BURST", "3"),
+            ("CONFAB_LIMITS__MAX_VIOLATIONS", "4"),
+        ]);
+        let (mut c, _) = server.join("/ws/noise?user=a").await;
+        for _ in 0..30 {
+            if !c.try_send_text(&frame).await {
+                break;
+            }
+        }
+        let (ending, seen) = c.ending(DEADLINE).await;
+        assert_eq!(ending, Ending::Closed(1008), "{what}: {seen:?}");
+        let limited = seen
+            .iter()
+            .filter(|v| v["type"] == "error" && v["code"] == "rate_limited")
+            .count();
+        assert!(limited >= 4, "{what}: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_message_sent_before_the_welcome_is_stored_even_when_the_client_closes_at_once() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, "early", "n1", &[]).await;
+    let (mut reader, _) = server.join("/ws/early?user=reader").await;
+    // Redis is paused, so no welcome can come: each client's line is read before it, and the
+    // client closes right behind it (`echo hi | websocat …`).
+    redis.signal(libc::SIGSTOP);
+    for n in 0..5 {
+        let mut c = server.connect(&format!("/ws/early?user=w{n}")).await;
+        c.send_text(&format!("line {n}")).await;
+        c.close().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.signal(libc::SIGCONT);
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let v = reader.next_of("message").await;
+        got.push(v["text"].as_str().unwrap().to_owned());
+    }
+    got.sort();
+    assert_eq!(got, (0..5).map(|n| format!("line {n}")).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bytes_held_before_the_welcome_are_bounded_too() {
+    let redis = Redis::start();
+    let server = Server::replica(
+        &redis,
+        "early-bytes",
+        "n1",
+        &[("CONFAB_LIMITS__SESSION_QUEUE_BYTES", "65536")],
+    )
+    .await;
+    redis.signal(libc::SIGSTOP);
+    let mut c = server.connect("/ws/early?user=big").await;
+    // Three frames are far under the 1,024-frame bound, but 90 KB is over 64 KiB.
+    let big = "b".repeat(30_000);
+    for _ in 0..3 {
+        c.send_text(&big).await;
+    }
+    let (ending, _) = c.ending(DEADLINE).await;
+    redis.signal(libc::SIGCONT);
+    assert_eq!(ending, Ending::Closed(1008));
+    eventually(DEADLINE, "the replica is ready again", || async {
+        crate::harness::http(server.addr, "GET", "/readyz", &[])
+            .await
+            .status
+            == 200
+    })
+    .await;
+}
