@@ -25,6 +25,11 @@ pub enum Refusal {
     PerIp,
     /// 429: the client address started too many upgrades this second.
     TooFast,
+    /// 429: the client address's sessions are in `limits.rooms_per_ip` rooms.
+    Rooms,
+    /// A connection closed at accept: its address has `limits.handshakes_per_ip`
+    /// connections that are not sessions.
+    Handshakes,
 }
 
 impl Refusal {
@@ -38,6 +43,8 @@ impl Refusal {
             Self::Room => "room",
             Self::PerIp => "per_ip",
             Self::TooFast => "too_fast",
+            Self::Rooms => "rooms_per_ip",
+            Self::Handshakes => "handshakes_per_ip",
         }
     }
 }

@@ -101,6 +101,17 @@ pub struct LimitSettings {
     pub max_connections_per_ip: usize,
     /// WebSocket upgrades a client address may start per second; 0 = no limit.
     pub upgrades_per_ip_per_sec: u32,
+    /// TCP connections of one client address that are not sessions (handshakes in progress,
+    /// plain HTTP), counted from the accept; 0 = no limit.
+    pub handshakes_per_ip: usize,
+    /// Messages per second all sessions of one client address may send together (burst
+    /// twice that); 0 = no limit.
+    pub messages_per_sec_per_ip: u32,
+    /// Messages per second all sessions of one user (with auth on) may send together (burst
+    /// twice that); 0 = no limit.
+    pub messages_per_sec_per_user: u32,
+    /// Distinct rooms the sessions of one client address may be in at once; 0 = no limit.
+    pub rooms_per_ip: usize,
     /// Rooms with more members than this on a replica send no join/leave frames.
     pub join_events_max_members: usize,
 }
@@ -164,6 +175,10 @@ impl Default for LimitSettings {
             session_queue_bytes: 4 << 20,
             max_connections_per_ip: 1000,
             upgrades_per_ip_per_sec: 50,
+            handshakes_per_ip: 64,
+            messages_per_sec_per_ip: 200,
+            messages_per_sec_per_user: 30,
+            rooms_per_ip: 200,
             join_events_max_members: 100,
         }
     }

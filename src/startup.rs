@@ -23,7 +23,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::metered::MeteredBus;
 use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
-use crate::http::admission::Admission;
+use crate::http::admission::{self, Admission};
 use crate::http::{self, upgrade, AppState};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -114,11 +114,15 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             metrics: Arc::clone(&metrics),
         }),
         draining: draining.clone(),
-        admission: Arc::new(Admission::new(
-            caps.sessions,
-            settings.limits.max_connections_per_ip,
-            settings.limits.upgrades_per_ip_per_sec,
-        )),
+        admission: Arc::new(Admission::new(admission::Limits {
+            sessions: caps.sessions,
+            sessions_per_ip: settings.limits.max_connections_per_ip,
+            upgrades_per_sec: settings.limits.upgrades_per_ip_per_sec,
+            pending_per_ip: settings.limits.handshakes_per_ip,
+            rooms_per_ip: settings.limits.rooms_per_ip,
+            messages_per_ip: settings.limits.messages_per_sec_per_ip,
+            messages_per_user: settings.limits.messages_per_sec_per_user,
+        })),
         trusted_proxies,
         verifier,
         allowed_origins: settings.server.allowed_origins.clone(),
@@ -154,13 +158,14 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         builder = builder.listen(format!("confab-{addr}"), listener, move || {
             let app_state = state.clone();
             let ws_state = state.clone();
+            let accept_state = state.clone();
             let shutdown = shutdown.clone();
             let app = App::new()
                 .app_data(app_state)
                 .configure(http::routes)
                 .into_factory()
                 .map_err(|e: actix_web::Error| e.error_response());
-            HttpService::build()
+            let http = HttpService::build()
                 .graceful_shutdown_signal(move || {
                     let signal = shutdown.clone();
                     async move { signal.notified().await }
@@ -171,15 +176,14 @@ pub async fn run(settings: Settings) -> io::Result<()> {
                 // Close the connection as soon as a response asked it closed, instead of
                 // lingering for the client to hang up.
                 .client_disconnect_timeout(Duration::ZERO)
-                // Small frames go out at once: with Nagle's algorithm a frame written right
-                // after another waits for the client's delayed ACK (about 40 ms).
-                .tcp_nodelay(true)
                 .local_addr(addr)
                 .upgrade(fn_service(move |(req, framed)| {
                     upgrade::serve(req, framed, ws_state.clone())
-                }))
-                .finish(map_config(app, |_| AppConfig::default()))
-                .tcp()
+                }));
+            // Each connection is counted per address from its accept (`upgrade::accept`,
+            // which also sets TCP_NODELAY), before the HTTP service reads its head.
+            fn_service(move |io| std::future::ready(upgrade::accept(io, &accept_state)))
+                .and_then(http.finish(map_config(app, |_| AppConfig::default())))
         })?;
     }
     let server = builder.run();

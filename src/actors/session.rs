@@ -26,6 +26,7 @@ use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
 use crate::bus::{BusError, NewMessage, SharedBus, StoredMessage};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::http::admission::Quotas;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
 use crate::ratelimit::TokenBucket;
@@ -111,6 +112,8 @@ pub struct SessionRequest {
     pub may_publish: bool,
     pub resume: Option<(Offset, Epoch)>,
     pub history: usize,
+    /// Message budgets shared with the other sessions of this address and user.
+    pub quotas: Quotas,
 }
 
 pub struct Session {
@@ -130,6 +133,7 @@ pub struct Session {
     cfg: Arc<SessionConfig>,
     frames: Assembler,
     bucket: TokenBucket,
+    quotas: Quotas,
     violations: u32,
     last_heard: Instant,
     /// Client text frames that arrived before the welcome; `None` once welcomed.
@@ -182,6 +186,7 @@ impl Session {
                 bus,
                 frames: Assembler::new(cfg.max_frame_bytes),
                 bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
+                quotas: request.quotas,
                 violations: 0,
                 last_heard: now,
                 held: Some(Vec::new()),
@@ -238,8 +243,15 @@ impl Session {
                 return self.socket.text(protocol::rejection_frame(&rejection), ctx);
             }
         };
-        // Typing takes its token below, where it is dropped silently instead.
-        if !matches!(request, Request::Typing) && !self.bucket.try_take(Instant::now()) {
+        // Typing takes its token below, where it is dropped silently instead. A message also
+        // spends from its address's and user's budgets, shared with their other sessions.
+        let now = Instant::now();
+        let allowed = match request {
+            Request::Typing => true,
+            Request::Message { .. } => self.bucket.try_take(now) && self.quotas.try_take(now),
+            _ => self.bucket.try_take(now),
+        };
+        if !allowed {
             let reference = match &request {
                 Request::Message { reference, .. } | Request::History { reference, .. } => {
                     reference.as_deref()

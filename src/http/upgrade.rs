@@ -11,12 +11,17 @@
 //! connection count (the descriptor plan in `startup.rs`) still counts sessions.
 
 use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use actix_codec::Framed;
+use actix_codec::{AsyncRead, AsyncWrite, Framed, ReadBuf};
 use actix_http::body::{BodySize, BoxBody, MessageBody};
+use actix_http::error::DispatchError;
 use actix_http::h1::{Codec, Message};
 use actix_http::header::{self, HeaderValue};
-use actix_http::{ConnectionType, HttpMessage, Request, Response, StatusCode};
+use actix_http::{ConnectionType, HttpMessage, Protocol, Request, Response, StatusCode};
 use actix_web::dev::Url;
 use actix_web::web;
 use bytes::BytesMut;
@@ -24,6 +29,7 @@ use futures_util::SinkExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::admission::Pending;
 use super::{error, ws, AppState};
 use crate::actors::echo::Echo;
 use crate::actors::session::{Session, SUBPROTOCOL};
@@ -45,6 +51,82 @@ impl From<UpgradeError> for Response<BoxBody> {
     }
 }
 
+/// A TCP connection as the HTTP service sees it: counted against its address's
+/// `limits.handshakes_per_ip` from the accept until it becomes a session or closes.
+pub struct Counted {
+    stream: TcpStream,
+    _pending: Pending,
+}
+
+/// Takes a new connection, or refuses it (closed at once, nothing read) when its address has
+/// `limits.handshakes_per_ip` connections that are not sessions: a client that opens
+/// hundreds of sockets and sends its request heads slowly would otherwise hold the HTTP
+/// parser's buffers for each until the handshake timeout.
+pub fn accept(
+    stream: TcpStream,
+    state: &AppState,
+) -> Result<(Counted, Protocol, Option<SocketAddr>), DispatchError> {
+    let peer = stream.peer_addr().ok();
+    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let trusted = state.trusted_proxies.iter().any(|c| c.contains(ip));
+    let Some(pending) = state.admission.pending(ip, trusted) else {
+        state.metrics.refused(crate::metrics::Refusal::Handshakes);
+        log::debug!("closing a connection from {ip}: limits.handshakes_per_ip reached");
+        return Err(DispatchError::Io(io::ErrorKind::ConnectionRefused.into()));
+    };
+    // Small frames go out at once: with Nagle's algorithm a frame written right after another
+    // waits for the client's delayed ACK (about 40 ms).
+    let _ = stream.set_nodelay(true);
+    Ok((
+        Counted {
+            stream,
+            _pending: pending,
+        },
+        Protocol::Http1,
+        peer,
+    ))
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// What an upgrade request turned out to be.
 enum Accepted {
     Session(
@@ -59,7 +141,7 @@ enum Accepted {
 /// Serves one upgrade request; returns when its session has ended.
 pub async fn serve(
     req: Request,
-    mut framed: Framed<TcpStream, Codec>,
+    mut framed: Framed<Counted, Codec>,
     state: web::Data<AppState>,
 ) -> Result<(), UpgradeError> {
     // A malformed handshake is refused before the checks: it costs no token check and no
@@ -110,11 +192,11 @@ pub async fn serve(
 
 /// The bare stream and the bytes the client sent right behind its handshake (a copy, sized to
 /// them). Everything else of the dispatcher's, its two 8 KiB buffers above all, is dropped
-/// here, before the session's long wait.
-fn hand_over(framed: Framed<TcpStream, Codec>) -> (TcpStream, BytesMut) {
+/// here, before the session's long wait, and the connection stops counting as pending.
+fn hand_over(framed: Framed<Counted, Codec>) -> (TcpStream, BytesMut) {
     let parts = framed.into_parts();
     let read = BytesMut::from(&parts.read_buf[..]);
-    (parts.io, read)
+    (parts.io.stream, read)
 }
 
 /// Which endpoint the request is for, after its checks; else the response to refuse it with.
@@ -150,7 +232,7 @@ fn offers_subprotocol(req: &Request) -> bool {
 /// Writes a refusal and lets the connection close.
 async fn refuse(
     response: Response<BoxBody>,
-    framed: &mut Framed<TcpStream, Codec>,
+    framed: &mut Framed<Counted, Codec>,
 ) -> Result<(), UpgradeError> {
     let (mut head, body) = response.into_parts();
     head.head_mut().set_connection_type(ConnectionType::Close);

@@ -111,6 +111,12 @@ impl From<Refused> for Refusal {
                 "this replica is at its connection limit".into(),
                 metrics::Refusal::Cap,
             ),
+            Refused::Rooms => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited.as_str(),
+                "this address's sessions are in limits.rooms_per_ip rooms already".into(),
+                metrics::Refusal::Rooms,
+            ),
         }
     }
 }
@@ -180,18 +186,24 @@ pub fn accept(
     query: &str,
     state: &AppState,
 ) -> Result<(SessionRequest, Slot), Refusal> {
-    let (request, client) = validate(headers, peer, room, query, state)?;
-    match state.admission.admit(client) {
-        Ok(slot) => Ok((request, slot)),
+    let (mut request, client) = validate(headers, peer, room, query, state)?;
+    // Only a token's user is known to be one person; anonymous clients name themselves.
+    let user = state.verifier.as_ref().map(|_| &request.identity.user);
+    match state.admission.admit(client, &request.room, user) {
+        Ok(slot) => {
+            request.quotas = slot.quotas();
+            Ok((request, slot))
+        }
         Err(refused) => {
             let refusal = Refusal::from(refused);
-            if refused == Refused::Full {
+            if refused != Refused::Full {
+                // Per refusal, so at debug: a flood must not flood the log too.
+                log::debug!("refusing a session from {client}: {}", refusal.message);
+            } else if state.admission.warn_full() {
                 log::warn!(
-                    "refusing a session: limits.max_connections ({}) reached",
+                    "refusing sessions: limits.max_connections ({}) reached",
                     state.admission.max()
                 );
-            } else {
-                log::info!("refusing a session from {client}: {}", refusal.message);
             }
             state.metrics.refused(refusal.metric);
             Err(refusal)
@@ -287,6 +299,7 @@ fn check(
             may_publish,
             resume,
             history,
+            quotas: Default::default(),
         },
         client,
     ))

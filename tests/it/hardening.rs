@@ -253,3 +253,128 @@ async fn bytes_held_before_the_welcome_are_bounded_too() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_address_holding_its_share_of_unfinished_handshakes_gets_no_more_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__HANDSHAKES_PER_IP", "4"),
+        ("CONFAB_SERVER__HANDSHAKE_TIMEOUT_SECS", "60"),
+    ]);
+    // Slowloris: each connection sends part of a request head and nothing more.
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut c = socket.connect(server.addr).await.unwrap();
+        // The write may fail on a connection the server already closed.
+        let _ = c.write_all(b"GET /ws/r HTTP/1.1\r\nHost: x\r\n").await;
+        conns.push(c);
+    }
+    let mut open = Vec::new();
+    for mut c in conns {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(1500), c.read(&mut byte)).await {
+            Err(_) => open.push(c),
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(_)) => panic!("the server answered a request head it has not got"),
+        }
+    }
+    assert_eq!(open.len(), 4, "connections the server kept");
+    // Another address is not held up by it.
+    let (mut other, _) = server
+        .open("/ws/r", Some("127.0.0.2"), &[])
+        .await
+        .expect("another address connects");
+    assert_eq!(other.next().await["type"], "welcome");
+    // Once they are gone, this address connects again.
+    drop(open);
+    eventually(DEADLINE, "the address connects again", || async {
+        tokio_tungstenite::connect_async(server.url("/ws/r"))
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sessions_of_one_address_share_one_message_budget() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "1000"),
+        ("CONFAB_LIMITS__BURST", "1000"),
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC_PER_IP", "5"),
+    ]);
+    let mut clients = Vec::new();
+    for n in 0..2 {
+        let (c, _) = server
+            .open(&format!("/ws/budget?user=u{n}"), Some("127.0.0.1"), &[])
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    for c in &mut clients {
+        assert_eq!(c.next().await["type"], "welcome");
+    }
+    // 20 messages, 10 from each session: the address's burst is 10.
+    for i in 0..10 {
+        for c in &mut clients {
+            c.send_json(json!({"type":"message","text":"hi","ref":format!("m{i}")}))
+                .await;
+        }
+    }
+    let (mut acked, mut limited) = (0, 0);
+    for c in &mut clients {
+        while acked + limited < 20 {
+            let v = c.next().await;
+            match (v["type"].as_str(), v["code"].as_str()) {
+                (Some("ack"), _) => acked += 1,
+                (Some("error"), Some("rate_limited")) => limited += 1,
+                _ => {}
+            }
+            if v["type"] == "ack" || v["type"] == "error" {
+                // Each session's answers are its own ten.
+                if (acked + limited) % 10 == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(acked + limited, 20);
+    assert!(
+        (10..=13).contains(&acked),
+        "the two sessions together got {acked} messages through"
+    );
+    // Another address has a budget of its own.
+    let (mut other, _) = server
+        .open("/ws/budget?user=x", Some("127.0.0.2"), &[])
+        .await
+        .unwrap();
+    assert_eq!(other.next().await["type"], "welcome");
+    for i in 0..5 {
+        other.say("hello", &format!("o{i}")).await;
+    }
+}
+
+#[tokio::test]
+async fn an_address_in_its_share_of_rooms_is_refused_a_new_room_with_429() {
+    let server = Server::start(&[("CONFAB_LIMITS__ROOMS_PER_IP", "2")]);
+    let mut held = Vec::new();
+    for room in ["one", "two", "one"] {
+        let (c, _) = server
+            .open(&format!("/ws/{room}"), Some("127.0.0.1"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("room {room}: {e:?}"));
+        held.push(c);
+    }
+    let (code, body) = server
+        .open("/ws/three", Some("127.0.0.1"), &[])
+        .await
+        .err()
+        .expect("a third room from one address is refused");
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("rooms_per_ip"), "{body}");
+    assert!(server
+        .open("/ws/three", Some("127.0.0.2"), &[])
+        .await
+        .is_ok());
+}

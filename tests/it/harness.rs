@@ -74,6 +74,10 @@ impl Server {
             // test sets them (tests/it/admission.rs does).
             .env("CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP", "0")
             .env("CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC", "0")
+            .env("CONFAB_LIMITS__HANDSHAKES_PER_IP", "0")
+            .env("CONFAB_LIMITS__MESSAGES_PER_SEC_PER_IP", "0")
+            .env("CONFAB_LIMITS__MESSAGES_PER_SEC_PER_USER", "0")
+            .env("CONFAB_LIMITS__ROOMS_PER_IP", "0")
             .env_remove("CONFAB_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
