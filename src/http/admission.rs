@@ -67,8 +67,8 @@ impl Client {
     fn idle(&self, now: Instant) -> bool {
         self.open == 0
             && self.pending == 0
-            && self.upgrades.as_ref().is_none_or(|b| b.is_full(now))
-            && self.messages.as_ref().is_none_or(|q| q.is_full(now))
+            && !self.upgrades.as_ref().is_some_and(|b| !b.is_full(now))
+            && !self.messages.as_ref().is_some_and(|q| !q.is_full(now))
     }
 }
 
