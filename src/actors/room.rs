@@ -149,7 +149,7 @@ impl Room {
         match step {
             Step::Read(read) => {
                 self.metrics.catch_ups.inc();
-                let call = bus.replay(&room, read.after, &read.epoch);
+                let call = bus.replay(&room, read.after, &read.epoch, 0);
                 ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
                     let replay = room.succeeded(result, "read history");
                     let failed = replay.is_none();
@@ -214,7 +214,7 @@ async fn sync(
     history: usize,
 ) -> Result<Synced, BusError> {
     let (head, recovered, backlog) = match resume {
-        Some((since, epoch)) => match bus.replay(&room, since, &epoch).await? {
+        Some((since, epoch)) => match bus.replay(&room, since, &epoch, 0).await? {
             Replay::Recovered { head, messages } => (head, Some(true), messages),
             Replay::NotRecovered { head } => (head, Some(false), Vec::new()),
         },

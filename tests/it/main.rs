@@ -15,6 +15,7 @@ mod deploy;
 mod failover;
 mod fleet;
 mod frames;
+mod hardening_seq;
 mod integrity;
 mod lifecycle;
 mod limits;

@@ -483,7 +483,7 @@ impl<H: Outlet> Sequencer<H> {
                 }
             }
             Replay::NotRecovered { head } if head.epoch == read.epoch => {
-                self.gap(&head, &mut out);
+                self.gap(&head, read.after, &mut out);
             }
             Replay::NotRecovered { head } => {
                 // The room has a new epoch (its history was lost or expired): read it from the
@@ -702,7 +702,13 @@ impl<H: Outlet> Sequencer<H> {
     /// The hole is no longer in history: members that would have a gap are closed, the room
     /// goes on from the store's head. Members still on an older epoch (the room's history was
     /// lost, and the new epoch's start is trimmed too) are told with a `reset` at the head.
-    fn gap(&mut self, head: &RoomHead, out: &mut Outcome<H>) {
+    ///
+    /// Only members that need what the read found missing are closed: those at or behind
+    /// `after` (the store no longer holds `after + 1`, nor anything before it). A member
+    /// further on (it joined after the hole, its welcome promised a newer offset) may need
+    /// only what is still stored: it is left behind the head and brought up by the next read
+    /// ([`Self::catch_up_laggards`]), which closes it in turn if that is gone too.
+    fn gap(&mut self, head: &RoomHead, after: Offset, out: &mut Outcome<H>) {
         self.stats.gaps += 1;
         if let Some(old) = self.seen.as_ref().filter(|m| m.epoch != head.epoch) {
             let old = old.epoch.clone();
@@ -710,16 +716,19 @@ impl<H: Outlet> Sequencer<H> {
         }
         self.reset_members(&head.epoch, head.offset, out);
         log::warn!(
-            "room={} missed messages are no longer in history; members behind offset {} are \
-             closed with 4008 and the room goes on",
+            "room={} missed messages after offset {after} are no longer in history; members \
+             at or behind it are closed with 4008 and the room goes on",
             self.room,
-            head.offset
         );
         let behind: Vec<SessionId> = self
             .members
             .iter()
             .filter(|(_, m)| m.syncing.is_none())
-            .filter(|(_, m)| m.epoch.as_ref() == Some(&head.epoch) && m.delivered < head.offset)
+            .filter(|(_, m)| {
+                m.epoch.as_ref() == Some(&head.epoch)
+                    && m.delivered < head.offset
+                    && m.delivered <= after
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in behind {
