@@ -51,6 +51,18 @@ struct State {
     waker: Option<Waker>,
     /// The session is gone: nothing is accepted any more.
     closed: bool,
+    /// Called once when the backlog falls to these frames and bytes (a resuming member's
+    /// next page of replay waits for it).
+    drained: Option<(usize, usize, Hook)>,
+}
+
+/// What the room asked to be told when a member's queue drained.
+pub struct Hook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Inbox {
@@ -84,6 +96,21 @@ pub struct MemberHandle {
 impl MemberHandle {
     pub fn new(inbox: Arc<Inbox>, limits: QueueLimits) -> Self {
         Self { inbox, limits }
+    }
+
+    /// Calls `wake` once the queue is at most half full (at once if it already is), so the
+    /// room can offer the next page of a replay. A later call replaces an earlier hook.
+    pub fn on_drained(&self, wake: Box<dyn FnOnce() + Send>) {
+        let (frames, bytes) = (self.limits.frames / 2, self.limits.bytes / 2);
+        let mut state = self.inbox.lock();
+        if state.closed {
+            return;
+        }
+        if state.frames <= frames && state.bytes <= bytes {
+            drop(state);
+            return wake();
+        }
+        state.drained = Some((frames, bytes, Hook(wake)));
     }
 
     /// Tells a detached member to close. The one frame put in past the bound, so that even a
@@ -127,6 +154,11 @@ impl Outlet for MemberHandle {
 
     fn gone(&self) -> bool {
         self.inbox.lock().closed
+    }
+
+    fn has_room(&self) -> bool {
+        let state = self.inbox.lock();
+        state.frames <= self.limits.frames / 2 && state.bytes <= self.limits.bytes / 2
     }
 }
 
@@ -200,6 +232,14 @@ impl InboxReader {
         debug_assert!(frames <= state.frames && bytes <= state.bytes);
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
+        let low = matches!(state.drained, Some((f, b, _)) if state.frames <= f && state.bytes <= b);
+        if low {
+            if let Some((_, _, Hook(wake))) = state.drained.take() {
+                // Under the inbox's lock: the hook only posts a message to the room's mailbox,
+                // which never takes this lock.
+                wake();
+            }
+        }
     }
 
     /// Gives back the buffers of a session that got nothing since the last call; called on
@@ -227,6 +267,7 @@ impl Drop for InboxReader {
         let mut state = self.inbox.lock();
         state.closed = true;
         state.waker = None;
+        state.drained = None;
         // Frames share their bytes with other members; let them go now, not with the room's
         // handle.
         state.queue = VecDeque::new();

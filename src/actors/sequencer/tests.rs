@@ -286,6 +286,8 @@ impl World {
                     recovered: None,
                     frames: Vec::new(),
                     delivered: head.offset,
+                    more: false,
+                    tail: Vec::new(),
                 };
                 let out = self.seq.synced(id, synced);
                 self.take(out);
@@ -325,7 +327,13 @@ impl World {
                 }
             }
             Op::GoBack(n) => {
-                let back = self.store.offset.saturating_sub(u64::from(n));
+                // Not below a renewed epoch's start: a store older than the renewal holds
+                // the epoch before it (its base is part of the state that went back).
+                let back = self
+                    .store
+                    .offset
+                    .saturating_sub(u64::from(n))
+                    .max(self.store.base);
                 self.store.offset = back;
                 self.store.messages.retain(|o, _| *o <= back);
                 let out = self.seq.resync();
@@ -674,6 +682,8 @@ fn a_member_whose_session_already_stopped_is_dropped_not_evicted_as_slow() {
                 recovered: None,
                 frames: Vec::new(),
                 delivered: 0,
+                more: false,
+                tail: Vec::new(),
             },
         );
         let stats = seq.take_stats();
@@ -748,4 +758,51 @@ fn a_room_that_learns_of_another_replicas_renewal_replays_nothing_of_the_old_epo
         .filter(|f| matches!(f, Outbound::Frame(j) if j.contains("\"message\"")))
         .count();
     assert_eq!(messages, 13, "1..10 once, then the three new ones");
+}
+
+#[test]
+fn a_resume_is_paged_past_live_messages_and_then_goes_live_without_gap_or_repeat() {
+    let mut store = Store::new(100);
+    let mut seq = Sequencer::new(room(), 1 << 20);
+    let mut events: Vec<RoomEvent> = (0..10).map(|_| store.publish()).collect();
+    for event in events.drain(..) {
+        seq.on_event(event);
+    }
+    let socket = Socket::default();
+    seq.add(1, UserId::parse("u").unwrap(), socket.clone());
+    let first: Vec<ByteString> = store
+        .messages
+        .range(1..=3)
+        .map(|(_, j)| j.clone())
+        .collect();
+    let out = seq.synced(
+        1,
+        Synced {
+            epoch: store.epoch.clone(),
+            offset: 10,
+            recovered: Some(true),
+            frames: first,
+            delivered: 3,
+            more: true,
+            tail: Vec::new(),
+        },
+    );
+    assert_eq!(out.pages.len(), 1, "the next page is asked for");
+    let page = out.pages[0].clone();
+    assert_eq!(page.after, 3);
+    // A live message while the member pages: not held, it is in the store.
+    seq.on_event(store.publish());
+    let out = seq.page_done(&page, Some(store.replay(page.after, &page.epoch)));
+    assert!(out.pages.is_empty() && out.closed.is_empty(), "caught up");
+    seq.on_event(store.publish());
+    let offsets: Vec<u64> = socket
+        .0
+        .borrow()
+        .iter()
+        .filter_map(|f| match f {
+            Outbound::Frame(j) => Some(field(j, "offset").parse().unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(offsets, (1..=12).collect::<Vec<_>>(), "each once, in order");
 }
