@@ -56,6 +56,18 @@ struct State {
     closing: bool,
     /// The session is gone: nothing is accepted any more.
     closed: bool,
+    /// Called once when the backlog falls to these frames and bytes (a resuming member's
+    /// next page of replay waits for it).
+    drained: Option<(usize, usize, Hook)>,
+}
+
+/// What the room asked to be told when a member's queue drained.
+pub struct Hook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Inbox {
@@ -91,6 +103,21 @@ impl MemberHandle {
         Self { inbox, limits }
     }
 
+    /// Calls `wake` once the queue is at most half full (at once if it already is), so the
+    /// room can offer the next page of a replay. A later call replaces an earlier hook.
+    pub fn on_drained(&self, wake: Box<dyn FnOnce() + Send>) {
+        let (frames, bytes) = (self.limits.frames / 2, self.limits.bytes / 2);
+        let mut state = self.inbox.lock();
+        if state.closed || state.closing {
+            return;
+        }
+        if state.frames <= frames && state.bytes <= bytes {
+            drop(state);
+            return wake();
+        }
+        state.drained = Some((frames, bytes, Hook(wake)));
+    }
+
     /// Tells a detached member to close, at once: the backlog is dropped (every frame in it
     /// is in history, and the client resumes from the last offset it got), the close goes
     /// first, and a session waiting on its socket stops waiting. A slow consumer's close no
@@ -102,6 +129,7 @@ impl MemberHandle {
             return;
         }
         state.closing = true;
+        state.drained = None;
         state.queue = VecDeque::new();
         state.frames = 0;
         state.bytes = 0;
@@ -144,6 +172,11 @@ impl Outlet for MemberHandle {
 
     fn gone(&self) -> bool {
         self.inbox.lock().closed
+    }
+
+    fn has_room(&self) -> bool {
+        let state = self.inbox.lock();
+        state.frames <= self.limits.frames / 2 && state.bytes <= self.limits.bytes / 2
     }
 }
 
@@ -243,6 +276,14 @@ impl InboxReader {
         debug_assert!(state.closing || (frames <= state.frames && bytes <= state.bytes));
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
+        let low = matches!(state.drained, Some((f, b, _)) if state.frames <= f && state.bytes <= b);
+        if low {
+            if let Some((_, _, Hook(wake))) = state.drained.take() {
+                // Under the inbox's lock: the hook only posts a message to the room's mailbox,
+                // which never takes this lock.
+                wake();
+            }
+        }
     }
 
     /// Gives back the buffers of a session that got nothing since the last call; called on
@@ -271,6 +312,7 @@ impl Drop for InboxReader {
         state.closed = true;
         state.waker = None;
         state.socket_waker = None;
+        state.drained = None;
         // Frames share their bytes with other members; let them go now, not with the room's
         // handle.
         state.queue = VecDeque::new();

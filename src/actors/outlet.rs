@@ -47,6 +47,11 @@ pub trait Outlet {
     /// Offers a frame; droppable frames (typing) may be skipped under load.
     fn offer(&self, out: Outbound, droppable: bool) -> Offer;
 
+    /// Whether the queue has room for a page of a replay (at most half full).
+    fn has_room(&self) -> bool {
+        true
+    }
+
     /// True when the session behind it has already stopped (it is leaving): a failed offer
     /// then means nothing about its speed.
     fn gone(&self) -> bool {

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::member::MemberHandle;
-use super::sequencer::{Outcome, Sequencer, Step, Synced};
+use super::sequencer::{Outcome, Page, Sequencer, Step, Synced};
 use crate::bus::{BusError, CatchUpDone, Replay, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
@@ -66,6 +66,22 @@ pub struct Resync {
 #[rtype(result = "()")]
 pub struct RefreshPresence;
 
+/// Member inbox → room: a resuming member's queue drained; its next page may go in.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Drained {
+    session: SessionId,
+}
+
+impl Handler<Drained> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drained, ctx: &mut Self::Context) {
+        let outcome = self.seq.drained(msg.session);
+        self.apply(outcome, ctx);
+    }
+}
+
 /// Bus → room: something happened in this room.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -75,6 +91,9 @@ pub struct Room {
     name: RoomName,
     bus: SharedBus,
     seq: Sequencer<MemberHandle>,
+    /// Messages per page of a resume's replay: a quarter of a session's queue, so a page
+    /// fits in whatever room the member's queue had when it was asked for.
+    page: usize,
     /// Set by the directory when it sent a [`Resync`] for a dropped event; cleared here, so
     /// a burst of drops asks for one resync, not one each.
     resync_asked: Arc<AtomicBool>,
@@ -94,6 +113,7 @@ impl Room {
     ) -> Self {
         Self {
             metrics,
+            page: (hold_per_member / 4).clamp(1, 256),
             seq: Sequencer::new(name.clone(), hold_per_member).with_announce_limit(announce_max),
             name,
             bus,
@@ -118,6 +138,16 @@ impl Room {
         }
         if let Some(step) = outcome.step {
             self.run(step, ctx);
+        }
+        for page in outcome.pages {
+            self.read_page(page, ctx);
+        }
+        for session in outcome.watch {
+            if let Some(handle) = self.seq.handle(session) {
+                let room = ctx.address();
+                // One wake-up per page at most: a bounded number of messages.
+                handle.on_drained(Box::new(move || room.do_send(Drained { session })));
+            }
         }
         if !self.seq.busy() {
             self.catch_up_done.clear();
@@ -149,7 +179,7 @@ impl Room {
         match step {
             Step::Read(read) => {
                 self.metrics.catch_ups.inc();
-                let call = bus.replay(&room, read.after, &read.epoch);
+                let call = bus.replay(&room, read.after, &read.epoch, 0);
                 ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
                     let replay = room.succeeded(result, "read history");
                     let failed = replay.is_none();
@@ -167,6 +197,19 @@ impl Room {
                 }));
             }
         }
+    }
+
+    /// Reads the next page of a resuming member's replay.
+    fn read_page(&mut self, page: Page, ctx: &mut Context<Self>) {
+        let call = self
+            .bus
+            .replay(&self.name, page.after, &page.epoch, self.page);
+        ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
+            let replay = room.succeeded(result, "read a resume's page");
+            let failed = replay.is_none();
+            let outcome = room.seq.page_done(&page, replay);
+            room.apply_later(outcome, failed, ctx);
+        }));
     }
 
     fn succeeded<T>(&self, result: Result<T, BusError>, what: &str) -> Option<T> {
@@ -207,14 +250,17 @@ impl Room {
 }
 
 /// Reads what a joining session needs: replay when it resumes, else the latest `history`.
+/// A resume's replay is read `page` messages at a time (the first page here, the rest by the
+/// room as the session drains its queue).
 async fn sync(
     bus: SharedBus,
     room: RoomName,
     resume: Option<(Offset, Epoch)>,
     history: usize,
+    page: usize,
 ) -> Result<Synced, BusError> {
     let (head, recovered, backlog) = match resume {
-        Some((since, epoch)) => match bus.replay(&room, since, &epoch).await? {
+        Some((since, epoch)) => match bus.replay(&room, since, &epoch, page).await? {
             Replay::Recovered { head, messages } => (head, Some(true), messages),
             Replay::NotRecovered { head } => (head, Some(false), Vec::new()),
         },
@@ -229,24 +275,33 @@ async fn sync(
         epoch = page.epoch;
         backlog = page.messages;
     }
-    let delivered = backlog
-        .last()
-        .map_or(head.offset, |m| m.offset.max(head.offset));
+    // A replay that did not reach the head goes on page by page after its last message.
+    let more = recovered == Some(true) && backlog.last().is_some_and(|m| m.offset < head.offset);
+    let delivered = match backlog.last() {
+        Some(m) if more => m.offset,
+        last => last.map_or(head.offset, |m| m.offset.max(head.offset)),
+    };
     let users = bus.presence(&room).await?;
     let mut frames: Vec<ByteString> = backlog.into_iter().map(|m| m.json).collect();
-    frames.push(
-        ServerFrame::Presence {
-            room: &room,
-            users: &users,
-        }
-        .to_text(),
-    );
+    let presence = ServerFrame::Presence {
+        room: &room,
+        users: &users,
+    }
+    .to_text();
+    let mut tail = Vec::new();
+    if more {
+        tail.push(presence);
+    } else {
+        frames.push(presence);
+    }
     Ok(Synced {
         epoch,
         offset: head.offset,
         recovered,
         frames,
         delivered,
+        more,
+        tail,
     })
 }
 
@@ -276,6 +331,7 @@ impl Handler<Join> for Room {
             self.name.clone(),
             msg.resume,
             msg.history,
+            self.page,
         );
         ctx.spawn(
             fut.into_actor(self)

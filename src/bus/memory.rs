@@ -50,6 +50,8 @@ struct RoomLog {
     /// from.
     last_seen: Instant,
     refs: HashMap<(UserId, String), (Offset, Instant)>,
+    /// Where a renewed epoch continues: messages up to it are the retired epoch's.
+    base: Offset,
 }
 
 impl RoomLog {
@@ -61,6 +63,7 @@ impl RoomLog {
             last_write: now,
             last_seen: now,
             refs: HashMap::new(),
+            base: 0,
         }
     }
 
@@ -175,18 +178,29 @@ impl State {
         (published, Some(event))
     }
 
-    fn replay(&mut self, room: &RoomName, since: Offset, epoch: &Epoch, now: Instant) -> Replay {
+    fn replay(
+        &mut self,
+        room: &RoomName,
+        since: Offset,
+        epoch: &Epoch,
+        limit: usize,
+        now: Instant,
+    ) -> Replay {
         let log = self.log(room, now);
         let head = log.head();
+        // A renewed epoch's own messages start after its base.
+        let since = since.max(log.base);
         // `since` may equal the newest offset (nothing missed) but not pass it, and the first
         // missed message (since + 1) must still be stored.
         if *epoch != log.epoch || since > log.offset || since + 1 < log.oldest() {
             return Replay::NotRecovered { head };
         }
+        let limit = if limit == 0 { usize::MAX } else { limit };
         let messages = log
             .messages
             .iter()
             .filter(|m| m.offset > since)
+            .take(limit)
             .cloned()
             .collect();
         Replay::Recovered { head, messages }
@@ -204,6 +218,7 @@ impl State {
         if created {
             log.epoch = Epoch::generate();
             log.offset = log.offset.max(floor);
+            log.base = log.offset;
             // Stored messages stay: they were acked, and remain the new epoch's history.
             log.refs.clear();
         }
@@ -364,10 +379,16 @@ impl Bus for MemoryBus {
         done(self.lock().map(|mut s| s.log(room, Instant::now()).head()))
     }
 
-    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay> {
+    fn replay(
+        &self,
+        room: &RoomName,
+        since: Offset,
+        epoch: &Epoch,
+        limit: usize,
+    ) -> BusFuture<Replay> {
         done(
             self.lock()
-                .map(|mut s| s.replay(room, since, epoch, Instant::now())),
+                .map(|mut s| s.replay(room, since, epoch, limit, Instant::now())),
         )
     }
 
@@ -532,7 +553,7 @@ mod tests {
         }
         let epoch = now(bus.head(&r)).unwrap().epoch;
         // Oldest stored is 8: since=7 misses nothing that was dropped.
-        match now(bus.replay(&r, 7, &epoch)).unwrap() {
+        match now(bus.replay(&r, 7, &epoch, 0)).unwrap() {
             Replay::Recovered { messages, head } => {
                 assert_eq!(messages.first().map(|m| m.offset), Some(8));
                 assert_eq!(messages.len(), 5);
@@ -542,9 +563,30 @@ mod tests {
         }
         // since=6 would need offset 7, which is gone.
         assert!(matches!(
-            now(bus.replay(&r, 6, &epoch)).unwrap(),
+            now(bus.replay(&r, 6, &epoch, 0)).unwrap(),
             Replay::NotRecovered { .. }
         ));
+    }
+
+    #[test]
+    fn a_replay_is_paged_and_a_renewed_epoch_replays_only_what_came_after_its_start() {
+        let (bus, _) = bus(50);
+        let r = room("r");
+        for i in 0..10 {
+            now(bus.publish(&r, msg(&format!("m{i}"), None))).unwrap();
+        }
+        let epoch = now(bus.head(&r)).unwrap().epoch;
+        let offsets = |replay: Replay| match replay {
+            Replay::Recovered { messages, .. } => messages.iter().map(|m| m.offset).collect(),
+            other => panic!("expected recovery, got {other:?}"),
+        };
+        let page: Vec<_> = offsets(now(bus.replay(&r, 2, &epoch, 3)).unwrap());
+        assert_eq!(page, vec![3, 4, 5], "the oldest three after 2");
+        let renewed = now(bus.renew_epoch(&r, &epoch, 12)).unwrap();
+        assert!(renewed.created);
+        now(bus.publish(&r, msg("new", None))).unwrap();
+        let after: Vec<_> = offsets(now(bus.replay(&r, 0, &renewed.head.epoch, 0)).unwrap());
+        assert_eq!(after, vec![13], "1..10 were the old epoch's");
     }
 
     #[test]
@@ -554,7 +596,7 @@ mod tests {
         now(bus.publish(&r, msg("a", None))).unwrap();
         let head = now(bus.head(&r)).unwrap();
         assert_eq!(
-            now(bus.replay(&r, 1, &head.epoch)).unwrap(),
+            now(bus.replay(&r, 1, &head.epoch, 0)).unwrap(),
             Replay::Recovered {
                 head: head.clone(),
                 messages: vec![]
@@ -569,12 +611,12 @@ mod tests {
         now(bus.publish(&r, msg("a", None))).unwrap();
         let head = now(bus.head(&r)).unwrap();
         assert!(matches!(
-            now(bus.replay(&r, 2, &head.epoch)).unwrap(),
+            now(bus.replay(&r, 2, &head.epoch, 0)).unwrap(),
             Replay::NotRecovered { .. }
         ));
         let wrong = Epoch::from_string("not-this-one");
         assert!(matches!(
-            now(bus.replay(&r, 0, &wrong)).unwrap(),
+            now(bus.replay(&r, 0, &wrong, 0)).unwrap(),
             Replay::NotRecovered { .. }
         ));
     }

@@ -67,8 +67,14 @@ impl Bus for MeteredBus {
         self.inner.head(room)
     }
 
-    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay> {
-        self.inner.replay(room, since, epoch)
+    fn replay(
+        &self,
+        room: &RoomName,
+        since: Offset,
+        epoch: &Epoch,
+        limit: usize,
+    ) -> BusFuture<Replay> {
+        self.inner.replay(room, since, epoch, limit)
     }
 
     fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed> {

@@ -97,7 +97,7 @@ pub struct StoredMessage {
 /// The answer to a resume request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replay {
-    /// Every stored message after `since`, oldest first, up to `head`.
+    /// The stored messages after `since`, oldest first, up to `head` or the read's limit.
     Recovered {
         head: RoomHead,
         messages: Vec<StoredMessage>,
@@ -175,8 +175,18 @@ pub trait Bus: Send + Sync + 'static {
     /// The room's epoch and latest offset (creating the epoch if the room is new).
     fn head(&self, room: &RoomName) -> BusFuture<RoomHead>;
 
-    /// Messages after `since` if `epoch` is current and `since` still inside history.
-    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay>;
+    /// Messages after `since` if `epoch` is current and `since` still inside history: the
+    /// oldest `limit` of them (all when 0), so a long resume is read page by page (the
+    /// caller asks again after the last offset it got until it reaches the head). An epoch
+    /// started by [`Self::renew_epoch`] holds only what came after its start: older entries
+    /// are the retired epoch's messages and are never replayed under the new one.
+    fn replay(
+        &self,
+        room: &RoomName,
+        since: Offset,
+        epoch: &Epoch,
+        limit: usize,
+    ) -> BusFuture<Replay>;
 
     /// The store went back in time (a lagging replica promoted, a backup restored): if the
     /// room is still on `stale`, moves it to a new epoch whose offsets continue after

@@ -84,6 +84,9 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 
 pub struct RedisBus {
     client: Client,
+    /// The bridge's subscriber, looked at by readiness itself: the bridge learns of a dead
+    /// subscription only at its next check, and `/readyz` must not say 200 meanwhile.
+    subscriber: SubscriberClient,
     pub(super) node: Arc<str>,
     prefix: Arc<str>,
     history_size: usize,
@@ -101,6 +104,14 @@ pub struct RedisBus {
     presence: Presence,
     /// `WAIT`s for `redis.replicas_to_ack` replicas before an ack (none when 0).
     replication: Replication,
+}
+
+/// What the read script found: the head, the entries asked for, and where a renewed epoch
+/// continues (0 for one that started empty).
+struct Read {
+    head: RoomHead,
+    messages: Vec<StoredMessage>,
+    base: Offset,
 }
 
 /// The keys of one room; all share the `{room}` hash tag, so one script may use them together
@@ -146,6 +157,7 @@ impl RedisBus {
         let subscriber = builder.build_subscriber_client().map_err(unavailable)?;
         let bus = Arc::new(Self {
             client,
+            subscriber: subscriber.clone(),
             node,
             prefix: Arc::from(settings.redis.prefix.as_str()),
             history_size: settings.history.size,
@@ -203,6 +215,9 @@ impl RedisBus {
         if !self.client.is_connected() {
             return Err("Redis publisher disconnected".into());
         }
+        if !self.subscriber.is_connected() {
+            return Err("Redis subscriber disconnected".into());
+        }
         match self.not_ready.lock() {
             Ok(r) => r.clone().map_or(Ok(()), Err),
             Err(_) => Err("bus state poisoned".into()),
@@ -252,8 +267,8 @@ impl RedisBus {
         format!(r#"{{"kind":"{kind}","user":"{user}","frame":{frame}}}"#)
     }
 
-    /// Parses `{epoch, offset, entries}` from the read script.
-    fn parse_read(value: Value) -> Result<(RoomHead, Vec<StoredMessage>), BusError> {
+    /// Parses `{epoch, offset, entries, base}` from the read script.
+    fn parse_read(value: Value) -> Result<Read, BusError> {
         let bad = || bad_reply("read");
         let mut parts = value.into_array().into_iter();
         let head = reply_head(&mut parts, "read")?;
@@ -278,7 +293,13 @@ impl RedisBus {
                 json: ByteString::from(json),
             });
         }
-        Ok((head, messages))
+        // Absent from a script of an older confab still cached by SHA: no base.
+        let base = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        Ok(Read {
+            head,
+            messages,
+            base,
+        })
     }
 
     /// What a failed publish call tells its client.
@@ -306,7 +327,7 @@ impl RedisBus {
         mode: &'static str,
         offset: Offset,
         limit: usize,
-    ) -> BusFuture<(RoomHead, Vec<StoredMessage>)> {
+    ) -> BusFuture<Read> {
         let bus = Arc::clone(self);
         let keys = self.keys(room);
         let users = self.presence_users_key(room);
@@ -462,15 +483,27 @@ impl Bus for Arc<RedisBus> {
 
     fn head(&self, room: &RoomName) -> BusFuture<RoomHead> {
         self.read_room(room, "head", 0, 0)
-            .map(|r| r.map(|(head, _)| head))
+            .map(|r| r.map(|read| read.head))
             .boxed()
     }
 
-    fn replay(&self, room: &RoomName, since: Offset, epoch: &Epoch) -> BusFuture<Replay> {
+    fn replay(
+        &self,
+        room: &RoomName,
+        since: Offset,
+        epoch: &Epoch,
+        limit: usize,
+    ) -> BusFuture<Replay> {
         let epoch = epoch.clone();
-        self.read_room(room, "since", since, 0)
+        self.read_room(room, "since", since, limit)
             .map(move |r| {
-                let (head, messages) = r?;
+                let Read {
+                    head,
+                    messages,
+                    base,
+                } = r?;
+                // The script read after the base of a renewed epoch: its own messages.
+                let since = since.max(base);
                 // Recovered only if the epoch is current, `since` is not past the newest, and
                 // the first missed message (since + 1) is still stored.
                 let complete = messages
@@ -515,9 +548,9 @@ impl Bus for Arc<RedisBus> {
     ) -> BusFuture<HistoryPage> {
         self.read_room(room, "before", before.unwrap_or(0), limit)
             .map(|r| {
-                r.map(|(head, messages)| HistoryPage {
-                    epoch: head.epoch,
-                    messages,
+                r.map(|read| HistoryPage {
+                    epoch: read.head.epoch,
+                    messages: read.messages,
                 })
             })
             .boxed()

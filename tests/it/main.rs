@@ -16,6 +16,7 @@ mod failover;
 mod fleet;
 mod frames;
 mod hardening;
+mod hardening_seq;
 mod integrity;
 mod lifecycle;
 mod limits;

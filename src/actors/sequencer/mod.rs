@@ -81,11 +81,26 @@ pub struct Closed<H> {
     pub reason: &'static str,
 }
 
+/// The next page of a resuming member's replay: `bus.replay(room, after, epoch, limit)`,
+/// then [`Sequencer::page_done`]. Pages run beside the room's own step: they deliver to
+/// their member only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub session: SessionId,
+    pub epoch: Epoch,
+    pub after: Offset,
+}
+
 /// What one call asks of the actor.
 #[derive(Debug)]
 pub struct Outcome<H> {
     pub closed: Vec<Closed<H>>,
     pub step: Option<Step>,
+    /// Pages to read for resuming members.
+    pub pages: Vec<Page>,
+    /// Resuming members whose queue is too full for their next page: the actor asks their
+    /// outlet to wake the room when it has drained ([`Sequencer::drained`]).
+    pub watch: Vec<SessionId>,
 }
 
 impl<H> Default for Outcome<H> {
@@ -93,6 +108,8 @@ impl<H> Default for Outcome<H> {
         Self {
             closed: Vec::new(),
             step: None,
+            pages: Vec::new(),
+            watch: Vec::new(),
         }
     }
 }
@@ -128,6 +145,10 @@ pub struct Synced {
     pub frames: Vec<ByteString>,
     /// Newest offset included in (or before) the backlog.
     pub delivered: Offset,
+    /// The resume's replay goes on after `delivered`, page by page, as the member's queue
+    /// drains; `tail` (the presence frame) is sent once it has caught up.
+    pub more: bool,
+    pub tail: Vec<ByteString>,
 }
 
 struct Member<H> {
@@ -140,6 +161,20 @@ struct Member<H> {
     /// What the room knew to be stored when the member joined (before its head was read):
     /// a welcome head below it means the store went back.
     known_at_join: Option<(Epoch, Offset)>,
+    /// Set while the member's resume is read page by page (see [`Paging`]).
+    paging: Option<Paging>,
+}
+
+/// A resuming member that is still reading its replay. Live messages are not held for it:
+/// they are in the store, and it pages on until it reaches what the room delivered, then
+/// goes live. Joins and leaves (not stored) are held, at most `hold_per_member`; typing is
+/// dropped.
+struct Paging {
+    /// Sent once the member has caught up: the presence frame read with its welcome.
+    tail: Vec<ByteString>,
+    held: Vec<RoomEvent>,
+    /// A page read is outstanding.
+    reading: bool,
 }
 
 pub struct Sequencer<H> {
@@ -238,8 +273,14 @@ impl<H: Outlet> Sequencer<H> {
                 epoch: None,
                 delivered: 0,
                 known_at_join,
+                paging: None,
             },
         );
+    }
+
+    /// The outlet of a member, if it is still here.
+    pub fn handle(&self, session: SessionId) -> Option<&H> {
+        self.members.get(&session).map(|m| &m.handle)
     }
 
     /// A session left; returns its user and handle.
@@ -276,6 +317,13 @@ impl<H: Outlet> Sequencer<H> {
         };
         member.epoch = Some(synced.epoch.clone());
         member.delivered = synced.delivered;
+        if synced.more {
+            member.paging = Some(Paging {
+                tail: synced.tail,
+                held: Vec::new(),
+                reading: false,
+            });
+        }
         let welcome = Outbound::Welcome {
             epoch: synced.epoch,
             offset: synced.offset,
@@ -295,14 +343,147 @@ impl<H: Outlet> Sequencer<H> {
                     continue;
                 }
             }
+            if let Some(paging) = member.paging.as_mut() {
+                // A member that pages its replay reads these messages from the store, after
+                // the pages before them (delivered now, they would jump its cursor: a gap);
+                // presence changes wait until it is live, as they do while it pages.
+                if matches!(event.kind, EventKind::Join { .. } | EventKind::Leave { .. }) {
+                    paging.held.push(event);
+                }
+                continue;
+            }
             ok = ok && member.deliver(&room, &event, &mut self.stats) == Offer::Sent;
         }
         if !ok {
             self.evict(session, &mut out);
+        } else if self
+            .members
+            .get(&session)
+            .is_some_and(|m| m.paging.is_some())
+        {
+            self.next_page(session, &mut out);
+            return out;
         }
         // Only this member changed: the others were brought up when the last step ended.
         self.catch_up_laggards(Some(session), &mut out);
         out
+    }
+
+    /// Asks for a resuming member's next page if its queue has room for one, else for a
+    /// wake-up when it has drained.
+    fn next_page(&mut self, session: SessionId, out: &mut Outcome<H>) {
+        let Some(member) = self.members.get_mut(&session) else {
+            return;
+        };
+        let (Some(paging), Some(epoch)) = (member.paging.as_mut(), member.epoch.clone()) else {
+            return;
+        };
+        if paging.reading {
+            return;
+        }
+        if member.handle.has_room() {
+            paging.reading = true;
+            out.pages.push(Page {
+                session,
+                epoch,
+                after: member.delivered,
+            });
+        } else {
+            out.watch.push(session);
+        }
+    }
+
+    /// A resuming member's queue drained: its next page may go in.
+    pub fn drained(&mut self, session: SessionId) -> Outcome<H> {
+        let mut out = Outcome::default();
+        self.next_page(session, &mut out);
+        out
+    }
+
+    /// A page of a resuming member's replay was read (`None`: the bus failed; the actor
+    /// retries the page later).
+    pub fn page_done(&mut self, page: &Page, result: Option<Replay>) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let session = page.session;
+        let Some(member) = self.members.get_mut(&session) else {
+            return out;
+        };
+        if member.paging.is_none() || member.epoch.as_ref() != Some(&page.epoch) {
+            return out;
+        }
+        let Some(replay) = result else {
+            out.pages.push(page.clone());
+            return out;
+        };
+        let (head, messages) = match replay {
+            Replay::Recovered { head, messages } if head.epoch == page.epoch => (head, messages),
+            // The epoch moved on or the rest of the replay was trimmed while the member read
+            // it: its resume now reports `recovered:false`.
+            _ => {
+                let why = (
+                    CLOSE_SLOW_CONSUMER,
+                    "missed messages are no longer in history: resume to catch up",
+                );
+                self.close(session, why, &mut out);
+                return out;
+            }
+        };
+        let empty = messages.is_empty();
+        for m in messages {
+            if m.offset <= member.delivered {
+                continue;
+            }
+            if !member.handle.has_room() {
+                // Big messages: the rest of the page is read again once the queue drained.
+                break;
+            }
+            if m.offset != member.delivered + 1
+                || member.handle.offer(Outbound::Frame(m.json), false) != Offer::Sent
+            {
+                // A hole in the store, or a queue the page did not fit after all.
+                self.evict(session, &mut out);
+                return out;
+            }
+            member.delivered = m.offset;
+        }
+        // Caught up once it has what the room delivered of the epoch (later events reach it
+        // live); nothing more stored means the room is ahead of the store, which the room's
+        // own reads sort out.
+        let room_at = match &self.seen {
+            Some(mark) if mark.epoch == page.epoch => mark.offset.max(head.offset),
+            _ => head.offset,
+        };
+        if member.delivered >= room_at || empty {
+            self.go_live(session, &mut out);
+        } else {
+            if let Some(paging) = member.paging.as_mut() {
+                paging.reading = false;
+            }
+            self.next_page(session, &mut out);
+        }
+        out
+    }
+
+    /// A resuming member has read its replay: presence, what was held for it, then live.
+    fn go_live(&mut self, session: SessionId, out: &mut Outcome<H>) {
+        let room = self.room.clone();
+        let Some(member) = self.members.get_mut(&session) else {
+            return;
+        };
+        let Some(paging) = member.paging.take() else {
+            return;
+        };
+        let mut ok = true;
+        for frame in paging.tail {
+            ok = ok && member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
+        }
+        for event in paging.held {
+            ok = ok && member.deliver(&room, &event, &mut self.stats) == Offer::Sent;
+        }
+        if !ok {
+            return self.evict(session, out);
+        }
+        self.catch_up_laggards(Some(session), out);
     }
 
     /// Brings every synced member to where the room stands, once no step is outstanding:
@@ -366,7 +547,7 @@ impl<H: Outlet> Sequencer<H> {
         &self,
         only: Option<SessionId>,
     ) -> Box<dyn Iterator<Item = (&SessionId, &Member<H>)> + '_> {
-        let synced = |(_, m): &(&SessionId, &Member<H>)| m.syncing.is_none();
+        let synced = |(_, m): &(&SessionId, &Member<H>)| m.syncing.is_none() && m.paging.is_none();
         match only {
             Some(s) => Box::new(self.members.get_key_value(&s).into_iter().filter(synced)),
             None => Box::new(self.members.iter().filter(synced)),
@@ -379,7 +560,7 @@ impl<H: Outlet> Sequencer<H> {
         let evict: Vec<SessionId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.syncing.is_none())
+            .filter(|(_, m)| m.syncing.is_none() && m.paging.is_none())
             .filter(|(_, m)| m.handle.offer(Outbound::Frame(json.clone()), true) == Offer::Evict)
             .map(|(id, _)| *id)
             .collect();
@@ -418,7 +599,7 @@ impl<H: Outlet> Sequencer<H> {
         }
         self.members
             .values()
-            .filter(|m| m.syncing.is_none())
+            .filter(|m| m.syncing.is_none() && m.paging.is_none())
             .filter_map(|m| m.epoch.clone().map(|e| (e, m.delivered)))
             .min_by_key(|(_, delivered)| *delivered)
             .map(|(epoch, after)| Read {
@@ -483,7 +664,7 @@ impl<H: Outlet> Sequencer<H> {
                 }
             }
             Replay::NotRecovered { head } if head.epoch == read.epoch => {
-                self.gap(&head, &mut out);
+                self.gap(&head, read.after, &mut out);
             }
             Replay::NotRecovered { head } => {
                 // The room has a new epoch (its history was lost or expired): read it from the
@@ -666,11 +847,11 @@ impl<H: Outlet> Sequencer<H> {
     /// Asks for a new epoch continuing after everything of `stale` any client may have seen.
     fn went_back(&mut self, stale: &Epoch, floor: Offset) -> Outcome<H> {
         Outcome {
-            closed: Vec::new(),
             step: Some(Step::Renew {
                 stale: stale.clone(),
                 floor: floor.max(self.known(stale)),
             }),
+            ..Outcome::default()
         }
     }
 
@@ -702,7 +883,13 @@ impl<H: Outlet> Sequencer<H> {
     /// The hole is no longer in history: members that would have a gap are closed, the room
     /// goes on from the store's head. Members still on an older epoch (the room's history was
     /// lost, and the new epoch's start is trimmed too) are told with a `reset` at the head.
-    fn gap(&mut self, head: &RoomHead, out: &mut Outcome<H>) {
+    ///
+    /// Only members that need what the read found missing are closed: those at or behind
+    /// `after` (the store no longer holds `after + 1`, nor anything before it). A member
+    /// further on (it joined after the hole, its welcome promised a newer offset) may need
+    /// only what is still stored: it is left behind the head and brought up by the next read
+    /// ([`Self::catch_up_laggards`]), which closes it in turn if that is gone too.
+    fn gap(&mut self, head: &RoomHead, after: Offset, out: &mut Outcome<H>) {
         self.stats.gaps += 1;
         if let Some(old) = self.seen.as_ref().filter(|m| m.epoch != head.epoch) {
             let old = old.epoch.clone();
@@ -710,16 +897,19 @@ impl<H: Outlet> Sequencer<H> {
         }
         self.reset_members(&head.epoch, head.offset, out);
         log::warn!(
-            "room={} missed messages are no longer in history; members behind offset {} are \
-             closed with 4008 and the room goes on",
+            "room={} missed messages after offset {after} are no longer in history; members \
+             at or behind it are closed with 4008 and the room goes on",
             self.room,
-            head.offset
         );
         let behind: Vec<SessionId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.syncing.is_none())
-            .filter(|(_, m)| m.epoch.as_ref() == Some(&head.epoch) && m.delivered < head.offset)
+            .filter(|(_, m)| m.syncing.is_none() && m.paging.is_none())
+            .filter(|(_, m)| {
+                m.epoch.as_ref() == Some(&head.epoch)
+                    && m.delivered < head.offset
+                    && m.delivered <= after
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in behind {
@@ -745,7 +935,8 @@ impl<H: Outlet> Sequencer<H> {
         let others: Vec<SessionId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.syncing.is_none() && m.epoch.as_ref() != Some(epoch))
+            .filter(|(_, m)| m.syncing.is_none() && m.paging.is_none())
+            .filter(|(_, m)| m.epoch.as_ref() != Some(epoch))
             .map(|(id, _)| *id)
             .collect();
         self.reset(others, epoch, offset, out);
@@ -815,6 +1006,23 @@ impl<H: Outlet> Sequencer<H> {
                     evict.push(*id);
                 } else {
                     held.push(event.clone());
+                }
+                continue;
+            }
+            if let Some(paging) = member.paging.as_mut() {
+                // Messages it reads from the store, however far the room moves on meanwhile:
+                // a paging member costs a cursor and at most a page, not a queue of what went
+                // by. One that reads slower than the room grows falls out of the store's
+                // window, and its next page finds the gap (4008); one that reads nothing is
+                // dropped by its socket's stall timeout. (Counting live messages that went by
+                // while its queue was full closed clients that read at full speed, when the
+                // room was busy right as they joined.) Typing may go; presence changes wait.
+                if matches!(event.kind, EventKind::Join { .. } | EventKind::Leave { .. }) {
+                    if paging.held.len() >= self.hold_per_member {
+                        evict.push(*id);
+                    } else {
+                        paging.held.push(event.clone());
+                    }
                 }
                 continue;
             }

@@ -33,6 +33,11 @@ struct Store {
     epochs: u64,
     /// Epochs started by `renew`: only a store that went back may need one.
     renewals: u64,
+    /// Where a renewed epoch continues; what is stored up to it is the old epoch's.
+    base: Offset,
+    /// The highest offset handed out in the current epoch, also if the store later lost it:
+    /// what another replica that saw it renews from.
+    high: Offset,
 }
 
 impl Store {
@@ -45,6 +50,8 @@ impl Store {
             next_id: 0,
             epochs: 0,
             renewals: 0,
+            base: 0,
+            high: 0,
         }
     }
 
@@ -57,6 +64,7 @@ impl Store {
 
     fn publish(&mut self) -> RoomEvent {
         self.offset += 1;
+        self.high = self.high.max(self.offset);
         self.next_id += 1;
         let json = ByteString::from(format!(
             r#"{{"type":"message","epoch":"{}","offset":{},"id":{}}}"#,
@@ -82,6 +90,7 @@ impl Store {
     }
 
     fn replay(&self, since: Offset, epoch: &Epoch) -> Replay {
+        let since = since.max(self.base);
         let oldest = self
             .messages
             .keys()
@@ -111,6 +120,8 @@ impl Store {
             self.renewals += 1;
             self.epoch = self.new_epoch();
             self.offset = self.offset.max(floor);
+            self.base = self.offset;
+            self.high = self.offset;
         }
         Renewed {
             head: self.head(),
@@ -139,6 +150,9 @@ enum Op {
     /// restore, so the bus reconnects and the room is told to resync before the new store's
     /// events reach it.
     GoBack(u8),
+    /// Another replica noticed the store went back first and renewed the epoch, continuing
+    /// after everything it had delivered; the stream keeps the old epoch's messages.
+    RenewedElsewhere,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -153,6 +167,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::SyncRead),
         1 => Just(Op::Lose),
         1 => (1u8..6).prop_map(Op::GoBack),
+        1 => Just(Op::RenewedElsewhere),
     ]
 }
 
@@ -271,6 +286,8 @@ impl World {
                     recovered: None,
                     frames: Vec::new(),
                     delivered: head.offset,
+                    more: false,
+                    tail: Vec::new(),
                 };
                 let out = self.seq.synced(id, synced);
                 self.take(out);
@@ -299,10 +316,24 @@ impl World {
             Op::Lose => {
                 self.store.epoch = self.store.new_epoch();
                 self.store.offset = 0;
+                self.store.base = 0;
+                self.store.high = 0;
                 self.store.messages.clear();
             }
+            Op::RenewedElsewhere => {
+                if self.store.high > self.store.offset {
+                    let (stale, high) = (self.store.epoch.clone(), self.store.high);
+                    self.store.renew(&stale, high);
+                }
+            }
             Op::GoBack(n) => {
-                let back = self.store.offset.saturating_sub(u64::from(n));
+                // Not below a renewed epoch's start: a store older than the renewal holds
+                // the epoch before it (its base is part of the state that went back).
+                let back = self
+                    .store
+                    .offset
+                    .saturating_sub(u64::from(n))
+                    .max(self.store.base);
                 self.store.offset = back;
                 self.store.messages.retain(|o, _| *o <= back);
                 let out = self.seq.resync();
@@ -466,7 +497,11 @@ fn a_hole_older_than_history_closes_members_behind_and_the_room_goes_on() {
     }
     world.apply(Op::Publish(5));
     assert!(matches!(world.step, Some(Step::Read(_))));
-    world.answer(true);
+    // The read from before the member's cursor finds the hole; the member's own read then
+    // finds what it needs gone as well.
+    while world.step.is_some() {
+        world.answer(true);
+    }
     let first = world.sockets[&1].0.borrow().last().cloned();
     assert!(matches!(first, Some(Outbound::Close { code: 4008, .. })));
     // A member that joins later gets live messages again.
@@ -647,6 +682,8 @@ fn a_member_whose_session_already_stopped_is_dropped_not_evicted_as_slow() {
                 recovered: None,
                 frames: Vec::new(),
                 delivered: 0,
+                more: false,
+                tail: Vec::new(),
             },
         );
         let stats = seq.take_stats();
@@ -660,4 +697,112 @@ fn a_member_whose_session_already_stopped_is_dropped_not_evicted_as_slow() {
         }
         assert!(seq.remove(7).is_none(), "detached either way");
     }
+}
+
+#[test]
+fn a_member_that_joined_after_a_hole_older_than_history_is_brought_up_not_closed() {
+    let mut world = World::new(3);
+    for op in [Op::Join, Op::Sync, Op::Publish(5)] {
+        world.apply(op);
+    }
+    // The room misses 2..11 (only 9..11 are kept); a member joins with the head at 11, and
+    // one more message is missed after its welcome.
+    for _ in 0..10 {
+        world.apply(Op::Publish(0));
+    }
+    for op in [Op::Join, Op::Sync, Op::Publish(0), Op::Resync] {
+        world.apply(op);
+    }
+    while world.step.is_some() {
+        world.answer(true);
+    }
+    let old = world.sockets[&1].0.borrow();
+    assert!(
+        matches!(old.last(), Some(Outbound::Close { code: 4008, .. })),
+        "the member from before the hole is closed"
+    );
+    let young = world.sockets[&2].0.borrow();
+    assert!(
+        !young.iter().any(|f| matches!(f, Outbound::Close { .. })),
+        "the member whose welcome said 11 needs only 12, which is stored"
+    );
+    assert_eq!(
+        check_member(&young, &mut HashMap::new()),
+        Some(("e0".to_owned(), 12))
+    );
+}
+
+#[test]
+fn a_room_that_learns_of_another_replicas_renewal_replays_nothing_of_the_old_epoch() {
+    let mut world = World::new(100);
+    for op in [Op::Join, Op::Sync] {
+        world.apply(op);
+    }
+    for _ in 0..10 {
+        world.apply(Op::Publish(5));
+    }
+    // The store goes back to 7; another replica renews first, continuing after 10.
+    world.store.offset = 7;
+    world.store.messages.retain(|o, _| *o <= 7);
+    world.apply(Op::RenewedElsewhere);
+    world.apply(Op::Resync);
+    world.settle();
+    for _ in 0..3 {
+        world.apply(Op::Publish(5));
+    }
+    let frames = world.sockets[&1].0.borrow();
+    let end = check_member(&frames, &mut HashMap::new());
+    assert_eq!(end, Some(("e1".to_owned(), 13)), "reset at 10, then 11..13");
+    let messages = frames
+        .iter()
+        .filter(|f| matches!(f, Outbound::Frame(j) if j.contains("\"message\"")))
+        .count();
+    assert_eq!(messages, 13, "1..10 once, then the three new ones");
+}
+
+#[test]
+fn a_resume_is_paged_past_live_messages_and_then_goes_live_without_gap_or_repeat() {
+    let mut store = Store::new(100);
+    let mut seq = Sequencer::new(room(), 1 << 20);
+    let mut events: Vec<RoomEvent> = (0..10).map(|_| store.publish()).collect();
+    for event in events.drain(..) {
+        seq.on_event(event);
+    }
+    let socket = Socket::default();
+    seq.add(1, UserId::parse("u").unwrap(), socket.clone());
+    let first: Vec<ByteString> = store
+        .messages
+        .range(1..=3)
+        .map(|(_, j)| j.clone())
+        .collect();
+    let out = seq.synced(
+        1,
+        Synced {
+            epoch: store.epoch.clone(),
+            offset: 10,
+            recovered: Some(true),
+            frames: first,
+            delivered: 3,
+            more: true,
+            tail: Vec::new(),
+        },
+    );
+    assert_eq!(out.pages.len(), 1, "the next page is asked for");
+    let page = out.pages[0].clone();
+    assert_eq!(page.after, 3);
+    // A live message while the member pages: not held, it is in the store.
+    seq.on_event(store.publish());
+    let out = seq.page_done(&page, Some(store.replay(page.after, &page.epoch)));
+    assert!(out.pages.is_empty() && out.closed.is_empty(), "caught up");
+    seq.on_event(store.publish());
+    let offsets: Vec<u64> = socket
+        .0
+        .borrow()
+        .iter()
+        .filter_map(|f| match f {
+            Outbound::Frame(j) => Some(field(j, "offset").parse().unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(offsets, (1..=12).collect::<Vec<_>>(), "each once, in order");
 }

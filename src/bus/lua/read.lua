@@ -7,9 +7,11 @@
 --
 -- KEYS[1] meta hash   KEYS[2] history stream   KEYS[3] presence users hash
 -- ARGV[1] 'since' | 'before' | 'head'   ARGV[2] offset (since: after it; before: below it, 0 = none)
--- ARGV[3] limit (before only)   ARGV[4] epoch to use if none   ARGV[5] ttl secs
+-- ARGV[3] limit (before: how many; since: at most how many, 0 = all)   ARGV[4] epoch to use if none   ARGV[5] ttl secs
 -- ARGV[6] empty room ttl secs
--- Returns {epoch, offset, entries} with entries as XRANGE gives them, oldest first.
+-- Returns {epoch, offset, entries, base} with entries as XRANGE gives them, oldest first, and
+-- base the offset a renewed epoch continues after (0 for an epoch that started empty): a
+-- 'since' read never returns entries up to it, which belong to the epoch before.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -22,11 +24,19 @@ if not epoch then
   end
 end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local base = redis.call('HGET', KEYS[1], 'base') or '0'
 -- ARGV[2] is a decimal string and is used as one: Lua numbers print 1e14 as '1e+14', which is
 -- no stream id.
 local entries = {}
 if ARGV[1] == 'since' then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+')
+  local since = ARGV[2]
+  if tonumber(base) > tonumber(since) then since = base end
+  -- Paged: a resume from far back never reads a whole history into one reply.
+  if ARGV[3] ~= '0' then
+    entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-0', '+', 'COUNT', ARGV[3])
+  else
+    entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-0', '+')
+  end
 elseif ARGV[1] == 'before' then
   local stop = '+'
   if ARGV[2] ~= '0' then stop = '(' .. ARGV[2] .. '-0' end
@@ -35,4 +45,4 @@ elseif ARGV[1] == 'before' then
     entries[#entries + 1] = newest_first[i]
   end
 end
-return {epoch, offset, entries}
+return {epoch, offset, entries, tonumber(base)}

@@ -2,6 +2,9 @@
 -- the stale epoch (another replica may have renewed it already). Offsets continue after the
 -- highest one any client saw, so none is reused within an epoch. The stream is kept: what was
 -- stored after the store went back was acked, and stays readable as the new epoch's history.
+-- Its `base` (the offset the new epoch continues after) is kept in meta: a resume or catch-up
+-- of the new epoch reads only what comes after it (read.lua), since the entries up to it are
+-- the old epoch's messages, which clients already had under that epoch.
 --
 -- KEYS[1] meta hash   KEYS[2] history stream
 -- ARGV[1] stale epoch   ARGV[2] floor (decimal string)   ARGV[3] new epoch   ARGV[4] ttl secs
@@ -15,7 +18,8 @@ if epoch == false or epoch == ARGV[1] then
   if floor > offset then offset = floor end
   epoch = ARGV[3]
   created = 1
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', string.format('%d', offset))
+  local at = string.format('%d', offset)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', at, 'base', at)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
 return {epoch, offset, created}
