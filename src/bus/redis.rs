@@ -43,8 +43,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Renewed, Replay,
-    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceSnapshot,
+    PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -74,6 +74,9 @@ struct Envelope<'a> {
     offset: Offset,
     #[serde(default)]
     user: Option<&'a str>,
+    /// Join and leave: the room's presence version the change produced.
+    #[serde(default)]
+    version: PresenceVersion,
     #[serde(borrow)]
     frame: &'a RawValue,
 }
@@ -235,8 +238,14 @@ impl RedisBus {
                 epoch: Epoch::from_string(envelope.epoch?),
                 offset: envelope.offset,
             },
-            "join" => EventKind::Join { user: user()? },
-            "leave" => EventKind::Leave { user: user()? },
+            "join" => EventKind::Join {
+                user: user()?,
+                version: envelope.version,
+            },
+            "leave" => EventKind::Leave {
+                user: user()?,
+                version: envelope.version,
+            },
             "typing" => EventKind::Typing { user: user()? },
             _ => return None,
         };
@@ -250,6 +259,15 @@ impl RedisBus {
     fn envelope(kind: &str, user: &UserId, frame: &str) -> String {
         // User ids are letters, digits and `_.-`: nothing to escape.
         format!(r#"{{"kind":"{kind}","user":"{user}","frame":{frame}}}"#)
+    }
+
+    /// A join or leave envelope cut where its presence version goes: the script that makes
+    /// the change knows the version, and puts it between the two.
+    fn presence_envelope(kind: &str, user: &UserId, frame: &str) -> (String, String) {
+        (
+            format!(r#"{{"kind":"{kind}","version":"#),
+            format!(r#","user":"{user}","frame":{frame}}}"#),
+        )
     }
 
     /// Parses `{epoch, offset, entries}` from the read script.
@@ -531,7 +549,7 @@ impl Bus for Arc<RedisBus> {
         self.presence_change(room, user, false)
     }
 
-    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
+    fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot> {
         self.members(room)
     }
 
