@@ -79,11 +79,13 @@ async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
     let holders = format!("{p}:{{{room}}}:presence:nodes");
     let channel = format!("{p}:room:{room}");
     let meta = format!("{p}:{{{room}}}:meta");
-    let event = format!(r#"{{"kind":"{kind}","user":"probe","frame":{{}}}}"#);
+    let version = format!("{p}:{{{room}}}:presence:version");
+    let head = format!(r#"{{"kind":"{kind}","version":"#);
+    let tail = r#","user":"probe","frame":{}}"#;
     let reply = redis
         .cmd(&[
-            "EVAL", CHANGE_LUA, "4", &users, &set, &holders, &meta, kind, "probe", "probe",
-            &channel, &event, "86400", "60",
+            "EVAL", CHANGE_LUA, "5", &users, &set, &holders, &meta, &version, kind, "probe",
+            "probe", &channel, &head, "86400", "60", tail,
         ])
         .await;
     assert!(
@@ -497,14 +499,24 @@ struct Watcher {
 
 impl Watcher {
     async fn open(server: &Server, room: &str, user: String) -> Watcher {
+        Self::asking(server, room, user, 0).await
+    }
+
+    /// A watcher that also asks for `{"type":"presence"}` `asks` times, every 30 ms.
+    async fn asking(server: &Server, room: &str, user: String, asks: usize) -> Watcher {
         let (mut client, _) = server.join(&format!("/ws/{room}?user={user}")).await;
         let view = Arc::new(Mutex::new(SetView::default()));
         let (close, mut closing) = tokio::sync::oneshot::channel();
         let seen = Arc::clone(&view);
         let task = tokio::spawn(async move {
+            let (mut asks, mut asked) = (asks, Instant::now());
             loop {
                 if closing.try_recv().is_ok() {
                     return client.close().await;
+                }
+                if asks > 0 && asked.elapsed() >= Duration::from_millis(30) {
+                    client.send_json(json!({"type": "presence"})).await;
+                    (asks, asked) = (asks - 1, Instant::now());
                 }
                 if let Some(frame) = client.try_next(Duration::from_millis(50)).await {
                     seen.lock().unwrap().apply(&frame);
@@ -598,6 +610,19 @@ async fn a_crowd_arriving_at_once_gets_presence_as_a_set(server: &Server) {
     }
 }
 
+async fn clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(server: &Server) {
+    // Within the rate limit's burst of 20.
+    let asking = crowd("ask", 20)
+        .into_iter()
+        .map(|u| Watcher::asking(server, "asked", u, 15));
+    let mut watchers = futures_util::future::join_all(asking).await;
+    watchers.extend(open_all(server, "asked", crowd("u", CROWD - 20)).await);
+    assert_sets_hold(server, "asked", &watchers, CROWD).await;
+    for w in watchers {
+        w.close().await;
+    }
+}
+
 async fn users_leaving_while_others_join_keep_every_clients_set_right(server: &Server) {
     let stay = open_all(server, "churn", crowd("stay", CROWD / 3)).await;
     let go = open_all(server, "churn", crowd("go", CROWD / 3)).await;
@@ -637,4 +662,18 @@ async fn users_leaving_while_others_join_on_redis_keep_every_clients_set_right()
 async fn users_leaving_while_others_join_on_the_embedded_bus_keep_every_clients_set_right() {
     let server = Server::start(&TELL_ALL);
     users_leaving_while_others_join_keep_every_clients_set_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_asking_for_presence_while_a_crowd_arrives_on_redis_keep_their_sets_right() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, &prefix("asked"), "a", &TELL_ALL).await;
+    clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_asking_for_presence_while_a_crowd_arrives_on_the_embedded_bus_keep_their_sets_right(
+) {
+    let server = Server::start(&TELL_ALL);
+    clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(&server).await;
 }
