@@ -18,7 +18,7 @@ use super::sequencer::{Outcome, Sequencer, Step, Synced};
 use crate::bus::{BusError, CatchUpDone, PresenceSnapshot, Replay, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
-use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
+use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
@@ -65,6 +65,13 @@ pub struct Resync {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RefreshPresence;
+
+/// Hub → room: a member asked for the room's presence.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceAsked {
+    pub session: SessionId,
+}
 
 /// Bus → room: something happened in this room.
 #[derive(Message)]
@@ -349,6 +356,33 @@ impl Handler<RefreshPresence> for Room {
 
     fn handle(&mut self, _: RefreshPresence, ctx: &mut Self::Context) {
         self.refresh_presence(ctx);
+    }
+}
+
+impl Handler<PresenceAsked> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceAsked, ctx: &mut Self::Context) {
+        let call = self.bus.presence_snapshot(&self.name);
+        ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
+            let outcome = match result {
+                Ok(snapshot) => room.seq.presence_answer(msg.session, &snapshot),
+                Err(e) => {
+                    let frame = ServerFrame::Error {
+                        code: match e {
+                            BusError::Unavailable(_) => ErrorCode::Unavailable,
+                            BusError::Internal(_) => ErrorCode::Internal,
+                        },
+                        message: &e.to_string(),
+                        reference: None,
+                    }
+                    .to_text();
+                    room.seq.answer(msg.session, frame)
+                }
+            };
+            room.apply(outcome, ctx);
+            room.refresh_if_stale(ctx);
+        }));
     }
 }
 

@@ -19,7 +19,7 @@ use bytestring::ByteString;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
-use super::hub::{Connect, Disconnect, Hub};
+use super::hub::{AskPresence, Connect, Disconnect, Hub};
 use super::member::{InboxReader, Outbound, QueueLimits};
 use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
@@ -361,19 +361,13 @@ impl Session {
         }
     }
 
-    fn presence(&mut self, ctx: &mut Context<Self>) {
-        let presence = self.bus.presence(&self.room);
-        ctx.spawn(presence.into_actor(self).map(|result, session, ctx| {
-            let frame = match result {
-                Ok(users) => ServerFrame::Presence {
-                    room: &session.room,
-                    users: &users,
-                }
-                .to_text(),
-                Err(e) => bus_error_frame(&e, None),
-            };
-            session.socket.text(frame, ctx);
-        }));
+    /// Answered by the room, through this session's inbox: the room knows which joins and
+    /// leaves this client was told, so the list and those frames stay one set (SPEC §5).
+    fn presence(&mut self, _: &mut Context<Self>) {
+        self.hub.do_send(AskPresence {
+            room: self.room.clone(),
+            session: self.id,
+        });
     }
 
     fn history(

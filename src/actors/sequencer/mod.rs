@@ -463,6 +463,55 @@ impl<H: Outlet> Sequencer<H> {
         out
     }
 
+    /// The answer to a member's `{"type":"presence"}`: the room's presence, then the joins
+    /// and leaves that arrived since it was read, so the member's set goes on from there.
+    pub fn presence_answer(
+        &mut self,
+        session: SessionId,
+        snapshot: &PresenceSnapshot,
+    ) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let frame = ServerFrame::Presence {
+            room: &self.room,
+            users: &snapshot.users,
+        }
+        .to_text();
+        let tell = self.members.len() <= self.announce_max;
+        let Some(member) = self.members.get_mut(&session) else {
+            return out;
+        };
+        let mut ok = member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
+        // A member still syncing is given its own snapshot when its welcome goes out.
+        if member.syncing.is_none() {
+            member.presence.given(snapshot);
+            let newer = self
+                .recent_presence
+                .iter()
+                .filter(|e| tell && newer(e, snapshot));
+            for event in newer {
+                ok = ok && member.deliver(&self.room, event, &mut self.stats) == Offer::Sent;
+            }
+        }
+        if !ok {
+            self.evict(session, &mut out);
+        }
+        self.note_presence_gaps();
+        out
+    }
+
+    /// A frame for one member that answers its request (not droppable).
+    pub fn answer(&mut self, session: SessionId, frame: ByteString) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let sent = self
+            .members
+            .get(&session)
+            .map(|m| m.handle.offer(Outbound::Frame(frame), false));
+        if sent.is_some_and(|s| s != Offer::Sent) {
+            self.evict(session, &mut out);
+        }
+        out
+    }
+
     /// A member missed a join or leave: the actor refreshes presence once the room is small
     /// enough to tell them (see [`Self::take_presence_stale`]).
     fn note_presence_gaps(&mut self) {
