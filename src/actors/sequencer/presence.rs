@@ -51,7 +51,7 @@ impl Cursor {
 
     /// Whether a snapshot at `version` would tell the member something it does not hold.
     pub(super) fn behind(&self, version: PresenceVersion) -> bool {
-        self.version.is_none_or(|have| have < version)
+        self.version.map_or(true, |have| have < version)
     }
 
     /// Applies a presence event to the member's set; other events are [`Verdict::Tell`].
