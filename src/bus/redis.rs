@@ -17,15 +17,17 @@
 //!   field `f` = the message frame), `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min);
 //! - `P:{R}:presence:users` (hash: user → number of replicas holding the user),
 //!   `P:{R}:presence:node:<node>` (set: the users that replica holds in the room),
-//!   `P:{R}:presence:nodes` (hash: node → number of users it holds in the room).
+//!   `P:{R}:presence:nodes` (hash: node → number of users it holds in the room),
+//!   `P:{R}:presence:version` (counter: one more per published join or leave).
 //!
 //! Per replica: `P:nodes` (sorted set: node → lease expiry, ms of Redis's clock),
 //! `P:node:<node>:room-members` (hash: room → that node's members there; pruned at 0, expires
 //! a day after the node's last lease tick), `P:node:<node>:owner` (string: the instance token
 //! of the process running under that node id, lease TTL).
 //!
-//! Channel `P:room:R` carries JSON envelopes `{"kind","epoch"?,"offset"?,"user"?,"frame"}`
-//! whose `frame` is the client frame as is.
+//! Channel `P:room:R` carries JSON envelopes
+//! `{"kind","epoch"?,"offset"?,"version"?,"user"?,"frame"}` whose `frame` is the client frame
+//! as is (`version`: the presence version a join or leave produced).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

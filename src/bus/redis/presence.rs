@@ -6,7 +6,9 @@
 //! `P:{R}:presence:node:<node>` (set: the users `<node>` holds there) and
 //! `P:{R}:presence:nodes` (hash: node → how many users it holds there). A join or leave
 //! touches one field of each, so its cost does not grow with the room; `join`/`leave` events
-//! go out when a user's count moves 0 → 1 or 1 → 0.
+//! go out when a user's count moves 0 → 1 or 1 → 0, each moving the counter
+//! `P:{R}:presence:version` on by one (its value goes into the event's envelope; the members
+//! script reads it with the list, see `bus::PresenceVersion`).
 //!
 //! Per replica: `P:nodes` (sorted set: node → lease expiry in ms of Redis's own clock),
 //! `P:node:<node>:room-members` (hash: room → this node's members there; a room is dropped
