@@ -61,6 +61,12 @@ impl Cursor {
             EventKind::Leave { user, version } => (user, *version, true),
             _ => return Verdict::Tell,
         };
+        if version == 0 {
+            // Published by a replica that keeps no versions (a rolling upgrade from before
+            // them): where it falls is unknown, so the member waits for a fresh list.
+            self.lost();
+            return Verdict::Missed;
+        }
         let Some(have) = self.version else {
             return Verdict::Skip;
         };
@@ -143,6 +149,13 @@ mod tests {
     }
 
     #[test]
+    fn an_unversioned_change_from_an_older_replica_waits_for_a_fresh_list() {
+        let mut cursor = given(4, &[]);
+        assert_eq!(cursor.admit(&join("ann", 0)), Verdict::Missed);
+        assert!(cursor.behind(4), "the same version's list is sent again");
+    }
+
+    #[test]
     fn a_member_given_no_snapshot_is_told_nothing() {
         let mut cursor = Cursor::default();
         assert_eq!(cursor.admit(&join("ann", 1)), Verdict::Skip);
@@ -159,5 +172,75 @@ mod tests {
             "back, it is news"
         );
         assert_eq!(cursor.admit(&leave("ghost", 13)), Verdict::Tell);
+    }
+
+    /// A member's socket: the frames it was offered.
+    #[derive(Clone, Default)]
+    struct Socket(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl super::super::Outlet for Socket {
+        fn offer(&self, out: super::super::Outbound, _: bool) -> super::super::Offer {
+            if let super::super::Outbound::Frame(f) = out {
+                self.0.borrow_mut().push(f.to_string());
+            }
+            super::super::Offer::Sent
+        }
+    }
+
+    fn event(kind: EventKind) -> crate::bus::RoomEvent {
+        let (what, user) = match &kind {
+            EventKind::Join { user, .. } => ("join", user.to_string()),
+            _ => ("leave", String::new()),
+        };
+        crate::bus::RoomEvent {
+            room: crate::domain::RoomName::parse("r").unwrap(),
+            json: format!(r#"{{"type":"{what}","user":"{user}"}}"#).into(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn a_refresh_read_before_later_changes_is_followed_by_them_and_skips_members_as_new() {
+        let mut seq =
+            super::super::Sequencer::new(crate::domain::RoomName::parse("r").unwrap(), 64);
+        let (old, new) = (Socket::default(), Socket::default());
+        for (session, socket, version) in [(1, &old, 1), (2, &new, 3)] {
+            seq.add(session, user(&format!("m{session}")), socket.clone());
+            let snapshot = PresenceSnapshot {
+                version,
+                ..PresenceSnapshot::default()
+            };
+            seq.presence_read(session, &snapshot);
+            seq.synced(
+                session,
+                super::super::Synced {
+                    epoch: crate::domain::Epoch::from_string("e"),
+                    offset: 0,
+                    recovered: None,
+                    frames: Vec::new(),
+                    delivered: 0,
+                },
+            );
+        }
+        // Change 2 was lost on the way; 3 and 4 arrive.
+        seq.on_event(event(join("ann", 3)));
+        seq.on_event(event(join("bob", 4)));
+        assert!(seq.take_presence_stale(), "the old member missed change 2");
+        assert_eq!(new.0.borrow().len(), 1, "the new member was told bob only");
+        // A refresh read at version 3 answers after change 4 arrived.
+        let snapshot = PresenceSnapshot {
+            users: vec![user("ann"), user("m1"), user("m2")],
+            version: 3,
+            hidden: Vec::new(),
+        };
+        seq.presence_refresh(&snapshot);
+        let told = old.0.borrow().clone();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(told[0].contains(r#""type":"presence""#), "{told:?}");
+        assert!(
+            told[1].contains(r#""user":"bob""#),
+            "then bob's join: {told:?}"
+        );
+        assert_eq!(new.0.borrow().len(), 1, "at version 4 already: nothing");
     }
 }
