@@ -677,3 +677,23 @@ async fn clients_asking_for_presence_while_a_crowd_arrives_on_the_embedded_bus_k
     let server = Server::start(&TELL_ALL);
     clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(&server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_arriving_at_once_on_two_replicas_gets_presence_as_a_set_on_both() {
+    let redis = Redis::start();
+    let p = prefix("pair");
+    let a = Server::replica(&redis, &p, "a", &TELL_ALL).await;
+    let b = Server::replica(&redis, &p, "b", &TELL_ALL).await;
+    let users = crowd("u", CROWD);
+    let (on_a, on_b) = users.split_at(CROWD / 2);
+    let (mut watchers, on_b) = futures_util::future::join(
+        open_all(&a, "pair", on_a.to_vec()),
+        open_all(&b, "pair", on_b.to_vec()),
+    )
+    .await;
+    watchers.extend(on_b);
+    assert_sets_hold(&a, "pair", &watchers, CROWD).await;
+    for w in watchers {
+        w.close().await;
+    }
+}
