@@ -20,7 +20,7 @@ use actix::prelude::*;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
-use super::room::{Event, Join, Leave, RefreshPresence, Resync, Room};
+use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room};
 use super::socket::CLOSE_GRACE;
 use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
@@ -116,6 +116,15 @@ pub struct Connect {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Disconnect {
+    pub room: RoomName,
+    pub session: SessionId,
+}
+
+/// Session → hub: the client asked for the room's presence (`{"type":"presence"}`); the
+/// room answers through the session's inbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AskPresence {
     pub room: RoomName,
     pub session: SessionId,
 }
@@ -340,6 +349,19 @@ impl Handler<Disconnect> for Hub {
             self.rooms.remove(&msg.room);
             self.directory.remove(&msg.room);
             log::debug!("room={} has no local members; reaped", msg.room);
+        }
+    }
+}
+
+impl Handler<AskPresence> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: AskPresence, _: &mut Self::Context) {
+        // A session not attached (it is leaving) has nobody to answer.
+        if let Some(entry) = self.rooms.get(&msg.room) {
+            entry.addr.do_send(PresenceAsked {
+                session: msg.session,
+            });
         }
     }
 }

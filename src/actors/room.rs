@@ -15,10 +15,10 @@ use bytestring::ByteString;
 
 use super::member::MemberHandle;
 use super::sequencer::{Outcome, Page, Sequencer, Step, Synced};
-use crate::bus::{BusError, CatchUpDone, Replay, RoomEvent, SharedBus};
+use crate::bus::{BusError, CatchUpDone, PresenceSnapshot, Replay, RoomEvent, SharedBus};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
-use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
+use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
@@ -82,6 +82,13 @@ impl Handler<Drained> for Room {
     }
 }
 
+/// Hub → room: a member asked for the room's presence.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceAsked {
+    pub session: SessionId,
+}
+
 /// Bus → room: something happened in this room.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -99,6 +106,9 @@ pub struct Room {
     resync_asked: Arc<AtomicBool>,
     /// Held until the current catch-up is done (see [`Resync`]).
     catch_up_done: Vec<CatchUpDone>,
+    /// A presence refresh is being read; `Some(true)` when another was asked for meanwhile
+    /// (it is read once this one is answered, so a burst asks the bus once or twice).
+    refreshing: Option<bool>,
     metrics: Arc<Metrics>,
 }
 
@@ -119,6 +129,7 @@ impl Room {
             bus,
             resync_asked,
             catch_up_done: Vec::new(),
+            refreshing: None,
         }
     }
 
@@ -212,6 +223,14 @@ impl Room {
         }));
     }
 
+    /// Refreshes presence when members missed joins or leaves and the room is small enough
+    /// to tell them (see `Sequencer::take_presence_stale`).
+    fn refresh_if_stale(&mut self, ctx: &mut Context<Self>) {
+        if self.seq.take_presence_stale() {
+            self.refresh_presence(ctx);
+        }
+    }
+
     fn succeeded<T>(&self, result: Result<T, BusError>, what: &str) -> Option<T> {
         result
             .map_err(|e| log::warn!("room={} cannot {what}: {e}; retrying", self.name))
@@ -231,19 +250,23 @@ impl Room {
         ctx.run_later(RETRY_AFTER, move |room, ctx| room.apply(outcome, ctx));
     }
 
-    /// Sends every synced member the room's presence as the bus has it now: repairs a `join`
-    /// or `leave` that was dropped on the way.
+    /// Sends every synced member whose presence set is older the room's presence as the bus
+    /// has it now: repairs a `join` or `leave` that was dropped on the way or not told.
     fn refresh_presence(&mut self, ctx: &mut Context<Self>) {
-        let call = self.bus.presence(&self.name);
+        if let Some(again) = self.refreshing.as_mut() {
+            *again = true;
+            return;
+        }
+        self.refreshing = Some(false);
+        let call = self.bus.presence_snapshot(&self.name);
         ctx.spawn(call.into_actor(self).map(|result, room, ctx| {
-            if let Ok(users) = result {
-                let frame = ServerFrame::Presence {
-                    room: &room.name,
-                    users: &users,
-                }
-                .to_text();
-                let outcome = room.seq.broadcast(frame);
+            let again = room.refreshing.take() == Some(true);
+            if let Ok(snapshot) = result {
+                let outcome = room.seq.presence_refresh(&snapshot);
                 room.apply(outcome, ctx);
+            }
+            if again || room.seq.take_presence_stale() {
+                room.refresh_presence(ctx);
             }
         }));
     }
@@ -258,7 +281,7 @@ async fn sync(
     resume: Option<(Offset, Epoch)>,
     history: usize,
     page: usize,
-) -> Result<Synced, BusError> {
+) -> Result<(Synced, PresenceSnapshot), BusError> {
     let (head, recovered, backlog) = match resume {
         Some((since, epoch)) => match bus.replay(&room, since, &epoch, page).await? {
             Replay::Recovered { head, messages } => (head, Some(true), messages),
@@ -281,20 +304,23 @@ async fn sync(
         Some(m) if more => m.offset,
         last => last.map_or(head.offset, |m| m.offset.max(head.offset)),
     };
-    let users = bus.presence(&room).await?;
+    // Read after the hub recorded this member's join (the bus sent it at once), so the
+    // member is listed; joins and leaves up to its version are not told again. A member that
+    // pages its replay gets the list once it has caught up.
+    let presence = bus.presence_snapshot(&room).await?;
     let mut frames: Vec<ByteString> = backlog.into_iter().map(|m| m.json).collect();
-    let presence = ServerFrame::Presence {
+    let listed = ServerFrame::Presence {
         room: &room,
-        users: &users,
+        users: &presence.users,
     }
     .to_text();
     let mut tail = Vec::new();
     if more {
-        tail.push(presence);
+        tail.push(listed);
     } else {
-        frames.push(presence);
+        frames.push(listed);
     }
-    Ok(Synced {
+    let synced = Synced {
         epoch,
         offset: head.offset,
         recovered,
@@ -302,7 +328,8 @@ async fn sync(
         delivered,
         more,
         tail,
-    })
+    };
+    Ok((synced, presence))
 }
 
 impl Actor for Room {
@@ -336,9 +363,11 @@ impl Handler<Join> for Room {
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |synced, room, ctx| match synced {
-                    Ok(synced) => {
+                    Ok((synced, presence)) => {
+                        room.seq.presence_read(session, &presence);
                         let outcome = room.seq.synced(session, synced);
                         room.apply(outcome, ctx);
+                        room.refresh_if_stale(ctx);
                     }
                     Err(e) => {
                         log::warn!("room={} session={session:x} cannot start: {e}", room.name);
@@ -357,9 +386,7 @@ impl Handler<Leave> for Room {
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
         self.seq.remove(msg.session);
-        if self.seq.take_presence_stale() {
-            self.refresh_presence(ctx);
-        }
+        self.refresh_if_stale(ctx);
     }
 }
 
@@ -389,11 +416,39 @@ impl Handler<RefreshPresence> for Room {
     }
 }
 
+impl Handler<PresenceAsked> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceAsked, ctx: &mut Self::Context) {
+        let call = self.bus.presence_snapshot(&self.name);
+        ctx.spawn(call.into_actor(self).map(move |result, room, ctx| {
+            let outcome = match result {
+                Ok(snapshot) => room.seq.presence_answer(msg.session, &snapshot),
+                Err(e) => {
+                    let frame = ServerFrame::Error {
+                        code: match e {
+                            BusError::Unavailable(_) => ErrorCode::Unavailable,
+                            BusError::Internal(_) => ErrorCode::Internal,
+                        },
+                        message: &e.to_string(),
+                        reference: None,
+                    }
+                    .to_text();
+                    room.seq.answer(msg.session, frame)
+                }
+            };
+            room.apply(outcome, ctx);
+            room.refresh_if_stale(ctx);
+        }));
+    }
+}
+
 impl Handler<Event> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Event, ctx: &mut Self::Context) {
         let outcome = self.seq.on_event(msg.0);
         self.apply(outcome, ctx);
+        self.refresh_if_stale(ctx);
     }
 }

@@ -19,7 +19,7 @@ use bytestring::ByteString;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
-use super::hub::{Connect, Disconnect, Hub};
+use super::hub::{AskPresence, Connect, Disconnect, Hub};
 use super::member::{InboxReader, Outbound, QueueLimits};
 use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
@@ -385,23 +385,13 @@ impl Session {
         }
     }
 
-    /// Reads (presence, history) hold the session until their reply is written, so each
-    /// session has at most one in flight: a client that asks for twenty pages and reads none
-    /// holds one reply's bytes, not twenty (the socket then holds the actor until the client
-    /// takes it). Deliveries wait meanwhile, one bus round trip.
-    fn presence(&mut self, ctx: &mut Context<Self>) {
-        let presence = self.bus.presence(&self.room);
-        ctx.wait(presence.into_actor(self).map(|result, session, ctx| {
-            let frame = match result {
-                Ok(users) => ServerFrame::Presence {
-                    room: &session.room,
-                    users: &users,
-                }
-                .to_text(),
-                Err(e) => bus_error_frame(&e, None),
-            };
-            session.socket.text(frame, ctx);
-        }));
+    /// Answered by the room, through this session's inbox: the room knows which joins and
+    /// leaves this client was told, so the list and those frames stay one set (SPEC §5).
+    fn presence(&mut self, _: &mut Context<Self>) {
+        self.hub.do_send(AskPresence {
+            room: self.room.clone(),
+            session: self.id,
+        });
     }
 
     fn history(
@@ -412,7 +402,10 @@ impl Session {
         ctx: &mut Context<Self>,
     ) {
         let page = self.bus.history(&self.room, before, limit);
-        // One read in flight (see `presence`).
+        // The read holds the session until its reply is written, so each session has at most
+        // one in flight: a client that asks for twenty pages and reads none holds one reply's
+        // bytes, not twenty (the socket then holds the actor until the client takes it).
+        // Deliveries wait meanwhile, one bus round trip.
         ctx.wait(page.into_actor(self).map(move |result, session, ctx| {
             let frame = match result {
                 Ok(page) => ServerFrame::History {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::{ready, FutureExt};
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, Published, Renewed,
-    Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, PresenceSnapshot,
+    PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -36,8 +36,18 @@ struct State {
     /// How long a room with no message outlives its last member.
     empty_ttl: Duration,
     rooms: HashMap<RoomName, RoomLog>,
-    presence: HashMap<RoomName, BTreeMap<UserId, usize>>,
+    presence: HashMap<RoomName, RoomPresence>,
+    /// Presence changes in all rooms so far: a room's presence starts its versions here, so
+    /// a room emptied and filled again never reuses a version (see `bus::PresenceVersion`).
+    presence_changes: u64,
     ops: u64,
+}
+
+/// Who is in one room, and the version of that set.
+#[derive(Debug, Default)]
+struct RoomPresence {
+    users: BTreeMap<UserId, usize>,
+    version: PresenceVersion,
 }
 
 #[derive(Debug)]
@@ -252,41 +262,52 @@ impl State {
         }
     }
 
-    /// Counts a user in; true when this is their first connection.
-    fn join(&mut self, room: &RoomName, user: &UserId) -> bool {
-        let count = self
+    /// Counts a user in; the version of the change when this is their first connection.
+    fn join(&mut self, room: &RoomName, user: &UserId) -> Option<PresenceVersion> {
+        let start = self.presence_changes;
+        let presence = self
             .presence
             .entry(room.clone())
-            .or_default()
-            .entry(user.clone())
-            .or_insert(0);
+            .or_insert_with(|| RoomPresence {
+                users: BTreeMap::new(),
+                version: start,
+            });
+        let count = presence.users.entry(user.clone()).or_insert(0);
         *count += 1;
-        *count == 1
+        if *count > 1 {
+            return None;
+        }
+        self.presence_changes += 1;
+        presence.version += 1;
+        Some(presence.version)
     }
 
-    /// Counts a user out; true when this was their last connection.
-    fn leave(&mut self, room: &RoomName, user: &UserId, now: Instant) -> bool {
-        let Some(users) = self.presence.get_mut(room) else {
-            return false;
-        };
-        let gone = match users.get_mut(user) {
+    /// Counts a user out; the version of the change when this was their last connection.
+    fn leave(&mut self, room: &RoomName, user: &UserId, now: Instant) -> Option<PresenceVersion> {
+        let presence = self.presence.get_mut(room)?;
+        let gone = match presence.users.get_mut(user) {
             Some(count) if *count > 1 => {
                 *count -= 1;
                 false
             }
             Some(_) => {
-                users.remove(user);
+                presence.users.remove(user);
                 true
             }
             None => false,
         };
-        if users.is_empty() {
+        let version = gone.then(|| {
+            presence.version += 1;
+            presence.version
+        });
+        self.presence_changes += u64::from(gone);
+        if presence.users.is_empty() {
             self.presence.remove(room);
             if let Some(log) = self.rooms.get_mut(room) {
                 log.last_seen = now;
             }
         }
-        gone
+        version
     }
 }
 
@@ -299,6 +320,7 @@ impl MemoryBus {
                 empty_ttl: DEFAULT_EMPTY_ROOM_TTL,
                 rooms: HashMap::new(),
                 presence: HashMap::new(),
+                presence_changes: 0,
                 ops: 0,
             }),
             sink,
@@ -327,17 +349,29 @@ impl MemoryBus {
             .map_err(|_| BusError::Internal("embedded bus state poisoned".into()))
     }
 
-    fn presence_event(room: &RoomName, user: &UserId, joined: bool) -> RoomEvent {
+    fn presence_event(
+        room: &RoomName,
+        user: &UserId,
+        joined: bool,
+        version: PresenceVersion,
+    ) -> RoomEvent {
         let ts = now_ms();
+        let user_id = user.clone();
         let (json, kind) = if joined {
             (
                 ServerFrame::Join { room, user, ts }.to_text(),
-                EventKind::Join { user: user.clone() },
+                EventKind::Join {
+                    user: user_id,
+                    version,
+                },
             )
         } else {
             (
                 ServerFrame::Leave { room, user, ts }.to_text(),
-                EventKind::Leave { user: user.clone() },
+                EventKind::Leave {
+                    user: user_id,
+                    version,
+                },
             )
         };
         RoomEvent {
@@ -413,26 +447,34 @@ impl Bus for MemoryBus {
 
     fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         done(self.lock().map(|mut s| {
-            if s.join(room, user) {
-                self.sink.deliver(Self::presence_event(room, user, true));
+            if let Some(version) = s.join(room, user) {
+                self.sink
+                    .deliver(Self::presence_event(room, user, true, version));
             }
         }))
     }
 
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         done(self.lock().map(|mut s| {
-            if s.leave(room, user, Instant::now()) {
-                self.sink.deliver(Self::presence_event(room, user, false));
+            if let Some(version) = s.leave(room, user, Instant::now()) {
+                self.sink
+                    .deliver(Self::presence_event(room, user, false, version));
             }
         }))
     }
 
-    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
-        done(self.lock().map(|s| {
-            s.presence
-                .get(room)
-                .map(|users| users.keys().cloned().collect())
-                .unwrap_or_default()
+    fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot> {
+        done(self.lock().map(|s| match s.presence.get(room) {
+            Some(p) => PresenceSnapshot {
+                users: p.users.keys().cloned().collect(),
+                version: p.version,
+                hidden: Vec::new(),
+            },
+            // An empty room's next change starts from here (see `State::join`).
+            None => PresenceSnapshot {
+                version: s.presence_changes,
+                ..PresenceSnapshot::default()
+            },
         }))
     }
 
@@ -683,9 +725,18 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                EventKind::Join { user: user("ann") },
-                EventKind::Join { user: user("bob") },
-                EventKind::Leave { user: user("ann") },
+                EventKind::Join {
+                    user: user("ann"),
+                    version: 1
+                },
+                EventKind::Join {
+                    user: user("bob"),
+                    version: 2
+                },
+                EventKind::Leave {
+                    user: user("ann"),
+                    version: 3
+                },
             ]
         );
     }

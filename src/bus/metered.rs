@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Bus, BusFuture, HistoryPage, NewMessage, Published, Renewed, Replay, RoomHead, SharedBus,
+    Bus, BusFuture, HistoryPage, NewMessage, PresenceSnapshot, Published, Renewed, Replay,
+    RoomHead, SharedBus,
 };
 use crate::domain::{Epoch, Offset, RoomName, UserId};
 use crate::metrics::Metrics;
@@ -100,6 +101,10 @@ impl Bus for MeteredBus {
 
     fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
         self.inner.presence(room)
+    }
+
+    fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot> {
+        self.inner.presence_snapshot(room)
     }
 
     fn readiness(&self) -> Result<(), String> {

@@ -16,7 +16,13 @@
 //!   `history.ttl_secs` (or whose history was lost) starts a new epoch with offsets from 1;
 //! - a repeated `ref` from the same user in the same room within [`REF_TTL`] resolves to the
 //!   first publish's offset and is not published again;
-//! - presence is per user: `join`/`leave` events mark a user's first and last connection.
+//! - presence is per user: `join`/`leave` events mark a user's first and last connection;
+//! - presence is versioned per room: every change that is published as a `join`/`leave`
+//!   moves the room's [`PresenceVersion`] on by exactly one and its event carries the version
+//!   it produced, and a [`PresenceSnapshot`] carries the version it was read at. So a
+//!   snapshot at `v` followed by the events after `v`, in order, is the room's set; a version
+//!   that jumps means events were missed. A room's versions never go back, also when its
+//!   presence keys expire or are lost (they start again above any earlier one).
 //!
 //! Events may reach a room twice or with a hole (a reconnect, a full mailbox), and a store may
 //! come back older than what was delivered (a failover to a lagging replica); rooms drop
@@ -125,10 +131,37 @@ pub struct RoomEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    Message { epoch: Epoch, offset: Offset },
-    Join { user: UserId },
-    Leave { user: UserId },
-    Typing { user: UserId },
+    Message {
+        epoch: Epoch,
+        offset: Offset,
+    },
+    /// `version`: the room's presence version this change produced.
+    Join {
+        user: UserId,
+        version: PresenceVersion,
+    },
+    Leave {
+        user: UserId,
+        version: PresenceVersion,
+    },
+    Typing {
+        user: UserId,
+    },
+}
+
+/// A room's presence version (see the module doc): one more per published join or leave.
+pub type PresenceVersion = u64;
+
+/// The users present in a room, read in one step with the version they are the set of.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PresenceSnapshot {
+    /// Sorted.
+    pub users: Vec<UserId>,
+    pub version: PresenceVersion,
+    /// Users the bus still counts (their `leave` is yet to come) but leaves out of `users`:
+    /// held only by replicas whose lease ran out and that were not reaped yet. Their `leave`
+    /// events are not for a client given this snapshot.
+    pub hidden: Vec<UserId>,
 }
 
 /// Held by each room until its catch-up after a resubscribe is done; the receiving side sees
@@ -209,7 +242,13 @@ pub trait Bus: Send + Sync + 'static {
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
 
     /// Users present in the room on every replica, sorted.
-    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>>;
+    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
+        let snapshot = self.presence_snapshot(room);
+        Box::pin(async move { snapshot.await.map(|s| s.users) })
+    }
+
+    /// The room's presence with the version it was read at.
+    fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot>;
 
     /// `Ok` while the bus can take publishes; else why not (for `/readyz`).
     fn readiness(&self) -> Result<(), String>;

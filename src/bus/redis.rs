@@ -17,15 +17,17 @@
 //!   field `f` = the message frame), `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min);
 //! - `P:{R}:presence:users` (hash: user → number of replicas holding the user),
 //!   `P:{R}:presence:node:<node>` (set: the users that replica holds in the room),
-//!   `P:{R}:presence:nodes` (hash: node → number of users it holds in the room).
+//!   `P:{R}:presence:nodes` (hash: node → number of users it holds in the room),
+//!   `P:{R}:presence:version` (counter: one more per published join or leave).
 //!
 //! Per replica: `P:nodes` (sorted set: node → lease expiry, ms of Redis's clock),
 //! `P:node:<node>:room-members` (hash: room → that node's members there; pruned at 0, expires
 //! a day after the node's last lease tick), `P:node:<node>:owner` (string: the instance token
 //! of the process running under that node id, lease TTL).
 //!
-//! Channel `P:room:R` carries JSON envelopes `{"kind","epoch"?,"offset"?,"user"?,"frame"}`
-//! whose `frame` is the client frame as is.
+//! Channel `P:room:R` carries JSON envelopes
+//! `{"kind","epoch"?,"offset"?,"version"?,"user"?,"frame"}` whose `frame` is the client frame
+//! as is (`version`: the presence version a join or leave produced).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,8 +45,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Renewed, Replay,
-    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceSnapshot,
+    PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;
@@ -74,6 +76,9 @@ struct Envelope<'a> {
     offset: Offset,
     #[serde(default)]
     user: Option<&'a str>,
+    /// Join and leave: the room's presence version the change produced.
+    #[serde(default)]
+    version: PresenceVersion,
     #[serde(borrow)]
     frame: &'a RawValue,
 }
@@ -250,8 +255,14 @@ impl RedisBus {
                 epoch: Epoch::from_string(envelope.epoch?),
                 offset: envelope.offset,
             },
-            "join" => EventKind::Join { user: user()? },
-            "leave" => EventKind::Leave { user: user()? },
+            "join" => EventKind::Join {
+                user: user()?,
+                version: envelope.version,
+            },
+            "leave" => EventKind::Leave {
+                user: user()?,
+                version: envelope.version,
+            },
             "typing" => EventKind::Typing { user: user()? },
             _ => return None,
         };
@@ -265,6 +276,15 @@ impl RedisBus {
     fn envelope(kind: &str, user: &UserId, frame: &str) -> String {
         // User ids are letters, digits and `_.-`: nothing to escape.
         format!(r#"{{"kind":"{kind}","user":"{user}","frame":{frame}}}"#)
+    }
+
+    /// A join or leave envelope cut where its presence version goes: the script that makes
+    /// the change knows the version, and puts it between the two.
+    fn presence_envelope(kind: &str, user: &UserId, frame: &str) -> (String, String) {
+        (
+            format!(r#"{{"kind":"{kind}","version":"#),
+            format!(r#","user":"{user}","frame":{frame}}}"#),
+        )
     }
 
     /// Parses `{epoch, offset, entries, base}` from the read script.
@@ -564,7 +584,7 @@ impl Bus for Arc<RedisBus> {
         self.presence_change(room, user, false)
     }
 
-    fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {
+    fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot> {
         self.members(room)
     }
 

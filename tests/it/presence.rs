@@ -1,8 +1,13 @@
 //! Presence on the Redis bus: the cost of a join or leave does not grow with the room, a
-//! replica forgets rooms it no longer has members in, and one node id runs one process.
+//! replica forgets rooms it no longer has members in, and one node id runs one process. On
+//! both buses: a client applying `presence`, `join` and `leave` as set operations holds the
+//! room's set (SPEC §5).
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, replica_env, Client, Redis, Server};
@@ -74,11 +79,13 @@ async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
     let holders = format!("{p}:{{{room}}}:presence:nodes");
     let channel = format!("{p}:room:{room}");
     let meta = format!("{p}:{{{room}}}:meta");
-    let event = format!(r#"{{"kind":"{kind}","user":"probe","frame":{{}}}}"#);
+    let version = format!("{p}:{{{room}}}:presence:version");
+    let head = format!(r#"{{"kind":"{kind}","version":"#);
+    let tail = r#","user":"probe","frame":{}}"#;
     let reply = redis
         .cmd(&[
-            "EVAL", CHANGE_LUA, "4", &users, &set, &holders, &meta, kind, "probe", "probe",
-            &channel, &event, "86400", "60",
+            "EVAL", CHANGE_LUA, "5", &users, &set, &holders, &meta, &version, kind, "probe",
+            "probe", &channel, &head, "86400", "60", tail,
         ])
         .await;
     assert!(
@@ -441,5 +448,252 @@ async fn a_room_over_the_join_limit_tells_no_joins_and_refreshes_presence_when_s
             _ => {}
         }
         assert!(users.len() >= 3, "{users:?} after {f}");
+    }
+}
+
+/// What one client made of the presence frames it got, applying them as set operations.
+#[derive(Default)]
+struct SetView {
+    /// `None` until the first `presence` frame.
+    users: Option<BTreeSet<String>>,
+    /// `join`s for a user already in the set.
+    spurious_joins: usize,
+    /// `leave`s for a user not in the set.
+    spurious_leaves: usize,
+    /// `join`s or `leave`s before any `presence` frame.
+    before_presence: usize,
+}
+
+impl SetView {
+    fn apply(&mut self, frame: &Value) {
+        let user = frame["user"].as_str().unwrap_or_default().to_owned();
+        match frame["type"].as_str() {
+            Some("presence") => {
+                let users = frame["users"].as_array().expect("users").iter();
+                self.users = Some(
+                    users
+                        .filter_map(|u| u.as_str().map(str::to_owned))
+                        .collect(),
+                );
+            }
+            Some("join") => match self.users.as_mut() {
+                None => self.before_presence += 1,
+                Some(set) => self.spurious_joins += usize::from(!set.insert(user)),
+            },
+            Some("leave") => match self.users.as_mut() {
+                None => self.before_presence += 1,
+                Some(set) => self.spurious_leaves += usize::from(!set.remove(&user)),
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A connected client whose frames a task applies to its [`SetView`] until it is told to
+/// close.
+struct Watcher {
+    view: Arc<Mutex<SetView>>,
+    close: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    async fn open(server: &Server, room: &str, user: String) -> Watcher {
+        Self::asking(server, room, user, 0).await
+    }
+
+    /// A watcher that also asks for `{"type":"presence"}` `asks` times, every 30 ms.
+    async fn asking(server: &Server, room: &str, user: String, asks: usize) -> Watcher {
+        let (mut client, _) = server.join(&format!("/ws/{room}?user={user}")).await;
+        let view = Arc::new(Mutex::new(SetView::default()));
+        let (close, mut closing) = tokio::sync::oneshot::channel();
+        let seen = Arc::clone(&view);
+        let task = tokio::spawn(async move {
+            let (mut asks, mut asked) = (asks, Instant::now());
+            loop {
+                if closing.try_recv().is_ok() {
+                    return client.close().await;
+                }
+                if asks > 0 && asked.elapsed() >= Duration::from_millis(30) {
+                    client.send_json(json!({"type": "presence"})).await;
+                    (asks, asked) = (asks - 1, Instant::now());
+                }
+                if let Some(frame) = client.try_next(Duration::from_millis(50)).await {
+                    seen.lock().unwrap().apply(&frame);
+                }
+            }
+        });
+        Watcher { view, close, task }
+    }
+
+    async fn close(self) {
+        let _ = self.close.send(());
+        self.task.await.expect("the watcher's task");
+    }
+}
+
+/// Opens `users` at once, each on its own connection to `room`.
+async fn open_all(server: &Server, room: &str, users: Vec<String>) -> Vec<Watcher> {
+    futures_util::future::join_all(users.into_iter().map(|u| Watcher::open(server, room, u))).await
+}
+
+/// The room's presence as the HTTP API lists it.
+async fn api_presence(server: &Server, room: &str) -> BTreeSet<String> {
+    let auth = format!("Bearer {API_KEY}");
+    let path = format!("/api/rooms/{room}/presence");
+    let reply = server.http("GET", &path, &[("Authorization", &auth)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let users = reply.json()["users"].as_array().expect("users").clone();
+    users
+        .iter()
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Asserts no watcher got a `join` for a user already in its set or a `leave` for one not in
+/// it, and that every watcher's set comes to equal the room's presence, which must be
+/// `expected`.
+async fn assert_sets_hold(server: &Server, room: &str, watchers: &[Watcher], expected: usize) {
+    let end = Instant::now() + Duration::from_secs(30);
+    let truth = loop {
+        let truth = api_presence(server, room).await;
+        let settled = truth.len() == expected
+            && watchers
+                .iter()
+                .all(|w| w.view.lock().unwrap().users.as_ref() == Some(&truth));
+        if settled || Instant::now() > end {
+            break truth;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (mut joins, mut leaves, mut early, mut wrong) = (0, 0, 0, 0);
+    for w in watchers {
+        let view = w.view.lock().unwrap();
+        joins += view.spurious_joins;
+        leaves += view.spurious_leaves;
+        early += view.before_presence;
+        wrong += usize::from(view.users.as_ref() != Some(&truth));
+    }
+    eprintln!(
+        "{} watchers of {room}: {joins} joins for users already in the set, {leaves} leaves \
+         for users not in it, {early} before any presence, {wrong} sets unlike the room's",
+        watchers.len()
+    );
+    assert_eq!(truth.len(), expected, "the room's presence: {truth:?}");
+    assert_eq!(joins, 0, "joins for users already in a client's set");
+    assert_eq!(leaves, 0, "leaves for users not in a client's set");
+    assert_eq!(early, 0, "joins or leaves before the presence frame");
+    assert_eq!(wrong, 0, "clients whose set is not the room's presence");
+}
+
+const API_KEY: &str = "presence-set-key";
+
+/// Connections opened at once in the set tests.
+const CROWD: usize = 300;
+
+/// Settings under which every join and leave of a crowd is told (the default limit of 100
+/// would turn them off).
+const TELL_ALL: [(&str, &str); 2] = [
+    ("CONFAB_LIMITS__JOIN_EVENTS_MAX_MEMBERS", "100000"),
+    ("CONFAB_API__KEY", API_KEY),
+];
+
+fn crowd(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:04}")).collect()
+}
+
+async fn a_crowd_arriving_at_once_gets_presence_as_a_set(server: &Server) {
+    let watchers = open_all(server, "crowd", crowd("u", CROWD)).await;
+    assert_sets_hold(server, "crowd", &watchers, CROWD).await;
+    for w in watchers {
+        w.close().await;
+    }
+}
+
+async fn clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(server: &Server) {
+    // Within the rate limit's burst of 20.
+    let asking = crowd("ask", 20)
+        .into_iter()
+        .map(|u| Watcher::asking(server, "asked", u, 15));
+    let mut watchers = futures_util::future::join_all(asking).await;
+    watchers.extend(open_all(server, "asked", crowd("u", CROWD - 20)).await);
+    assert_sets_hold(server, "asked", &watchers, CROWD).await;
+    for w in watchers {
+        w.close().await;
+    }
+}
+
+async fn users_leaving_while_others_join_keep_every_clients_set_right(server: &Server) {
+    let stay = open_all(server, "churn", crowd("stay", CROWD / 3)).await;
+    let go = open_all(server, "churn", crowd("go", CROWD / 3)).await;
+    // The leavers close while newcomers arrive, all at once.
+    let leaving = futures_util::future::join_all(go.into_iter().map(Watcher::close));
+    let arriving = open_all(server, "churn", crowd("new", CROWD / 3));
+    let ((), new) = futures_util::future::join(leaving.map(drop), arriving).await;
+    let mut watchers = stay;
+    watchers.extend(new);
+    assert_sets_hold(server, "churn", &watchers, 2 * (CROWD / 3)).await;
+    for w in watchers {
+        w.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_arriving_at_once_on_redis_gets_no_join_for_a_user_it_already_has() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, &prefix("crowd"), "a", &TELL_ALL).await;
+    a_crowd_arriving_at_once_gets_presence_as_a_set(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_arriving_at_once_on_the_embedded_bus_gets_no_join_for_a_user_it_already_has() {
+    let server = Server::start(&TELL_ALL);
+    a_crowd_arriving_at_once_gets_presence_as_a_set(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_leaving_while_others_join_on_redis_keep_every_clients_set_right() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, &prefix("churn"), "a", &TELL_ALL).await;
+    users_leaving_while_others_join_keep_every_clients_set_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_leaving_while_others_join_on_the_embedded_bus_keep_every_clients_set_right() {
+    let server = Server::start(&TELL_ALL);
+    users_leaving_while_others_join_keep_every_clients_set_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_asking_for_presence_while_a_crowd_arrives_on_redis_keep_their_sets_right() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, &prefix("asked"), "a", &TELL_ALL).await;
+    clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_asking_for_presence_while_a_crowd_arrives_on_the_embedded_bus_keep_their_sets_right(
+) {
+    let server = Server::start(&TELL_ALL);
+    clients_asking_for_presence_while_a_crowd_arrives_keep_their_sets_right(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_arriving_at_once_on_two_replicas_gets_presence_as_a_set_on_both() {
+    let redis = Redis::start();
+    let p = prefix("pair");
+    let a = Server::replica(&redis, &p, "a", &TELL_ALL).await;
+    let b = Server::replica(&redis, &p, "b", &TELL_ALL).await;
+    let users = crowd("u", CROWD);
+    let (on_a, on_b) = users.split_at(CROWD / 2);
+    let (mut watchers, on_b) = futures_util::future::join(
+        open_all(&a, "pair", on_a.to_vec()),
+        open_all(&b, "pair", on_b.to_vec()),
+    )
+    .await;
+    watchers.extend(on_b);
+    assert_sets_hold(&a, "pair", &watchers, CROWD).await;
+    for w in watchers {
+        w.close().await;
     }
 }

@@ -21,12 +21,16 @@
 //! Model: centrifugal/centrifuge `internal/recovery` (buffer while recovering, then merge,
 //! de-duplicate and order).
 
+mod presence;
+
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use bytestring::ByteString;
 
-use crate::bus::{EventKind, Renewed, Replay, RoomEvent, RoomHead, StoredMessage};
+use crate::bus::{
+    EventKind, PresenceSnapshot, Renewed, Replay, RoomEvent, RoomHead, StoredMessage,
+};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::protocol::ServerFrame;
 
@@ -37,6 +41,11 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 /// Room events held while history is read; past it they are let go and read again.
 const HOLD_LIMIT: usize = 16 * 1024;
+
+/// Join and leave events kept after they were fanned out, for members given a presence
+/// snapshot that was read before them (a refresh answered late). Past it such a member
+/// waits for the next refresh.
+const RECENT_PRESENCE: usize = 256;
 
 /// The newest message the room delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +141,8 @@ pub struct Stats {
     pub gaps: u64,
     /// Times the room moved to a new epoch.
     pub epoch_resets: u64,
+    /// Members that missed a join or leave (told nothing more until a fresh presence).
+    pub presence_gaps: u64,
 }
 
 /// What a joining member is sent before live events, read by the actor from the bus.
@@ -161,6 +172,8 @@ struct Member<H> {
     /// What the room knew to be stored when the member joined (before its head was read):
     /// a welcome head below it means the store went back.
     known_at_join: Option<(Epoch, Offset)>,
+    /// The presence set the member was given, so joins and leaves keep it right.
+    presence: presence::Cursor,
     /// Set while the member's resume is read page by page (see [`Paging`]).
     paging: Option<Paging>,
 }
@@ -202,6 +215,8 @@ pub struct Sequencer<H> {
     /// A join or leave was not told because the room was big: its members' lists are stale
     /// until they ask, or until the room is small again and gets a fresh `presence`.
     presence_missed: bool,
+    /// The latest join and leave events, oldest first (see [`RECENT_PRESENCE`]).
+    recent_presence: VecDeque<RoomEvent>,
     stats: Stats,
 }
 
@@ -226,6 +241,7 @@ impl<H: Outlet> Sequencer<H> {
             created: None,
             announce_max: usize::MAX,
             presence_missed: false,
+            recent_presence: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -274,6 +290,7 @@ impl<H: Outlet> Sequencer<H> {
                 delivered: 0,
                 known_at_join,
                 paging: None,
+                presence: presence::Cursor::default(),
             },
         );
     }
@@ -286,6 +303,15 @@ impl<H: Outlet> Sequencer<H> {
     /// A session left; returns its user and handle.
     pub fn remove(&mut self, session: SessionId) -> Option<(UserId, H)> {
         self.members.remove(&session).map(|m| (m.user, m.handle))
+    }
+
+    /// The presence snapshot a syncing member is sent with its welcome (its last frame of
+    /// [`Synced::frames`]); call before [`Self::synced`]. Joins and leaves already in it are
+    /// not told to the member.
+    pub fn presence_read(&mut self, session: SessionId, snapshot: &PresenceSnapshot) {
+        if let Some(member) = self.members.get_mut(&session) {
+            member.presence.given(snapshot);
+        }
     }
 
     /// The member's sync read finished: welcome, backlog, then what arrived meanwhile.
@@ -364,6 +390,7 @@ impl<H: Outlet> Sequencer<H> {
             self.next_page(session, &mut out);
             return out;
         }
+        self.note_presence_gaps();
         // Only this member changed: the others were brought up when the last step ended.
         self.catch_up_laggards(Some(session), &mut out);
         out
@@ -568,6 +595,124 @@ impl<H: Outlet> Sequencer<H> {
             self.evict(id, &mut out);
         }
         out
+    }
+
+    /// The room's presence as the bus has it now (a refresh): sent to every synced member
+    /// whose set is older or lost, followed by the joins and leaves that arrived since it was
+    /// read; a member whose set is as new is sent nothing. Droppable, like typing: a member
+    /// that does not get it is told no joins or leaves until the next one.
+    pub fn presence_refresh(&mut self, snapshot: &PresenceSnapshot) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let frame = ServerFrame::Presence {
+            room: &self.room,
+            users: &snapshot.users,
+        }
+        .to_text();
+        // In a room over the limit members are told no joins or leaves, replayed or live.
+        let tell = self.members.len() <= self.announce_max;
+        let mut evict = Vec::new();
+        for (id, member) in &mut self.members {
+            if member.syncing.is_some() || !member.presence.behind(snapshot.version) {
+                continue;
+            }
+            if let Some(paging) = member.paging.as_mut() {
+                // Its list goes out once it has read its replay; the changes held for it
+                // meanwhile are then told from this version on.
+                paging.tail = vec![frame.clone()];
+                member.presence.given(snapshot);
+                continue;
+            }
+            match member.handle.offer(Outbound::Frame(frame.clone()), true) {
+                Offer::Sent => member.presence.given(snapshot),
+                Offer::Dropped => {
+                    member.presence.lost();
+                    continue;
+                }
+                Offer::Evict => {
+                    evict.push(*id);
+                    continue;
+                }
+            }
+            let newer = self
+                .recent_presence
+                .iter()
+                .filter(|e| tell && newer(e, snapshot));
+            for event in newer {
+                if member.deliver(&self.room, event, &mut self.stats) == Offer::Evict {
+                    evict.push(*id);
+                    break;
+                }
+            }
+        }
+        for id in evict {
+            self.evict(id, &mut out);
+        }
+        self.note_presence_gaps();
+        out
+    }
+
+    /// The answer to a member's `{"type":"presence"}`: the room's presence, then the joins
+    /// and leaves that arrived since it was read, so the member's set goes on from there.
+    pub fn presence_answer(
+        &mut self,
+        session: SessionId,
+        snapshot: &PresenceSnapshot,
+    ) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let frame = ServerFrame::Presence {
+            room: &self.room,
+            users: &snapshot.users,
+        }
+        .to_text();
+        let tell = self.members.len() <= self.announce_max;
+        let Some(member) = self.members.get_mut(&session) else {
+            return out;
+        };
+        if let Some(paging) = member.paging.as_mut() {
+            // Answered once it has read its replay, in place of the older list it would get
+            // then (sent now, that older list would follow it and undo it).
+            paging.tail = vec![frame];
+            member.presence.given(snapshot);
+            return out;
+        }
+        let mut ok = member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
+        // A member still syncing is given its own snapshot when its welcome goes out.
+        if member.syncing.is_none() {
+            member.presence.given(snapshot);
+            let newer = self
+                .recent_presence
+                .iter()
+                .filter(|e| tell && newer(e, snapshot));
+            for event in newer {
+                ok = ok && member.deliver(&self.room, event, &mut self.stats) == Offer::Sent;
+            }
+        }
+        if !ok {
+            self.evict(session, &mut out);
+        }
+        self.note_presence_gaps();
+        out
+    }
+
+    /// A frame for one member that answers its request (not droppable).
+    pub fn answer(&mut self, session: SessionId, frame: ByteString) -> Outcome<H> {
+        let mut out = Outcome::default();
+        let sent = self
+            .members
+            .get(&session)
+            .map(|m| m.handle.offer(Outbound::Frame(frame), false));
+        if sent.is_some_and(|s| s != Offer::Sent) {
+            self.evict(session, &mut out);
+        }
+        out
+    }
+
+    /// A member missed a join or leave: the actor refreshes presence once the room is small
+    /// enough to tell them (see [`Self::take_presence_stale`]).
+    fn note_presence_gaps(&mut self) {
+        if self.stats.presence_gaps > 0 {
+            self.presence_missed = true;
+        }
     }
 
     /// A live event from the bus.
@@ -986,17 +1131,22 @@ impl<H: Outlet> Sequencer<H> {
     fn fan_out(&mut self, event: &RoomEvent, out: &mut Outcome<H>) {
         let presence_change =
             matches!(event.kind, EventKind::Join { .. } | EventKind::Leave { .. });
+        if presence_change {
+            if self.recent_presence.len() == RECENT_PRESENCE {
+                self.recent_presence.pop_front();
+            }
+            self.recent_presence.push_back(event.clone());
+        }
         if presence_change && self.members.len() > self.announce_max {
+            // Members' sets stay where they are: the next change told is a jump for them,
+            // and they are told nothing until the room is small again and refreshes them.
             self.presence_missed = true;
             return;
         }
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
-            if let EventKind::Typing { user }
-            | EventKind::Join { user }
-            | EventKind::Leave { user } = &event.kind
-            {
-                // A user is not told of their own typing or of their own arrival.
+            if let EventKind::Typing { user } = &event.kind {
+                // A user is not told of their own typing (nor of their own arrival, below).
                 if *user == member.user {
                     continue;
                 }
@@ -1033,6 +1183,7 @@ impl<H: Outlet> Sequencer<H> {
         for id in evict {
             self.evict(id, out);
         }
+        self.note_presence_gaps();
     }
 
     /// Closes a slow consumer (4008), counted apart from the gaps' closes. A member whose
@@ -1126,16 +1277,37 @@ impl<H: Outlet> Member<H> {
                     Offer::Sent => Offer::Sent,
                 }
             }
-            EventKind::Join { .. } | EventKind::Leave { .. } => {
-                match self
-                    .handle
-                    .offer(Outbound::Frame(event.json.clone()), false)
-                {
-                    Offer::Sent => Offer::Sent,
-                    _ => Offer::Evict,
+            EventKind::Join { user, .. } | EventKind::Leave { user, .. } => {
+                match self.presence.admit(&event.kind) {
+                    // A user is not told of their own arrival or departure (their presence
+                    // says it), but it moves their set on all the same.
+                    presence::Verdict::Tell if *user != self.user => {
+                        match self
+                            .handle
+                            .offer(Outbound::Frame(event.json.clone()), false)
+                        {
+                            Offer::Sent => Offer::Sent,
+                            _ => Offer::Evict,
+                        }
+                    }
+                    presence::Verdict::Missed => {
+                        stats.presence_gaps += 1;
+                        Offer::Sent
+                    }
+                    _ => Offer::Sent,
                 }
             }
         }
+    }
+}
+
+/// Whether a join or leave event is newer than a presence snapshot.
+fn newer(event: &RoomEvent, snapshot: &PresenceSnapshot) -> bool {
+    match &event.kind {
+        EventKind::Join { version, .. } | EventKind::Leave { version, .. } => {
+            *version > snapshot.version
+        }
+        _ => false,
     }
 }
 

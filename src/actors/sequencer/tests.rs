@@ -613,10 +613,14 @@ fn a_big_room_tells_no_joins_and_asks_for_fresh_presence_once_small_again() {
     for op in [Op::Join, Op::Sync, Op::Join, Op::Sync] {
         world.apply(op);
     }
-    let join = |name: &str| RoomEvent {
+    // Both members hold the room's presence at version 0; each join is the next version.
+    let out = world.seq.presence_refresh(&PresenceSnapshot::default());
+    world.take(out);
+    let join = |name: &str, version| RoomEvent {
         room: room(),
         kind: EventKind::Join {
             user: UserId::parse(name).unwrap(),
+            version,
         },
         json: ByteString::from(format!(r#"{{"type":"join","user":"{name}"}}"#)),
     };
@@ -632,12 +636,12 @@ fn a_big_room_tells_no_joins_and_asks_for_fresh_presence_once_small_again() {
             })
             .sum()
     };
-    let out = world.seq.on_event(join("x"));
+    let out = world.seq.on_event(join("x", 1));
     world.take(out);
     assert_eq!(frames(&world), 2, "a small room tells every member");
     world.apply(Op::Join);
     world.apply(Op::Sync);
-    let out = world.seq.on_event(join("y"));
+    let out = world.seq.on_event(join("y", 2));
     world.take(out);
     assert_eq!(
         frames(&world),

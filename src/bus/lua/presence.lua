@@ -4,6 +4,12 @@
 -- Idempotent: a repeated join (a replica re-asserting its members after a reconnect) or a
 -- retried leave finds this replica's set unchanged and does nothing else.
 --
+-- Each published change moves the room's presence version on by one and its envelope carries
+-- the new version (bus::PresenceVersion; written with %.0f, as Lua would print a number this
+-- large in exponent form). The version key lives as long as anybody is in the
+-- room, then the history TTL; when it is gone it starts again from Redis's clock in
+-- microseconds, above any version it held before.
+--
 -- A room with no message yet (meta offset 0) lives as long as the history TTL while somebody
 -- is in it and `empty ttl` after the last one leaves (see read.lua).
 --
@@ -11,16 +17,32 @@
 -- KEYS[2] node set     (users this replica holds in the room)
 -- KEYS[3] holders hash (node -> number of users it holds in the room)
 -- KEYS[4] the room's meta hash
--- ARGV[1] 'join' | 'leave'   ARGV[2] node   ARGV[3] user   ARGV[4] channel   ARGV[5] event
+-- KEYS[5] the room's presence version
+-- ARGV[1] 'join' | 'leave'   ARGV[2] node   ARGV[3] user   ARGV[4] channel
+-- ARGV[5] event up to its version   ARGV[8] event after its version
 -- ARGV[6] history ttl secs   ARGV[7] empty room ttl secs
 -- Returns {changed, published}: changed = 1 when this replica's set of users changed.
+if redis.replicate_commands then redis.replicate_commands() end
 local node, user = ARGV[2], ARGV[3]
+local function publish()
+  if redis.call('EXISTS', KEYS[5]) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', KEYS[5], t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  local version = redis.call('INCR', KEYS[5])
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('PERSIST', KEYS[5])
+  else
+    redis.call('EXPIRE', KEYS[5], ARGV[6])
+  end
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. string.format('%.0f', version) .. ARGV[8])
+end
 if ARGV[1] == 'join' then
   if redis.call('SADD', KEYS[2], user) == 0 then return {0, 0} end
   if redis.call('HGET', KEYS[4], 'offset') == '0' then redis.call('EXPIRE', KEYS[4], ARGV[6]) end
   redis.call('HINCRBY', KEYS[3], node, 1)
   if redis.call('HINCRBY', KEYS[1], user, 1) == 1 then
-    redis.call('PUBLISH', ARGV[4], ARGV[5])
+    publish()
     return {1, 1}
   end
   return {1, 0}
@@ -32,7 +54,7 @@ if redis.call('HINCRBY', KEYS[1], user, -1) <= 0 then
   if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HGET', KEYS[4], 'offset') == '0' then
     redis.call('EXPIRE', KEYS[4], ARGV[7])
   end
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  publish()
   return {1, 1}
 end
 return {1, 0}

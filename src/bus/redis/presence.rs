@@ -6,7 +6,9 @@
 //! `P:{R}:presence:node:<node>` (set: the users `<node>` holds there) and
 //! `P:{R}:presence:nodes` (hash: node → how many users it holds there). A join or leave
 //! touches one field of each, so its cost does not grow with the room; `join`/`leave` events
-//! go out when a user's count moves 0 → 1 or 1 → 0.
+//! go out when a user's count moves 0 → 1 or 1 → 0, each moving the counter
+//! `P:{R}:presence:version` on by one (its value goes into the event's envelope; the members
+//! script reads it with the list, see `bus::PresenceVersion`).
 //!
 //! Per replica: `P:nodes` (sorted set: node → lease expiry in ms of Redis's own clock),
 //! `P:node:<node>:room-members` (hash: room → this node's members there; a room is dropped
@@ -33,7 +35,7 @@ use fred::types::scripts::Script;
 use futures_util::FutureExt;
 
 use super::{sent, strip_comments, unavailable, RedisBus};
-use crate::bus::BusFuture;
+use crate::bus::{BusError, BusFuture, PresenceSnapshot};
 use crate::domain::{now_ms, RoomName, UserId};
 use crate::protocol::ServerFrame;
 
@@ -104,6 +106,8 @@ impl Presence {
 struct PresenceKeys {
     users: String,
     holders: String,
+    /// The room's presence version (a counter, see `lua/presence.lua`).
+    version: String,
     /// Prefix of the per-node sets; the node id completes it.
     node_set: String,
 }
@@ -137,6 +141,7 @@ impl RedisBus {
         PresenceKeys {
             users: self.presence_users_key(room),
             holders: format!("{p}:{{{room}}}:presence:nodes"),
+            version: format!("{p}:{{{room}}}:presence:version"),
             node_set: format!("{p}:{{{room}}}:presence:node:"),
         }
     }
@@ -321,7 +326,7 @@ impl RedisBus {
         for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
             let keys = self.presence_keys(&room);
             let room_keys = self.keys(&room);
-            let (head, middle, tail) = leave_template(&room);
+            let [head, before_user, middle, tail] = leave_template(&room);
             let gone: Vec<String> = self
                 .presence
                 .reap
@@ -332,14 +337,17 @@ impl RedisBus {
                         keys.node(node),
                         keys.holders.clone(),
                         room_keys.meta,
+                        keys.version.clone(),
                     ],
                     vec![
                         node.to_owned(),
                         room_keys.channel,
                         head,
+                        before_user,
                         middle,
                         tail,
                         self.empty_room_ttl_secs.to_string(),
+                        self.ttl_secs.to_string(),
                     ],
                 )
                 .await?;
@@ -387,7 +395,7 @@ impl RedisBus {
         } else {
             ("leave", ServerFrame::Leave { room, user, ts }.to_text())
         };
-        let event = Self::envelope(kind, user, &frame);
+        let (event_head, event_tail) = Self::presence_envelope(kind, user, &frame);
         let keys = self.presence_keys(room);
         let room_keys = self.keys(room);
         let script_keys = vec![
@@ -395,15 +403,17 @@ impl RedisBus {
             keys.node(&self.node),
             keys.holders,
             room_keys.meta,
+            keys.version,
         ];
         let args = vec![
             kind.to_owned(),
             self.node.to_string(),
             user.to_string(),
             room_keys.channel,
-            event,
+            event_head,
             self.ttl_secs.to_string(),
             self.empty_room_ttl_secs.to_string(),
+            event_tail,
         ];
         let bus = Arc::clone(self);
         let room = room.to_string();
@@ -447,8 +457,8 @@ impl RedisBus {
         .boxed()
     }
 
-    /// The room's users held by live replicas, sorted.
-    pub(super) fn members(self: &Arc<Self>, room: &RoomName) -> BusFuture<Vec<UserId>> {
+    /// The room's users held by live replicas, sorted, with the presence version.
+    pub(super) fn members(self: &Arc<Self>, room: &RoomName) -> BusFuture<PresenceSnapshot> {
         let keys = self.presence_keys(room);
         let bus = Arc::clone(self);
         async move {
@@ -465,25 +475,51 @@ impl RedisBus {
             // Our own members count even before the first lease tick lists us.
             args.push(bus.node.to_string());
             args.insert(0, keys.node_set);
-            let users: Vec<String> = bus
+            let reply: Value = bus
                 .presence
                 .members
-                .evalsha_with_reload(&bus.client, vec![keys.users, keys.holders], args)
+                .evalsha_with_reload(
+                    &bus.client,
+                    vec![keys.users, keys.holders, keys.version],
+                    args,
+                )
                 .await
                 .map_err(unavailable)?;
-            let mut users: Vec<UserId> =
-                users.iter().filter_map(|u| UserId::parse(u).ok()).collect();
-            users.sort();
-            Ok(users)
+            parse_members(reply)
         }
         .boxed()
     }
 }
 
-/// The `leave` envelope of `room` cut around its two user ids, for the reap script:
-/// `head + user + middle + user + tail` is [`RedisBus::envelope`] of a `leave` frame.
-fn leave_template(room: &RoomName) -> (String, String, String) {
-    // A one-letter id: `"user":"x"` occurs exactly twice (the room is in `"room":"…"`).
+/// `{version, users, hidden}` from the members script.
+fn parse_members(reply: Value) -> Result<PresenceSnapshot, BusError> {
+    let mut parts = reply.into_array().into_iter();
+    let version = parts
+        .next()
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| BusError::Internal("unexpected reply from the members script".into()))?;
+    let users = |part: Option<Value>| -> Vec<UserId> {
+        let users = part.map(Value::into_array).unwrap_or_default();
+        let mut users: Vec<UserId> = users
+            .iter()
+            .filter_map(|u| u.as_str().and_then(|u| UserId::parse(&u).ok()))
+            .collect();
+        users.sort();
+        users
+    };
+    Ok(PresenceSnapshot {
+        users: users(parts.next()),
+        version,
+        hidden: users(parts.next()),
+    })
+}
+
+/// The `leave` envelope of `room` cut around its presence version and its two user ids, for
+/// the reap script: `a + version + b + user + c + user + d` is a `leave` envelope as
+/// [`RedisBus::presence_envelope`] makes it.
+fn leave_template(room: &RoomName) -> [String; 4] {
+    // A one-letter id: `"user":"x"` occurs exactly once in the frame (the room is in
+    // `"room":"…"`).
     const MARK: &str = "x";
     let user = UserId::parse(MARK).unwrap_or_else(|_| UserId::guest());
     let frame = ServerFrame::Leave {
@@ -492,19 +528,14 @@ fn leave_template(room: &RoomName) -> (String, String, String) {
         ts: now_ms(),
     }
     .to_text();
-    let envelope = RedisBus::envelope("leave", &user, &frame);
     let cut = format!(r#""user":"{user}""#);
-    let mut parts = envelope.split(cut.as_str());
-    let (head, middle, tail) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    (
-        format!(r#"{head}"user":""#),
-        format!(r#""{middle}"user":""#),
-        format!(r#""{tail}"#),
-    )
+    let (frame_head, frame_tail) = frame.split_once(cut.as_str()).unwrap_or_default();
+    [
+        r#"{"kind":"leave","version":"#.to_owned(),
+        r#","user":""#.to_owned(),
+        format!(r#"","frame":{frame_head}"user":""#),
+        format!(r#""{frame_tail}}}"#),
+    ]
 }
 
 #[cfg(test)]
@@ -524,8 +555,11 @@ mod tests {
         assert!(!commands.is_empty());
         for c in &commands {
             assert!(
-                ["SADD", "SREM", "HINCRBY", "HDEL", "HGET", "EXISTS", "EXPIRE", "PUBLISH"]
-                    .contains(c),
+                [
+                    "SADD", "SREM", "HINCRBY", "HDEL", "HGET", "EXISTS", "EXPIRE", "PUBLISH",
+                    "TIME", "SET", "INCR", "PERSIST"
+                ]
+                .contains(c),
                 "{c} in the presence change script"
             );
         }
@@ -535,11 +569,13 @@ mod tests {
     fn the_reap_template_rebuilds_the_leave_envelope_for_any_user() {
         for room in ["lobby", "x", "user", "9"] {
             let room = RoomName::parse(room).unwrap();
-            let (head, middle, tail) = leave_template(&room);
+            let [head, before_user, middle, tail] = leave_template(&room);
             for user in ["ann", "x", "user-1.b_c"] {
-                let rebuilt = format!("{head}{user}{middle}{user}{tail}");
+                let version = 1_765_110_000_123_456_u64;
+                let rebuilt = format!("{head}{version}{before_user}{user}{middle}{user}{tail}");
                 let v: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
                 assert_eq!(v["kind"], "leave");
+                assert_eq!(v["version"], version);
                 assert_eq!(v["user"], user);
                 assert_eq!(v["frame"]["type"], "leave");
                 assert_eq!(v["frame"]["room"], room.as_str());
