@@ -283,7 +283,7 @@ fn start_bus(
     .start();
     log::info!(
         "node={node} uses Redis at {} with prefix `{}`",
-        redact(&settings.redis.url),
+        crate::settings::mask_url(&settings.redis.url),
         settings.redis.prefix
     );
     let side = RedisSide {
@@ -317,14 +317,6 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
-}
-
-/// The URL without credentials, for logs.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
-        _ => url.to_owned(),
-    }
 }
 
 async fn wait_for_signal() {

@@ -508,12 +508,12 @@ fn confab_config_masks_the_password_in_every_url_and_every_secret() {
             "rediss://:***@redis.internal:6380",
         ),
         (
-            "redis-sentinel://confab:hunter2-redis@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=hunter2-sentinel",
-            "redis-sentinel://confab:***@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=***",
+            "redis-sentinel://confab:hunter2-redis@s1:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=hunter2-sentinel&node=s2:26379",
+            "redis-sentinel://confab:***@s1:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=***&node=s2:26379",
         ),
         (
-            "redis-cluster://confab:hunter2-redis@c1:7000,c2:7001",
-            "redis-cluster://confab:***@c1:7000,c2:7001",
+            "redis-cluster://confab:hunter2-redis@c1:7000?node=c2:7001",
+            "redis-cluster://confab:***@c1:7000?node=c2:7001",
         ),
     ];
     for (url, masked) in urls {
