@@ -45,11 +45,25 @@ impl AuthSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     /// Bearer key of the HTTP API; empty means the API is disabled (403).
     pub key: String,
+    /// Wrong keys a client address may send within `key_failure_window_secs` before every
+    /// API call from it gets 429 until that window passes; 0 = no limit.
+    pub max_key_failures: u32,
+    pub key_failure_window_secs: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            max_key_failures: 5,
+            key_failure_window_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +294,10 @@ impl Settings {
                 self.limits.session_queue_bytes as u64,
             ),
             ("history.size", self.history.size as u64),
+            (
+                "api.key_failure_window_secs",
+                self.api.key_failure_window_secs,
+            ),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
             ("redis.presence_lease_secs", self.redis.presence_lease_secs),
             ("history.ttl_secs", self.history.ttl_secs),

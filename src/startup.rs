@@ -124,6 +124,10 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         allowed_origins: settings.server.allowed_origins.clone(),
         echo_endpoint: settings.websocket.echo_endpoint,
         api_key: settings.api.key.clone(),
+        key_guesses: http::guesses::KeyGuesses::new(
+            settings.api.max_key_failures,
+            Duration::from_secs(settings.api.key_failure_window_secs),
+        ),
         metrics,
     });
 
