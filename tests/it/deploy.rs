@@ -356,9 +356,15 @@ fn only_the_ingress_is_trusted_and_admitted_and_a_forgotten_value_is_obvious() {
     );
 
     let policy = find(&objects, "NetworkPolicy", "confab");
-    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
     let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
-    assert!(!rules.is_empty(), "an empty list would admit nothing at all");
+    assert!(
+        !rules.is_empty(),
+        "an empty list would admit nothing at all"
+    );
     for rule in rules {
         let from = rule["from"].as_array().map_or(&[][..], Vec::as_slice);
         assert!(
@@ -366,9 +372,12 @@ fn only_the_ingress_is_trusted_and_admitted_and_a_forgotten_value_is_obvious() {
             "a rule without `from` admits every source: {rule}"
         );
         for peer in from {
-            let namespace = &peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"];
+            let namespace =
+                &peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"];
             assert!(
-                namespace.as_str().is_some_and(|n| n.starts_with(PLACEHOLDER)),
+                namespace
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(PLACEHOLDER)),
                 "each source is one namespace the operator names: {peer}"
             );
         }
@@ -416,7 +425,10 @@ fn the_trial_redis_needs_the_password_confab_gets_and_never_evicts() {
     };
     let confab = find(&objects, "Deployment", "confab");
     assert_eq!(
-        secret_of(&confab["spec"]["template"]["spec"]["containers"][0], "CONFAB_REDIS__URL"),
+        secret_of(
+            &confab["spec"]["template"]["spec"]["containers"][0],
+            "CONFAB_REDIS__URL"
+        ),
         secret_of(container, variable),
         "confab's Redis URL and Redis's password come from the same Secret"
     );

@@ -246,10 +246,13 @@ mod tests {
                 "{joined:?} then {after:?}"
             );
         }
-        let failed: Outcome = Err(BusError::Unavailable("late".into()));
+        let late = BusError::Unavailable("late".into());
         assert_eq!(
-            answer(&failed, Some(7), Some(7)).unwrap_err().to_string(),
-            failed.unwrap_err().to_string()
+            answer(&Err(late.clone()), Some(7), Some(7))
+                .unwrap_err()
+                .to_string(),
+            late.to_string(),
+            "a failed WAIT fails its batch whatever the connection"
         );
     }
 }
