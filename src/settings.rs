@@ -415,13 +415,17 @@ impl Settings {
                 *secret = "***".into();
             }
         }
-        match Value::try_from(&shown) {
-            Ok(mut value) => {
-                mask_urls(&mut value);
-                toml::to_string_pretty(&value).unwrap_or_default()
-            }
-            Err(_) => String::new(),
-        }
+        // Masked as a TOML value, then printed from the struct again, so sections and keys
+        // keep their order (a `toml::Table` would sort them).
+        let masked = Value::try_from(&shown).ok().and_then(|mut value| {
+            mask_urls(&mut value);
+            value.try_into::<Settings>().ok()
+        });
+        // Serializing and reading back a valid `Settings` cannot fail; if it ever did, print
+        // nothing rather than an unmasked URL.
+        masked
+            .and_then(|m| toml::to_string_pretty(&m).ok())
+            .unwrap_or_default()
     }
 }
 
