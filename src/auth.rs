@@ -43,6 +43,10 @@ pub enum AuthError {
     Audience,
     #[error("the token is not from the expected issuer")]
     Issuer,
+    #[error("the token is not valid yet (`nbf` is in the future)")]
+    NotYetValid,
+    #[error("the token's `{0}` is null: leave the claim out to allow every room, or list globs")]
+    NullClaim(&'static str),
     #[error("the token's `sub` is not a valid user name: {0}")]
     Subject(String),
     #[error(
@@ -95,6 +99,56 @@ pub struct Claims {
     pub aud: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+}
+
+/// A claim that may be absent, `null`, or a value: `Option<Option<T>>` with serde's default
+/// would read `null` as absent, and an absent `rooms` means every room (SPEC §2), so a
+/// `null` would silently widen access.
+#[derive(Debug, Clone, Default)]
+enum Claim<T> {
+    #[default]
+    Absent,
+    Null,
+    Value(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Claim<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Only called when the field is present; `#[serde(default)]` gives `Absent`.
+        Ok(match Option::<T>::deserialize(d)? {
+            None => Self::Null,
+            Some(v) => Self::Value(v),
+        })
+    }
+}
+
+impl<T> Claim<T> {
+    /// The value, `None` when absent; a `null` is refused, naming the claim.
+    fn present(self, name: &'static str) -> Result<Option<T>, AuthError> {
+        match self {
+            Self::Absent => Ok(None),
+            Self::Null => Err(AuthError::NullClaim(name)),
+            Self::Value(v) => Ok(Some(v)),
+        }
+    }
+}
+
+/// The claims a presented token is read with: [`Claims`], with `rooms` and `publish` able to
+/// tell `null` from absent. `exp`, `nbf`, `aud` and `iss` are checked by jsonwebtoken.
+#[derive(Debug, Deserialize)]
+struct Received {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    rooms: Claim<Vec<String>>,
+    #[serde(default)]
+    publish: Claim<Vec<String>>,
+    /// Read only to refuse an `nbf` that is not a number: jsonwebtoken skips the check for
+    /// one it cannot parse, which would make "not before tomorrow" valid today.
+    #[serde(default, rename = "nbf")]
+    _nbf: Option<f64>,
 }
 
 /// Who a session is and what it may do.
@@ -171,19 +225,42 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// What a token signed with `alg` must carry: `exp` and `sub`, and the configured audience
-/// and issuer.
+/// and issuer. jsonwebtoken checks `aud` and `iss` only when the token has them unless they
+/// are required, so a token minted for another service with the same key and without them
+/// would pass: they are required whenever they are configured. `nbf`, when present, is
+/// checked with the same leeway as `exp`.
 fn validation(alg: Algorithm, settings: &AuthSettings) -> Validation {
     let mut validation = Validation::new(alg);
     validation.leeway = LEEWAY.as_secs();
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
     match settings.audience.as_str() {
         "" => validation.validate_aud = false,
-        aud => validation.set_audience(&[aud]),
+        aud => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
     }
     if !settings.issuer.is_empty() {
         validation.set_issuer(&[&settings.issuer]);
+        required.push("iss");
     }
+    validation.set_required_spec_claims(&required);
     validation
+}
+
+/// HS256 keys shorter than the hash are weak (RFC 7518 §3.2: at least 256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The start-up warning for a short `auth.jwt_secret`, if it is one.
+pub fn short_secret_warning(settings: &AuthSettings) -> Option<String> {
+    let len = settings.jwt_secret.len();
+    (len > 0 && len < MIN_SECRET_BYTES).then(|| {
+        format!(
+            "auth.jwt_secret is {len} bytes: HS256 wants at least {MIN_SECRET_BYTES} random bytes \
+             (RFC 7518 §3.2), or a guessed secret lets anyone mint tokens"
+        )
+    })
 }
 
 impl Verifier {
@@ -191,6 +268,9 @@ impl Verifier {
     pub fn from_settings(settings: &AuthSettings) -> Result<Option<Self>, KeyError> {
         if !settings.enabled() {
             return Ok(None);
+        }
+        if let Some(warning) = short_secret_warning(settings) {
+            log::warn!("{warning}");
         }
         let mut keys = Vec::new();
         if !settings.jwt_secret.is_empty() {
@@ -226,15 +306,20 @@ impl Verifier {
             .iter()
             .find(|(a, _, _)| *a == header.alg)
             .ok_or(AuthError::Algorithm)?;
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::Signature,
-                ErrorKind::InvalidAudience => AuthError::Audience,
-                ErrorKind::InvalidIssuer => AuthError::Issuer,
-                ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
-                _ => AuthError::Malformed(e.to_string()),
-            })?;
+        let data = jsonwebtoken::decode::<Received>(token, key, validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::Signature,
+            ErrorKind::InvalidAudience => AuthError::Audience,
+            ErrorKind::InvalidIssuer => AuthError::Issuer,
+            // Required because configured (see `validation`), and missing.
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
+            ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
+            ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+            _ => AuthError::Malformed(e.to_string()),
+        })?;
         let claims = data.claims;
         let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
         let name = match claims.name {
@@ -250,8 +335,8 @@ impl Verifier {
         Ok(Identity {
             user,
             name,
-            rooms: claims.rooms,
-            publish: claims.publish,
+            rooms: claims.rooms.present("rooms")?,
+            publish: claims.publish.present("publish")?,
             // A time past what the clock can hold never comes: no expiry.
             expires: UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp)),
         })
@@ -389,6 +474,48 @@ mod tests {
             AuthError::Subject(_)
         ));
         assert!(Verifier::from_settings(&settings("")).unwrap().is_none());
+    }
+
+    #[test]
+    fn null_rooms_or_publish_are_refused_and_absent_ones_allow_every_room() {
+        let s = settings("s3cret-s3cret-s3cret-s3cret-s3cret");
+        let verifier = Verifier::from_settings(&s).unwrap().unwrap();
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(s.jwt_secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let far = 4_000_000_000u64;
+        for claim in ["rooms", "publish"] {
+            let mut c = serde_json::json!({"sub": "alice", "exp": far});
+            c[claim] = serde_json::Value::Null;
+            assert_eq!(
+                verifier.verify(&sign(c)).unwrap_err(),
+                AuthError::NullClaim(claim)
+            );
+        }
+        let id = verifier
+            .verify(&sign(serde_json::json!({"sub": "alice", "exp": far})))
+            .unwrap();
+        assert!(id.may_join(&room("any")) && id.may_publish(&room("any")));
+        let none = sign(serde_json::json!({"sub": "alice", "exp": far, "rooms": []}));
+        assert!(!verifier.verify(&none).unwrap().may_join(&room("any")));
+        let odd = sign(serde_json::json!({"sub": "alice", "exp": far, "nbf": "tomorrow"}));
+        assert!(matches!(
+            verifier.verify(&odd).unwrap_err(),
+            AuthError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn a_secret_under_32_bytes_is_warned_about() {
+        assert!(short_secret_warning(&settings("")).is_none(), "no secret");
+        let warning = short_secret_warning(&settings("short")).unwrap();
+        assert!(warning.contains("auth.jwt_secret is 5 bytes"), "{warning}");
+        assert!(short_secret_warning(&settings(&"x".repeat(32))).is_none());
     }
 
     #[test]

@@ -45,11 +45,25 @@ impl AuthSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     /// Bearer key of the HTTP API; empty means the API is disabled (403).
     pub key: String,
+    /// Wrong keys a client address may send within `key_failure_window_secs` before every
+    /// API call from it gets 429 until that window passes; 0 = no limit.
+    pub max_key_failures: u32,
+    pub key_failure_window_secs: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            max_key_failures: 5,
+            key_failure_window_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +309,10 @@ impl Settings {
                 self.limits.session_queue_bytes as u64,
             ),
             ("history.size", self.history.size as u64),
+            (
+                "api.key_failure_window_secs",
+                self.api.key_failure_window_secs,
+            ),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
             ("redis.presence_lease_secs", self.redis.presence_lease_secs),
             ("history.ttl_secs", self.history.ttl_secs),
@@ -403,7 +421,8 @@ impl Settings {
     }
 
     /// The settings as TOML, for `confab config`; secrets are shown as `***` so the output
-    /// can be pasted into a bug report.
+    /// can be pasted into a bug report: the secret keys, and the password of every URL-valued
+    /// setting (found by value, so a URL setting added later is masked too).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         for secret in [&mut shown.api.key, &mut shown.auth.jwt_secret] {
@@ -411,8 +430,74 @@ impl Settings {
                 *secret = "***".into();
             }
         }
-        toml::to_string_pretty(&shown).unwrap_or_default()
+        // Masked as a TOML value, then printed from the struct again, so sections and keys
+        // keep their order (a `toml::Table` would sort them).
+        let masked = Value::try_from(&shown).ok().and_then(|mut value| {
+            mask_urls(&mut value);
+            value.try_into::<Settings>().ok()
+        });
+        // Serializing and reading back a valid `Settings` cannot fail; if it ever did, print
+        // nothing rather than an unmasked URL.
+        masked
+            .and_then(|m| toml::to_string_pretty(&m).ok())
+            .unwrap_or_default()
     }
+}
+
+/// Masks the password in every string of `value` that is a URL.
+fn mask_urls(value: &mut Value) {
+    match value {
+        Value::String(s) if s.contains("://") => *s = mask_url(s),
+        Value::Table(t) => t.iter_mut().for_each(|(_, v)| mask_urls(v)),
+        Value::Array(a) => a.iter_mut().for_each(mask_urls),
+        _ => {}
+    }
+}
+
+/// A URL with its secrets replaced by `***`, for output and logs: the password of its
+/// user-info (`redis://user:***@host`; user-info without `:` may be a bare password, so it is
+/// masked whole) and every query parameter whose name mentions a password or secret
+/// (`sentinelPassword=***`, PostgreSQL's `password=***`). Hosts, ports and paths stay, since
+/// they are what a bug report needs.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (before_query, query) = rest.split_at(query_at);
+    // The last `@` before the query ends the user-info: a password may hold `/` or `@`.
+    let location = match before_query.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => before_query.to_owned(),
+    };
+    let query = match query.strip_prefix('?') {
+        Some(pairs) => {
+            let (pairs, fragment) = match pairs.split_once('#') {
+                Some((p, f)) => (p, format!("#{f}")),
+                None => (pairs, String::new()),
+            };
+            let masked: Vec<String> = pairs
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if is_secret_name(name) => format!("{name}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("?{}{fragment}", masked.join("&"))
+        }
+        None => query.to_owned(),
+    };
+    format!("{scheme}://{location}{query}")
+}
+
+fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "passwd", "secret", "token"]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 fn defaults_table() -> Table {
@@ -768,6 +853,48 @@ mod tests {
         let shown = s.to_toml();
         assert!(shown.contains("key = \"***\""), "{shown}");
         assert!(!shown.contains("k1"), "{shown}");
+    }
+
+    #[test]
+    fn url_passwords_are_masked_and_the_rest_kept() {
+        let cases = [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://u:p@h:1/0", "redis://u:***@h:1/0"),
+            ("rediss://:p@h", "rediss://:***@h"),
+            ("redis://p@h", "redis://***@h"),
+            ("redis://u:p/a@ss@h:1", "redis://u:***@h:1"),
+            (
+                "redis-sentinel://u:p@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=q",
+                "redis-sentinel://u:***@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=***",
+            ),
+            ("redis-cluster://u:p@c1:7000,c2:7001", "redis-cluster://u:***@c1:7000,c2:7001"),
+            (
+                "postgres://app:p@db:5432/chat?sslmode=require&password=q#x",
+                "postgres://app:***@db:5432/chat?sslmode=require&password=***#x",
+            ),
+            ("sqlite:data/confab.db", "sqlite:data/confab.db"),
+        ];
+        for (url, masked) in cases {
+            assert_eq!(mask_url(url), masked, "{url}");
+        }
+    }
+
+    #[test]
+    fn every_url_valued_setting_is_printed_masked() {
+        let s = Settings::load(
+            &Overrides::default(),
+            env(&[
+                ("CONFAB_REDIS__URL", "redis://u:hunter2@h:1"),
+                (
+                    "CONFAB_SERVER__ALLOWED_ORIGINS",
+                    "https://u:hunter3@app.example",
+                ),
+            ]),
+        )
+        .unwrap();
+        let shown = s.to_toml();
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("redis://u:***@h:1"), "{shown}");
     }
 
     #[test]

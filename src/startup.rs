@@ -128,6 +128,10 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         allowed_origins: settings.server.allowed_origins.clone(),
         echo_endpoint: settings.websocket.echo_endpoint,
         api_key: settings.api.key.clone(),
+        key_guesses: http::guesses::KeyGuesses::new(
+            settings.api.max_key_failures,
+            Duration::from_secs(settings.api.key_failure_window_secs),
+        ),
         metrics,
     });
 
@@ -287,7 +291,7 @@ fn start_bus(
     .start();
     log::info!(
         "node={node} uses Redis at {} with prefix `{}`",
-        redact(&settings.redis.url),
+        crate::settings::mask_url(&settings.redis.url),
         settings.redis.prefix
     );
     let side = RedisSide {
@@ -321,14 +325,6 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
-}
-
-/// The URL without credentials, for logs.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
-        _ => url.to_owned(),
-    }
 }
 
 async fn wait_for_signal() {

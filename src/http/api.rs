@@ -7,6 +7,8 @@
 //! and room, as on the WebSocket) resolves to the first offset. Errors are the `error`
 //! frame's codes as JSON, plus `unauthorized` (401) and `too_large` (413).
 
+use std::time::Instant;
+
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -28,6 +30,9 @@ pub enum ApiError {
     Disabled,
     #[error("missing or wrong API key (send Authorization: Bearer <api.key>)")]
     Unauthorized,
+    /// The seconds until this client address may try again.
+    #[error("too many wrong API keys from this address: retry in {0} s")]
+    RateLimited(u64),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -43,6 +48,7 @@ impl ApiError {
         match self {
             Self::Disabled => StatusCode::FORBIDDEN,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) | Self::TooLong(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Bus(BusError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
@@ -54,6 +60,7 @@ impl ApiError {
         match self {
             Self::Disabled => ErrorCode::Forbidden.as_str(),
             Self::Unauthorized => "unauthorized",
+            Self::RateLimited(_) => ErrorCode::RateLimited.as_str(),
             Self::BadRequest(_) => ErrorCode::BadRequest.as_str(),
             Self::TooLong(_) => ErrorCode::TooLong.as_str(),
             Self::TooLarge(_) => "too_large",
@@ -64,12 +71,19 @@ impl ApiError {
 
     fn response(&self) -> HttpResponse {
         let mut resp = super::error(self.status(), self.code(), &self.to_string());
-        if *self == Self::Unauthorized {
+        match self {
             // RFC 6750 §3: a 401 names the scheme the client should use.
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            Self::Unauthorized => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Self::RateLimited(secs) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
+            }
+            _ => {}
         }
         resp
     }
@@ -149,7 +163,7 @@ async fn publish_inner(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(req, &state.api_key)?;
+    authorize(req, state)?;
     let room = parse_room(room)?;
     let limit = state.sessions.max_frame_bytes;
     let body = read_body(req, payload, limit).await?;
@@ -203,7 +217,7 @@ async fn history_inner(
     query: &HistoryQuery,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(req, &state.api_key)?;
+    authorize(req, state)?;
     let room = parse_room(room)?;
     // Numbers as text first (a query string has no types), then the checks a `history`
     // frame gets.
@@ -246,7 +260,7 @@ async fn presence_inner(
     room: &str,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(req, &state.api_key)?;
+    authorize(req, state)?;
     let room = parse_room(room)?;
     let users = state.bus.presence(&room).await?;
     Ok(HttpResponse::Ok().json(json!({"room": room, "users": users})))
@@ -268,15 +282,30 @@ fn parse_room(room: &str) -> Result<RoomName, ApiError> {
     RoomName::parse(room).map_err(|e| ApiError::BadRequest(format!("room name {e}")))
 }
 
-/// Checks the bearer key: 403 when no key is configured (the API is off), 401 when it is
-/// missing or wrong.
-fn authorize(req: &HttpRequest, key: &str) -> Result<(), ApiError> {
+/// Checks the bearer key: 403 when no key is configured (the API is off), 429 while the
+/// client's address is throttled for wrong keys (before the key is looked at, so a right
+/// guess then tells nothing), 401 when it is missing or wrong. Only a wrong key counts
+/// toward the throttle: a missing one guesses nothing.
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let key = &state.api_key;
     if key.is_empty() {
         return Err(ApiError::Disabled);
     }
+    let client = super::client_address(req.headers(), req.peer_addr(), &state.trusted_proxies);
+    let now = Instant::now();
+    if let Err(wait) = state.key_guesses.check(client, now) {
+        // Whole seconds, rounded up: a client retrying at once would find the window open.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return Err(ApiError::RateLimited(secs.max(1)));
+    }
     match super::bearer(req.headers()) {
         Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
-        _ => Err(ApiError::Unauthorized),
+        Some(_) => {
+            state.key_guesses.failed(client, now);
+            log::info!("api: wrong key from {client}");
+            Err(ApiError::Unauthorized)
+        }
+        None => Err(ApiError::Unauthorized),
     }
 }
 
@@ -334,6 +363,7 @@ mod tests {
         let cases = [
             (ApiError::Disabled, 403, "forbidden"),
             (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::RateLimited(3), 429, "rate_limited"),
             (ApiError::BadRequest("x".into()), 400, "bad_request"),
             (ApiError::TooLong("x".into()), 400, "too_long"),
             (ApiError::TooLarge(10), 413, "too_large"),

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod guesses;
 mod health;
 mod metrics;
 mod page;
@@ -13,6 +14,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use actix::Addr;
+use std::net::{IpAddr, SocketAddr};
+
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -23,7 +26,7 @@ use crate::actors::session::SessionConfig;
 use crate::auth::Verifier;
 use crate::bus::SharedBus;
 use crate::metrics::Metrics;
-use crate::net::Cidr;
+use crate::net::{client_addr, Cidr};
 
 /// What every request handler may use; one per replica.
 pub struct AppState {
@@ -43,6 +46,8 @@ pub struct AppState {
     pub echo_endpoint: bool,
     /// `api.key`; empty disables the HTTP API.
     pub api_key: String,
+    /// Wrong API keys per client address (`api.max_key_failures`).
+    pub key_guesses: guesses::KeyGuesses,
     pub metrics: Arc<Metrics>,
 }
 
@@ -84,4 +89,15 @@ fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
+}
+
+/// The client's address for per-address limits: the peer, or what a trusted proxy forwarded
+/// (`net::client_addr`).
+fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>();
+    client_addr(peer, forwarded.into_iter(), trusted)
 }

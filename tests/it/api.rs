@@ -517,3 +517,53 @@ async fn metrics_parse_and_move_by_what_a_scripted_exchange_causes() {
     .await;
     assert_eq!(after.get("confab_rooms_open"), 1.0);
 }
+
+/// The value of header `name` in a reply's head.
+fn header<'r>(reply: &'r HttpReply, name: &str) -> Option<&'r str> {
+    reply.head.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn wrong_api_keys_from_one_address_get_429_even_with_the_right_key_until_the_window_passes() {
+    let server = Server::start(&[
+        ("CONFAB_API__KEY", KEY),
+        ("CONFAB_API__MAX_KEY_FAILURES", "3"),
+        ("CONFAB_API__KEY_FAILURE_WINDOW_SECS", "3"),
+        // The harness connects from 127.0.0.1: as a trusted proxy it names each client.
+        ("CONFAB_SERVER__TRUSTED_PROXIES", "127.0.0.1"),
+    ]);
+    let path = "/api/rooms/ops/history";
+    let call = |from: &'static str, key: &'static str| {
+        let auth = format!("Bearer {key}");
+        let addr = server.addr;
+        async move {
+            let headers = [("Authorization", auth.as_str()), ("X-Forwarded-For", from)];
+            request(addr, "GET", path, &headers, "").await
+        }
+    };
+    let guesser = "198.51.100.7";
+    for i in 0..3 {
+        let reply = call(guesser, "guess").await;
+        assert_error(&reply, 401, "unauthorized");
+        assert!(header(&reply, "retry-after").is_none(), "guess {i}");
+    }
+    let throttled = call(guesser, "guess").await;
+    assert_error(&throttled, 429, "rate_limited");
+    let retry: u64 = header(&throttled, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a Retry-After in seconds: {}", throttled.head));
+    assert!((1..=3).contains(&retry), "within the window: {retry}");
+    // Even the right key: a guesser that finally hits it learns nothing until the window ends.
+    assert_error(&call(guesser, KEY).await, 429, "rate_limited");
+    // Another client address is not held back by the guesser.
+    assert_eq!(call("198.51.100.8", KEY).await.status, 200);
+    eventually(Duration::from_secs(10), "the window passes", || async {
+        call(guesser, KEY).await.status == 200
+    })
+    .await;
+    // And the count starts again.
+    assert_error(&call(guesser, "guess").await, 401, "unauthorized");
+}

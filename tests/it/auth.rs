@@ -429,3 +429,108 @@ fn an_unreadable_public_key_file_stops_start_up_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auth.jwt_public_key_file"), "{err}");
 }
+
+#[tokio::test]
+async fn tokens_without_aud_or_iss_are_refused_when_the_server_names_them() {
+    let server = hs_server();
+    let far = now() + 600;
+    // Minted for another service with the same key: nothing says it is not for us, so
+    // nothing may let it in.
+    let no_aud = hs(json!({"sub": "alice", "exp": far, "iss": "corp"}));
+    let no_iss = hs(json!({"sub": "alice", "exp": far, "aud": "chat"}));
+    for (what, token) in [("no aud", no_aud), ("no iss", no_iss)] {
+        let (code, body) = status_of(&server, &token).await;
+        assert_eq!(code, 401, "{what}: {body}");
+        assert!(body.contains("unauthorized"), "{what}: {body}");
+    }
+    // Without auth.audience / auth.issuer set, neither claim is needed.
+    let plain = Server::start(&[("CONFAB_AUTH__JWT_SECRET", SECRET)]);
+    let bare = hs(json!({"sub": "alice", "exp": far}));
+    assert_eq!(status_of(&plain, &bare).await.0, 101);
+}
+
+#[tokio::test]
+async fn a_token_that_is_not_yet_valid_is_refused_and_one_inside_the_leeway_is_not() {
+    let server = hs_server();
+    let mut early = claims("alice");
+    early["nbf"] = json!(now() + 120);
+    let (code, body) = status_of(&server, &hs(early)).await;
+    assert_eq!(code, 401, "nbf two minutes ahead: {body}");
+    assert!(
+        body.contains("not valid yet"),
+        "the message says why: {body}"
+    );
+    let mut skewed = claims("alice");
+    skewed["nbf"] = json!(now() + 2);
+    assert_eq!(status_of(&server, &hs(skewed)).await.0, 101, "within 5 s");
+    let mut past = claims("alice");
+    past["nbf"] = json!(now() - 60);
+    assert_eq!(status_of(&server, &hs(past)).await.0, 101);
+}
+
+#[tokio::test]
+async fn an_explicit_null_rooms_or_publish_claim_is_refused_not_read_as_every_room() {
+    let server = hs_server();
+    for claim in ["rooms", "publish"] {
+        let mut c = claims("alice");
+        c[claim] = Value::Null;
+        let (code, body) = status_of(&server, &hs(c)).await;
+        assert_eq!(code, 401, "{claim}: null: {body}");
+        assert!(body.contains(claim), "the message names the claim: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_short_hs256_secret_logs_a_warning_at_start_and_a_long_one_does_not() {
+    let short = Server::start(&[("CONFAB_AUTH__JWT_SECRET", "only-16-bytes-xx")]);
+    crate::harness::eventually(Duration::from_secs(10), "the warning", || async {
+        short.log().contains("auth.jwt_secret is 16 bytes")
+    })
+    .await;
+    let long = hs_server();
+    // Start-up logs the listening line after the auth check, so the log is complete here.
+    assert!(
+        long.log().contains("sessions need a token") && !long.log().contains("auth.jwt_secret is"),
+        "{}",
+        long.log()
+    );
+}
+
+#[test]
+fn confab_config_masks_the_password_in_every_url_and_every_secret() {
+    let urls = [
+        (
+            "redis://confab:hunter2-redis@redis.internal:6379/0",
+            "redis://confab:***@redis.internal:6379/0",
+        ),
+        (
+            "rediss://:hunter2-redis@redis.internal:6380",
+            "rediss://:***@redis.internal:6380",
+        ),
+        (
+            "redis-sentinel://confab:hunter2-redis@s1:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=hunter2-sentinel&node=s2:26379",
+            "redis-sentinel://confab:***@s1:26379/0?sentinelServiceName=m&sentinelUsername=sen&sentinelPassword=***&node=s2:26379",
+        ),
+        (
+            "redis-cluster://confab:hunter2-redis@c1:7000?node=c2:7001",
+            "redis-cluster://confab:***@c1:7000?node=c2:7001",
+        ),
+    ];
+    for (url, masked) in urls {
+        let out = run_confab(
+            &["config"],
+            &[
+                ("CONFAB_REDIS__URL", url),
+                ("CONFAB_API__KEY", "hunter2-api"),
+                (
+                    "CONFAB_AUTH__JWT_SECRET",
+                    "hunter2-jwt-0123456789abcdef0123",
+                ),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(!shown.contains("hunter2"), "a secret is printed: {shown}");
+        assert!(shown.contains(masked), "{masked} in {shown}");
+    }
+}

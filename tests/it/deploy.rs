@@ -14,6 +14,9 @@ use serde_json::Value;
 /// from 1.30) and the newest whose schemas the validator bundles.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
+/// How a value the operator must set starts in the shipped manifests.
+const PLACEHOLDER: &str = "SET-ME";
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -295,7 +298,14 @@ fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
     let mut settings = 0;
     for (key, value) in data {
         if key.starts_with("CONFAB_") {
-            cmd.env(key, value.as_str().expect("ConfigMap values are strings"));
+            let value = value.as_str().expect("ConfigMap values are strings");
+            // A value the operator must set (see the test below) stands in as an address.
+            let value = if value.starts_with(PLACEHOLDER) {
+                "192.0.2.1"
+            } else {
+                value
+            };
+            cmd.env(key, value);
             settings += 1;
         }
     }
@@ -307,7 +317,9 @@ fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
         .expect("env");
     for var in env {
         let name = var["name"].as_str().unwrap();
-        if name.starts_with("CONFAB_") {
+        if name.ends_with("__URL") {
+            cmd.env(name, "redis://:stand-in@confab-redis:6379");
+        } else if name.starts_with("CONFAB_") {
             cmd.env(name, "stand-in-value-0123456789abcdef0123456789abcdef");
         }
     }
@@ -317,4 +329,114 @@ fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
         "confab refuses the manifests' settings: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn only_the_ingress_is_trusted_and_admitted_and_a_forgotten_value_is_obvious() {
+    let objects = objects();
+    let config = find(&objects, "ConfigMap", "confab");
+    let trusted = config["data"]["CONFAB_SERVER__TRUSTED_PROXIES"]
+        .as_str()
+        .expect("the ConfigMap names the trusted proxies");
+    // Whole private ranges would let any pod or office machine name its own address. The
+    // shipped value is a placeholder confab refuses at start, naming the key, so a
+    // deployment that forgot it fails at once rather than trusting too much or too little.
+    let out = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("config")
+        .env_remove("CONFAB_CONFIG")
+        .env("CONFAB_SERVER__TRUSTED_PROXIES", trusted)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        trusted.starts_with(PLACEHOLDER)
+            && !out.status.success()
+            && err.contains("server.trusted_proxies"),
+        "server.trusted_proxies must ship as a placeholder confab refuses, not `{trusted}`: {err}"
+    );
+
+    let policy = find(&objects, "NetworkPolicy", "confab");
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    assert!(
+        !rules.is_empty(),
+        "an empty list would admit nothing at all"
+    );
+    for rule in rules {
+        let from = rule["from"].as_array().map_or(&[][..], Vec::as_slice);
+        assert!(
+            !from.is_empty(),
+            "a rule without `from` admits every source: {rule}"
+        );
+        for peer in from {
+            let namespace =
+                &peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"];
+            assert!(
+                namespace
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(PLACEHOLDER)),
+                "each source is one namespace the operator names: {peer}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_trial_redis_needs_the_password_confab_gets_and_never_evicts() {
+    let objects = objects();
+    let redis = find(&objects, "Deployment", "confab-redis");
+    let container = &redis["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string args"))
+        .collect();
+    let after = |flag: &str| {
+        let at = args.iter().position(|a| *a == flag)?;
+        args.get(at + 1).copied()
+    };
+    assert_eq!(
+        after("--maxmemory-policy"),
+        Some("noeviction"),
+        "history is never evicted silently: {args:?}"
+    );
+    assert!(
+        after("--maxmemory").is_some_and(|m| m != "0"),
+        "a memory bound: {args:?}"
+    );
+    let password = after("--requirepass").expect("a password");
+    let variable = password
+        .strip_prefix("$(")
+        .and_then(|p| p.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("the password comes from a variable: {password}"));
+    let secret_of = |container: &Value, name: &str| {
+        let var = container["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == name))
+            .unwrap_or_else(|| panic!("env {name}"));
+        var["valueFrom"]["secretKeyRef"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} comes from a Secret"))
+            .to_owned()
+    };
+    let confab = find(&objects, "Deployment", "confab");
+    assert_eq!(
+        secret_of(
+            &confab["spec"]["template"]["spec"]["containers"][0],
+            "CONFAB_REDIS__URL"
+        ),
+        secret_of(container, variable),
+        "confab's Redis URL and Redis's password come from the same Secret"
+    );
+    let config = find(&objects, "ConfigMap", "confab");
+    assert!(
+        config["data"]["CONFAB_REDIS__URL"].is_null(),
+        "the URL carries the password: not in the ConfigMap"
+    );
+    let text = std::fs::read_to_string(k8s_dir().join("redis-trial.yaml")).unwrap();
+    assert!(text.contains("NOT FOR PRODUCTION"));
 }

@@ -12,7 +12,15 @@
 //! batch's single `WAIT` (sent after all their scripts, so it covers them) answers them all.
 //!
 //! The order that makes this right: a publish sends its script first ([`super::sent`]), then
-//! joins a batch; a batch's `WAIT` is sent only after every member joined. On a Redis
+//! joins a batch; a batch's `WAIT` is sent only after every member joined.
+//!
+//! And the connection must be the same: fred re-establishes a dropped connection by itself
+//! and sends what was queued meanwhile on the new one, where a `WAIT` covers nothing written
+//! before and answers at once. So each publish notes the id (`CLIENT ID`, which fred caches
+//! per connection before it sends anything on it) of the node's connection when it joins,
+//! and a `WAIT` acks only the publishes whose id is still the connection's id after the
+//! `WAIT` returned; the others get `unavailable` and their clients retry with the same ref,
+//! which writes the ref key again on the current connection for the next `WAIT` to cover. On a Redis
 //! Cluster the `WAIT` is routed by the room's hash slot, like the script, so it reaches the
 //! same node's connection (a slot moving between the two is not covered: its `WAIT` would
 //! count another node's replicas).
@@ -42,7 +50,42 @@ pub(super) struct Replication {
 #[derive(Default)]
 struct Gate {
     in_flight: bool,
-    next: Vec<oneshot::Sender<Outcome>>,
+    next: Vec<Waiter>,
+}
+
+/// One publish waiting for a `WAIT`: where to answer, and the id of the connection its
+/// script went out on (`None`: not connected then, so it went out on a later one).
+struct Waiter {
+    tx: oneshot::Sender<Outcome>,
+    connection: Option<i64>,
+}
+
+/// What a waiter is told when the batch's `WAIT` said `outcome` on the connection `after`.
+fn answer(outcome: &Outcome, joined_on: Option<i64>, after: Option<i64>) -> Outcome {
+    match outcome {
+        Ok(()) if joined_on.is_none() || joined_on != after => Err(BusError::Unavailable(
+            "the connection to Redis was re-established between the publish and its WAIT, \
+             so the WAIT did not cover it; retry with the same ref"
+                .into(),
+        )),
+        other => other.clone(),
+    }
+}
+
+/// The id of this process's connection to `node` (`None` on a Cluster means the one node of
+/// a standalone or Sentinel setup), as fred cached it when the connection was set up.
+fn connection_id(client: &Client, node: Option<&str>) -> Option<i64> {
+    let ids = client.connection_ids();
+    match node {
+        Some(node) => ids
+            .iter()
+            .find(|(server, _)| server.to_string() == node)
+            .map(|(_, id)| *id),
+        // Standalone and Sentinel keep one connection (to the master); more than one would
+        // leave it unclear which one the script used.
+        None if ids.len() == 1 => ids.values().next().copied(),
+        None => None,
+    }
 }
 
 impl Replication {
@@ -72,10 +115,11 @@ impl Replication {
             .cached_cluster_state()
             .and_then(|state| state.get_server(slot).map(|s| s.to_string()));
         let (tx, rx) = oneshot::channel();
+        let connection = connection_id(client, node.as_deref());
         let start = match self.gates.lock() {
             Ok(mut gates) => {
                 let gate = gates.entry(node.clone()).or_default();
-                gate.next.push(tx);
+                gate.next.push(Waiter { tx, connection });
                 !std::mem::replace(&mut gate.in_flight, true)
             }
             Err(_) => {
@@ -151,8 +195,11 @@ impl Batches {
                 Err(_) => return,
             };
             let outcome = self.wait().await;
-            for tx in batch {
-                let _ = tx.send(outcome.clone());
+            // Read after the WAIT's answer: fred caches a new connection's id before it sends
+            // anything on it, so a WAIT that went out on a newer connection shows here.
+            let after = connection_id(&self.client, self.node.as_deref());
+            for waiter in batch {
+                let _ = waiter.tx.send(answer(&outcome, waiter.connection, after));
             }
         }
     }
@@ -182,5 +229,30 @@ impl Batches {
                 self.replicas, self.timeout
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_wait_on_the_connection_the_publish_joined_on_acks_it() {
+        let ok: Outcome = Ok(());
+        assert!(answer(&ok, Some(7), Some(7)).is_ok());
+        for (joined, after) in [(Some(7), Some(8)), (None, Some(8)), (Some(7), None)] {
+            assert!(
+                matches!(answer(&ok, joined, after), Err(BusError::Unavailable(_))),
+                "{joined:?} then {after:?}"
+            );
+        }
+        let late = BusError::Unavailable("late".into());
+        assert_eq!(
+            answer(&Err(late.clone()), Some(7), Some(7))
+                .unwrap_err()
+                .to_string(),
+            late.to_string(),
+            "a failed WAIT fails its batch whatever the connection"
+        );
     }
 }
