@@ -17,7 +17,6 @@ use crate::actors::session::SessionRequest;
 use crate::auth::{AuthError, Identity};
 use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 use crate::metrics;
-use crate::net::{client_addr, Cidr};
 use crate::protocol::{ErrorCode, MAX_HISTORY_LIMIT};
 
 #[derive(Debug, Deserialize)]
@@ -244,7 +243,7 @@ fn check(
             ));
         }
     }
-    let client = client_address(headers, peer, &state.trusted_proxies);
+    let client = super::client_address(headers, peer, &state.trusted_proxies);
     state
         .admission
         .check_rate(client, Instant::now())
@@ -314,14 +313,4 @@ fn token<'r>(headers: &'r HeaderMap, query: &'r WsQuery) -> Option<&'r str> {
         .or_else(protocol)
         .or(query.token.as_deref())
         .filter(|t| !t.is_empty())
-}
-
-/// The client's address for per-address limits: the peer, or what a trusted proxy forwarded.
-fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>, trusted: &[Cidr]) -> IpAddr {
-    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>();
-    client_addr(peer, forwarded.into_iter(), trusted)
 }
