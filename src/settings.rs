@@ -126,6 +126,8 @@ pub struct LimitSettings {
     pub messages_per_sec_per_user: u32,
     /// Distinct rooms the sessions of one client address may be in at once; 0 = no limit.
     pub rooms_per_ip: usize,
+    /// Most messages one resume replays; a longer one is `recovered:false` (SPEC §5).
+    pub resume_max_messages: u64,
     /// Rooms with more members than this on a replica send no join/leave frames.
     pub join_events_max_members: usize,
 }
@@ -193,6 +195,7 @@ impl Default for LimitSettings {
             messages_per_sec_per_ip: 200,
             messages_per_sec_per_user: 30,
             rooms_per_ip: 200,
+            resume_max_messages: 10000,
             join_events_max_members: 100,
         }
     }
@@ -303,6 +306,7 @@ impl Settings {
                 u64::from(self.limits.messages_per_sec),
             ),
             ("limits.burst", u64::from(self.limits.burst)),
+            ("limits.resume_max_messages", self.limits.resume_max_messages),
             ("limits.session_queue", self.limits.session_queue as u64),
             (
                 "limits.session_queue_bytes",

@@ -61,6 +61,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             bytes: settings.limits.session_queue_bytes,
         },
         settings.limits.join_events_max_members,
+        settings.limits.resume_max_messages,
         Arc::clone(&metrics),
     )
     .start();

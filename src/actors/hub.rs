@@ -156,6 +156,8 @@ pub struct Hub {
     limits: QueueLimits,
     /// Rooms with more local members than this get no join/leave frames.
     announce_max: usize,
+    /// `limits.resume_max_messages`, for the rooms it creates.
+    resume_max: u64,
     rooms: HashMap<RoomName, RoomEntry>,
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
@@ -175,10 +177,12 @@ impl Hub {
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
         announce_max: usize,
+        resume_max: u64,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             announce_max,
+            resume_max,
             metrics,
             bus,
             directory,
@@ -239,6 +243,7 @@ impl Hub {
             next_arbiter,
             limits,
             announce_max,
+            resume_max,
             rooms,
             metrics,
             ..
@@ -250,6 +255,7 @@ impl Hub {
                 Arc::clone(bus),
                 limits.frames,
                 *announce_max,
+                *resume_max,
                 Arc::clone(&resync_asked),
                 Arc::clone(metrics),
             );
@@ -481,7 +487,7 @@ mod tests {
             bytes: 1 << 20,
         };
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hub = Hub::new(bus, directory, Vec::new(), limits, usize::MAX, metrics).start();
+        let hub = Hub::new(bus, directory, Vec::new(), limits, usize::MAX, u64::MAX, metrics).start();
         let (mut before, mut before_seen) = (InboxReader::new(), Vec::new());
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);

@@ -101,6 +101,8 @@ pub struct Room {
     /// Messages per page of a resume's replay: a quarter of a session's queue, so a page
     /// fits in whatever room the member's queue had when it was asked for.
     page: usize,
+    /// `limits.resume_max_messages`.
+    resume_max: u64,
     /// Set by the directory when it sent a [`Resync`] for a dropped event; cleared here, so
     /// a burst of drops asks for one resync, not one each.
     resync_asked: Arc<AtomicBool>,
@@ -118,12 +120,14 @@ impl Room {
         bus: SharedBus,
         hold_per_member: usize,
         announce_max: usize,
+        resume_max: u64,
         resync_asked: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             metrics,
             page: (hold_per_member / 4).clamp(1, 256),
+            resume_max,
             seq: Sequencer::new(name.clone(), hold_per_member).with_announce_limit(announce_max),
             name,
             bus,
@@ -274,16 +278,21 @@ impl Room {
 
 /// Reads what a joining session needs: replay when it resumes, else the latest `history`.
 /// A resume's replay is read `page` messages at a time (the first page here, the rest by the
-/// room as the session drains its queue).
+/// room as the session drains its queue); one that would replay more than `resume_max`
+/// messages is not recovered (SPEC §5: the client pages `history` instead).
 async fn sync(
     bus: SharedBus,
     room: RoomName,
     resume: Option<(Offset, Epoch)>,
     history: usize,
     page: usize,
+    resume_max: u64,
 ) -> Result<(Synced, PresenceSnapshot), BusError> {
     let (head, recovered, backlog) = match resume {
         Some((since, epoch)) => match bus.replay(&room, since, &epoch, page).await? {
+            Replay::Recovered { head, .. } if head.offset.saturating_sub(since) > resume_max => {
+                (head, Some(false), Vec::new())
+            }
             Replay::Recovered { head, messages } => (head, Some(true), messages),
             Replay::NotRecovered { head } => (head, Some(false), Vec::new()),
         },
@@ -359,6 +368,7 @@ impl Handler<Join> for Room {
             msg.resume,
             msg.history,
             self.page,
+            self.resume_max,
         );
         ctx.spawn(
             fut.into_actor(self)

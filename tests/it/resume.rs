@@ -138,3 +138,28 @@ async fn an_unrecovered_resume_may_still_ask_for_history() {
     assert_eq!(welcome["recovered"], false);
     assert_eq!(backlog(&mut b).await, vec![1]);
 }
+
+#[tokio::test]
+async fn a_resume_longer_than_resume_max_messages_is_not_recovered_and_replays_nothing() {
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__BURST", "50"),
+        ("CONFAB_LIMITS__RESUME_MAX_MESSAGES", "20"),
+    ]);
+    let (mut a, welcome) = server.join("/ws/far?user=alice").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=30 {
+        a.say(&format!("m{i}"), &format!("{i}")).await;
+    }
+    // 30 behind: more than 20, so no partial replay; the latest 5 come as asked instead.
+    let (mut far, welcome) = server
+        .join(&format!("/ws/far?user=bob&since=0&epoch={epoch}&history=5"))
+        .await;
+    assert_eq!(welcome["recovered"], false);
+    assert_eq!(backlog(&mut far).await, (26..=30).collect::<Vec<_>>());
+    // 20 behind is within the limit: every one of them.
+    let (mut near, welcome) = server
+        .join(&format!("/ws/far?user=cid&since=10&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true);
+    assert_eq!(backlog(&mut near).await, (11..=30).collect::<Vec<_>>());
+}
