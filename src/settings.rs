@@ -306,7 +306,10 @@ impl Settings {
                 u64::from(self.limits.messages_per_sec),
             ),
             ("limits.burst", u64::from(self.limits.burst)),
-            ("limits.resume_max_messages", self.limits.resume_max_messages),
+            (
+                "limits.resume_max_messages",
+                self.limits.resume_max_messages,
+            ),
             ("limits.session_queue", self.limits.session_queue as u64),
             (
                 "limits.session_queue_bytes",

@@ -487,7 +487,16 @@ mod tests {
             bytes: 1 << 20,
         };
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hub = Hub::new(bus, directory, Vec::new(), limits, usize::MAX, u64::MAX, metrics).start();
+        let hub = Hub::new(
+            bus,
+            directory,
+            Vec::new(),
+            limits,
+            usize::MAX,
+            u64::MAX,
+            metrics,
+        )
+        .start();
         let (mut before, mut before_seen) = (InboxReader::new(), Vec::new());
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);
