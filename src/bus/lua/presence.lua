@@ -6,9 +6,10 @@
 --
 -- Each published change moves the room's presence version on by one and its envelope carries
 -- the new version (bus::PresenceVersion; written with %.0f, as Lua would print a number this
--- large in exponent form). The version key lives as long as anybody is in the
--- room, then the history TTL; when it is gone it starts again from Redis's clock in
--- microseconds, above any version it held before.
+-- large in exponent form). The version key lives as long as anybody is in the room, then
+-- `empty ttl` (nobody holds a version of an empty room, and a scan of rooms must leave no key
+-- behind); when it is gone it starts again from Redis's clock in microseconds, above any
+-- version it held before.
 --
 -- A room with no message yet (meta offset 0) lives as long as the history TTL while somebody
 -- is in it and `empty ttl` after the last one leaves (see read.lua).
@@ -33,7 +34,7 @@ local function publish()
   if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('PERSIST', KEYS[5])
   else
-    redis.call('EXPIRE', KEYS[5], ARGV[6])
+    redis.call('EXPIRE', KEYS[5], ARGV[7])
   end
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. string.format('%.0f', version) .. ARGV[8])
 end

@@ -8,7 +8,7 @@
 -- ARGV[1] the dead node   ARGV[2] channel   ARGV[3] envelope up to its version
 -- ARGV[4] envelope from the version to the user id   ARGV[5] from the user id to the frame's
 -- ARGV[6] the rest   ARGV[7] empty room ttl secs (a room with no message that is left empty
--- goes then)   ARGV[8] history ttl secs (how long the version outlives the last member)
+-- goes then, and so does the presence version of a room left empty)
 -- (user ids are letters, digits and `_.-`: they go into the JSON as they are)
 -- Returns the users who left the room.
 if redis.replicate_commands then redis.replicate_commands() end
@@ -28,7 +28,7 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[8]) end
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
   if redis.call('HGET', KEYS[4], 'offset') == '0' then
     redis.call('EXPIRE', KEYS[4], ARGV[7])
   end

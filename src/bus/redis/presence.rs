@@ -347,7 +347,6 @@ impl RedisBus {
                         middle,
                         tail,
                         self.empty_room_ttl_secs.to_string(),
-                        self.ttl_secs.to_string(),
                     ],
                 )
                 .await?;
