@@ -56,8 +56,8 @@ struct Client {
     open: usize,
     pending: usize,
     upgrades: Option<TokenBucket>,
-    /// Sessions per room, while the address has any.
-    rooms: HashMap<RoomName, usize>,
+    /// Sessions per room (by [`room_key`]), while the address has any.
+    rooms: HashMap<u64, usize>,
     messages: Option<Arc<Quota>>,
 }
 
@@ -135,7 +135,7 @@ pub enum Refused {
 pub struct Slot {
     admission: Arc<Admission>,
     key: IpAddr,
-    room: RoomName,
+    room: u64,
     user: Option<UserId>,
     quotas: Quotas,
 }
@@ -145,6 +145,14 @@ impl Slot {
     pub fn quotas(&self) -> Quotas {
         self.quotas.clone()
     }
+}
+
+/// A room as the per-address table knows it: a hash, so a slot holds no copy of the name
+/// (every session has a slot). Two rooms with one hash count as one, which only errs towards
+/// letting a client in.
+fn room_key(room: &RoomName) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(room)
 }
 
 /// One TCP connection of an address that is not a session (yet): a handshake in progress or
@@ -259,7 +267,7 @@ impl Admission {
         }
         if limits.rooms_per_ip > 0
             && client.rooms.len() >= limits.rooms_per_ip
-            && !client.rooms.contains_key(room)
+            && !client.rooms.contains_key(&room_key(room))
         {
             return Err(Refused::Rooms);
         }
@@ -270,7 +278,7 @@ impl Admission {
             .map_err(|_| Refused::Full)?;
         client.open += 1;
         if limits.rooms_per_ip > 0 {
-            *client.rooms.entry(room.clone()).or_default() += 1;
+            *client.rooms.entry(room_key(room)).or_default() += 1;
         }
         let address = (limits.messages_per_ip > 0).then(|| {
             Arc::clone(
@@ -292,7 +300,7 @@ impl Admission {
         Ok(Slot {
             admission: Arc::clone(self),
             key,
-            room: room.clone(),
+            room: room_key(room),
             user: user.cloned(),
             quotas: Quotas {
                 address,

@@ -175,7 +175,8 @@ struct Member<H> {
     /// The presence set the member was given, so joins and leaves keep it right.
     presence: presence::Cursor,
     /// Set while the member's resume is read page by page (see [`Paging`]).
-    paging: Option<Paging>,
+    /// Boxed: most members never page, and every member of every room carries the field.
+    paging: Option<Box<Paging>>,
 }
 
 /// A resuming member that is still reading its replay. Live messages are not held for it:
@@ -344,11 +345,11 @@ impl<H: Outlet> Sequencer<H> {
         member.epoch = Some(synced.epoch.clone());
         member.delivered = synced.delivered;
         if synced.more {
-            member.paging = Some(Paging {
+            member.paging = Some(Box::new(Paging {
                 tail: synced.tail,
                 held: Vec::new(),
                 reading: false,
-            });
+            }));
         }
         let welcome = Outbound::Welcome {
             epoch: synced.epoch,
