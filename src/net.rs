@@ -32,11 +32,13 @@ impl FromStr for Cidr {
             return Ok(Self(IpNet::from(ip)));
         };
         // ipnet's error does not say which half is wrong; the address alone tells.
-        s.parse().map(Self).map_err(|_| match addr.parse::<IpAddr>() {
-            Ok(IpAddr::V4(_)) => CidrError::Prefix(32),
-            Ok(IpAddr::V6(_)) => CidrError::Prefix(128),
-            Err(_) => CidrError::Address,
-        })
+        s.parse()
+            .map(Self)
+            .map_err(|_| match addr.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => CidrError::Prefix(32),
+                Ok(IpAddr::V6(_)) => CidrError::Prefix(128),
+                Err(_) => CidrError::Address,
+            })
     }
 }
 

@@ -397,11 +397,8 @@ impl Caps {
 pub fn raise_open_file_limit() -> usize {
     // Raised as far as the hard limit goes (and, where the kernel has one, its per-process
     // maximum); if that is refused, the soft limit as it is, and 1024 if it cannot be read.
-    let files = rlimit::increase_nofile_limit(u64::MAX).or_else(|_| {
-        rlimit::Resource::NOFILE
-            .get()
-            .map(|(soft, _)| soft)
-    });
+    let files = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft));
     files.map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 

@@ -547,12 +547,7 @@ mod tests {
             })
             .collect();
         assert_eq!(offsets, vec![1, 2, 3]);
-        let delivered: Vec<_> = sink
-            .0
-            .lock()
-            .iter()
-            .map(|e| e.kind.clone())
-            .collect();
+        let delivered: Vec<_> = sink.0.lock().iter().map(|e| e.kind.clone()).collect();
         assert_eq!(delivered.len(), 3);
         assert!(matches!(
             &delivered[2],
@@ -713,12 +708,7 @@ mod tests {
         );
         now(bus.leave(&r, &user("ann"))).unwrap();
         assert_eq!(now(bus.presence(&r)).unwrap(), vec![user("bob")]);
-        let kinds: Vec<_> = sink
-            .0
-            .lock()
-            .iter()
-            .map(|e| e.kind.clone())
-            .collect();
+        let kinds: Vec<_> = sink.0.lock().iter().map(|e| e.kind.clone()).collect();
         assert_eq!(
             kinds,
             vec![

@@ -88,16 +88,12 @@ impl Quota {
     }
 
     fn is_full(&self, now: Instant) -> bool {
-        self.0
-            .lock()
-            .is_full(now)
+        self.0.lock().is_full(now)
     }
 
     /// Takes one message's token if there is one.
     pub fn try_take(&self, now: Instant) -> bool {
-        self.0
-            .lock()
-            .try_take(now)
+        self.0.lock().try_take(now)
     }
 }
 
@@ -343,10 +339,7 @@ impl Drop for Slot {
 impl Drop for Pending {
     fn drop(&mut self) {
         let Some(key) = self.key else { return };
-        let mut clients = self
-            .admission
-            .clients
-            .lock();
+        let mut clients = self.admission.clients.lock();
         if let Some(c) = clients.get_mut(&key) {
             c.pending = c.pending.saturating_sub(1);
             if c.idle(Instant::now()) {
