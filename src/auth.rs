@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use wildmatch::WildMatch;
 
 use crate::domain::{RoomName, UserId};
 use crate::settings::AuthSettings;
@@ -157,8 +158,10 @@ pub struct Identity {
     pub user: UserId,
     /// Display name shown with the user's messages.
     pub name: Option<Arc<str>>,
-    rooms: Option<Vec<String>>,
-    publish: Option<Vec<String>>,
+    /// The token's `rooms` globs; `None` allows every room.
+    rooms: Option<Vec<WildMatch>>,
+    /// The token's `publish` globs; `None` allows wherever the user may join.
+    publish: Option<Vec<WildMatch>>,
     /// When the token stops being valid; `None` for anonymous sessions.
     pub expires: Option<SystemTime>,
 }
@@ -191,37 +194,14 @@ impl Identity {
     }
 }
 
-fn any_match(globs: &[String], room: &RoomName) -> bool {
-    globs.iter().any(|g| glob_match(g, room.as_str()))
+fn any_match(globs: &[WildMatch], room: &RoomName) -> bool {
+    globs.iter().any(|g| g.matches(room.as_str()))
 }
 
+/// A claim's globs, compiled once when the token is verified rather than at every check.
 /// `*` matches any run of characters (also none), `?` exactly one; everything else itself.
-/// Iterative with one backtrack point, so a pattern like `*a*a*a*b` cannot blow up.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ni));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || c == n[ni] => {
-                pi += 1;
-                ni += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    pi = sp + 1;
-                    ni = sn + 1;
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
+fn compile(globs: Option<Vec<String>>) -> Option<Vec<WildMatch>> {
+    globs.map(|globs| globs.iter().map(|g| WildMatch::new(g)).collect())
 }
 
 /// What a token signed with `alg` must carry: `exp` and `sub`, and the configured audience
@@ -335,8 +315,8 @@ impl Verifier {
         Ok(Identity {
             user,
             name,
-            rooms: claims.rooms.present("rooms")?,
-            publish: claims.publish.present("publish")?,
+            rooms: compile(claims.rooms.present("rooms")?),
+            publish: compile(claims.publish.present("publish")?),
             // A time past what the clock can hold never comes: no expiry.
             expires: UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp)),
         })
@@ -411,6 +391,10 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    fn glob_match(pattern: &str, name: &str) -> bool {
+        WildMatch::new(pattern).matches(name)
     }
 
     #[test]

@@ -6,12 +6,13 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
 /// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of one.
+/// The block arithmetic is `ipnet`'s; what is added here is the bare address and treating a
+/// v4-mapped IPv6 peer as the IPv4 address it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    base: IpAddr,
-    bits: u8,
-}
+pub struct Cidr(IpNet);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
@@ -25,45 +26,31 @@ impl FromStr for Cidr {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, bits) = match s.trim().split_once('/') {
-            Some((a, b)) => (a, Some(b)),
-            None => (s.trim(), None),
+        let s = s.trim();
+        let Some((addr, _)) = s.split_once('/') else {
+            let ip: IpAddr = s.parse().map_err(|_| CidrError::Address)?;
+            return Ok(Self(IpNet::from(ip)));
         };
-        let base: IpAddr = addr.parse().map_err(|_| CidrError::Address)?;
-        let max = if base.is_ipv4() { 32 } else { 128 };
-        let bits = match bits {
-            None => max,
-            Some(b) => b
-                .parse::<u8>()
-                .ok()
-                .filter(|b| *b <= max)
-                .ok_or(CidrError::Prefix(max))?,
-        };
-        Ok(Self { base, bits })
+        // ipnet's error does not say which half is wrong; the address alone tells.
+        s.parse()
+            .map(Self)
+            .map_err(|_| match addr.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => CidrError::Prefix(32),
+                Ok(IpAddr::V6(_)) => CidrError::Prefix(128),
+                Err(_) => CidrError::Address,
+            })
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.base, self.bits)
+        self.0.fmt(f)
     }
 }
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.base, canonical(ip)) {
-            (IpAddr::V4(b), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
-                u32::from(b) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(b), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.bits))
-                    .unwrap_or(0);
-                u128::from(b) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 

@@ -661,28 +661,15 @@ mod tests {
             .collect()
     }
 
-    fn file(text: &str) -> tempfile_lite::TempFile {
-        tempfile_lite::TempFile::with(text)
-    }
-
-    /// A tiny self-deleting temp file, so tests need no extra crate.
-    mod tempfile_lite {
-        use super::*;
-        pub struct TempFile(pub PathBuf);
-        impl TempFile {
-            pub fn with(text: &str) -> Self {
-                let n: u64 = rand::random();
-                let path = std::env::temp_dir().join(format!("confab-settings-{n:x}.toml"));
-                let mut f = std::fs::File::create(&path).unwrap();
-                f.write_all(text.as_bytes()).unwrap();
-                Self(path)
-            }
-        }
-        impl Drop for TempFile {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
+    /// A settings file holding `text`, deleted when dropped.
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .prefix("confab-settings-")
+            .suffix(".toml")
+            .tempfile()
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
     }
 
     #[test]
@@ -699,7 +686,7 @@ mod tests {
             "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_grace_secs = 5\n[history]\nsize = 10\n",
         );
         let o = Overrides {
-            config_file: Some(f.0.clone()),
+            config_file: Some(f.path().to_owned()),
             listen: Some("127.0.0.1:3".into()),
             ..Default::default()
         };
@@ -736,7 +723,7 @@ mod tests {
     fn unknown_file_key_is_named() {
         let f = file("[limits]\nburts = 3\n");
         let o = Overrides {
-            config_file: Some(f.0.clone()),
+            config_file: Some(f.path().to_owned()),
             ..Default::default()
         };
         let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
@@ -750,7 +737,7 @@ mod tests {
     fn unknown_section_is_named() {
         let f = file("[limit]\nburst = 3\n");
         let o = Overrides {
-            config_file: Some(f.0.clone()),
+            config_file: Some(f.path().to_owned()),
             ..Default::default()
         };
         let e = Settings::load(&o, env(&[])).unwrap_err().to_string();
@@ -764,7 +751,7 @@ mod tests {
     fn wrong_type_is_named() {
         let f = file("[history]\nsize = \"big\"\n");
         let o = Overrides {
-            config_file: Some(f.0.clone()),
+            config_file: Some(f.path().to_owned()),
             ..Default::default()
         };
         let e = Settings::load(&o, env(&[])).unwrap_err().to_string();

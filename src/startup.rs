@@ -352,15 +352,9 @@ fn node_id(settings: &Settings) -> String {
     if !settings.server.node_id.is_empty() {
         return settings.server.node_id.clone();
     }
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
+    let name = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.is_empty() {
         "confab".to_owned()
     } else {
@@ -401,26 +395,11 @@ impl Caps {
 /// Raises the open-file soft limit to the hard limit and returns it (the server at start-up,
 /// and `confab-bench`, which holds as many sockets as the server).
 pub fn raise_open_file_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    // Raised as far as the hard limit goes (and, where the kernel has one, its per-process
+    // maximum); if that is refused, the soft limit as it is, and 1024 if it cannot be read.
+    let files = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft));
+    files.map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]

@@ -13,10 +13,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::prelude::*;
+use parking_lot::RwLock;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
@@ -48,21 +49,17 @@ pub struct RoomDirectory {
 
 impl RoomDirectory {
     fn insert(&self, room: RoomName, slot: RoomSlot) {
-        if let Ok(mut map) = self.rooms.write() {
-            map.insert(room, slot);
-        }
+        self.rooms.write().insert(room, slot);
     }
 
     fn remove(&self, room: &RoomName) {
-        if let Ok(mut map) = self.rooms.write() {
-            map.remove(room);
-        }
+        self.rooms.write().remove(room);
     }
 }
 
 impl EventSink for RoomDirectory {
     fn deliver(&self, event: RoomEvent) {
-        let Ok(map) = self.rooms.read() else { return };
+        let map = self.rooms.read();
         // A room with no local members has no actor: the event is dropped here, cheaply.
         let Some(slot) = map.get(&event.room) else {
             return;
@@ -79,11 +76,11 @@ impl EventSink for RoomDirectory {
     }
 
     fn has_room(&self, room: &str) -> bool {
-        self.rooms.read().is_ok_and(|map| map.contains_key(room))
+        self.rooms.read().contains_key(room)
     }
 
     fn resync_all(&self, done: Option<CatchUpDone>) {
-        let Ok(map) = self.rooms.read() else { return };
+        let map = self.rooms.read();
         for slot in map.values() {
             // Rare (a reconnect), one per room, and must not be lost: not bounded.
             slot.resync_asked.store(true, Ordering::Release);

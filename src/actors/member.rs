@@ -14,8 +14,10 @@
 //! room of 1,000 the mailbox path was about 40 % of the server's CPU (docs/PERFORMANCE.md).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::Waker;
+
+use parking_lot::{Mutex, MutexGuard};
 
 pub use super::outlet::{Offer, Outbound, Outlet};
 pub use super::sequencer::CLOSE_SLOW_CONSUMER;
@@ -72,10 +74,7 @@ impl std::fmt::Debug for Hook {
 
 impl Inbox {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves plain counters and a queue: still usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 }
 

@@ -17,6 +17,13 @@
 //! server starts the TCP close, RFC 6455 §7.1.1), and lingers (`linger`), reading and
 //! discarding until the peer closes too: closing with unread bytes in the kernel would send a
 //! reset, which can destroy the close frame before the client reads it.
+//!
+//! Kept rather than actix-ws (which runs on actix-http's dispatcher and keeps its two 8 KiB
+//! buffers per connection) or tokio-tungstenite (issue 20): measured with `confab-bench idle`
+//! at 10,000 idle sessions, confab holds about 5.5–6 KB of resident memory per connection
+//! against 12.5 KB for a bare tokio-tungstenite broadcast server in the same run
+//! (docs/PERFORMANCE.md), and this socket's backpressure (the actor waits, so a room's counts
+//! are the backlog) is what the slow-consumer rule is built on.
 
 use std::cell::RefCell;
 use std::future::Future;

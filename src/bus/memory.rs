@@ -5,10 +5,11 @@
 //! which offsets are assigned is the order in which rooms receive them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{ready, FutureExt};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::{
     Bus, BusError, BusFuture, EventKind, EventSink, HistoryPage, NewMessage, PresenceSnapshot,
@@ -329,9 +330,7 @@ impl MemoryBus {
 
     /// Sets how long a room that never got a message outlives its last member.
     pub fn with_empty_room_ttl(self, ttl: Duration) -> Self {
-        if let Ok(mut s) = self.state.lock() {
-            s.empty_ttl = ttl;
-        }
+        self.state.lock().empty_ttl = ttl;
         self
     }
 
@@ -343,10 +342,10 @@ impl MemoryBus {
         }
     }
 
+    /// The state; a `Result` so the operations read as every bus's do. parking_lot's lock
+    /// does not poison: a panic elsewhere leaves the state as the last operation left it.
     fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
-        self.state
-            .lock()
-            .map_err(|_| BusError::Internal("embedded bus state poisoned".into()))
+        Ok(self.state.lock())
     }
 
     fn presence_event(
@@ -494,7 +493,7 @@ mod tests {
 
     impl EventSink for Collect {
         fn deliver(&self, event: RoomEvent) {
-            self.0.lock().unwrap().push(event);
+            self.0.lock().push(event);
         }
 
         fn resync_all(&self, _: Option<crate::bus::CatchUpDone>) {}
@@ -548,13 +547,7 @@ mod tests {
             })
             .collect();
         assert_eq!(offsets, vec![1, 2, 3]);
-        let delivered: Vec<_> = sink
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.clone())
-            .collect();
+        let delivered: Vec<_> = sink.0.lock().iter().map(|e| e.kind.clone()).collect();
         assert_eq!(delivered.len(), 3);
         assert!(matches!(
             &delivered[2],
@@ -671,7 +664,7 @@ mod tests {
         let again = now(bus.publish(&r, msg("a", Some("c1")))).unwrap();
         assert_eq!(again.offset, first.offset);
         assert!(again.duplicate && !first.duplicate);
-        assert_eq!(sink.0.lock().unwrap().len(), 1);
+        assert_eq!(sink.0.lock().len(), 1);
         let other_user = NewMessage {
             user: user("bob"),
             ..msg("a", Some("c1"))
@@ -689,7 +682,7 @@ mod tests {
         let bus = MemoryBus::new(5, Duration::from_secs(10), sink);
         let r = room("r");
         let t0 = Instant::now();
-        let mut state = bus.state.lock().unwrap();
+        let mut state = bus.state.lock();
         let (first, _) = state.publish(&r, msg("a", None), t0);
         let (second, _) = state.publish(&r, msg("b", None), t0 + Duration::from_secs(11));
         assert_ne!(first.epoch, second.epoch);
@@ -715,13 +708,7 @@ mod tests {
         );
         now(bus.leave(&r, &user("ann"))).unwrap();
         assert_eq!(now(bus.presence(&r)).unwrap(), vec![user("bob")]);
-        let kinds: Vec<_> = sink
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.clone())
-            .collect();
+        let kinds: Vec<_> = sink.0.lock().iter().map(|e| e.kind.clone()).collect();
         assert_eq!(
             kinds,
             vec![

@@ -30,7 +30,7 @@
 //! as is (`version`: the presence version a join or leave produced).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -41,6 +41,7 @@ use fred::types::scripts::Script;
 use fred::types::Message as PubSubMessage;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -207,9 +208,7 @@ impl RedisBus {
     }
 
     pub(super) fn set_not_ready(&self, reason: Option<String>) {
-        if let Ok(mut r) = self.not_ready.lock() {
-            *r = reason;
-        }
+        *self.not_ready.lock() = reason;
     }
 
     fn check_ready(&self) -> Result<(), BusError> {
@@ -223,10 +222,7 @@ impl RedisBus {
         if !self.subscriber.is_connected() {
             return Err("Redis subscriber disconnected".into());
         }
-        match self.not_ready.lock() {
-            Ok(r) => r.clone().map_or(Ok(()), Err),
-            Err(_) => Err("bus state poisoned".into()),
-        }?;
+        self.not_ready.lock().clone().map_or(Ok(()), Err)?;
         // Nothing may be recorded before this process holds its node id.
         self.presence.ready()
     }

@@ -10,8 +10,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use crate::domain::{RoomName, UserId};
 use crate::net::limit_key;
@@ -86,18 +88,12 @@ impl Quota {
     }
 
     fn is_full(&self, now: Instant) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_full(now)
+        self.0.lock().is_full(now)
     }
 
     /// Takes one message's token if there is one.
     pub fn try_take(&self, now: Instant) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_take(now)
+        self.0.lock().try_take(now)
     }
 }
 
@@ -206,7 +202,7 @@ impl Admission {
             });
         }
         let key = limit_key(peer);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock();
         let client = clients.entry(key).or_default();
         if client.pending >= max {
             return None;
@@ -230,10 +226,10 @@ impl Admission {
         if self.limits.upgrades_per_sec == 0 {
             return Ok(());
         }
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock();
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             clients.retain(|_, c| !c.idle(now));
-            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            let mut users = self.users.lock();
             users.retain(|_, q| Arc::strong_count(q) > 1 || !q.is_full(now));
         }
         let rate = self.limits.upgrades_per_sec;
@@ -260,7 +256,7 @@ impl Admission {
         let limits = self.limits;
         let key = limit_key(ip);
         let now = Instant::now();
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock();
         let client = clients.entry(key).or_default();
         if limits.sessions_per_ip > 0 && client.open >= limits.sessions_per_ip {
             return Err(Refused::PerIp);
@@ -290,7 +286,7 @@ impl Admission {
         drop(clients);
         let user = user.filter(|_| limits.messages_per_user > 0);
         let user_quota = user.map(|u| {
-            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            let mut users = self.users.lock();
             Arc::clone(
                 users
                     .entry(u.clone())
@@ -312,7 +308,7 @@ impl Admission {
     /// Addresses remembered now, for tests.
     #[cfg(test)]
     fn remembered(&self) -> usize {
-        self.clients.lock().map_or(0, |c| c.len())
+        self.clients.lock().len()
     }
 }
 
@@ -320,7 +316,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let a = &self.admission;
         a.open.fetch_sub(1, Ordering::AcqRel);
-        let mut clients = a.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = a.clients.lock();
         if let Some(c) = clients.get_mut(&self.key) {
             c.open = c.open.saturating_sub(1);
             if let Some(n) = c.rooms.get_mut(&self.room) {
@@ -341,7 +337,7 @@ impl Drop for Slot {
             // This slot's clone and the map's are the last two: the user's last session. A
             // spent budget stays until a sweep finds it refilled (see `check_rate`).
             if Arc::strong_count(quota) <= 2 && quota.is_full(Instant::now()) {
-                let mut users = a.users.lock().unwrap_or_else(|p| p.into_inner());
+                let mut users = a.users.lock();
                 users.remove(user);
             }
         }
@@ -351,11 +347,7 @@ impl Drop for Slot {
 impl Drop for Pending {
     fn drop(&mut self) {
         let Some(key) = self.key else { return };
-        let mut clients = self
-            .admission
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.admission.clients.lock();
         if let Some(c) = clients.get_mut(&key) {
             c.pending = c.pending.saturating_sub(1);
             if c.idle(Instant::now()) {

@@ -14,6 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
+use subtle::{Choice, ConstantTimeEq};
 
 use super::AppState;
 use crate::bus::{BusError, NewMessage};
@@ -309,14 +310,14 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     }
 }
 
-/// Compares without stopping at the first difference, so the time taken does not tell a
-/// guesser how many leading bytes were right. It depends only on the configured key's length.
+/// Compares in constant time (`subtle`), so the time taken does not tell a guesser how many
+/// leading bytes were right. subtle answers a length mismatch at once, which would tell the
+/// key's length: a key of another length is compared with the key itself instead, so the
+/// time depends only on the configured key's length.
 fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != key.len());
-    for (i, k) in key.iter().enumerate() {
-        diff |= given.get(i).copied().unwrap_or(0) ^ k;
-    }
-    diff == 0
+    let same_len = given.len() == key.len();
+    let compared = if same_len { given } else { key };
+    (compared.ct_eq(key) & Choice::from(u8::from(same_len))).into()
 }
 
 /// Reads the body up to `limit` bytes; a larger one is refused without reading it all.

@@ -7,8 +7,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::net::limit_key;
 
@@ -47,7 +48,7 @@ impl KeyGuesses {
         if self.max == 0 {
             return Ok(());
         }
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = self.failures.lock();
         let key = if failures.contains_key(&limit_key(ip)) {
             limit_key(ip)
         } else {
@@ -72,7 +73,7 @@ impl KeyGuesses {
         if self.max == 0 {
             return;
         }
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = self.failures.lock();
         let mut key = limit_key(ip);
         if !failures.contains_key(&key) && failures.len() >= MAX_TRACKED {
             let window = self.window;
@@ -97,7 +98,7 @@ impl KeyGuesses {
     /// Addresses remembered now, for tests.
     #[cfg(test)]
     fn remembered(&self) -> usize {
-        self.failures.lock().map_or(0, |f| f.len())
+        self.failures.lock().len()
     }
 }
 

@@ -49,16 +49,15 @@ fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
-/// A key pair made by `openssl` in a fresh directory: (private PEM, public PEM path).
-fn key_pair(kind: &str) -> (Vec<u8>, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "confab-keys-{}-{kind}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let private = dir.join("private.pem");
-    let public = dir.join("public.pem");
+/// A key pair made by `openssl` in a fresh directory: (private PEM, public PEM path, the
+/// directory, removed when dropped).
+fn key_pair(kind: &str) -> (Vec<u8>, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("confab-keys-{kind}-"))
+        .tempdir()
+        .unwrap();
+    let private = dir.path().join("private.pem");
+    let public = dir.path().join("public.pem");
     let args: Vec<&str> = match kind {
         "rsa" => vec![
             "genpkey",
@@ -93,15 +92,7 @@ fn key_pair(kind: &str) -> (Vec<u8>, PathBuf) {
         "-out",
         public.to_str().unwrap(),
     ]);
-    (std::fs::read(&private).unwrap(), public)
-}
-
-fn rand_suffix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        .into()
+    (std::fs::read(&private).unwrap(), public, dir)
 }
 
 async fn status_of(server: &Server, token: &str) -> (u16, String) {
@@ -172,7 +163,7 @@ async fn every_kind_of_bad_token_is_refused_with_401_before_the_upgrade() {
 
 #[tokio::test]
 async fn rs256_and_es256_tokens_verify_and_hs_rs_confusion_is_refused() {
-    let (rsa_private, rsa_public) = key_pair("rsa");
+    let (rsa_private, rsa_public, _rsa_dir) = key_pair("rsa");
     let server = Server::start(&[(
         "CONFAB_AUTH__JWT_PUBLIC_KEY_FILE",
         rsa_public.to_str().unwrap(),
@@ -201,7 +192,7 @@ async fn rs256_and_es256_tokens_verify_and_hs_rs_confusion_is_refused() {
         "HS/RS confusion"
     );
 
-    let (ec_private, ec_public) = key_pair("ec");
+    let (ec_private, ec_public, _ec_dir) = key_pair("ec");
     let both = Server::start(&[
         (
             "CONFAB_AUTH__JWT_PUBLIC_KEY_FILE",

@@ -31,35 +31,20 @@ pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool)
 }
 
 /// A scratch directory, removed when dropped.
-pub struct Scratch(pub PathBuf);
+pub struct Scratch(pub tempfile::TempDir);
 
 impl Scratch {
     pub fn new(what: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "confab-it-{what}-{}-{:x}",
-            std::process::id(),
-            rand_u64()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("confab-it-{what}-"))
+            .tempdir()
+            .unwrap();
         Scratch(dir)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish()
 }
 
 /// A child process stopped with SIGTERM, then SIGKILL, when dropped.
@@ -117,7 +102,7 @@ impl SentinelSet {
                      sentinel down-after-milliseconds {SERVICE} 3000\n\
                      sentinel failover-timeout {SERVICE} 5000\n\
                      sentinel parallel-syncs {SERVICE} 1\n",
-                    dir = dir.0.display(),
+                    dir = dir.0.path().display(),
                     master = master.port,
                 ),
             )

@@ -107,14 +107,12 @@ fn bad_settings_stop_start_up_naming_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("history.size"));
 
-    let dir = std::env::temp_dir().join(format!("confab-it-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[websocket]\nping_interval = 5\n").unwrap();
     let out = run_confab(&["serve", "--config", file.to_str().unwrap()], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("websocket.ping_interval"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -21,7 +21,8 @@ pub const PAGE_DEADLINE: Duration = Duration::from_secs(15);
 pub struct Driver {
     child: Child,
     addr: SocketAddr,
-    profiles: PathBuf,
+    /// Browser profiles, removed when the driver is dropped (after Chromium is killed).
+    profiles: tempfile::TempDir,
 }
 
 impl Driver {
@@ -45,8 +46,10 @@ impl Driver {
             .spawn()
             .expect("start chromedriver");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let profiles =
-            std::env::temp_dir().join(format!("confab-browser-{}-{port}", std::process::id()));
+        let profiles = tempfile::Builder::new()
+            .prefix("confab-browser-")
+            .tempdir()
+            .unwrap();
         let driver = Driver {
             child,
             addr,
@@ -67,7 +70,7 @@ impl Driver {
 
     /// A new browser window with its own profile (its own localStorage).
     pub async fn browser(&self, name: &str) -> Browser {
-        let profile = self.profiles.join(name);
+        let profile = self.profiles.path().join(name);
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -99,7 +102,6 @@ impl Drop for Driver {
             libc::kill(-(self.child.id() as i32), libc::SIGKILL);
         }
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profiles);
     }
 }
 

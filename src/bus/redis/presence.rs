@@ -27,12 +27,13 @@
 //! error on every lease tick. A clean shutdown releases the key, so a restart is not delayed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use futures_util::FutureExt;
+use parking_lot::Mutex;
 
 use super::{sent, strip_comments, unavailable, RedisBus};
 use crate::bus::{BusError, BusFuture, PresenceSnapshot};
@@ -89,16 +90,11 @@ impl Presence {
 
     /// `Err(reason)` until the replica may record presence.
     pub(super) fn ready(&self) -> Result<(), String> {
-        match self.pending.lock() {
-            Ok(p) => p.clone().map_or(Ok(()), Err),
-            Err(_) => Err("presence state poisoned".into()),
-        }
+        self.pending.lock().clone().map_or(Ok(()), Err)
     }
 
     fn set_pending(&self, reason: Option<String>) {
-        if let Ok(mut p) = self.pending.lock() {
-            *p = reason;
-        }
+        *self.pending.lock() = reason;
     }
 }
 

@@ -26,11 +26,12 @@
 //! count another node's replicas).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::ClusterHash;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::bus::BusError;
@@ -116,16 +117,11 @@ impl Replication {
             .and_then(|state| state.get_server(slot).map(|s| s.to_string()));
         let (tx, rx) = oneshot::channel();
         let connection = connection_id(client, node.as_deref());
-        let start = match self.gates.lock() {
-            Ok(mut gates) => {
-                let gate = gates.entry(node.clone()).or_default();
-                gate.next.push(Waiter { tx, connection });
-                !std::mem::replace(&mut gate.in_flight, true)
-            }
-            Err(_) => {
-                let _ = tx.send(Err(BusError::Internal("replication state poisoned".into())));
-                false
-            }
+        let start = {
+            let mut gates = self.gates.lock();
+            let gate = gates.entry(node.clone()).or_default();
+            gate.next.push(Waiter { tx, connection });
+            !std::mem::replace(&mut gate.in_flight, true)
         };
         if start {
             let batches = Batches {
@@ -167,12 +163,10 @@ impl Drop for Batches {
         if self.finished {
             return;
         }
-        if let Ok(mut gates) = self.gates.lock() {
-            if let Some(gate) = gates.get_mut(&self.node) {
-                gate.in_flight = false;
-                // Their receivers see the senders go: `unavailable`, and the client retries.
-                gate.next.clear();
-            }
+        if let Some(gate) = self.gates.lock().get_mut(&self.node) {
+            gate.in_flight = false;
+            // Their receivers see the senders go: `unavailable`, and the client retries.
+            gate.next.clear();
         }
     }
 }
@@ -182,17 +176,15 @@ impl Batches {
         // Bounded: each turn answers at least one publish, and publishes are bounded per
         // session; the loop ends when a turn finds nobody waiting.
         loop {
-            let batch = match self.gates.lock() {
-                Ok(mut gates) => {
-                    let gate = gates.entry(self.node.clone()).or_default();
-                    if gate.next.is_empty() {
-                        gate.in_flight = false;
-                        self.finished = true;
-                        return;
-                    }
-                    std::mem::take(&mut gate.next)
+            let batch = {
+                let mut gates = self.gates.lock();
+                let gate = gates.entry(self.node.clone()).or_default();
+                if gate.next.is_empty() {
+                    gate.in_flight = false;
+                    self.finished = true;
+                    return;
                 }
-                Err(_) => return,
+                std::mem::take(&mut gate.next)
             };
             let outcome = self.wait().await;
             // Read after the WAIT's answer: fred caches a new connection's id before it sends
