@@ -289,6 +289,7 @@ pub enum ServerFrame<'a> {
     Ack {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
+        room: &'a RoomName,
         offset: Offset,
     },
     History {
@@ -305,6 +306,9 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
+        /// The room the refused request was about, when known (SPEC §4).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a RoomName>,
     },
 }
 
@@ -319,12 +323,13 @@ impl ServerFrame<'_> {
     }
 }
 
-/// The `error` frame for a refused request.
-pub fn rejection_frame(r: &Rejection) -> ByteString {
+/// The `error` frame for a refused request about `room`.
+pub fn rejection_frame(r: &Rejection, room: Option<&RoomName>) -> ByteString {
     ServerFrame::Error {
         code: r.code,
         message: &r.message,
         reference: r.reference.as_deref(),
+        room,
     }
     .to_text()
 }
@@ -473,12 +478,17 @@ mod tests {
         assert_eq!(v["epoch"], "e1");
         assert!(v.get("recovered").is_none());
 
+        let room = RoomName::parse("lobby").unwrap();
         let ack = ServerFrame::Ack {
             reference: Some("c1"),
+            room: &room,
             offset: 7,
         }
         .to_text();
-        assert_eq!(&*ack, r#"{"type":"ack","ref":"c1","offset":7}"#);
+        assert_eq!(
+            &*ack,
+            r#"{"type":"ack","ref":"c1","room":"lobby","offset":7}"#
+        );
     }
 
     #[test]

@@ -442,6 +442,7 @@ impl Handler<PresenceAsked> for Room {
                         },
                         message: &e.to_string(),
                         reference: None,
+                        room: Some(&room.name),
                     }
                     .to_text();
                     room.seq.answer(msg.session, frame)

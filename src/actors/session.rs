@@ -240,7 +240,8 @@ impl Session {
                 }
                 log::debug!("session={} bad frame: {}", self.label, rejection.message);
                 self.cfg.metrics.rejected(rejection.code);
-                return self.socket.text(protocol::rejection_frame(&rejection), ctx);
+                let frame = protocol::rejection_frame(&rejection, Some(&self.room));
+                return self.socket.text(frame, ctx);
             }
         };
         // Typing takes its token below, where it is dropped silently instead. A message also
@@ -304,6 +305,7 @@ impl Session {
             code: ErrorCode::RateLimited,
             message: "slow down: rate limit exceeded",
             reference,
+            room: Some(&self.room),
         }
         .to_text();
         self.socket.text(frame, ctx);
@@ -317,6 +319,7 @@ impl Session {
                 code: ErrorCode::Forbidden,
                 message: "your token does not allow posting in this room",
                 reference: reference.as_deref(),
+                room: Some(&self.room),
             }
             .to_text();
             return self.answer(vec![futures_util::future::ready(frame).boxed()], ctx);
@@ -354,14 +357,16 @@ impl Session {
             .into_iter()
             .zip(references)
             .map(|(call, reference)| {
+                let room = self.room.clone();
                 async move {
                     match call.await {
                         Ok(p) => ServerFrame::Ack {
                             reference: reference.as_deref(),
+                            room: &room,
                             offset: p.offset,
                         }
                         .to_text(),
-                        Err(e) => bus_error_frame(&e, reference.as_deref()),
+                        Err(e) => bus_error_frame(&e, reference.as_deref(), &room),
                     }
                 }
                 .boxed()
@@ -418,7 +423,7 @@ impl Session {
                         .collect(),
                 }
                 .to_text(),
-                Err(e) => bus_error_frame(&e, reference.as_deref()),
+                Err(e) => bus_error_frame(&e, reference.as_deref(), &session.room),
             };
             session.socket.text(frame, ctx);
         }));
@@ -466,7 +471,7 @@ fn newest_within(messages: &[StoredMessage], budget: usize) -> &[StoredMessage] 
     &messages[messages.len() - kept..]
 }
 
-fn bus_error_frame(e: &BusError, reference: Option<&str>) -> ByteString {
+fn bus_error_frame(e: &BusError, reference: Option<&str>, room: &RoomName) -> ByteString {
     let code = match e {
         BusError::Unavailable(_) => ErrorCode::Unavailable,
         BusError::Internal(_) => ErrorCode::Internal,
@@ -475,6 +480,7 @@ fn bus_error_frame(e: &BusError, reference: Option<&str>) -> ByteString {
         code,
         message: &e.to_string(),
         reference,
+        room: Some(room),
     }
     .to_text()
 }

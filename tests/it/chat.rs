@@ -278,3 +278,23 @@ async fn three_clients_sending_200_messages_each_see_one_complete_order() {
         );
     }
 }
+
+#[tokio::test]
+async fn acks_and_errors_name_their_room() {
+    let server = Server::start(&[]);
+    let (mut c, _) = server.join("/ws/named?user=a").await;
+    c.send_json(json!({"type":"message","text":"hi","ref":"r1"}))
+        .await;
+    let ack = c.next_of("ack").await;
+    assert_eq!(
+        (ack["room"].as_str(), ack["ref"].as_str()),
+        (Some("named"), Some("r1"))
+    );
+    c.send_json(json!({"type":"message","text":" ","ref":"r2"}))
+        .await;
+    let e = c.next_of("error").await;
+    assert_eq!(
+        (e["room"].as_str(), e["code"].as_str(), e["ref"].as_str()),
+        (Some("named"), Some("bad_request"), Some("r2"))
+    );
+}
