@@ -20,6 +20,7 @@
 //! - [`ratelimit`]: the per-session token bucket.
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
+//! - [`store`]: history that outlives the bus (SQLite, PostgreSQL) behind one trait.
 //! - [`metrics`]: the Prometheus registry of a replica.
 //! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
@@ -34,6 +35,7 @@ pub mod net;
 pub mod protocol;
 pub mod ratelimit;
 pub mod settings;
+pub mod store;
 pub mod startup;
 pub mod trim;
 pub mod wsframe;
