@@ -208,6 +208,33 @@ pub async fn open(kind: &StoreKind, pool_size: u32) -> Result<Option<SharedStore
     })
 }
 
+/// The retention sweep: every `every`, deletes messages older than `days` days. Runs for the
+/// life of the process.
+pub async fn retention(
+    store: SharedStore,
+    days: u64,
+    every: std::time::Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let keep_ms = days.saturating_mul(86_400_000);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let cutoff = crate::domain::now_ms().saturating_sub(keep_ms);
+        match store.delete_before(cutoff).await {
+            Ok(0) => log::debug!("store retention: nothing older than {days} days"),
+            Ok(n) => {
+                metrics.store_retention_deleted.inc_by(n);
+                log::info!("store retention: deleted {n} messages older than {days} days");
+            }
+            Err(e) => {
+                metrics.store_errors.inc();
+                log::error!("store retention sweep failed (retried in {every:?}): {e}");
+            }
+        }
+    }
+}
+
 /// Refuses a database whose recorded schema is newer than the newest migration this binary
 /// carries; `recorded` is the highest version in `_sqlx_migrations` (`None`: a new database).
 fn check_schema(
