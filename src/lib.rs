@@ -35,7 +35,7 @@ pub mod net;
 pub mod protocol;
 pub mod ratelimit;
 pub mod settings;
-pub mod store;
 pub mod startup;
+pub mod store;
 pub mod trim;
 pub mod wsframe;

@@ -124,8 +124,8 @@ impl Metrics {
                 "Time the embedded bus's writer took to commit one batch of messages to the store.",
             )
             .buckets(vec![
-                0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                2.5, 5.0,
+                0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0,
             ]),
         )?;
         registry.register(Box::new(store_commit_seconds.clone()))?;

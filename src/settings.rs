@@ -981,8 +981,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.store_kind(), StoreKind::None);
-        let s = Settings::load(&Overrides::default(), env(&[("CONFAB_STORE__URL", "memory")]))
-            .unwrap();
+        let s = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_STORE__URL", "memory")]),
+        )
+        .unwrap();
         assert_eq!(s.store_kind(), StoreKind::Memory);
     }
 

@@ -248,18 +248,24 @@ struct RedisSide {
 
 /// Opens the store `store.url` names (migrating its schema) and starts its retention sweep;
 /// `None` for `memory` and for Redis alone.
-async fn open_store(settings: &Settings, metrics: &Arc<Metrics>) -> io::Result<Option<SharedStore>> {
+async fn open_store(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> io::Result<Option<SharedStore>> {
     let kind = settings.store_kind();
     let store = store::open(&kind, settings.store.pool_size)
         .await
         .map_err(io::Error::other)?;
     match &kind {
         StoreKind::None => log::info!("store: none; history lives in Redis only"),
-        StoreKind::Memory => log::warn!(
-            "store.url = memory: history lives in this process only and is lost at exit"
-        ),
+        StoreKind::Memory => {
+            log::warn!("store.url = memory: history lives in this process only and is lost at exit")
+        }
         StoreKind::Sqlite(url) | StoreKind::Postgres(url) => {
-            log::info!("store: {} (schema migrated)", crate::settings::mask_url(url));
+            log::info!(
+                "store: {} (schema migrated)",
+                crate::settings::mask_url(url)
+            );
         }
     }
     if let (Some(store), days) = (&store, settings.store.retention_days) {
@@ -309,9 +315,7 @@ fn start_bus(
             Duration::from_secs(settings.history.ttl_secs),
         );
         let bus = match store {
-            Some(store) => {
-                MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics)))
-            }
+            Some(store) => MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics))),
             None => MemoryBus::new(size, ttl, sink),
         };
         let bus = Arc::new(bus.with_empty_room_ttl(empty_ttl));

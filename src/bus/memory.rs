@@ -475,7 +475,9 @@ impl Bus for MemoryBus {
     fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
         if let Some(d) = &self.inner.durable {
             return d.publish_run(room, vec![msg]).pop().unwrap_or_else(|| {
-                done(Err(BusError::Internal("a run of one gave no answer".into())))
+                done(Err(BusError::Internal(
+                    "a run of one gave no answer".into(),
+                )))
             });
         }
         let result = self.lock().map(|mut state| {

@@ -53,11 +53,7 @@ pub enum StoreError {
         "store.url: the database {url} has schema version {found}, newer than this binary's \
          {known}: run a newer confab, or restore a backup made for this one"
     )]
-    SchemaTooNew {
-        url: String,
-        found: i64,
-        known: i64,
-    },
+    SchemaTooNew { url: String, found: i64, known: i64 },
     #[error("store.url: migrating {url} failed: {message}")]
     Migrate { url: String, message: String },
     #[error("store error: {0}")]
@@ -202,9 +198,9 @@ pub async fn open(kind: &StoreKind, pool_size: u32) -> Result<Option<SharedStore
     Ok(match kind {
         StoreKind::None | StoreKind::Memory => None,
         StoreKind::Sqlite(url) => Some(Arc::new(sqlite::SqliteStore::open(url, pool_size).await?)),
-        StoreKind::Postgres(url) => {
-            Some(Arc::new(postgres::PostgresStore::open(url, pool_size).await?))
-        }
+        StoreKind::Postgres(url) => Some(Arc::new(
+            postgres::PostgresStore::open(url, pool_size).await?,
+        )),
     })
 }
 

@@ -48,10 +48,9 @@ impl PostgresStore {
 
     /// Brings the schema up to this binary's, refusing one that is newer.
     pub async fn migrate(&self, url: &str) -> Result<(), StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
         let recorded: Option<i64> = if exists {
             sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
                 .fetch_one(&self.pool)

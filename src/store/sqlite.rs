@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::Row as _;
 
 use super::{
-    check_schema, from_db, limit_of, to_db, user_of, Append, Page, RecentRef, RoomState,
-    Store, StoreError, StoreFuture,
+    check_schema, from_db, limit_of, to_db, user_of, Append, Page, RecentRef, RoomState, Store,
+    StoreError, StoreFuture,
 };
 use crate::bus::StoredMessage;
 use crate::domain::{now_ms, Epoch, RoomName};
@@ -151,12 +151,11 @@ impl Store for SqliteStore {
         let pool = self.pool.clone();
         let room = room.clone();
         async move {
-            let row = sqlx::query(
-                "SELECT epoch, head_offset, base_offset FROM rooms WHERE room = ?",
-            )
-            .bind(room.as_str())
-            .fetch_optional(&pool)
-            .await?;
+            let row =
+                sqlx::query("SELECT epoch, head_offset, base_offset FROM rooms WHERE room = ?")
+                    .bind(room.as_str())
+                    .fetch_optional(&pool)
+                    .await?;
             row.map(|r| {
                 Ok(RoomState {
                     room: room.clone(),

@@ -317,7 +317,10 @@ async fn after_a_sigterm_restart_a_resume_from_before_it_is_recovered_with_what_
         .join(&format!("/ws/t?user=ann&since=5&epoch={epoch}"))
         .await;
     assert_eq!(welcome["recovered"], true, "{welcome}");
-    assert_eq!((welcome["epoch"].as_str(), welcome["offset"].as_u64()), (Some(epoch.as_str()), Some(8)));
+    assert_eq!(
+        (welcome["epoch"].as_str(), welcome["offset"].as_u64()),
+        (Some(epoch.as_str()), Some(8))
+    );
     let missed = backlog(&mut a).await;
     assert_eq!(offsets_of(&missed), vec![6, 7, 8]);
     assert_eq!(missed[0]["text"], "m6");
@@ -414,17 +417,21 @@ async fn messages_older_than_the_retention_are_deleted_by_the_sweep() {
         .execute(db.pool())
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the sweep deletes old messages", || {
-        let pool = db.pool().clone();
-        async move {
-            let left: Vec<i64> =
-                sqlx::query_scalar("SELECT msg_offset FROM messages ORDER BY msg_offset")
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-            left == vec![3]
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the sweep deletes old messages",
+        || {
+            let pool = db.pool().clone();
+            async move {
+                let left: Vec<i64> =
+                    sqlx::query_scalar("SELECT msg_offset FROM messages ORDER BY msg_offset")
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                left == vec![3]
+            }
+        },
+    )
     .await;
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(40)).success());
@@ -432,7 +439,10 @@ async fn messages_older_than_the_retention_are_deleted_by_the_sweep() {
     let server = Server::start(&env);
     let (mut c, welcome) = server.join("/ws/old?user=ann").await;
     assert_eq!(welcome["offset"], 3, "the room keeps its offsets");
-    assert_eq!(history_offsets(&history_frame(&mut c, None, 50).await), vec![3]);
+    assert_eq!(
+        history_offsets(&history_frame(&mut c, None, 50).await),
+        vec![3]
+    );
     let (_, welcome) = server
         .join(&format!("/ws/old?user=bob&since=0&epoch={epoch}"))
         .await;

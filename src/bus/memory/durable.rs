@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, RoomLog, State};
 use crate::bus::{
-    BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Renewed, Replay,
-    RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    BusError, BusFuture, EventKind, HistoryPage, NewMessage, Published, Renewed, Replay, RoomEvent,
+    RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::metrics::Metrics;
@@ -317,9 +317,10 @@ fn stage(
                     let key = msg.reference.clone().map(|r| (msg.user.clone(), r));
                     let seen = key.as_ref().and_then(|k| {
                         overlay.refs.get(k).copied().or_else(|| {
-                            let remembered = log.refs.get(k).filter(|(_, at)| {
-                                now.saturating_duration_since(*at) < REF_TTL
-                            });
+                            let remembered = log
+                                .refs
+                                .get(k)
+                                .filter(|(_, at)| now.saturating_duration_since(*at) < REF_TTL);
                             remembered.filter(|_| !overlay.renewed).map(|(o, _)| *o)
                         })
                     });
