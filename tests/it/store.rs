@@ -548,3 +548,44 @@ async fn the_embedded_bus_on_postgres_keeps_epochs_and_offsets_across_a_sigkill(
         );
     }
 }
+
+#[tokio::test]
+async fn a_failed_commit_is_answered_unavailable_and_uses_no_offset() {
+    let dir = TempDir::new("fail");
+    let url = dir.sqlite_url();
+    let server = Server::start(&env_with(&url, &[]));
+    let (mut c, _) = server.join("/ws/f?user=ann").await;
+    assert_eq!(c.say("one", "1").await, 1);
+    // The table the commit writes to disappears behind the server's back.
+    let db = SqliteStore::connect(&url, 1).await.unwrap();
+    sqlx::query("ALTER TABLE messages RENAME TO messages_away")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    c.send_json(json!({"type":"message","text":"lost","ref":"2"}))
+        .await;
+    let error = c.next_of("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unavailable"), Some("2")),
+        "{error}"
+    );
+    sqlx::query("ALTER TABLE messages_away RENAME TO messages")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    // The retry gets the next offset: the failed one used none, so there is no gap.
+    assert_eq!(c.say("lost", "2").await, 2);
+    let (mut d, welcome) = server.join("/ws/f?user=bob&history=10").await;
+    assert_eq!(welcome["offset"], 2);
+    assert_eq!(offsets_of(&backlog(&mut d).await), vec![1, 2]);
+    let metrics = request(server.addr, "GET", "/metrics", &[], "").await;
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l.starts_with("confab_store_errors_total ") && !l.ends_with(" 0")),
+        "{}",
+        metrics.body
+    );
+}
