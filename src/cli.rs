@@ -1,4 +1,4 @@
-//! The command line: `confab [serve]`, `confab config` and `confab token`.
+//! The command line: `confab [serve]`, `confab config`, `confab token` and `confab migrate`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +43,9 @@ pub enum Command {
     /// Print a JWT for one user, signed with the configured HS256 secret (auth.jwt_secret),
     /// with the configured audience and issuer: for trying auth out, and for scripts.
     Token(TokenArgs),
+    /// Create or migrate the store's schema (store.url) and exit; `serve` also does this at
+    /// start. Fails, naming both versions, on a database migrated by a newer confab.
+    Migrate,
 }
 
 /// `confab token`'s claims.

@@ -20,6 +20,7 @@
 //! - [`ratelimit`]: the per-session token bucket.
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
+//! - [`store`]: history that outlives the bus (SQLite, PostgreSQL) behind one trait.
 //! - [`metrics`]: the Prometheus registry of a replica.
 //! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
@@ -35,5 +36,6 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod settings;
 pub mod startup;
+pub mod store;
 pub mod trim;
 pub mod wsframe;

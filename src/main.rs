@@ -25,6 +25,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Migrate => {
+            match actix_web::rt::System::new().block_on(confab::startup::migrate(&settings)) {
+                Ok(done) => {
+                    eprintln!("confab migrate: {done}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("confab migrate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Config => {
             print!("{}", settings.to_toml());
             ExitCode::SUCCESS

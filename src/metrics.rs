@@ -71,6 +71,9 @@ pub struct Metrics {
     pub unrecoverable_gaps: IntCounter,
     pub epoch_resets: IntCounter,
     pub ready: IntGauge,
+    pub store_errors: IntCounter,
+    pub store_commit_seconds: Histogram,
+    pub store_retention_deleted: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,6 +117,18 @@ impl Metrics {
             .buckets(buckets),
         )?;
         registry.register(Box::new(bus_publish_seconds.clone()))?;
+        // From 0.25 ms (SQLite in the page cache) to 5 s (a stalled disk or database).
+        let store_commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "confab_store_commit_seconds",
+                "Time the embedded bus's writer took to commit one batch of messages to the store.",
+            )
+            .buckets(vec![
+                0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0,
+            ]),
+        )?;
+        registry.register(Box::new(store_commit_seconds.clone()))?;
         let metrics = Self {
             sessions_open: gauge("confab_sessions_open", "WebSocket chat sessions open now.")?,
             rooms_open: gauge(
@@ -188,6 +203,15 @@ impl Metrics {
             ready: gauge(
                 "confab_ready",
                 "1 while the replica is ready (bus connected, not draining), else 0.",
+            )?,
+            store_errors: counter(
+                "confab_store_errors_total",
+                "Store operations that failed (commits, whose messages were answered unavailable, and reads).",
+            )?,
+            store_commit_seconds,
+            store_retention_deleted: counter(
+                "confab_store_retention_deleted_total",
+                "Messages the retention sweep deleted from the store (store.retention_days).",
             )?,
             registry,
         };

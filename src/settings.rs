@@ -23,6 +23,7 @@ pub struct Settings {
     pub websocket: WebSocketSettings,
     pub auth: AuthSettings,
     pub api: ApiSettings,
+    pub store: StoreSettings,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,6 +140,32 @@ pub struct HistorySettings {
     pub ttl_secs: u64,
     /// How long a room that never got a message outlives its last member.
     pub empty_room_ttl_secs: u64,
+}
+
+/// Where history outlives the bus (SPEC §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite:PATH`, `postgres://user:pass@host:port/db`, `memory`, or empty: the bus's
+    /// default (`sqlite:data/confab.db` with the embedded bus, none with Redis).
+    pub url: String,
+    /// Messages older than this many days are deleted; 0 keeps them forever.
+    pub retention_days: u64,
+    /// How often the retention sweep runs.
+    pub retention_sweep_secs: u64,
+    /// Database connections the store keeps open (one writer, the rest for history reads).
+    pub pool_size: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            retention_days: 0,
+            retention_sweep_secs: 3600,
+            pool_size: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -339,6 +366,11 @@ impl Settings {
                 "websocket.client_timeout_secs",
                 self.websocket.client_timeout_secs,
             ),
+            (
+                "store.retention_sweep_secs",
+                self.store.retention_sweep_secs,
+            ),
+            ("store.pool_size", u64::from(self.store.pool_size)),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -417,6 +449,7 @@ impl Settings {
                 return Err(key_error("auth.jwt_public_key_file", origin, e.to_string()));
             }
         }
+        self.validate_store(origin)?;
         if self.limits.session_queue < 8 {
             return Err(key_error(
                 "limits.session_queue",
@@ -425,6 +458,36 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// `store.url` must name a store this bus can use: replicas on Redis cannot share a
+    /// SQLite file, and the PostgreSQL archive beside Redis is not built yet.
+    fn validate_store(&self, origin: &str) -> Result<(), SettingsError> {
+        use crate::store::StoreKind;
+        let embedded = self.redis.url.is_empty();
+        match StoreKind::parse(&self.store.url, embedded) {
+            Err(e) => Err(key_error("store.url", origin, e)),
+            Ok(StoreKind::Sqlite(_)) if !embedded => Err(key_error(
+                "store.url",
+                origin,
+                "a SQLite file cannot be shared by replicas on Redis: use postgres://… or \
+                 leave it empty",
+            )),
+            Ok(StoreKind::Postgres(_)) if !embedded => Err(key_error(
+                "store.url",
+                origin,
+                "the PostgreSQL archive beside Redis is not built yet: leave it empty with \
+                 redis.url set (history lives in Redis)",
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// What `store.url` names once the bus's default is applied.
+    pub fn store_kind(&self) -> crate::store::StoreKind {
+        crate::store::StoreKind::parse(&self.store.url, self.redis.url.is_empty())
+            // Validated at load.
+            .unwrap_or(crate::store::StoreKind::None)
     }
 
     /// The settings as TOML, for `confab config`; secrets are shown as `***` so the output
@@ -889,6 +952,46 @@ mod tests {
         let shown = s.to_toml();
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("redis://u:***@h:1"), "{shown}");
+    }
+
+    #[test]
+    fn the_store_defaults_to_a_sqlite_file_with_the_embedded_bus_and_none_with_redis() {
+        use crate::store::StoreKind;
+        let s = Settings::load(&Overrides::default(), env(&[])).unwrap();
+        assert_eq!(
+            s.store_kind(),
+            StoreKind::Sqlite("sqlite:data/confab.db".into())
+        );
+        let s = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_REDIS__URL", "redis://127.0.0.1:6379")]),
+        )
+        .unwrap();
+        assert_eq!(s.store_kind(), StoreKind::None);
+        let s = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_STORE__URL", "memory")]),
+        )
+        .unwrap();
+        assert_eq!(s.store_kind(), StoreKind::Memory);
+    }
+
+    #[test]
+    fn a_sqlite_store_with_redis_or_an_unknown_scheme_is_refused_naming_store_url() {
+        for (redis, store) in [
+            ("redis://127.0.0.1:6379", "sqlite:data/confab.db"),
+            ("redis://127.0.0.1:6379", "postgres://u:p@h:5432/db"),
+            ("", "mysql://h/db"),
+            ("", "sqlite:"),
+        ] {
+            let e = Settings::load(
+                &Overrides::default(),
+                env(&[("CONFAB_REDIS__URL", redis), ("CONFAB_STORE__URL", store)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("store.url"), "{redis} {store}: {e}");
+        }
     }
 
     #[test]

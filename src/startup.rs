@@ -1,5 +1,5 @@
-//! The composition root: builds the bus, the hub and its room threads, and the HTTP server,
-//! then runs until a signal has drained the replica.
+//! The composition root: opens the store, builds the bus, the hub and its room threads, and
+//! the HTTP server, then runs until a signal has drained the replica.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -27,6 +27,7 @@ use crate::http::admission::{self, Admission};
 use crate::http::{self, upgrade, AppState};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
+use crate::store::{self, SharedStore, StoreKind};
 
 /// File descriptors kept back for listeners, logs, Redis and the runtime, never used by
 /// client sockets.
@@ -47,7 +48,8 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
     let metrics = Arc::new(Metrics::new().map_err(io::Error::other)?);
-    let (bus, redis) = start_bus(&settings, &node, &directory, &metrics)?;
+    let store = open_store(&settings, &metrics).await?;
+    let (bus, redis) = start_bus(&settings, &node, &directory, &metrics, store)?;
     let bus = MeteredBus::wrap(bus, Arc::clone(&metrics));
     if settings.api.key.is_empty() {
         log::info!("api.key is empty: the HTTP API answers 403");
@@ -244,12 +246,63 @@ struct RedisSide {
     refused: oneshot::Receiver<NodeIdTaken>,
 }
 
+/// Opens the store `store.url` names (migrating its schema) and starts its retention sweep;
+/// `None` for `memory` and for Redis alone.
+async fn open_store(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> io::Result<Option<SharedStore>> {
+    let kind = settings.store_kind();
+    let store = store::open(&kind, settings.store.pool_size)
+        .await
+        .map_err(io::Error::other)?;
+    match &kind {
+        StoreKind::None => log::info!("store: none; history lives in Redis only"),
+        StoreKind::Memory => {
+            log::warn!("store.url = memory: history lives in this process only and is lost at exit")
+        }
+        StoreKind::Sqlite(url) | StoreKind::Postgres(url) => {
+            log::info!(
+                "store: {} (schema migrated)",
+                crate::settings::mask_url(url)
+            );
+        }
+    }
+    if let (Some(store), days) = (&store, settings.store.retention_days) {
+        if days > 0 {
+            let every = Duration::from_secs(settings.store.retention_sweep_secs);
+            actix_web::rt::spawn(store::retention(
+                Arc::clone(store),
+                days,
+                every,
+                Arc::clone(metrics),
+            ));
+        }
+    }
+    Ok(store)
+}
+
+/// `confab migrate`: brings the store's schema up to this binary's; what it did, or why not.
+pub async fn migrate(settings: &Settings) -> Result<String, store::StoreError> {
+    let kind = settings.store_kind();
+    match store::open(&kind, settings.store.pool_size).await? {
+        Some(_) => Ok(match &kind {
+            StoreKind::Sqlite(url) | StoreKind::Postgres(url) => {
+                format!("migrated {}", crate::settings::mask_url(url))
+            }
+            _ => String::new(),
+        }),
+        None => Ok("store.url names no database: nothing to migrate".into()),
+    }
+}
+
 /// The embedded bus when `redis.url` is empty; else the Redis bus and its bridge actor.
 fn start_bus(
     settings: &Settings,
     node: &Arc<str>,
     directory: &RoomDirectory,
     metrics: &Arc<Metrics>,
+    store: Option<SharedStore>,
 ) -> io::Result<(SharedBus, Option<RedisSide>)> {
     let sink: Arc<dyn EventSink> = Arc::new(directory.clone());
     if settings.redis.url.is_empty() {
@@ -257,14 +310,15 @@ fn start_bus(
             "node={node} uses the embedded bus: replicas started this way will not see each other"
         );
         let empty_ttl = Duration::from_secs(settings.history.empty_room_ttl_secs);
-        let bus = Arc::new(
-            MemoryBus::new(
-                settings.history.size,
-                Duration::from_secs(settings.history.ttl_secs),
-                sink,
-            )
-            .with_empty_room_ttl(empty_ttl),
+        let (size, ttl) = (
+            settings.history.size,
+            Duration::from_secs(settings.history.ttl_secs),
         );
+        let bus = match store {
+            Some(store) => MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics))),
+            None => MemoryBus::new(size, ttl, sink),
+        };
+        let bus = Arc::new(bus.with_empty_room_ttl(empty_ttl));
         let sweeper = Arc::downgrade(&bus);
         // A room is gone at most a quarter of its life after it expired.
         let every = (empty_ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));

@@ -3,6 +3,12 @@
 //!
 //! One mutex guards all rooms. Events are handed to the sink while it is held, so the order in
 //! which offsets are assigned is the order in which rooms receive them.
+//!
+//! With a store (`store.url` SQLite or PostgreSQL, see [`durable`]) publishes go through one
+//! writer task instead: it takes everything queued since its last commit, assigns offsets,
+//! commits the batch to the store in one transaction, and only then applies it here, delivers
+//! it (under the mutex, in offset order) and acks it. The in-memory window is then a cache of
+//! the store's newest messages; reads that reach past it are served from the store.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -16,7 +22,11 @@ use super::{
     PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::metrics::Metrics;
 use crate::protocol::ServerFrame;
+use crate::store::SharedStore;
+
+mod durable;
 
 /// Idle rooms are swept after this many bus operations, to bound memory without a timer.
 const SWEEP_EVERY: u64 = 4096;
@@ -26,8 +36,23 @@ const DEFAULT_EMPTY_ROOM_TTL: Duration = Duration::from_secs(60);
 const REF_PRUNE_AT: usize = 1024;
 
 pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+/// What the bus's futures and its writer task share.
+struct Inner {
     state: Mutex<State>,
     sink: Arc<dyn EventSink>,
+    /// The store and its writer; `None` for `store.url = memory`.
+    durable: Option<durable::Durable>,
+}
+
+impl Inner {
+    /// The state; a `Result` so the operations read as every bus's do. parking_lot's lock
+    /// does not poison: a panic elsewhere leaves the state as the last operation left it.
+    fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
+        Ok(self.state.lock())
+    }
 }
 
 #[derive(Debug)]
@@ -42,6 +67,9 @@ struct State {
     /// a room emptied and filled again never reuses a version (see `bus::PresenceVersion`).
     presence_changes: u64,
     ops: u64,
+    /// Rooms' epochs and offsets live in a store: an idle room drops its window, not its
+    /// epoch, and a room not in `rooms` must be loaded from the store before it is used.
+    durable: bool,
 }
 
 /// Who is in one room, and the version of that set.
@@ -78,6 +106,28 @@ impl RoomLog {
         }
     }
 
+    /// A room as the store left it (`None`: a room the store never saw), with the refs it
+    /// still remembers, so a retry after a restart is still recognised.
+    fn restored(
+        head: Option<crate::store::RoomState>,
+        refs: Vec<crate::store::RecentRef>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Self {
+        let mut log = Self::new(now);
+        if let Some(head) = head {
+            log.epoch = head.epoch;
+            log.offset = head.offset;
+            log.base = head.base;
+        }
+        for r in refs {
+            let age = Duration::from_millis(now_ms.saturating_sub(r.ts));
+            let at = now.checked_sub(age).unwrap_or(now);
+            log.refs.insert((r.user, r.reference), (r.offset, at));
+        }
+        log
+    }
+
     fn head(&self) -> RoomHead {
         RoomHead {
             epoch: self.epoch.clone(),
@@ -92,31 +142,52 @@ impl RoomLog {
 }
 
 impl State {
+    fn new(history_size: usize, ttl: Duration, durable: bool) -> Self {
+        Self {
+            history_size,
+            ttl,
+            empty_ttl: DEFAULT_EMPTY_ROOM_TTL,
+            rooms: HashMap::new(),
+            presence: HashMap::new(),
+            presence_changes: 0,
+            ops: 0,
+            durable,
+        }
+    }
+
     /// The room's log, starting a new epoch if it sat idle past the TTL.
     fn log(&mut self, room: &RoomName, now: Instant) -> &mut RoomLog {
         self.ops += 1;
         if self.ops % SWEEP_EVERY == 0 {
-            self.sweep(now);
+            self.sweep(now, Some(room));
         }
-        let ttl = self.ttl;
+        let (ttl, durable) = (self.ttl, self.durable);
         let log = self
             .rooms
             .entry(room.clone())
             .or_insert_with(|| RoomLog::new(now));
         if now.saturating_duration_since(log.last_write) > ttl {
-            log::debug!("room={room} history expired; starting a new epoch");
-            *log = RoomLog::new(now);
+            if durable {
+                // The store keeps the epoch and its messages; only the window expires.
+                log.messages.clear();
+                log.last_write = now;
+            } else {
+                log::debug!("room={room} history expired; starting a new epoch");
+                *log = RoomLog::new(now);
+            }
         }
         log
     }
 
     /// Forgets rooms nobody is in whose history expired, and rooms that never got a message
     /// once `empty_ttl` has passed since their last member left.
-    fn sweep(&mut self, now: Instant) {
+    /// `keep` is the room being used: never swept from under its caller.
+    fn sweep(&mut self, now: Instant, keep: Option<&RoomName>) {
         let (ttl, empty_ttl) = (self.ttl, self.empty_ttl);
         let presence = &self.presence;
         self.rooms.retain(|room, log| {
-            presence.contains_key(room)
+            Some(room) == keep
+                || presence.contains_key(room)
                 || if log.offset == 0 {
                     now.saturating_duration_since(log.last_seen) <= empty_ttl
                 } else {
@@ -313,24 +384,39 @@ impl State {
 }
 
 impl MemoryBus {
+    /// The embedded bus with history in the process only (`store.url = memory`).
     pub fn new(history_size: usize, ttl: Duration, sink: Arc<dyn EventSink>) -> Self {
         Self {
-            state: Mutex::new(State {
-                history_size,
-                ttl,
-                empty_ttl: DEFAULT_EMPTY_ROOM_TTL,
-                rooms: HashMap::new(),
-                presence: HashMap::new(),
-                presence_changes: 0,
-                ops: 0,
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::new(history_size, ttl, false)),
+                sink,
+                durable: None,
             }),
-            sink,
         }
+    }
+
+    /// The embedded bus over a store: acks after commit, rooms outlive the process. Starts
+    /// the writer task, so it must be called inside a Tokio runtime.
+    pub fn with_store(
+        history_size: usize,
+        ttl: Duration,
+        sink: Arc<dyn EventSink>,
+        store: SharedStore,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let (durable, writer) = durable::Durable::new(store, metrics);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::new(history_size, ttl, true)),
+            sink,
+            durable: Some(durable),
+        });
+        tokio::spawn(durable::writer(Arc::downgrade(&inner), writer));
+        Self { inner }
     }
 
     /// Sets how long a room that never got a message outlives its last member.
     pub fn with_empty_room_ttl(self, ttl: Duration) -> Self {
-        self.state.lock().empty_ttl = ttl;
+        self.inner.state.lock().empty_ttl = ttl;
         self
     }
 
@@ -338,14 +424,12 @@ impl MemoryBus {
     /// no operations that would sweep.
     pub fn sweep(&self) {
         if let Ok(mut s) = self.lock() {
-            s.sweep(Instant::now());
+            s.sweep(Instant::now(), None);
         }
     }
 
-    /// The state; a `Result` so the operations read as every bus's do. parking_lot's lock
-    /// does not poison: a panic elsewhere leaves the state as the last operation left it.
     fn lock(&self) -> Result<MutexGuard<'_, State>, BusError> {
-        Ok(self.state.lock())
+        self.inner.lock()
     }
 
     fn presence_event(
@@ -388,19 +472,37 @@ fn done<T: Send + 'static>(value: Result<T, BusError>) -> BusFuture<T> {
 
 impl Bus for MemoryBus {
     fn publish(&self, room: &RoomName, msg: NewMessage) -> BusFuture<Published> {
+        if let Some(d) = &self.inner.durable {
+            return d.publish_run(room, vec![msg]).pop().unwrap_or_else(|| {
+                done(Err(BusError::Internal(
+                    "a run of one gave no answer".into(),
+                )))
+            });
+        }
         let result = self.lock().map(|mut state| {
             let (published, event) = state.publish(room, msg, Instant::now());
             if let Some(event) = event {
                 // Still under the lock: rooms see events in offset order.
-                self.sink.deliver(event);
+                self.inner.sink.deliver(event);
             }
             published
         });
         done(result)
     }
 
+    fn publish_run(&self, room: &RoomName, msgs: Vec<NewMessage>) -> Vec<BusFuture<Published>> {
+        match &self.inner.durable {
+            // One command for the run: it lands in one commit, in order.
+            Some(d) => d.publish_run(room, msgs),
+            None => msgs
+                .into_iter()
+                .map(|msg| self.publish(room, msg))
+                .collect(),
+        }
+    }
+
     fn typing(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
-        self.sink.deliver(RoomEvent {
+        self.inner.sink.deliver(RoomEvent {
             room: room.clone(),
             kind: EventKind::Typing { user: user.clone() },
             json: ServerFrame::Typing { room, user }.to_text(),
@@ -409,6 +511,9 @@ impl Bus for MemoryBus {
     }
 
     fn head(&self, room: &RoomName) -> BusFuture<RoomHead> {
+        if self.inner.durable.is_some() {
+            return durable::head(Arc::clone(&self.inner), room.clone());
+        }
         done(self.lock().map(|mut s| s.log(room, Instant::now()).head()))
     }
 
@@ -419,6 +524,10 @@ impl Bus for MemoryBus {
         epoch: &Epoch,
         limit: usize,
     ) -> BusFuture<Replay> {
+        if self.inner.durable.is_some() {
+            let inner = Arc::clone(&self.inner);
+            return durable::replay(inner, room.clone(), since, epoch.clone(), limit);
+        }
         done(
             self.lock()
                 .map(|mut s| s.replay(room, since, epoch, limit, Instant::now())),
@@ -426,6 +535,9 @@ impl Bus for MemoryBus {
     }
 
     fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed> {
+        if let Some(d) = &self.inner.durable {
+            return d.renew_epoch(room, stale, floor);
+        }
         done(
             self.lock()
                 .map(|mut s| s.renew_epoch(room, stale, floor, Instant::now())),
@@ -438,6 +550,10 @@ impl Bus for MemoryBus {
         before: Option<Offset>,
         limit: usize,
     ) -> BusFuture<HistoryPage> {
+        if self.inner.durable.is_some() {
+            let inner = Arc::clone(&self.inner);
+            return durable::history(inner, room.clone(), before, limit);
+        }
         done(
             self.lock()
                 .map(|mut s| s.history(room, before, limit, Instant::now())),
@@ -447,7 +563,8 @@ impl Bus for MemoryBus {
     fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         done(self.lock().map(|mut s| {
             if let Some(version) = s.join(room, user) {
-                self.sink
+                self.inner
+                    .sink
                     .deliver(Self::presence_event(room, user, true, version));
             }
         }))
@@ -456,7 +573,8 @@ impl Bus for MemoryBus {
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         done(self.lock().map(|mut s| {
             if let Some(version) = s.leave(room, user, Instant::now()) {
-                self.sink
+                self.inner
+                    .sink
                     .deliver(Self::presence_event(room, user, false, version));
             }
         }))
@@ -682,7 +800,7 @@ mod tests {
         let bus = MemoryBus::new(5, Duration::from_secs(10), sink);
         let r = room("r");
         let t0 = Instant::now();
-        let mut state = bus.state.lock();
+        let mut state = bus.inner.state.lock();
         let (first, _) = state.publish(&r, msg("a", None), t0);
         let (second, _) = state.publish(&r, msg("b", None), t0 + Duration::from_secs(11));
         assert_ne!(first.epoch, second.epoch);

@@ -27,6 +27,8 @@ pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// The server's own SQLite store when the test named none (removed after the process).
+    _store: Option<TempDir>,
 }
 
 impl Server {
@@ -81,6 +83,17 @@ impl Server {
             .env_remove("CONFAB_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // With the embedded bus the default store is data/confab.db under the working
+        // directory: each server gets its own file instead, so tests start fresh and nothing
+        // is written into the repository. A test that names a store (or Redis) keeps it.
+        let store = (!env.iter().any(|(k, v)| {
+            *k == "CONFAB_STORE__URL" || (*k == "CONFAB_REDIS__URL" && !v.is_empty())
+        }))
+        .then(|| TempDir::new("server"));
+        cmd.env_remove("CONFAB_STORE__URL");
+        if let Some(dir) = &store {
+            cmd.env("CONFAB_STORE__URL", dir.sqlite_url());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -111,6 +124,7 @@ impl Server {
             child: Some(child),
             addr,
             log,
+            _store: store,
         }
     }
 
@@ -259,6 +273,10 @@ pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CONFAB_")) {
         cmd.env_remove(k);
     }
+    // No store unless the test names one: a run must not leave data/confab.db behind.
+    if !env.iter().any(|(k, _)| *k == "CONFAB_STORE__URL") {
+        cmd.env("CONFAB_STORE__URL", "memory");
+    }
     let child = cmd
         .args(args)
         .envs(env.iter().copied())
@@ -280,6 +298,31 @@ pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
             }
             panic!("confab {args:?} did not finish within 30 s");
         }
+    }
+}
+
+/// A fresh directory under the system temp directory, removed with its contents on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n: u64 = rand::random();
+        let path = std::env::temp_dir().join(format!("confab-it-{tag}-{n:016x}"));
+        std::fs::create_dir_all(&path).expect("create a temp dir");
+        TempDir { path }
+    }
+
+    /// A SQLite store in this directory, as `store.url`.
+    pub fn sqlite_url(&self) -> String {
+        format!("sqlite:{}", self.path.join("confab.db").display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -768,4 +811,134 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A throwaway PostgreSQL server: `initdb` into a temp directory and `postgres` on a free
+/// port, run as the `postgres` user when the tests run as root (PostgreSQL refuses root).
+/// Stopped and removed on drop. Fails loudly when PostgreSQL is not installed
+/// (`scripts/test.sh` installs it).
+pub struct Postgres {
+    child: Option<Child>,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        use std::os::unix::process::CommandExt;
+        let bin = postgres_bin();
+        let dir = TempDir::new("pg");
+        let data = dir.path.join("data");
+        // As root, every PostgreSQL process runs as the `postgres` user, owning the directory.
+        let owner = (unsafe { libc::geteuid() } == 0).then(|| {
+            let name = std::ffi::CString::new("postgres").unwrap();
+            // SAFETY: getpwnam reads the passwd database; the pointer is used at once.
+            let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+            assert!(
+                !pw.is_null(),
+                "tests run as root and there is no `postgres` user to run PostgreSQL as"
+            );
+            // SAFETY: checked non-null above.
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            std::os::unix::fs::chown(&dir.path, Some(uid), Some(gid)).expect("chown pg dir");
+            (uid, gid)
+        });
+        let as_owner = |cmd: &mut Command| {
+            if let Some((uid, gid)) = owner {
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_owner(&mut initdb);
+        let out = initdb.output().expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut server = Command::new(bin.join("postgres"));
+        server
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-p", &port.to_string()])
+            .args(["-k", dir.path.to_str().unwrap()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // A test database: its durability is not what is under test.
+            .args(["-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_owner(&mut server);
+        let child = server.spawn().expect("spawn postgres");
+        let pg = Postgres {
+            child: Some(child),
+            port,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "postgres did not listen within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pg
+    }
+
+    /// The `postgres` database as `store.url`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Connects the way confab does, retrying while the server finishes starting up.
+    pub async fn store(&self) -> confab::store::postgres::PostgresStore {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            match confab::store::postgres::PostgresStore::open(&self.url(), 2).await {
+                Ok(store) => return store,
+                Err(_) if Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("postgres did not accept connections: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            // SIGTERM is PostgreSQL's "smart" shutdown; stop_child follows with SIGKILL.
+            stop_child(child);
+        }
+    }
+}
+
+/// Where `initdb` and `postgres` are: on PATH, or where Debian's `postgresql` package puts
+/// them (`/usr/lib/postgresql/<version>/bin`, the newest version).
+fn postgres_bin() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+                return dir;
+            }
+        }
+    }
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).expect(
+        "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): \
+         run scripts/test.sh, which installs Debian's postgresql package",
+    )
 }

@@ -105,7 +105,9 @@ async fn resume_with_a_wrong_epoch_or_beyond_the_newest_is_not_recovered() {
 
 #[tokio::test]
 async fn resume_from_before_the_oldest_retained_message_is_not_recovered() {
+    // History is the bus's window only without a store (with one, tests/it/store.rs).
     let server = Server::start(&[
+        ("CONFAB_STORE__URL", "memory"),
         ("CONFAB_HISTORY__SIZE", "3"),
         ("CONFAB_LIMITS__BURST", "50"),
     ]);

@@ -1,0 +1,591 @@
+//! The store (SPEC §7): the same interface suite on SQLite and PostgreSQL, and the embedded
+//! bus over a store through the real binary: restarts (SIGTERM and SIGKILL) keep every room's
+//! epoch and offsets and lose nothing acked, history and resume reach past the in-memory
+//! window, retention, migrations, and `store.url = memory` as before.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytestring::ByteString;
+use confab::bus::StoredMessage;
+use confab::domain::{Epoch, RoomName, UserId};
+use confab::store::sqlite::SqliteStore;
+use confab::store::{Append, Page, RecentRef, RoomState, Row, Store};
+use serde_json::{json, Value};
+
+use crate::harness::{eventually, request, run_confab, Client, Postgres, Server, TempDir};
+
+const KEY: &str = "store-test-key";
+
+/// Fast senders: the rate limit is not under test here.
+fn env_with<'a>(store: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CONFAB_STORE__URL", store),
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+        ("CONFAB_LIMITS__BURST", "100000"),
+        ("CONFAB_API__KEY", KEY),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+fn row(room: &RoomName, epoch: &Epoch, offset: u64, ts: u64, reference: Option<&str>) -> Row {
+    Row {
+        room: room.clone(),
+        epoch: epoch.clone(),
+        offset,
+        ts,
+        user: UserId::parse("ann").unwrap(),
+        reference: reference.map(str::to_owned),
+        // Not ASCII, and with JSON escapes: stored and read back byte for byte.
+        frame: ByteString::from(format!(
+            r#"{{"type":"message","room":"{room}","offset":{offset},"text":"héllo \"{offset}\" ✓"}}"#
+        )),
+    }
+}
+
+fn offsets(page: &[StoredMessage]) -> Vec<u64> {
+    page.iter().map(|m| m.offset).collect()
+}
+
+/// The promises of `confab::store`'s module doc, for any implementation.
+async fn keeps_the_store_promises(store: &dyn Store) {
+    let room = RoomName::parse("lobby").unwrap();
+    let other = RoomName::parse("other").unwrap();
+    let epoch = Epoch::from_string("e1");
+    assert_eq!(store.head(&room).await.unwrap(), None, "a room never seen");
+
+    let t0 = 1_700_000_000_000;
+    let rows: Vec<Row> = (1..=5)
+        .map(|i| row(&room, &epoch, i, t0 + i * 1000, (i % 2 == 1).then_some("r")))
+        .collect();
+    let head = RoomState {
+        room: room.clone(),
+        epoch: epoch.clone(),
+        offset: 5,
+        base: 0,
+    };
+    store
+        .append(Append {
+            rows: rows.clone(),
+            rooms: vec![head.clone()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.head(&room).await.unwrap(), Some(head.clone()));
+
+    // Appending a row again changes nothing (a retry, or two archivers).
+    let mut again = row(&room, &epoch, 3, t0, None);
+    again.frame = ByteString::from_static("{\"changed\":true}");
+    store
+        .append(Append {
+            rows: vec![again],
+            rooms: vec![],
+        })
+        .await
+        .unwrap();
+
+    let all = store
+        .page(
+            &room,
+            &epoch,
+            Page::Before {
+                before: u64::MAX >> 1,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(offsets(&all), vec![1, 2, 3, 4, 5]);
+    for (got, sent) in all.iter().zip(&rows) {
+        assert_eq!(got.json, sent.frame, "frames are kept byte for byte");
+    }
+    let page = |p| store.page(&room, &epoch, p);
+    let after = page(Page::After {
+        since: 1,
+        until: 4,
+        limit: 0,
+    });
+    assert_eq!(offsets(&after.await.unwrap()), vec![2, 3, 4]);
+    let first_two = page(Page::After {
+        since: 0,
+        until: 5,
+        limit: 2,
+    });
+    assert_eq!(offsets(&first_two.await.unwrap()), vec![1, 2]);
+    let before = page(Page::Before {
+        before: 5,
+        limit: 2,
+    });
+    assert_eq!(
+        offsets(&before.await.unwrap()),
+        vec![3, 4],
+        "the latest two below 5, oldest first"
+    );
+    let elsewhere = store
+        .page(
+            &other,
+            &epoch,
+            Page::After {
+                since: 0,
+                until: 5,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(elsewhere.is_empty(), "pages are per room");
+    let other_epoch = store
+        .page(
+            &room,
+            &Epoch::from_string("e0"),
+            Page::After {
+                since: 0,
+                until: 5,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(other_epoch.is_empty(), "pages are per epoch");
+
+    let mut refs = store.recent_refs(&room, &epoch, t0 + 2000).await.unwrap();
+    refs.sort_by_key(|r| r.offset);
+    assert_eq!(
+        refs,
+        vec![
+            RecentRef {
+                user: UserId::parse("ann").unwrap(),
+                reference: "r".into(),
+                offset: 3,
+                ts: t0 + 3000,
+            },
+            RecentRef {
+                user: UserId::parse("ann").unwrap(),
+                reference: "r".into(),
+                offset: 5,
+                ts: t0 + 5000,
+            },
+        ]
+    );
+
+    // A renewed epoch: a head with no row.
+    let renewed = RoomState {
+        room: room.clone(),
+        epoch: Epoch::from_string("e2"),
+        offset: 9,
+        base: 9,
+    };
+    store
+        .append(Append {
+            rows: vec![],
+            rooms: vec![renewed.clone()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.head(&room).await.unwrap(), Some(renewed.clone()));
+
+    // Retention deletes messages older than the cut, never a room's head.
+    assert_eq!(store.delete_before(t0 + 3000).await.unwrap(), 2);
+    let left = page(Page::After {
+        since: 0,
+        until: 5,
+        limit: 0,
+    });
+    assert_eq!(offsets(&left.await.unwrap()), vec![3, 4, 5]);
+    assert_eq!(store.head(&room).await.unwrap(), Some(renewed));
+    assert_eq!(store.delete_before(t0).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_sqlite_store_keeps_the_store_promises() {
+    let dir = TempDir::new("sqlite");
+    let url = format!("sqlite:{}", dir.path.join("nested/dir/h.db").display());
+    let store = SqliteStore::open(&url, 2).await.unwrap();
+    keeps_the_store_promises(&store).await;
+    assert!(
+        dir.path.join("nested/dir/h.db").is_file(),
+        "the file and its folder are created"
+    );
+}
+
+#[tokio::test]
+async fn the_postgres_store_keeps_the_store_promises() {
+    let pg = Postgres::start();
+    let store = pg.store().await;
+    keeps_the_store_promises(&store).await;
+}
+
+/// The offsets of the `message` frames before the first `presence` frame: the backlog a
+/// joining session is sent.
+async fn backlog(c: &mut Client) -> Vec<Value> {
+    let mut messages = Vec::new();
+    loop {
+        let v = c.next_of_any(&["message", "presence"]).await;
+        if v["type"] == "presence" {
+            return messages;
+        }
+        messages.push(v);
+    }
+}
+
+fn offsets_of(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
+
+/// Sends `count` messages without waiting, then collects acks until `acked` have come;
+/// returns ref → offset of what was acked.
+async fn burst_until_acked(c: &mut Client, count: usize, acked: usize) -> BTreeMap<String, u64> {
+    for i in 0..count {
+        c.send_json(json!({"type":"message","text":format!("t{i}"),"ref":format!("r{i}")}))
+            .await;
+    }
+    let mut acks = BTreeMap::new();
+    while acks.len() < acked {
+        let v = c.next().await;
+        assert_ne!(v["type"], "error", "{v}");
+        if v["type"] == "ack" {
+            acks.insert(
+                v["ref"].as_str().unwrap().to_owned(),
+                v["offset"].as_u64().unwrap(),
+            );
+        }
+    }
+    acks
+}
+
+#[tokio::test]
+async fn after_a_sigkill_every_acked_message_is_still_there_in_the_same_epoch() {
+    let dir = TempDir::new("kill");
+    let url = dir.sqlite_url();
+    let env = env_with(&url, &[]);
+    let mut server = Server::start(&env);
+    let (mut c, welcome) = server.join("/ws/k?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let acks = burst_until_acked(&mut c, 400, 150).await;
+    // Killed while messages are still arriving: whatever was acked must survive.
+    server.kill();
+    drop(c);
+
+    let server = Server::start(&env);
+    let (mut again, welcome) = server
+        .join(&format!("/ws/k?user=ann&since=0&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["epoch"], epoch.as_str(), "the room keeps its epoch");
+    let head = welcome["offset"].as_u64().unwrap();
+    let replayed = backlog(&mut again).await;
+    assert_eq!(
+        offsets_of(&replayed),
+        (1..=head).collect::<Vec<_>>(),
+        "no gap"
+    );
+    for (reference, offset) in &acks {
+        let m = &replayed[*offset as usize - 1];
+        let i = &reference[1..];
+        assert_eq!(m["text"], format!("t{i}"), "acked {reference} at {offset}");
+    }
+    // Offsets go on after the restart.
+    assert_eq!(again.say("after", "after").await, head + 1);
+}
+
+#[tokio::test]
+async fn after_a_sigterm_restart_a_resume_from_before_it_is_recovered_with_what_was_missed() {
+    let dir = TempDir::new("term");
+    let url = dir.sqlite_url();
+    let env = env_with(&url, &[]);
+    let mut server = Server::start(&env);
+    let (a, welcome) = server.join("/ws/t?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let (mut b, _) = server.join("/ws/t?user=bob").await;
+    for i in 1..=5 {
+        b.say(&format!("m{i}"), &format!("{i}")).await;
+    }
+    a.close().await;
+    for i in 6..=8 {
+        b.say(&format!("m{i}"), &format!("{i}")).await;
+    }
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(40)).success());
+    drop(b);
+
+    let server = Server::start(&env);
+    let (mut a, welcome) = server
+        .join(&format!("/ws/t?user=ann&since=5&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(
+        (welcome["epoch"].as_str(), welcome["offset"].as_u64()),
+        (Some(epoch.as_str()), Some(8))
+    );
+    let missed = backlog(&mut a).await;
+    assert_eq!(offsets_of(&missed), vec![6, 7, 8]);
+    assert_eq!(missed[0]["text"], "m6");
+    // A retried ref from before the restart is still recognised (within 5 minutes).
+    let (mut b, _) = server.join("/ws/t?user=bob").await;
+    assert_eq!(b.say("m8", "8").await, 8, "acked with the first offset");
+    assert_eq!(b.say("m9", "9").await, 9);
+}
+
+async fn history_frame(c: &mut Client, before: Option<u64>, limit: u64) -> Value {
+    let mut frame = json!({"type":"history","limit":limit,"ref":"h"});
+    if let Some(before) = before {
+        frame["before"] = json!(before);
+    }
+    c.send_json(frame).await;
+    c.next_of("history").await
+}
+
+fn history_offsets(h: &Value) -> Vec<u64> {
+    offsets_of(h["messages"].as_array().unwrap())
+}
+
+#[tokio::test]
+async fn history_and_resume_reach_past_the_in_memory_window_without_gap_or_duplicate() {
+    let dir = TempDir::new("seam");
+    let url = dir.sqlite_url();
+    let env = env_with(&url, &[("CONFAB_HISTORY__SIZE", "5")]);
+    let mut server = Server::start(&env);
+    let (mut c, welcome) = server.join("/ws/s?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=20 {
+        c.say(&format!("m{i}"), &format!("{i}")).await;
+    }
+    // The window holds 16..=20; the rest comes from the store.
+    let all = history_frame(&mut c, None, 50).await;
+    assert_eq!(history_offsets(&all), (1..=20).collect::<Vec<_>>());
+    assert_eq!(all["epoch"], epoch.as_str());
+    let seam = history_frame(&mut c, Some(18), 5).await;
+    assert_eq!(history_offsets(&seam), vec![13, 14, 15, 16, 17]);
+    let api = request(
+        server.addr,
+        "GET",
+        "/api/rooms/s/history?before=21&limit=12",
+        &[("Authorization", &format!("Bearer {KEY}"))],
+        "",
+    )
+    .await;
+    assert_eq!(api.status, 200, "{}", api.body);
+    assert_eq!(history_offsets(&api.json()), (9..=20).collect::<Vec<_>>());
+    let (mut r, welcome) = server
+        .join(&format!("/ws/s?user=bob&since=2&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    let replayed = backlog(&mut r).await;
+    assert_eq!(offsets_of(&replayed), (3..=20).collect::<Vec<_>>());
+    assert_eq!(
+        replayed[..],
+        all["messages"].as_array().unwrap()[2..],
+        "the same frames from the store as from the window"
+    );
+
+    // After a restart the window is empty: everything is served from the store, the same.
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(40)).success());
+    drop((c, r));
+    let server = Server::start(&env);
+    let (mut c, _) = server.join("/ws/s?user=ann").await;
+    let restarted = history_frame(&mut c, None, 50).await;
+    assert_eq!(restarted["messages"], all["messages"]);
+}
+
+#[tokio::test]
+async fn messages_older_than_the_retention_are_deleted_by_the_sweep() {
+    let dir = TempDir::new("retention");
+    let url = dir.sqlite_url();
+    let env = env_with(
+        &url,
+        &[
+            ("CONFAB_STORE__RETENTION_DAYS", "1"),
+            ("CONFAB_STORE__RETENTION_SWEEP_SECS", "1"),
+        ],
+    );
+    let mut server = Server::start(&env);
+    let (mut c, welcome) = server.join("/ws/old?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        c.say(&format!("m{i}"), &format!("{i}")).await;
+    }
+    // Ages the first two messages by two days, behind the server's back.
+    let db = SqliteStore::connect(&url, 1).await.unwrap();
+    let two_days: i64 = 2 * 86_400_000;
+    sqlx::query("UPDATE messages SET ts = ts - ? WHERE msg_offset <= 2")
+        .bind(two_days)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the sweep deletes old messages",
+        || {
+            let pool = db.pool().clone();
+            async move {
+                let left: Vec<i64> =
+                    sqlx::query_scalar("SELECT msg_offset FROM messages ORDER BY msg_offset")
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                left == vec![3]
+            }
+        },
+    )
+    .await;
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(40)).success());
+    drop(c);
+    let server = Server::start(&env);
+    let (mut c, welcome) = server.join("/ws/old?user=ann").await;
+    assert_eq!(welcome["offset"], 3, "the room keeps its offsets");
+    assert_eq!(
+        history_offsets(&history_frame(&mut c, None, 50).await),
+        vec![3]
+    );
+    let (_, welcome) = server
+        .join(&format!("/ws/old?user=bob&since=0&epoch={epoch}"))
+        .await;
+    assert_eq!(
+        welcome["recovered"], false,
+        "what was deleted cannot be replayed"
+    );
+}
+
+#[tokio::test]
+async fn confab_migrate_creates_the_schema_and_a_newer_schema_stops_start_up_naming_it() {
+    let dir = TempDir::new("migrate");
+    let url = dir.sqlite_url();
+    let env = [("CONFAB_STORE__URL", url.as_str())];
+    let out = run_confab(&["migrate"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = SqliteStore::connect(&url, 1).await.unwrap();
+    let rooms: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rooms")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rooms, 0, "the schema is there");
+    assert!(
+        run_confab(&["migrate"], &env).status.success(),
+        "migrating again is a no-op"
+    );
+
+    // As if a newer confab had migrated this database.
+    sqlx::query("UPDATE _sqlx_migrations SET version = 99")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    for args in [&["migrate"][..], &["serve", "--listen", "127.0.0.1:0"][..]] {
+        let out = run_confab(args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail: {err}");
+        assert!(
+            err.contains("store.url") && err.contains("99") && err.contains("newer"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_store_with_redis_is_refused_at_start_naming_store_url() {
+    let out = run_confab(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[
+            ("CONFAB_REDIS__URL", "redis://127.0.0.1:1"),
+            ("CONFAB_STORE__URL", "sqlite:/tmp/never-created.db"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("store.url"), "{err}");
+}
+
+#[tokio::test]
+async fn with_store_url_memory_a_restart_forgets_rooms_as_before() {
+    let mut server = Server::start(&env_with("memory", &[]));
+    let (mut c, welcome) = server.join("/ws/m?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    c.say("one", "1").await;
+    server.kill();
+    drop(c);
+    let server = Server::start(&env_with("memory", &[]));
+    let (_, welcome) = server
+        .join(&format!("/ws/m?user=ann&since=1&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    assert_eq!(welcome["offset"], 0, "a new epoch from 1");
+    assert_ne!(welcome["epoch"], epoch.as_str());
+}
+
+#[tokio::test]
+async fn the_embedded_bus_on_postgres_keeps_epochs_and_offsets_across_a_sigkill() {
+    let pg = Postgres::start();
+    let _ = pg.store().await; // waits until PostgreSQL accepts connections
+    let url = pg.url();
+    let env = env_with(&url, &[]);
+    let mut server = Server::start(&env);
+    let (mut c, welcome) = server.join("/ws/pg?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let acks = burst_until_acked(&mut c, 200, 80).await;
+    server.kill();
+    drop(c);
+    let server = Server::start(&env);
+    let (mut again, welcome) = server
+        .join(&format!("/ws/pg?user=ann&since=0&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["epoch"], epoch.as_str());
+    let replayed = backlog(&mut again).await;
+    let head = welcome["offset"].as_u64().unwrap();
+    assert_eq!(offsets_of(&replayed), (1..=head).collect::<Vec<_>>());
+    for (reference, offset) in &acks {
+        assert_eq!(
+            replayed[*offset as usize - 1]["text"],
+            format!("t{}", &reference[1..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_is_answered_unavailable_and_uses_no_offset() {
+    let dir = TempDir::new("fail");
+    let url = dir.sqlite_url();
+    let server = Server::start(&env_with(&url, &[]));
+    let (mut c, _) = server.join("/ws/f?user=ann").await;
+    assert_eq!(c.say("one", "1").await, 1);
+    // The table the commit writes to disappears behind the server's back.
+    let db = SqliteStore::connect(&url, 1).await.unwrap();
+    sqlx::query("ALTER TABLE messages RENAME TO messages_away")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    c.send_json(json!({"type":"message","text":"lost","ref":"2"}))
+        .await;
+    let error = c.next_of("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unavailable"), Some("2")),
+        "{error}"
+    );
+    sqlx::query("ALTER TABLE messages_away RENAME TO messages")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    // The retry gets the next offset: the failed one used none, so there is no gap.
+    assert_eq!(c.say("lost", "2").await, 2);
+    let (mut d, welcome) = server.join("/ws/f?user=bob&history=10").await;
+    assert_eq!(welcome["offset"], 2);
+    assert_eq!(offsets_of(&backlog(&mut d).await), vec![1, 2]);
+    let metrics = request(server.addr, "GET", "/metrics", &[], "").await;
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l.starts_with("confab_store_errors_total ") && !l.ends_with(" 0")),
+        "{}",
+        metrics.body
+    );
+}
