@@ -62,6 +62,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         },
         settings.limits.join_events_max_members,
         settings.limits.resume_max_messages,
+        Duration::from_millis(settings.redis.join_retry_ms),
         Arc::clone(&metrics),
     )
     .start();

@@ -24,4 +24,5 @@ mod presence;
 mod redis_cluster;
 mod resume;
 mod rolling;
+mod storm;
 mod webdriver;
