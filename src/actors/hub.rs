@@ -243,7 +243,13 @@ impl Hub {
         self.queue_change(room, user, false, ctx);
     }
 
-    fn queue_change(&mut self, room: &RoomName, user: &UserId, joined: bool, ctx: &mut Context<Self>) {
+    fn queue_change(
+        &mut self,
+        room: &RoomName,
+        user: &UserId,
+        joined: bool,
+        ctx: &mut Context<Self>,
+    ) {
         let queue = self.presence.entry(room.clone()).or_default();
         queue.waiting.push(PresenceChange {
             user: user.clone(),
@@ -333,7 +339,11 @@ impl Hub {
                 self.unrecorded_leaves.insert((room.clone(), user));
             }
         }
-        if self.presence.get(&room).is_some_and(|q| q.waiting.is_empty()) {
+        if self
+            .presence
+            .get(&room)
+            .is_some_and(|q| q.waiting.is_empty())
+        {
             self.presence.remove(&room);
         }
         self.send_presence(&room, ctx);

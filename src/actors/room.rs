@@ -358,12 +358,8 @@ async fn read_setup(
                 .map(Some),
         }
     };
-    let (replays, head, history, presence) = futures_util::join!(
-        replays,
-        head,
-        history,
-        bus.presence_snapshot(&room)
-    );
+    let (replays, head, history, presence) =
+        futures_util::join!(replays, head, history, bus.presence_snapshot(&room));
     Ok(SetupRead {
         head: head?,
         history: history?,
@@ -443,7 +439,10 @@ impl Room {
         }
         self.setting_up = true;
         let batch = std::mem::take(&mut self.joining);
-        let wants = batch.iter().map(|j| (j.resume.clone(), j.history)).collect();
+        let wants = batch
+            .iter()
+            .map(|j| (j.resume.clone(), j.history))
+            .collect();
         let read = read_setup(Arc::clone(&self.bus), self.name.clone(), wants, self.page);
         ctx.spawn(read.into_actor(self).map(move |read, room, ctx| {
             room.setting_up = false;

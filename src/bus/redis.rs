@@ -45,8 +45,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceChange,
-    PresenceSnapshot, PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceChange, PresenceSnapshot,
+    PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::protocol::ServerFrame;

@@ -17,9 +17,8 @@ const ROOMS: usize = 4;
 /// long the whole storm may take.
 const OPEN_WITHIN: Duration = Duration::from_secs(60);
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens one session and reads up to its `presence` frame (the welcome must come first);
 /// `Err` says how it failed (a close code, a drop, no welcome).
@@ -140,10 +139,14 @@ async fn storm(extra: &[(&str, &str)]) {
     futures_util::future::join_all(closing).await;
     for room in 0..ROOMS {
         let room = format!("s{room}");
-        eventually(Duration::from_secs(30), "every room's presence is empty", || {
-            let (redis, p, room) = (&redis, &p, &room);
-            async move { listed(redis, p, room).await == 0 }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "every room's presence is empty",
+            || {
+                let (redis, p, room) = (&redis, &p, &room);
+                async move { listed(redis, p, room).await == 0 }
+            },
+        )
         .await;
     }
     // And a client sees it so: a newcomer is alone in the room.
