@@ -25,7 +25,7 @@ use actix::prelude::*;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
-use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room};
+use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomSettings};
 use super::socket::CLOSE_GRACE;
 use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
@@ -178,18 +178,14 @@ pub struct Hub {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     limits: QueueLimits,
-    /// Rooms with more local members than this get no join/leave frames.
-    announce_max: usize,
-    /// `limits.resume_max_messages`, for the rooms it creates.
-    resume_max: u64,
+    /// For the rooms it creates.
+    room_settings: RoomSettings,
     rooms: HashMap<RoomName, RoomEntry>,
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
     unrecorded_leaves: HashSet<(RoomName, UserId)>,
     /// Joins and leaves per room not yet recorded by the bus.
     presence: HashMap<RoomName, PresenceQueue>,
-    /// `redis.join_retry_ms`: how long failed presence runs and session setups are retried.
-    retry_within: Duration,
     /// Set by [`Drain`]: a session that was admitted just before the drain began (its upgrade
     /// passed the check before the replica turned not-ready) and attaches now is closed too.
     draining: bool,
@@ -204,15 +200,11 @@ impl Hub {
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
-        announce_max: usize,
-        resume_max: u64,
-        retry_within: Duration,
+        room_settings: RoomSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            announce_max,
-            resume_max,
-            retry_within,
+            room_settings,
             presence: HashMap::new(),
             metrics,
             bus,
@@ -303,7 +295,8 @@ impl Hub {
             return;
         };
         let since = *queue.failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < self.retry_within {
+        // The rooms' setup reads are retried as long: a session waits for both.
+        if since.elapsed() < self.room_settings.retry_within {
             // Idempotent changes: the whole run goes again, ahead of what queued meanwhile.
             log::debug!(
                 "room={room} {} presence changes not recorded yet: {e}; retrying",
@@ -357,9 +350,7 @@ impl Hub {
             arbiters,
             next_arbiter,
             limits,
-            announce_max,
-            resume_max,
-            retry_within,
+            room_settings,
             rooms,
             metrics,
             ..
@@ -370,9 +361,7 @@ impl Hub {
                 name.clone(),
                 Arc::clone(bus),
                 limits.frames,
-                *announce_max,
-                *resume_max,
-                *retry_within,
+                *room_settings,
                 Arc::clone(&resync_asked),
                 Arc::clone(metrics),
             );
@@ -624,9 +613,11 @@ mod tests {
             directory,
             Vec::new(),
             limits,
-            usize::MAX,
-            u64::MAX,
-            Duration::from_secs(5),
+            RoomSettings {
+                announce_max: usize::MAX,
+                resume_max: u64::MAX,
+                retry_within: Duration::from_secs(5),
+            },
             metrics,
         )
         .start();

@@ -133,6 +133,18 @@ pub struct Room {
     metrics: Arc<Metrics>,
 }
 
+/// What every room of a replica is started with (from the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct RoomSettings {
+    /// Rooms with more local members than this get no join/leave frames
+    /// (`limits.join_events_max_members`).
+    pub announce_max: usize,
+    /// `limits.resume_max_messages`.
+    pub resume_max: u64,
+    /// `redis.join_retry_ms`: how long a session's setup is retried after failed reads.
+    pub retry_within: Duration,
+}
+
 /// A joined session waiting for its welcome.
 struct Joining {
     session: SessionId,
@@ -147,9 +159,7 @@ impl Room {
         name: RoomName,
         bus: SharedBus,
         hold_per_member: usize,
-        announce_max: usize,
-        resume_max: u64,
-        retry_within: Duration,
+        settings: RoomSettings,
         resync_asked: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -157,10 +167,11 @@ impl Room {
             metrics,
             joining: Vec::new(),
             setting_up: false,
-            retry_within,
+            retry_within: settings.retry_within,
             page: (hold_per_member / 4).clamp(1, 256),
-            resume_max,
-            seq: Sequencer::new(name.clone(), hold_per_member).with_announce_limit(announce_max),
+            resume_max: settings.resume_max,
+            seq: Sequencer::new(name.clone(), hold_per_member)
+                .with_announce_limit(settings.announce_max),
             name,
             bus,
             resync_asked,
