@@ -6,7 +6,7 @@
 # and the replica's "cannot start" lines.
 #
 #   BIN=<dir with release confab and confab-bench> scripts/bench-storm.sh [OUT_DIR]
-#   (RUNS=10 N=10000 ROOMS=100 by default)
+#   (RUNS=10 N=10000 ROOMS=100 by default; CONCURRENCY=N, connections opened at once)
 #
 # Writes storm-<run>.json per run and the replica's log to OUT_DIR; stops what it started.
 set -euo pipefail
@@ -15,6 +15,8 @@ B=${BIN:-target/release}
 RUNS=${RUNS:-10}
 N=${N:-10000}
 ROOMS=${ROOMS:-100}
+CONCURRENCY=${CONCURRENCY:-$N}
+HOLD=${HOLD:-1}
 OUT=${1:-$(mktemp -d /tmp/confab-storm.XXXXXX)}
 mkdir -p "$OUT"
 . scripts/bench-lib.sh
@@ -41,8 +43,8 @@ for run in $(seq "$RUNS"); do
     before=$(grep -c "cannot start" "$OUT/confab.log" || true)
     status=0
     "$B/confab-bench" --url "ws://127.0.0.1:$port" --source 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 \
-        --pid "$pid" --progress-secs 0 --connect-concurrency "$N" --connect-timeout 60 \
-        --prefix "storm$run" idle --connections "$N" --rooms "$ROOMS" --hold-secs 1 --close true \
+        --pid "$pid" --progress-secs 0 --connect-concurrency "$CONCURRENCY" --connect-timeout 60 \
+        --prefix "storm$run" idle --connections "$N" --rooms "$ROOMS" --hold-secs "$HOLD" --close true \
         --json >"$OUT/storm-$run.json" 2>"$OUT/storm-$run.txt" || status=$?
     after=$(grep -c "cannot start" "$OUT/confab.log" || true)
     python3 - "$OUT/storm-$run.json" "$run" "$status" "$((after - before))" <<'PY'
@@ -56,6 +58,9 @@ print(f"run {run}: exit {status}, attached {c['attached']}/{c['requested']} in "
       f"{c['failures']}, closed later {later} {r['closed_by_server']}), "
       f"'cannot start' lines {cannot}")
 PY
+    # Resident now (all closed) and at its peak so far (VmHWM), KiB.
+    grep -E '^(VmRSS|VmHWM)' "/proc/$pid/status" | tr -s ' \t\n' ' '
+    echo
 done
 # Every run closed all its sessions: no room may still list anybody.
 sleep 2
