@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn a_trim_begins_once_sessions_fell_to_half_the_peak_and_by_enough() {
         let mut t = Trimmer::default();
-        assert!(t.sessions(10_000), "grown from nothing: asked for as a storm's");
+        assert!(
+            t.sessions(10_000),
+            "grown from nothing: asked for as a storm's"
+        );
         assert!(!t.sessions(6_000), "above half the peak");
         assert!(t.sessions(5_000), "half the peak, 5,000 fewer");
         assert!(!t.sessions(2_600), "the peak is now 5,000: above half");
@@ -135,7 +138,10 @@ mod tests {
         // From 8,000 on, a quarter more is needed: a slow ramp trims O(log n) times.
         let mut big = Trimmer::default();
         assert!(big.sessions(8_000));
-        assert!(!big.sessions(9_999), "1,999 more is under a quarter of 8,000");
+        assert!(
+            !big.sessions(9_999),
+            "1,999 more is under a quarter of 8,000"
+        );
         assert!(big.sessions(10_000));
         // Falling resets the base growth is counted from.
         assert!(!big.sessions(9_500));

@@ -445,7 +445,13 @@ impl Room {
     /// Starts a setup read for every session waiting for one, unless a read is on the bus:
     /// then they wait for the next, which starts when it is answered.
     fn set_up(&mut self, ctx: &mut Context<Self>) {
-        if self.setting_up || self.joining.is_empty() {
+        if self.setting_up {
+            return;
+        }
+        // Sessions that left while they waited need nothing read.
+        let seq = &self.seq;
+        self.joining.retain(|j| seq.handle(j.session).is_some());
+        if self.joining.is_empty() {
             return;
         }
         self.setting_up = true;
