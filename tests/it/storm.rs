@@ -179,3 +179,88 @@ async fn a_storm_on_a_redis_slower_than_the_command_timeout_loses_no_session() {
     // time out under the storm must be retried, not close their sessions.
     storm(&[("CONFAB_REDIS__COMMAND_TIMEOUT_MS", "100")]).await;
 }
+
+/// Reads a session's frames up to its `presence` frame (the welcome first).
+async fn frames_to_presence(url: String) -> Result<Vec<serde_json::Value>, String> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut seen = Vec::new();
+    let reading = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&t).map_err(|e| format!("bad JSON {t}: {e}"))?;
+                    let done = v["type"] == "presence";
+                    seen.push(v);
+                    if done {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(Message::Close(c))) => return Err(format!("closed: {c:?}")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("failed: {e}")),
+                None => return Err("dropped".into()),
+            }
+        }
+    };
+    tokio::time::timeout(OPEN_WITHIN, reading)
+        .await
+        .unwrap_or_else(|_| Err(format!("no presence within {OPEN_WITHIN:?}")))?;
+    let _ = ws.close(None).await;
+    Ok(seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_set_up_together_each_get_their_own_resume_or_history() {
+    // Joiners of one room share the head and presence reads, but not what only they asked
+    // for: a resume replays from its own offset, `history=N` gives its own N.
+    const CROWD: usize = 600;
+    let redis = Redis::start();
+    let p = format!("stormr{}", free_port());
+    let server = Server::replica(&redis, &p, "storm-r", &[]).await;
+    let (mut sender, welcome) = server.join("/ws/r?user=sender").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_owned();
+    for n in 1..=5 {
+        assert_eq!(sender.say(&format!("m{n}"), &format!("r{n}")).await, n);
+    }
+    // Session i: resumes after offset i % 5 when i % 3 == 0, asks history=(i % 4) when
+    // i % 3 == 1, and neither otherwise.
+    let path = |i: usize| match i % 3 {
+        0 => format!("/ws/r?user=u{i}&since={}&epoch={epoch}", i % 5),
+        1 => format!("/ws/r?user=u{i}&history={}", i % 4),
+        _ => format!("/ws/r?user=u{i}"),
+    };
+    let opening: Vec<_> = (0..CROWD)
+        .map(|i| tokio::spawn(frames_to_presence(server.url(&path(i)))))
+        .collect();
+    let results = futures_util::future::join_all(opening).await;
+    for (i, result) in results.into_iter().enumerate() {
+        let frames = result
+            .expect("the opening task ran")
+            .unwrap_or_else(|e| panic!("session {i} not served: {e}"));
+        let welcome = &frames[0];
+        assert_eq!(welcome["type"], "welcome", "session {i}: {frames:?}");
+        assert_eq!(welcome["offset"], 5, "session {i}: {welcome}");
+        let texts: Vec<&str> = frames
+            .iter()
+            .filter(|v| v["type"] == "message")
+            .map(|v| v["text"].as_str().unwrap_or(""))
+            .collect();
+        let want: Vec<String> = match i % 3 {
+            0 => (i % 5 + 1..=5).map(|n| format!("m{n}")).collect(),
+            1 => (6 - i % 4..=5).map(|n| format!("m{n}")).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(texts, want, "session {i}: {frames:?}");
+        if i % 3 == 0 {
+            assert_eq!(welcome["recovered"], true, "session {i}: {welcome}");
+        }
+    }
+    assert!(
+        !server.log().contains("cannot start"),
+        "{}",
+        tail(&server.log())
+    );
+}
