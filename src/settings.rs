@@ -93,6 +93,10 @@ pub struct RedisSettings {
     pub prefix: String,
     /// A bus command that takes longer fails, and the client gets `error unavailable`.
     pub command_timeout_ms: u64,
+    /// How long a joining session's setup reads and the replica's presence changes are
+    /// retried after a bus call failed (a timeout under a reconnect storm) before the session
+    /// is closed with 1013 or the change waits for the bus to reconnect.
+    pub join_retry_ms: u64,
     /// A replica that has not renewed its presence lease this long is dead; its members leave.
     pub presence_lease_secs: u64,
     /// Redis replicas that must confirm a message (`WAIT`) before it is acked; 0 = stored on
@@ -199,6 +203,7 @@ impl Default for RedisSettings {
             url: String::new(),
             prefix: "confab".into(),
             command_timeout_ms: 2000,
+            join_retry_ms: 5000,
             presence_lease_secs: 15,
             replicas_to_ack: 0,
         }
@@ -348,6 +353,7 @@ impl Settings {
                 self.api.key_failure_window_secs,
             ),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.join_retry_ms", self.redis.join_retry_ms),
             ("redis.presence_lease_secs", self.redis.presence_lease_secs),
             ("history.ttl_secs", self.history.ttl_secs),
             (

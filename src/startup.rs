@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::hub::{Drain, Hub, RoomDirectory, SessionCount};
 use crate::actors::member::QueueLimits;
+use crate::actors::room::RoomSettings;
 use crate::actors::session::SessionConfig;
 use crate::auth::Verifier;
 use crate::bus::bridge::RedisBridge;
@@ -62,8 +63,11 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             frames: settings.limits.session_queue,
             bytes: settings.limits.session_queue_bytes,
         },
-        settings.limits.join_events_max_members,
-        settings.limits.resume_max_messages,
+        RoomSettings {
+            announce_max: settings.limits.join_events_max_members,
+            resume_max: settings.limits.resume_max_messages,
+            retry_within: Duration::from_millis(settings.redis.join_retry_ms),
+        },
         Arc::clone(&metrics),
     )
     .start();

@@ -5,8 +5,13 @@
 //! It also owns this replica's presence towards the bus: it sees every connect and
 //! disconnect of the replica in order and sends `join`/`leave` in that order, so a client that
 //! reconnects at once cannot have its new join recorded before its old leave (which a room
-//! actor being reaped could not promise). Leaves the bus could not take are kept here and
-//! retried after the bus reconnects, when every local user's join is also re-recorded.
+//! actor being reaped could not promise). A room's joins and leaves queue in order and go to
+//! the bus as runs, one run per room on the way at a time ([`PresenceQueue`]): a reconnect
+//! storm brings hundreds of joins to a room at once, and one script call records those that
+//! gathered while the previous run was answered. A run that fails is sent again (the changes
+//! are idempotent) for `redis.join_retry_ms`; leaves the bus still could not take are kept
+//! here and retried after the bus reconnects, when every local user's join is also
+//! re-recorded.
 //!
 //! Bus events do not pass through the hub: the bus looks rooms up in the shared
 //! [`RoomDirectory`] and sends straight to the room actor.
@@ -14,22 +19,26 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use parking_lot::RwLock;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
-use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room};
+use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomSettings};
 use super::socket::CLOSE_GRACE;
-use crate::bus::{CatchUpDone, EventSink, RoomEvent, SharedBus};
+use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
 use crate::domain::{RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::trim::Trimmer;
 
 /// Close code for sessions closed by a draining replica.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Pause before a failed run of presence changes is sent again: a bus that refuses at once
+/// (not ready) is not asked in a tight loop.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A room actor as the directory knows it.
 #[derive(Clone)]
@@ -143,6 +152,21 @@ struct RoomEntry {
     sessions: usize,
     /// Local connections per user, for presence.
     users: HashMap<UserId, usize>,
+    /// Joins not passed to the room yet: a presence change of the room is still queued, and
+    /// the joining session's presence is read only after its own join went to the bus.
+    held: Vec<Join>,
+}
+
+/// A room's joins and leaves on their way to the bus, in the order sessions came and went.
+#[derive(Default)]
+struct PresenceQueue {
+    /// Not sent yet.
+    waiting: Vec<PresenceChange>,
+    /// A run is on the bus (or waits to be sent again); `waiting` goes when it is answered.
+    sending: bool,
+    /// When the run now on the bus first failed: it is sent again until
+    /// `redis.join_retry_ms` after that.
+    failing_since: Option<Instant>,
 }
 
 pub struct Hub {
@@ -151,14 +175,14 @@ pub struct Hub {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     limits: QueueLimits,
-    /// Rooms with more local members than this get no join/leave frames.
-    announce_max: usize,
-    /// `limits.resume_max_messages`, for the rooms it creates.
-    resume_max: u64,
+    /// For the rooms it creates.
+    room_settings: RoomSettings,
     rooms: HashMap<RoomName, RoomEntry>,
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
     unrecorded_leaves: HashSet<(RoomName, UserId)>,
+    /// Joins and leaves per room not yet recorded by the bus.
+    presence: HashMap<RoomName, PresenceQueue>,
     /// Set by [`Drain`]: a session that was admitted just before the drain began (its upgrade
     /// passed the check before the replica turned not-ready) and attaches now is closed too.
     draining: bool,
@@ -173,13 +197,12 @@ impl Hub {
         directory: RoomDirectory,
         arbiters: Vec<ArbiterHandle>,
         limits: QueueLimits,
-        announce_max: usize,
-        resume_max: u64,
+        room_settings: RoomSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            announce_max,
-            resume_max,
+            room_settings,
+            presence: HashMap::new(),
             metrics,
             bus,
             directory,
@@ -195,40 +218,125 @@ impl Hub {
         }
     }
 
-    /// Records a user's first local connection to a room. The bus sends it at once, so it
-    /// reaches the bus before anything the room then asks (the joining session's presence).
+    /// Records a user's first local connection to a room: queued behind the room's changes
+    /// before it, and sent at once when none is on the bus. Joins to the room are held until
+    /// it was sent, so the joining session's presence read comes after it.
     fn record_join(&mut self, room: &RoomName, user: &UserId, ctx: &mut Context<Self>) {
         self.unrecorded_leaves.remove(&(room.clone(), user.clone()));
-        let join = self.bus.join(room, user);
-        let (room, user) = (room.clone(), user.clone());
-        ctx.spawn(join.into_actor(self).map(move |result, _, _| {
-            if let Err(e) = result {
-                log::warn!(
-                    "room={room} cannot record that {user} joined: {e}; retrying after reconnect"
-                );
+        self.queue_change(room, user, true, ctx);
+    }
+
+    /// Records a user's last local connection leaving; kept for a retry after the bus
+    /// reconnects if it cannot be recorded, so no ghost stays in presence after an outage.
+    fn record_leave(&mut self, room: &RoomName, user: &UserId, ctx: &mut Context<Self>) {
+        self.queue_change(room, user, false, ctx);
+    }
+
+    fn queue_change(
+        &mut self,
+        room: &RoomName,
+        user: &UserId,
+        joined: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let queue = self.presence.entry(room.clone()).or_default();
+        queue.waiting.push(PresenceChange {
+            user: user.clone(),
+            joined,
+        });
+        self.send_presence(room, ctx);
+    }
+
+    /// Sends the room's waiting changes as one run, unless a run is already on the bus;
+    /// then passes on the joins that waited for them.
+    fn send_presence(&mut self, room: &RoomName, ctx: &mut Context<Self>) {
+        let Some(queue) = self.presence.get_mut(room) else {
+            return;
+        };
+        if queue.sending || queue.waiting.is_empty() {
+            return;
+        }
+        queue.sending = true;
+        let run = std::mem::take(&mut queue.waiting);
+        // Sent now: whatever the room reads for the joins below reaches the bus after it.
+        let call = self.bus.presence_changes(room, run.clone());
+        if let Some(entry) = self.rooms.get_mut(room) {
+            for join in entry.held.drain(..) {
+                entry.addr.do_send(join);
             }
+        }
+        let room = room.clone();
+        ctx.spawn(call.into_actor(self).map(move |result, hub, ctx| {
+            hub.presence_answered(room, run, result, ctx);
         }));
     }
 
-    /// Records a user's last local connection leaving; kept for a retry if the bus is down,
-    /// so no ghost stays in presence after an outage.
-    fn record_leave(&mut self, room: &RoomName, user: &UserId, ctx: &mut Context<Self>) {
-        let leave = self.bus.leave(room, user);
-        let (room, user) = (room.clone(), user.clone());
-        ctx.spawn(leave.into_actor(self).map(move |result, hub, _| {
-            if let Err(e) = result {
-                log::warn!(
-                    "room={room} cannot record that {user} left: {e}; retrying after reconnect"
-                );
-                let back = hub
-                    .rooms
-                    .get(&room)
-                    .is_some_and(|entry| entry.users.contains_key(&user));
-                if !back {
-                    hub.unrecorded_leaves.insert((room, user));
-                }
+    fn presence_answered(
+        &mut self,
+        room: RoomName,
+        run: Vec<PresenceChange>,
+        result: Result<(), BusError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(queue) = self.presence.get_mut(&room) else {
+            return;
+        };
+        let Err(e) = result else {
+            queue.sending = false;
+            queue.failing_since = None;
+            if queue.waiting.is_empty() {
+                self.presence.remove(&room);
+            } else {
+                self.send_presence(&room, ctx);
             }
-        }));
+            return;
+        };
+        let since = *queue.failing_since.get_or_insert_with(Instant::now);
+        // The rooms' setup reads are retried as long: a session waits for both.
+        if since.elapsed() < self.room_settings.retry_within {
+            // Idempotent changes: the whole run goes again, ahead of what queued meanwhile.
+            log::debug!(
+                "room={room} {} presence changes not recorded yet: {e}; retrying",
+                run.len()
+            );
+            let later = std::mem::take(&mut queue.waiting);
+            queue.waiting = run;
+            queue.waiting.extend(later);
+            ctx.run_later(RETRY_PAUSE, move |hub, ctx| {
+                if let Some(queue) = hub.presence.get_mut(&room) {
+                    queue.sending = false;
+                }
+                hub.send_presence(&room, ctx);
+            });
+            return;
+        }
+        queue.sending = false;
+        queue.failing_since = None;
+        for change in run {
+            let user = change.user;
+            if change.joined {
+                log::warn!(
+                    "room={room} cannot record that {user} joined: {e}; retrying after reconnect"
+                );
+                continue;
+            }
+            log::warn!("room={room} cannot record that {user} left: {e}; retrying after reconnect");
+            let back = self
+                .rooms
+                .get(&room)
+                .is_some_and(|entry| entry.users.contains_key(&user));
+            if !back {
+                self.unrecorded_leaves.insert((room.clone(), user));
+            }
+        }
+        if self
+            .presence
+            .get(&room)
+            .is_some_and(|q| q.waiting.is_empty())
+        {
+            self.presence.remove(&room);
+        }
+        self.send_presence(&room, ctx);
     }
 
     /// The room's entry, starting its actor on the next arbiter if it has none.
@@ -239,8 +347,7 @@ impl Hub {
             arbiters,
             next_arbiter,
             limits,
-            announce_max,
-            resume_max,
+            room_settings,
             rooms,
             metrics,
             ..
@@ -251,8 +358,7 @@ impl Hub {
                 name.clone(),
                 Arc::clone(bus),
                 limits.frames,
-                *announce_max,
-                *resume_max,
+                *room_settings,
                 Arc::clone(&resync_asked),
                 Arc::clone(metrics),
             );
@@ -272,6 +378,7 @@ impl Hub {
                 addr,
                 sessions: 0,
                 users: HashMap::new(),
+                held: Vec::new(),
             }
         })
     }
@@ -305,11 +412,22 @@ impl Handler<Connect> for Hub {
         let count = entry.users.entry(user.clone()).or_insert(0);
         *count += 1;
         let first = *count == 1;
-        let addr = entry.addr.clone();
         if first {
             self.record_join(&msg.room, &user, ctx);
         }
-        addr.do_send(msg.join);
+        let waiting = self
+            .presence
+            .get(&msg.room)
+            .is_some_and(|q| !q.waiting.is_empty());
+        if let Some(entry) = self.rooms.get_mut(&msg.room) {
+            // Behind a change still queued (its own join, or one before it), or behind
+            // joins already held: passed on in order once that change was sent.
+            if waiting || !entry.held.is_empty() {
+                entry.held.push(msg.join);
+            } else {
+                entry.addr.do_send(msg.join);
+            }
+        }
     }
 }
 
@@ -329,6 +447,8 @@ impl Handler<Disconnect> for Hub {
         let Some(entry) = self.rooms.get_mut(&msg.room) else {
             return;
         };
+        // A join still held never reached the room: it must not reach it after this leave.
+        entry.held.retain(|join| join.session != msg.session);
         entry.addr.do_send(Leave {
             session: msg.session,
         });
@@ -391,8 +511,9 @@ impl Handler<Reassert> for Hub {
         for (room, user) in joins {
             self.record_join(&room, &user, ctx);
         }
-        // The joins above are already on their way to the bus, so each room's presence read
-        // comes after them.
+        // The joins above are on their way to the bus or queued behind a run that is; a
+        // refresh read before one of them lands is followed by its event (versions keep the
+        // members' sets right either way).
         for entry in self.rooms.values() {
             entry.addr.do_send(RefreshPresence);
         }
@@ -489,8 +610,11 @@ mod tests {
             directory,
             Vec::new(),
             limits,
-            usize::MAX,
-            u64::MAX,
+            RoomSettings {
+                announce_max: usize::MAX,
+                resume_max: u64::MAX,
+                retry_within: Duration::from_secs(5),
+            },
             metrics,
         )
         .start();

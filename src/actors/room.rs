@@ -5,17 +5,26 @@
 //! and carries out the history reads and epoch renewals the sequencer asks for. Presence
 //! (`join`/`leave` towards the bus) is the hub's: it sees every connection of the replica in
 //! order, so a quick reconnect cannot record its join before the old connection's leave.
+//!
+//! Joining sessions are set up in batches: while one setup read (the head, the latest
+//! history, the presence snapshot) is on the bus, sessions that join meanwhile wait for the
+//! next one, so a reconnect storm of hundreds into one room costs a few reads, not hundreds
+//! each. Each still gets a welcome whose head was read after it joined, and a resume its own
+//! replay. A read that fails is tried again for `redis.join_retry_ms` before the sessions it
+//! was for are closed with 1013.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::member::MemberHandle;
 use super::sequencer::{Outcome, Page, Sequencer, Step, Synced};
-use crate::bus::{BusError, CatchUpDone, PresenceSnapshot, Replay, RoomEvent, SharedBus};
+use crate::bus::{
+    BusError, CatchUpDone, HistoryPage, PresenceSnapshot, Replay, RoomEvent, RoomHead, SharedBus,
+};
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
@@ -29,6 +38,10 @@ const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// How long a failed history read or epoch renewal waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Pause before a failed setup read is tried again: a bus that refuses at once (not ready)
+/// is not asked in a tight loop.
+const SETUP_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Hub → room: a session joins.
 #[derive(Message)]
@@ -111,7 +124,34 @@ pub struct Room {
     /// A presence refresh is being read; `Some(true)` when another was asked for meanwhile
     /// (it is read once this one is answered, so a burst asks the bus once or twice).
     refreshing: Option<bool>,
+    /// Joined sessions waiting for the next setup read, in join order.
+    joining: Vec<Joining>,
+    /// A setup read is on the bus (or waits to be tried again).
+    setting_up: bool,
+    /// `redis.join_retry_ms`: how long a session's setup is retried after failed reads.
+    retry_within: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// What every room of a replica is started with (from the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct RoomSettings {
+    /// Rooms with more local members than this get no join/leave frames
+    /// (`limits.join_events_max_members`).
+    pub announce_max: usize,
+    /// `limits.resume_max_messages`.
+    pub resume_max: u64,
+    /// `redis.join_retry_ms`: how long a session's setup is retried after failed reads.
+    pub retry_within: Duration,
+}
+
+/// A joined session waiting for its welcome.
+struct Joining {
+    session: SessionId,
+    resume: Option<(Offset, Epoch)>,
+    history: usize,
+    /// Past it, a failed read closes the session (1013) instead of being tried again.
+    give_up_at: Instant,
 }
 
 impl Room {
@@ -119,16 +159,19 @@ impl Room {
         name: RoomName,
         bus: SharedBus,
         hold_per_member: usize,
-        announce_max: usize,
-        resume_max: u64,
+        settings: RoomSettings,
         resync_asked: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             metrics,
+            joining: Vec::new(),
+            setting_up: false,
+            retry_within: settings.retry_within,
             page: (hold_per_member / 4).clamp(1, 256),
-            resume_max,
-            seq: Sequencer::new(name.clone(), hold_per_member).with_announce_limit(announce_max),
+            resume_max: settings.resume_max,
+            seq: Sequencer::new(name.clone(), hold_per_member)
+                .with_announce_limit(settings.announce_max),
             name,
             bus,
             resync_asked,
@@ -276,36 +319,96 @@ impl Room {
     }
 }
 
-/// Reads what a joining session needs: replay when it resumes, else the latest `history`.
-/// A resume's replay is read `page` messages at a time (the first page here, the rest by the
-/// room as the session drains its queue); one that would replay more than `resume_max`
-/// messages is not recovered (SPEC §5: the client pages `history` instead).
-async fn sync(
+/// What one setup read found for every session of its batch.
+struct SetupRead {
+    /// The room's head, when a session of the batch does not resume.
+    head: Option<RoomHead>,
+    /// The latest messages, as many as the batch's largest `history=N` asked for.
+    history: Option<HistoryPage>,
+    /// Read after every session of the batch had its join sent to the bus, so each is listed.
+    presence: PresenceSnapshot,
+    /// Each resuming session's replay (its first page), by its place in the batch.
+    replays: Vec<Option<Result<Replay, BusError>>>,
+}
+
+/// Reads what a batch of joining sessions needs, all at once: one head, one history page and
+/// one presence snapshot for all of them, and a replay for each that resumes (a resume's
+/// replay is read `page` messages at a time: the first page here, the rest by the room as
+/// the session drains its queue).
+async fn read_setup(
     bus: SharedBus,
     room: RoomName,
-    resume: Option<(Offset, Epoch)>,
-    history: usize,
+    batch: Vec<(Option<(Offset, Epoch)>, usize)>,
     page: usize,
+) -> Result<SetupRead, BusError> {
+    let replays = futures_util::future::join_all(batch.iter().map(|(resume, _)| {
+        let replay = resume
+            .as_ref()
+            .map(|(since, epoch)| bus.replay(&room, *since, epoch, page));
+        async move {
+            match replay {
+                Some(replay) => Some(replay.await),
+                None => None,
+            }
+        }
+    }));
+    let fresh = batch.iter().any(|(resume, _)| resume.is_none());
+    let head = async {
+        match fresh {
+            true => bus.head(&room).await.map(Some),
+            false => Ok(None),
+        }
+    };
+    let most = batch.iter().map(|(_, history)| *history).max().unwrap_or(0);
+    let history = async {
+        match most {
+            0 => Ok(None),
+            n => bus
+                .history(&room, None, n.min(MAX_HISTORY_LIMIT))
+                .await
+                .map(Some),
+        }
+    };
+    let (replays, head, history, presence) =
+        futures_util::join!(replays, head, history, bus.presence_snapshot(&room));
+    Ok(SetupRead {
+        head: head?,
+        history: history?,
+        presence: presence?,
+        replays,
+    })
+}
+
+/// What one joining session is sent, from its batch's read: its replay when it resumes, else
+/// the head; the latest `history` messages when it is not recovered. A resume that would
+/// replay more than `resume_max` messages is not recovered (SPEC §5: the client pages
+/// `history` instead).
+fn setup_of(
+    room: &RoomName,
+    read: &SetupRead,
+    resume: Option<(Offset, Replay)>,
+    history: usize,
     resume_max: u64,
-) -> Result<(Synced, PresenceSnapshot), BusError> {
+) -> Result<Synced, BusError> {
+    let missing = || BusError::Internal("a setup read left out what a session needs".into());
     let (head, recovered, backlog) = match resume {
-        Some((since, epoch)) => match bus.replay(&room, since, &epoch, page).await? {
+        Some((since, replay)) => match replay {
             Replay::Recovered { head, .. } if head.offset.saturating_sub(since) > resume_max => {
                 (head, Some(false), Vec::new())
             }
             Replay::Recovered { head, messages } => (head, Some(true), messages),
             Replay::NotRecovered { head } => (head, Some(false), Vec::new()),
         },
-        None => (bus.head(&room).await?, None, Vec::new()),
+        None => (read.head.clone().ok_or_else(missing)?, None, Vec::new()),
     };
     let mut backlog = backlog;
     let mut epoch = head.epoch.clone();
     if recovered != Some(true) && history > 0 {
-        let page = bus
-            .history(&room, None, history.min(MAX_HISTORY_LIMIT))
-            .await?;
-        epoch = page.epoch;
-        backlog = page.messages;
+        let page = read.history.as_ref().ok_or_else(missing)?;
+        epoch = page.epoch.clone();
+        // The batch read the most any of its sessions asked for: this one's are the newest.
+        let skip = page.messages.len().saturating_sub(history);
+        backlog = page.messages[skip..].to_vec();
     }
     // A replay that did not reach the head goes on page by page after its last message.
     let more = recovered == Some(true) && backlog.last().is_some_and(|m| m.offset < head.offset);
@@ -313,14 +416,12 @@ async fn sync(
         Some(m) if more => m.offset,
         last => last.map_or(head.offset, |m| m.offset.max(head.offset)),
     };
-    // Read after the hub recorded this member's join (the bus sent it at once), so the
-    // member is listed; joins and leaves up to its version are not told again. A member that
-    // pages its replay gets the list once it has caught up.
-    let presence = bus.presence_snapshot(&room).await?;
+    // Joins and leaves up to the snapshot's version are not told again. A member that pages
+    // its replay gets the list once it has caught up.
     let mut frames: Vec<ByteString> = backlog.into_iter().map(|m| m.json).collect();
     let listed = ServerFrame::Presence {
-        room: &room,
-        users: &presence.users,
+        room,
+        users: &read.presence.users,
     }
     .to_text();
     let mut tail = Vec::new();
@@ -329,7 +430,7 @@ async fn sync(
     } else {
         frames.push(listed);
     }
-    let synced = Synced {
+    Ok(Synced {
         epoch,
         offset: head.offset,
         recovered,
@@ -337,8 +438,102 @@ async fn sync(
         delivered,
         more,
         tail,
-    };
-    Ok((synced, presence))
+    })
+}
+
+impl Room {
+    /// Starts a setup read for every session waiting for one, unless a read is on the bus:
+    /// then they wait for the next, which starts when it is answered.
+    fn set_up(&mut self, ctx: &mut Context<Self>) {
+        if self.setting_up {
+            return;
+        }
+        // Sessions that left while they waited need nothing read.
+        let seq = &self.seq;
+        self.joining.retain(|j| seq.handle(j.session).is_some());
+        if self.joining.is_empty() {
+            return;
+        }
+        self.setting_up = true;
+        let batch = std::mem::take(&mut self.joining);
+        let wants = batch
+            .iter()
+            .map(|j| (j.resume.clone(), j.history))
+            .collect();
+        let read = read_setup(Arc::clone(&self.bus), self.name.clone(), wants, self.page);
+        ctx.spawn(read.into_actor(self).map(move |read, room, ctx| {
+            room.setting_up = false;
+            room.set_up_done(batch, read, ctx);
+            room.set_up(ctx);
+        }));
+    }
+
+    /// Welcomes the sessions a setup read was for; those it failed for wait for the next
+    /// read, or are closed with 1013 once they have waited `redis.join_retry_ms`.
+    fn set_up_done(
+        &mut self,
+        batch: Vec<Joining>,
+        read: Result<SetupRead, BusError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let mut again = Vec::new();
+        let mut replays = Vec::new();
+        let read = match read {
+            Ok(mut read) => {
+                replays = std::mem::take(&mut read.replays);
+                Ok(read)
+            }
+            Err(e) => Err(e),
+        };
+        replays.resize_with(batch.len(), || None);
+        for (joining, replay) in batch.into_iter().zip(replays) {
+            let session = joining.session;
+            if self.seq.handle(session).is_none() {
+                continue; // left meanwhile
+            }
+            let synced = read.as_ref().map_err(Clone::clone).and_then(|read| {
+                let resume = match (&joining.resume, replay) {
+                    (Some((since, _)), Some(replay)) => Some((*since, replay?)),
+                    _ => None,
+                };
+                setup_of(&self.name, read, resume, joining.history, self.resume_max)
+                    .map(|synced| (synced, &read.presence))
+            });
+            match synced {
+                Ok((synced, presence)) => {
+                    self.seq.presence_read(session, presence);
+                    let outcome = self.seq.synced(session, synced);
+                    self.apply(outcome, ctx);
+                }
+                Err(e) if Instant::now() < joining.give_up_at => {
+                    log::debug!(
+                        "room={} session={session:x} setup read failed: {e}; retrying",
+                        self.name
+                    );
+                    again.push(joining);
+                }
+                Err(e) => {
+                    log::warn!("room={} session={session:x} cannot start: {e}", self.name);
+                    self.count();
+                    if let Some((_, handle)) = self.seq.remove(session) {
+                        handle.close(CLOSE_TRY_AGAIN, "message bus unavailable; try again");
+                    }
+                }
+            }
+        }
+        self.refresh_if_stale(ctx);
+        if again.is_empty() {
+            return;
+        }
+        // Ahead of those who joined meanwhile, after a pause; nothing else is read until then.
+        again.append(&mut self.joining);
+        self.joining = again;
+        self.setting_up = true;
+        ctx.run_later(SETUP_RETRY_PAUSE, |room, ctx| {
+            room.setting_up = false;
+            room.set_up(ctx);
+        });
+    }
 }
 
 impl Actor for Room {
@@ -360,34 +555,14 @@ impl Handler<Join> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
-        let session = msg.session;
-        self.seq.add(session, msg.user, msg.member);
-        let fut = sync(
-            Arc::clone(&self.bus),
-            self.name.clone(),
-            msg.resume,
-            msg.history,
-            self.page,
-            self.resume_max,
-        );
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(move |synced, room, ctx| match synced {
-                    Ok((synced, presence)) => {
-                        room.seq.presence_read(session, &presence);
-                        let outcome = room.seq.synced(session, synced);
-                        room.apply(outcome, ctx);
-                        room.refresh_if_stale(ctx);
-                    }
-                    Err(e) => {
-                        log::warn!("room={} session={session:x} cannot start: {e}", room.name);
-                        room.count();
-                        if let Some((_, handle)) = room.seq.remove(session) {
-                            handle.close(CLOSE_TRY_AGAIN, "message bus unavailable; try again");
-                        }
-                    }
-                }),
-        );
+        self.seq.add(msg.session, msg.user, msg.member);
+        self.joining.push(Joining {
+            session: msg.session,
+            resume: msg.resume,
+            history: msg.history,
+            give_up_at: Instant::now() + self.retry_within,
+        });
+        self.set_up(ctx);
     }
 }
 

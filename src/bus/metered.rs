@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Bus, BusFuture, HistoryPage, NewMessage, PresenceSnapshot, Published, Renewed, Replay,
-    RoomHead, SharedBus,
+    Bus, BusFuture, HistoryPage, NewMessage, PresenceChange, PresenceSnapshot, Published, Renewed,
+    Replay, RoomHead, SharedBus,
 };
 use crate::domain::{Epoch, Offset, RoomName, UserId};
 use crate::metrics::Metrics;
@@ -97,6 +97,10 @@ impl Bus for MeteredBus {
 
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
         self.inner.leave(room, user)
+    }
+
+    fn presence_changes(&self, room: &RoomName, changes: Vec<PresenceChange>) -> BusFuture<()> {
+        self.inner.presence_changes(room, changes)
     }
 
     fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {

@@ -149,6 +149,14 @@ pub enum EventKind {
     },
 }
 
+/// One join or leave of this replica's, for [`Bus::presence_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub user: UserId,
+    /// `true` for a join (the user's first connection here), `false` for a leave (its last).
+    pub joined: bool,
+}
+
 /// A room's presence version (see the module doc): one more per published join or leave.
 pub type PresenceVersion = u64;
 
@@ -240,6 +248,28 @@ pub trait Bus: Send + Sync + 'static {
 
     /// This replica no longer holds any connection of `user` in `room`.
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()>;
+
+    /// Records a run of one room's joins and leaves in order, exactly as `join` and `leave`
+    /// would one after another (each published with its own version), resolving once all
+    /// are recorded. The work is started by this call, like theirs. Each change is
+    /// idempotent, so a run that failed may be sent again whole. A bus may record the run in
+    /// one round trip: the Redis bus makes one script call of it (a reconnect storm brings
+    /// hundreds of joins to a room at once).
+    fn presence_changes(&self, room: &RoomName, changes: Vec<PresenceChange>) -> BusFuture<()> {
+        let calls: Vec<BusFuture<()>> = changes
+            .iter()
+            .map(|c| match c.joined {
+                true => self.join(room, &c.user),
+                false => self.leave(room, &c.user),
+            })
+            .collect();
+        Box::pin(async move {
+            for call in calls {
+                call.await?;
+            }
+            Ok(())
+        })
+    }
 
     /// Users present in the room on every replica, sorted.
     fn presence(&self, room: &RoomName) -> BusFuture<Vec<UserId>> {

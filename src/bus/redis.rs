@@ -46,7 +46,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceSnapshot,
+    Bus, BusError, BusFuture, EventKind, HistoryPage, NewMessage, PresenceChange, PresenceSnapshot,
     PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
@@ -573,11 +573,23 @@ impl Bus for Arc<RedisBus> {
     }
 
     fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
-        self.presence_change(room, user, true)
+        let change = PresenceChange {
+            user: user.clone(),
+            joined: true,
+        };
+        self.presence_changes(room, vec![change])
     }
 
     fn leave(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
-        self.presence_change(room, user, false)
+        let change = PresenceChange {
+            user: user.clone(),
+            joined: false,
+        };
+        self.presence_changes(room, vec![change])
+    }
+
+    fn presence_changes(&self, room: &RoomName, changes: Vec<PresenceChange>) -> BusFuture<()> {
+        RedisBus::presence_changes(self, room, changes)
     }
 
     fn presence_snapshot(&self, room: &RoomName) -> BusFuture<PresenceSnapshot> {

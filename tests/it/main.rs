@@ -25,4 +25,5 @@ mod redis_cluster;
 mod resume;
 mod rolling;
 mod store;
+mod storm;
 mod webdriver;

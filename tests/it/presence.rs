@@ -84,8 +84,8 @@ async fn time_change(redis: &Redis, p: &str, room: &str, kind: &str) -> u64 {
     let tail = r#","user":"probe","frame":{}}"#;
     let reply = redis
         .cmd(&[
-            "EVAL", CHANGE_LUA, "5", &users, &set, &holders, &meta, &version, kind, "probe",
-            "probe", &channel, &head, "86400", "60", tail,
+            "EVAL", CHANGE_LUA, "5", &users, &set, &holders, &meta, &version, "probe", &channel,
+            "86400", "60", kind, "probe", &head, tail,
         ])
         .await;
     assert!(

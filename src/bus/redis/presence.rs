@@ -36,12 +36,12 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 
 use super::{sent, strip_comments, unavailable, RedisBus};
-use crate::bus::{BusError, BusFuture, PresenceSnapshot};
+use crate::bus::{BusError, BusFuture, PresenceChange, PresenceSnapshot};
 use crate::domain::{now_ms, RoomName, UserId};
 use crate::protocol::ServerFrame;
 
 const CHANGE_LUA: &str = include_str!("../lua/presence.lua");
-/// The change script as sent with every EVAL (see `presence_change`).
+/// The change script as sent with every EVAL (see `presence_changes`).
 static CHANGE_BODY: LazyLock<String> = LazyLock::new(|| strip_comments(CHANGE_LUA));
 const MEMBERS_LUA: &str = include_str!("../lua/members.lua");
 const REAP_LUA: &str = include_str!("../lua/reap.lua");
@@ -374,23 +374,20 @@ impl RedisBus {
         Ok(())
     }
 
-    /// Records a join or leave of this replica's (see `lua/presence.lua`).
-    pub(super) fn presence_change(
+    /// Records a run of joins and leaves of this replica's in one room, in order, with one
+    /// script call (see `lua/presence.lua`).
+    pub(super) fn presence_changes(
         self: &Arc<Self>,
         room: &RoomName,
-        user: &UserId,
-        joined: bool,
+        changes: Vec<PresenceChange>,
     ) -> BusFuture<()> {
         if let Err(e) = self.check_ready() {
             return futures_util::future::ready(Err(e)).boxed();
         }
+        if changes.is_empty() {
+            return futures_util::future::ready(Ok(())).boxed();
+        }
         let ts = now_ms();
-        let (kind, frame) = if joined {
-            ("join", ServerFrame::Join { room, user, ts }.to_text())
-        } else {
-            ("leave", ServerFrame::Leave { room, user, ts }.to_text())
-        };
-        let (event_head, event_tail) = Self::presence_envelope(kind, user, &frame);
         let keys = self.presence_keys(room);
         let room_keys = self.keys(room);
         let script_keys = vec![
@@ -400,26 +397,34 @@ impl RedisBus {
             room_keys.meta,
             keys.version,
         ];
-        let args = vec![
-            kind.to_owned(),
+        let mut args = Vec::with_capacity(4 + 4 * changes.len());
+        args.extend([
             self.node.to_string(),
-            user.to_string(),
             room_keys.channel,
-            event_head,
             self.ttl_secs.to_string(),
             self.empty_room_ttl_secs.to_string(),
-            event_tail,
-        ];
+        ]);
+        for change in &changes {
+            let user = &change.user;
+            let (kind, frame) = if change.joined {
+                ("join", ServerFrame::Join { room, user, ts }.to_text())
+            } else {
+                ("leave", ServerFrame::Leave { room, user, ts }.to_text())
+            };
+            let (event_head, event_tail) = Self::presence_envelope(kind, user, &frame);
+            args.extend([kind.to_owned(), user.to_string(), event_head, event_tail]);
+        }
+        let joins = changes.iter().filter(|c| c.joined).count() as i64;
         let bus = Arc::clone(self);
         let room = room.to_string();
         // Both commands are sent now, in this order: the hub calls join and leave in the
         // order its sessions came and went, and Redis must record them in that order (a
         // quick reconnect's join must not land before the old connection's leave).
-        let count = joined.then(|| {
+        let count = (joins > 0).then(|| {
             let (bus, room) = (Arc::clone(&bus), room.clone());
-            // Counted before the member is recorded: a crash in between leaves the room
+            // Counted before the members are recorded: a crash in between leaves the room
             // listed for nothing (harmless), never a member no survivor can find.
-            sent(async move { bus.count_room(&room, 1).await })
+            sent(async move { bus.count_room(&room, joins).await })
         });
         let client = bus.client.clone();
         let change = sent(async move {
@@ -433,15 +438,19 @@ impl RedisBus {
                 count.await.map_err(unavailable)?;
             }
             let reply: Vec<i64> = change.await.map_err(unavailable)?;
-            let changed = reply.first() == Some(&1);
             // A repeated join recorded nothing, so it takes its count back; a leave that
             // removed a member takes one away, which drops the room after its last member.
-            if joined == changed {
+            let back = changes
+                .iter()
+                .zip(reply.chunks(2))
+                .filter(|(c, r)| c.joined != (r.first() == Some(&1)))
+                .count() as i64;
+            if back == 0 {
                 return Ok(());
             }
-            if let Err(e) = bus.count_room(&room, -1).await {
-                // The change itself is recorded; a stale count only keeps the room listed
-                // for the reaper, which then finds nothing there.
+            if let Err(e) = bus.count_room(&room, -back).await {
+                // The changes themselves are recorded; a stale count only keeps the room
+                // listed for the reaper, which then finds nothing there.
                 log::warn!(
                     "node={} room={room} cannot update its room list: {e}",
                     bus.node
