@@ -1,5 +1,5 @@
-//! Who may connect and what they may do (SPEC §2, §3): JWT validation, the identity a token
-//! grants, room and publish globs, and `confab token`'s signing. No actix here: the upgrade
+//! Who may connect and what they may do (docs/PROTOCOL.md §3.2): JWT validation, the identity a
+//! token grants, room and publish globs, and `confab token`'s signing. No actix here: the upgrade
 //! handler asks, this module answers.
 
 use std::sync::Arc;
@@ -85,7 +85,7 @@ pub fn read_public_key(path: &str) -> Result<(Algorithm, DecodingKey), KeyError>
     Err(KeyError::Format(path.to_owned()))
 }
 
-/// The claims confab reads (SPEC §2).
+/// The claims confab reads (docs/PROTOCOL.md §3.2).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -102,8 +102,8 @@ pub struct Claims {
     pub iss: Option<String>,
 }
 
-/// A claim that may be absent, `null`, or a value: `Option<Option<T>>` with serde's default
-/// would read `null` as absent, and an absent `rooms` means every room (SPEC §2), so a
+/// A claim that may be absent, `null`, or a value: `Option<Option<T>>` with serde's default would
+/// read `null` as absent, and an absent `rooms` means every room (docs/PROTOCOL.md §3.2), so a
 /// `null` would silently widen access.
 #[derive(Debug, Clone, Default)]
 enum Claim<T> {

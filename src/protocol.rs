@@ -1,6 +1,6 @@
-//! The wire format of SPEC §4: what clients send and what the server answers, as plain data.
-//! Nothing here knows about actors or the bus; parsing and validation are pure functions so
-//! every rule about bad input is unit-tested without a socket.
+//! The wire format of docs/PROTOCOL.md §5–§7: what clients send and what the server answers, as
+//! plain data. Nothing here knows about actors or the bus; parsing and validation are pure
+//! functions so every rule about bad input is unit-tested without a socket.
 
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
@@ -306,7 +306,7 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
-        /// The room the refused request was about, when known (SPEC §4).
+        /// The room the refused request was about, when known (docs/PROTOCOL.md §5.10).
         #[serde(skip_serializing_if = "Option::is_none")]
         room: Option<&'a RoomName>,
     },

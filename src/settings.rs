@@ -1,6 +1,7 @@
-//! Settings (SPEC §2): built-in defaults < TOML file < `CONFAB_<SECTION>__<KEY>` environment
-//! variables < command-line flags. Every layer is checked against the defaults, so an unknown
-//! key or a value of the wrong type stops start-up with a message that names the key.
+//! Settings (every key is in config/default.toml): built-in defaults < TOML file <
+//! `CONFAB_<SECTION>__<KEY>` environment variables < command-line flags. Every layer is checked
+//! against the defaults, so an unknown key or a value of the wrong type stops start-up with a
+//! message that names the key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,7 +132,7 @@ pub struct LimitSettings {
     pub messages_per_sec_per_user: u32,
     /// Distinct rooms the sessions of one client address may be in at once; 0 = no limit.
     pub rooms_per_ip: usize,
-    /// Most messages one resume replays; a longer one is `recovered:false` (SPEC §5).
+    /// Most messages one resume replays; a longer one is `recovered:false` (docs/PROTOCOL.md §9).
     pub resume_max_messages: u64,
     /// Rooms with more members than this on a replica send no join/leave frames.
     pub join_events_max_members: usize,
@@ -146,7 +147,7 @@ pub struct HistorySettings {
     pub empty_room_ttl_secs: u64,
 }
 
-/// Where history outlives the bus (SPEC §7).
+/// Where history outlives the bus (docs/design.md, "The store").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {

@@ -1,4 +1,4 @@
-// confab's built-in web client, and the reference for writing one (protocol: SPEC.md).
+// confab's built-in web client, and the reference for writing one (protocol: docs/PROTOCOL.md).
 //
 // What a client has to get right, and where this one does it:
 // - Nothing typed is lost. Each message goes into the outbox with a fresh `ref` and stays
@@ -23,7 +23,7 @@ const PING_EVERY_MS = 25000;    // a browser cannot see WebSocket pings, so ask 
 const SILENCE_MS = 35000;       // and give a connection up when nothing came for this long
 const MAX_FRAME_BYTES = 65536;  // the server's default limits.max_frame_bytes
 const MAX_TRIES = 5;            // `unavailable`/`internal` answers before a message is given up
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/; // room and user names (SPEC §3)
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/; // room and user names (docs/PROTOCOL.md §3.1)
 
 const $ = (id) => document.getElementById(id);
 
@@ -365,7 +365,8 @@ function connect() {
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const url = `${scheme}//${location.host}/ws/${encodeURIComponent(room)}?${params}`;
-  // Browsers cannot set headers on a WebSocket: the token rides as a subprotocol (SPEC §3).
+  // Browsers cannot set headers on a WebSocket: the token rides as a subprotocol (docs/PROTOCOL.md
+  // §3.2).
   const token = sessionStorage.getItem("confab.token") || "";
   const sock = auth ? new WebSocket(url, ["confab.v1", "token." + token]) : new WebSocket(url);
   ws = sock;
@@ -424,7 +425,7 @@ function lost(code, reason, opened) {
   }
 }
 
-// What a close code means for reconnecting (SPEC §4 and §5, RFC 6455 §7.4.1).
+// What a close code means for reconnecting (docs/PROTOCOL.md §8, RFC 6455 §7.4.1).
 function planFor(code) {
   if (code === 4008) return "now";   // fell behind: resume at once to catch up
   if (code >= 4000 && code <= 4999) return "stop"; // 4001 token expired and other auth codes

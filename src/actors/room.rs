@@ -381,7 +381,7 @@ async fn read_setup(
 
 /// What one joining session is sent, from its batch's read: its replay when it resumes, else
 /// the head; the latest `history` messages when it is not recovered. A resume that would
-/// replay more than `resume_max` messages is not recovered (SPEC §5: the client pages
+/// replay more than `resume_max` messages is not recovered (docs/PROTOCOL.md §9: the client pages
 /// `history` instead).
 fn setup_of(
     room: &RoomName,

@@ -5,9 +5,9 @@
 //! rather than 16 KiB.
 //!
 //! A session turns client frames into requests (parsing in [`crate::protocol`], reassembly in
-//! [`crate::wsframe`]), publishes through the bus, and writes what its room delivers. Nothing
-//! is written before the welcome, and frames the client sends before it are held and handled
-//! right after it (SPEC §5): a message sent at once on connecting is then published after the
+//! [`crate::wsframe`]), publishes through the bus, and writes what its room delivers. Nothing is
+//! written before the welcome, and frames the client sends before it are held and handled right
+//! after it (docs/PROTOCOL.md §4): a message sent at once on connecting is then published after the
 //! room read its head for the welcome, so it comes back to its sender like any other.
 
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use crate::wsframe::{Assembler, Inbound};
 /// The subprotocol confab speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "confab.v1";
 
-/// Close code of a session whose token expired (SPEC §2).
+/// Close code of a session whose token expired (docs/PROTOCOL.md §8).
 pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// Writes the answers to a session's publishes as they come back, in send order. Spawned
@@ -233,8 +233,8 @@ impl Session {
         let request = match protocol::parse_request(text, self.cfg.max_message_chars) {
             Ok(r) => r,
             Err(rejection) => {
-                // A refused frame costs a token like a message (SPEC §4): a client that only
-                // sends garbage is closed with 1008 like one that floods with messages.
+                // A refused frame costs a token like a message (docs/PROTOCOL.md §11): a client
+                // that only sends garbage is closed with 1008 like one that floods with messages.
                 if !self.bucket.try_take(Instant::now()) {
                     return self.rate_limited(rejection.reference.as_deref(), ctx);
                 }
@@ -390,8 +390,8 @@ impl Session {
         }
     }
 
-    /// Answered by the room, through this session's inbox: the room knows which joins and
-    /// leaves this client was told, so the list and those frames stay one set (SPEC §5).
+    /// Answered by the room, through this session's inbox: the room knows which joins and leaves
+    /// this client was told, so the list and those frames stay one set (docs/PROTOCOL.md §12).
     fn presence(&mut self, _: &mut Context<Self>) {
         self.hub.do_send(AskPresence {
             room: self.room.clone(),

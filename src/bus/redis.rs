@@ -11,8 +11,8 @@
 //!
 //! The subscriber side lives in [`RedisBridge`](super::bridge::RedisBridge).
 //!
-//! Key layout (SPEC §6), `P` the prefix and `R` the room. Per room, all under the `{R}` hash
-//! tag so one script may use them together on a Redis Cluster:
+//! Key layout (docs/design.md, "The Redis bus"), `P` the prefix and `R` the room. Per room, all
+//! under the `{R}` hash tag so one script may use them together on a Redis Cluster:
 //! - `P:{R}:meta` (hash: epoch, offset), `P:{R}:history` (stream, entry id `<offset>-0`,
 //!   field `f` = the message frame), `P:{R}:ref:<user>:<ref>` (string "epoch offset", 5 min);
 //! - `P:{R}:presence:users` (hash: user → number of replicas holding the user),

@@ -1,5 +1,5 @@
-//! Who gets a session slot (SPEC §3): the replica's connection cap, open sessions per client
-//! address and upgrades per client address per second. The upgrade handler asks before it
+//! Who gets a session slot (docs/PROTOCOL.md §3.4): the replica's connection cap, open sessions per
+//! client address and upgrades per client address per second. The upgrade handler asks before it
 //! upgrades; a [`Slot`] is held by the session and released when it ends.
 //!
 //! Per client address it also keeps what one address may do across all of its connections:

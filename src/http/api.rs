@@ -1,5 +1,5 @@
-//! The HTTP API for backend services (SPEC §3): publish into a room, read its history, see
-//! who is present. Every call needs `Authorization: Bearer <api.key>`.
+//! The HTTP API for backend services (docs/PROTOCOL.md §15): publish into a room, read its history,
+//! see who is present. Every call needs `Authorization: Bearer <api.key>`.
 //!
 //! A publish takes the same path as a WebSocket message: the same validation, then
 //! [`Bus::publish`](crate::bus::Bus::publish), so it gets the room's next offset, is stored

@@ -1,9 +1,9 @@
-//! Throttles guessing of the HTTP API's key (SPEC §3): after `api.max_key_failures` wrong keys
-//! from one client address within `api.key_failure_window_secs`, that address gets 429 for
-//! every API call, the right key included, until the window that began with its first wrong
-//! key has passed. A guesser then learns nothing from a hit, and the key's strength is
-//! measured in windows, not in requests. Addresses are counted like WebSocket admission's
-//! (`net::limit_key`: IPv4 address, IPv6 /64), behind trusted proxies by `X-Forwarded-For`.
+//! Throttles guessing of the HTTP API's key (docs/PROTOCOL.md §15.4): after `api.max_key_failures`
+//! wrong keys from one client address within `api.key_failure_window_secs`, that address gets 429
+//! for every API call, the right key included, until the window that began with its first wrong key
+//! has passed. A guesser then learns nothing from a hit, and the key's strength is measured in
+//! windows, not in requests. Addresses are counted like WebSocket admission's (`net::limit_key`:
+//! IPv4 address, IPv6 /64), behind trusted proxies by `X-Forwarded-For`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};

@@ -10,7 +10,7 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// 200 only while the bus is connected and the replica is not draining (SPEC §3).
+/// 200 only while the bus is connected and the replica is not draining (docs/PROTOCOL.md §16).
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match not_ready(&state) {
         None => HttpResponse::Ok().json(json!({"ready": true})),

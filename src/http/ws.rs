@@ -1,6 +1,7 @@
-//! `GET /ws/{room}`: checks the request before any upgrade (SPEC §3). Upgrades themselves are
-//! served by [`super::upgrade`], off the HTTP/1 dispatcher; the routes here answer requests to
-//! the same paths that ask for no upgrade, with the same checks and then the handshake error.
+//! `GET /ws/{room}`: checks the request before any upgrade (docs/PROTOCOL.md §3). Upgrades
+//! themselves are served by [`super::upgrade`], off the HTTP/1 dispatcher; the routes here answer
+//! requests to the same paths that ask for no upgrade, with the same checks and then the handshake
+//! error.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;

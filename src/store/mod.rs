@@ -1,4 +1,4 @@
-//! The store: where a room's history outlives the bus (SPEC §7).
+//! The store: where a room's history outlives the bus (docs/design.md, "The store").
 //!
 //! One small interface, [`Store`], with two implementations that pass the same test suite
 //! (`tests/it/store.rs`): [`sqlite::SqliteStore`], a file (the default with the embedded bus)
@@ -161,7 +161,7 @@ pub enum StoreKind {
 
 impl StoreKind {
     /// Reads `store.url`; `embedded` says whether the bus is the embedded one, for the
-    /// default of an empty URL (SPEC §2).
+    /// default of an empty URL (config/default.toml, `[store]`).
     pub fn parse(url: &str, embedded: bool) -> Result<Self, String> {
         let url = url.trim();
         if url.is_empty() {

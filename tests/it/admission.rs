@@ -1,4 +1,4 @@
-//! Limits per client address and the handshake (SPEC §2, §3): open sessions per address,
+//! Limits per client address and the handshake (docs/PROTOCOL.md §3.4): open sessions per address,
 //! upgrades per address per second, `X-Forwarded-For` only from trusted proxies, unfinished
 //! handshakes cut without taking a session slot, a reserve of descriptors at the cap, and
 //! rooms without messages leaving no state behind.

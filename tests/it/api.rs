@@ -453,7 +453,8 @@ async fn metrics_parse_and_move_by_what_a_scripted_exchange_causes() {
     assert_eq!(unauthorized.status, 401);
     // Bob has all four messages: the room counted each fan-out (to both) as it made it.
     message_at(&mut bob, 4).await;
-    // From bob: a refused frame takes a token too (SPEC §4), and alice's burst is counted below.
+    // From bob: a refused frame takes a token too (docs/PROTOCOL.md §11), and alice's burst is
+    // counted below.
     bob.send_text(r#"{"type":"shout"}"#).await;
     assert_eq!(bob.next_of("error").await["code"], "bad_request");
     assert_eq!(server.refused_status("/ws/-bad-room").await, 400);

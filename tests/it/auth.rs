@@ -1,4 +1,4 @@
-//! Auth (SPEC §2, §3): JWTs in each of their three places, every way a token can be wrong,
+//! Auth (docs/PROTOCOL.md §3): JWTs in each of their three places, every way a token can be wrong,
 //! room and publish globs, expiry while connected, and `confab token`.
 
 use std::path::PathBuf;

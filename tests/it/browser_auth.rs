@@ -1,4 +1,4 @@
-//! The built-in page against a server that requires tokens (SPEC §2, §3): it asks for one,
+//! The built-in page against a server that requires tokens (docs/PROTOCOL.md §3): it asks for one,
 //! sends it as the `token.<jwt>` subprotocol, shows the token's display name, and asks again
 //! when a token is refused or expires.
 

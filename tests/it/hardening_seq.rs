@@ -1,5 +1,5 @@
-//! A room's delivery state under stress, from outside (SPEC §5): a store that went back with
-//! two replicas on it, a member who joined after a hole it never needed, and resumes longer
+//! A room's delivery state under stress, from outside (docs/PROTOCOL.md §9): a store that went back
+//! with two replicas on it, a member who joined after a hole it never needed, and resumes longer
 //! than a session's queue.
 
 use std::time::Duration;
@@ -21,8 +21,8 @@ fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     env
 }
 
-/// Publishes `texts` back to back (ref = the text's start) while reading, and returns the acked offsets
-/// in send order.
+/// Publishes `texts` back to back (ref = the text's start) while reading, and returns the acked
+/// offsets in send order.
 async fn publish_all(client: &mut Client, texts: &[String]) -> Vec<u64> {
     let (mut sink, mut stream) = (&mut client.ws).split();
     let frames: Vec<String> = texts

@@ -1,6 +1,6 @@
-//! Nothing out of order, nothing silently missed (SPEC §5): per-connection order, frames sent
-//! before the welcome, gaps older than history, a store that went back, offsets too large for
-//! the scripts, and the per-session byte bound. Each drives the real binary (and a real
+//! Nothing out of order, nothing silently missed (docs/PROTOCOL.md §9, §10): per-connection order,
+//! frames sent before the welcome, gaps older than history, a store that went back, offsets too
+//! large for the scripts, and the per-session byte bound. Each drives the real binary (and a real
 //! `redis-server` where the bus matters) from outside, as clients and operators do.
 
 use std::time::Duration;

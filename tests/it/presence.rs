@@ -1,7 +1,7 @@
 //! Presence on the Redis bus: the cost of a join or leave does not grow with the room, a
 //! replica forgets rooms it no longer has members in, and one node id runs one process. On
 //! both buses: a client applying `presence`, `join` and `leave` as set operations holds the
-//! room's set (SPEC §5).
+//! room's set (docs/PROTOCOL.md §12).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,4 @@
-//! History on connect and resume with `since`/`epoch` (SPEC §5).
+//! History on connect and resume with `since`/`epoch` (docs/PROTOCOL.md §9).
 
 use serde_json::Value;
 

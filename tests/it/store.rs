@@ -1,6 +1,6 @@
-//! The store (SPEC §7): the same interface suite on SQLite and PostgreSQL, and the embedded
-//! bus over a store through the real binary: restarts (SIGTERM and SIGKILL) keep every room's
-//! epoch and offsets and lose nothing acked, history and resume reach past the in-memory
+//! The store (docs/design.md, "The store"): the same interface suite on SQLite and PostgreSQL, and
+//! the embedded bus over a store through the real binary: restarts (SIGTERM and SIGKILL) keep every
+//! room's epoch and offsets and lose nothing acked, history and resume reach past the in-memory
 //! window, retention, migrations, and `store.url = memory` as before.
 
 use std::collections::BTreeMap;

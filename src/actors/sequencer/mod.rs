@@ -1,10 +1,10 @@
 //! A room's delivery state on one replica, as a plain state machine with no actix in it.
 //!
 //! The [`Room`](super::room::Room) actor feeds it what happens (bus events, members joining,
-//! history reads finishing) and carries out what it asks for (read history, start a new epoch).
-//! It keeps the room's promise to every member (SPEC §5): each member sees a contiguous run of
-//! offsets per epoch, or is told — a `reset` frame when the room moves to another epoch, close
-//! 4008 when what it missed is no longer in history.
+//! history reads finishing) and carries out what it asks for (read history, start a new epoch). It
+//! keeps the room's promise to every member (docs/PROTOCOL.md §9): each member sees a contiguous
+//! run of offsets per epoch, or is told — a `reset` frame when the room moves to another epoch,
+//! close 4008 when what it missed is no longer in history.
 //!
 //! - The room remembers the newest message it saw, with a fingerprint of its bytes. A jump in
 //!   offsets means events were lost on the way (a full mailbox, a bus reconnect): live events
@@ -36,7 +36,7 @@ use crate::protocol::ServerFrame;
 
 pub use super::outlet::{Offer, Outbound, Outlet};
 
-/// Close code for a session that fell too far behind (SPEC §5).
+/// Close code for a session that fell too far behind (docs/PROTOCOL.md §8, §14).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 /// Room events held while history is read; past it they are let go and read again.
@@ -1235,8 +1235,8 @@ impl<H: Outlet> Member<H> {
         match &event.kind {
             EventKind::Message { epoch, offset } => {
                 if self.epoch.as_ref() != Some(epoch) {
-                    // The history this member knew is gone: say so before the new epoch's
-                    // messages, so the client drops its saved offset (SPEC §4 `reset`).
+                    // The history this member knew is gone: say so before the new epoch's messages,
+                    // so the client drops its saved offset (docs/PROTOCOL.md §5.6 `reset`).
                     let reset = ServerFrame::Reset {
                         room,
                         epoch,

@@ -1,5 +1,5 @@
 //! What one member holds of the room's presence, so `join`/`leave` frames keep its set right
-//! (SPEC §5 "Presence as a set").
+//! (docs/PROTOCOL.md §12, "Presence as a set").
 //!
 //! A member is given a snapshot of the room's presence read at some version (after its
 //! welcome, on a refresh); every `join`/`leave` event carries the version its change

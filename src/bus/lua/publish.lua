@@ -1,9 +1,9 @@
--- Stores and publishes a run of one room's chat messages atomically (SPEC §6), in order: each
--- gets the room's next offset, is appended to the history stream, has the client's ref
--- remembered for safe retries, and is published, one envelope per message - so no two
--- messages share an offset and none is published without being stored. One call carries what
--- one session read in one go (usually one message): a call costs Redis more than the writes
--- of a message, so a burst is stored for a fraction of the calls.
+-- Stores and publishes a run of one room's chat messages atomically (docs/design.md, "The Redis
+-- bus"), in order: each gets the room's next offset, is appended to the history stream, has the
+-- client's ref remembered for safe retries, and is published, one envelope per message - so no two
+-- messages share an offset and none is published without being stored. One call carries what one
+-- session read in one go (usually one message): a call costs Redis more than the writes of a
+-- message, so a burst is stored for a fraction of the calls.
 --
 -- KEYS[1] meta hash {epoch, offset}   KEYS[2] history stream
 -- KEYS[2 + i] message i's ref key (= KEYS[1] if it has no ref)

@@ -1,10 +1,10 @@
--- Moves a room whose store went back in time to a new epoch (SPEC §5): only if it is still on
--- the stale epoch (another replica may have renewed it already). Offsets continue after the
--- highest one any client saw, so none is reused within an epoch. The stream is kept: what was
--- stored after the store went back was acked, and stays readable as the new epoch's history.
--- Its `base` (the offset the new epoch continues after) is kept in meta: a resume or catch-up
--- of the new epoch reads only what comes after it (read.lua), since the entries up to it are
--- the old epoch's messages, which clients already had under that epoch.
+-- Moves a room whose store went back in time to a new epoch (docs/PROTOCOL.md §9): only if it is
+-- still on the stale epoch (another replica may have renewed it already). Offsets continue after
+-- the highest one any client saw, so none is reused within an epoch. The stream is kept: what was
+-- stored after the store went back was acked, and stays readable as the new epoch's history. Its
+-- `base` (the offset the new epoch continues after) is kept in meta: a resume or catch-up of the
+-- new epoch reads only what comes after it (read.lua), since the entries up to it are the old
+-- epoch's messages, which clients already had under that epoch.
 --
 -- KEYS[1] meta hash   KEYS[2] history stream
 -- ARGV[1] stale epoch   ARGV[2] floor (decimal string)   ARGV[3] new epoch   ARGV[4] ttl secs

@@ -1,4 +1,5 @@
-//! The embedded bus over a store: a message is acked only after it is committed (SPEC §5, §7).
+//! The embedded bus over a store: a message is acked only after it is committed (docs/design.md,
+//! "The store").
 //!
 //! Publishes are not applied where they are called. `publish_run` queues one command on an
 //! unbounded channel, synchronously, so commands are in call order (one connection's messages
