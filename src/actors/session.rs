@@ -136,10 +136,14 @@ pub struct Session {
     quotas: Quotas,
     violations: u32,
     last_heard: Instant,
-    /// Client text frames that arrived before the welcome; `None` once welcomed.
-    held: Option<Vec<ByteString>>,
-    /// Bytes in `held`, bounded by `limits.session_queue_bytes`.
+    /// Client text frames not handled yet: those that arrived before the welcome, and after
+    /// it those behind a read that holds the session (a history request among frames sent
+    /// before the welcome: each read waits for the one before, in order).
+    held: Vec<ByteString>,
+    /// Bytes in `held` before the welcome, bounded by `limits.session_queue_bytes`.
     held_bytes: usize,
+    /// The welcome went out: held frames are handled ([`Session::handle_held`]).
+    welcomed: bool,
     /// What the room sends this session, drained by [`Deliveries`].
     inbox: InboxReader,
     /// Answers (ack or error) to the publishes in flight, in the order they were sent, so
@@ -189,8 +193,9 @@ impl Session {
                 quotas: request.quotas,
                 violations: 0,
                 last_heard: now,
-                held: Some(Vec::new()),
+                held: Vec::new(),
                 held_bytes: 0,
+                welcomed: false,
                 inbox: InboxReader::new(),
                 answers: FuturesOrdered::new(),
                 answering: false,
@@ -205,27 +210,42 @@ impl Session {
 
     /// A complete text frame from the client: held until the welcome, then handled.
     fn on_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
-        match self.held.as_mut() {
-            // Bounded like the outbound queue, in frames and in bytes: a client has no reason
-            // to send more than a few frames before the welcome, which comes within one bus
-            // round trip.
-            Some(held)
-                if held.len() >= self.cfg.session_queue
-                    || self.held_bytes + text.len() > self.cfg.session_queue_bytes =>
-            {
-                self.cfg.metrics.bad_frame(1008);
-                fail(
-                    &mut self.socket,
-                    CloseCode::Policy,
-                    "too many frames before the welcome",
-                )
+        if self.welcomed {
+            if self.held.is_empty() {
+                return self.handle_text(&text, ctx);
             }
-            Some(held) => {
-                self.held_bytes += text.len();
-                held.push(text)
-            }
-            None => self.handle_text(&text, ctx),
+            // Behind held frames, handled in turn: [`Deliveries`] runs right after this.
+            return self.held.push(text);
         }
+        // Bounded like the outbound queue, in frames and in bytes: a client has no reason to
+        // send more than a few frames before the welcome, which comes within one bus round
+        // trip.
+        if self.held.len() >= self.cfg.session_queue
+            || self.held_bytes + text.len() > self.cfg.session_queue_bytes
+        {
+            self.cfg.metrics.bad_frame(1008);
+            return fail(
+                &mut self.socket,
+                CloseCode::Policy,
+                "too many frames before the welcome",
+            );
+        }
+        self.held_bytes += text.len();
+        self.held.push(text);
+    }
+
+    /// Handles held frames in order until one starts a read that holds the session (a
+    /// history request, see [`Session::history`]); the rest go on once it is answered.
+    fn handle_held(&mut self, ctx: &mut Context<Self>) {
+        let held = std::mem::take(&mut self.held);
+        let mut frames = held.into_iter();
+        for text in frames.by_ref() {
+            self.handle_text(&text, ctx);
+            if ctx.waiting() {
+                break;
+            }
+        }
+        self.held = frames.collect();
     }
 
     /// Handles a frame after the welcome, so every reply (ack, error, pong…) follows it.
@@ -447,9 +467,9 @@ impl Session {
         }
         .to_text();
         self.socket.text(frame, ctx);
-        for text in self.held.take().unwrap_or_default() {
-            self.handle_text(&text, ctx);
-        }
+        self.welcomed = true;
+        self.held_bytes = 0;
+        self.handle_held(ctx);
     }
 }
 
@@ -559,7 +579,7 @@ impl Actor for Session {
         // Frames read before a welcome that never came (`echo hi | websocat`: the line, then
         // the close) are handled now like any others: what the server read is stored. Their
         // answers go nowhere, the socket is closing.
-        for text in self.held.take().unwrap_or_default() {
+        for text in std::mem::take(&mut self.held) {
             self.handle_text(&text, ctx);
         }
         // Messages read just before the end (a send, then a close) are still stored, as
@@ -644,6 +664,13 @@ impl ActorFuture<Session> for Deliveries {
         ctx: &mut Context<Session>,
         task: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
+        if session.welcomed && !session.held.is_empty() {
+            // Frames held behind a read that has been answered since.
+            session.handle_held(ctx);
+            if ctx.waiting() {
+                return std::task::Poll::Pending;
+            }
+        }
         session.send_run(ctx);
         if !session
             .run_waker

@@ -378,3 +378,29 @@ async fn an_address_in_its_share_of_rooms_is_refused_a_new_room_with_429() {
         .await
         .is_ok());
 }
+
+#[tokio::test]
+async fn history_requests_sent_before_the_welcome_are_answered_in_order() {
+    let redis = Redis::start();
+    let server = Server::replica(&redis, "order", "n1", &[]).await;
+    let (mut writer, _) = server.join("/ws/order?user=w").await;
+    for i in 1..=3 {
+        writer.say(&format!("m{i}"), &format!("w{i}")).await;
+    }
+    // Redis paused: the requests are read before the welcome and held; each history read
+    // holds the session, and they must still be answered in the order they were sent.
+    redis.signal(libc::SIGSTOP);
+    let mut c = server.connect("/ws/order?user=r").await;
+    for (i, before) in [(0, 4), (1, 3), (2, 2)] {
+        c.send_json(json!({"type":"history","before":before,"limit":1,"ref":format!("h{i}")}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.signal(libc::SIGCONT);
+    assert_eq!(c.next().await["type"], "welcome");
+    for (i, offset) in [(0, 3), (1, 2), (2, 1)] {
+        let page = c.next_of("history").await;
+        assert_eq!(page["ref"], format!("h{i}"), "{page}");
+        assert_eq!(page["messages"][0]["offset"], offset);
+    }
+}
