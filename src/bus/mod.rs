@@ -10,9 +10,9 @@
 //! - offsets of a room start at 1 within an epoch and grow by 1 per message, with no gaps;
 //! - a message is stored before [`Bus::publish`] resolves (so an ack means "stored");
 //! - publishes are stored in the order `publish` was called, not the order their futures are
-//! polled: one connection's messages get offsets in the order it sent them (docs/PROTOCOL.md §10).
-//! The   same holds for `join` and `leave`, which the hub calls in the order sessions came and
-//! went;
+//!   polled: one connection's messages get offsets in the order it sent them
+//!   (docs/PROTOCOL.md §10). The same holds for `join` and `leave`, which the hub calls in the
+//!   order sessions came and went;
 //! - history keeps at least the last `history.size` messages of a room; a room idle for
 //!   `history.ttl_secs` (or whose history was lost) starts a new epoch with offsets from 1;
 //! - a repeated `ref` from the same user in the same room within [`REF_TTL`] resolves to the
