@@ -132,16 +132,15 @@ fn binary() -> String {
     let server = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("confab"))
-        .filter(|p| p.is_file());
-    match server {
-        Some(p) => p.to_string_lossy().into_owned(),
-        None => panic!(
-            "no release server next to {}: run `cargo build --release` first, or set \
-             BENCH_BINARY=/path/to/confab",
-            exe.display()
-        ),
-    }
+        .unwrap_or(&exe)
+        .join("confab");
+    assert!(
+        server.is_file(),
+        "{} is missing: run `cargo build --release` first (the server is another package of \
+         the workspace), or set BENCH_BINARY=/path/to/confab",
+        server.display()
+    );
+    server.to_string_lossy().into_owned()
 }
 
 /// Settings newer builds know, newest first: each is tried with everything after it, and an
