@@ -8,27 +8,32 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 
-# 1. Dependencies only, in their own layer: it is rebuilt when Cargo.toml or Cargo.lock change,
-#    not when src/ does. Stub targets stand in for the real ones (Cargo.toml names a test and
-#    a bench target, which must exist for the manifest to load).
+# 1. Dependencies only, in their own layer: it is rebuilt when a manifest or Cargo.lock changes,
+#    not when src/ does. Stub targets stand in for the real ones: every workspace member's
+#    manifest must load, with the targets it names (the server's test, the load tool's binary,
+#    bench and example). Only the server is built; the load tool (crates/confab-bench) stays a
+#    stub for good, since the image does not ship it.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches tests/it \
+COPY crates/confab-bench/Cargo.toml crates/confab-bench/
+RUN mkdir -p src tests/it crates/confab-bench/src crates/confab-bench/benches \
+        crates/confab-bench/examples \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/bridge.rs \
     && touch tests/it/main.rs \
-    && cargo build --release --locked --bin confab \
-    && rm -rf src benches tests target/release/confab* target/release/deps/confab-* \
+    && echo 'fn main() {}' > crates/confab-bench/src/main.rs \
+    && echo 'fn main() {}' > crates/confab-bench/benches/bridge.rs \
+    && echo 'fn main() {}' > crates/confab-bench/examples/yardstick.rs \
+    && cargo build --release --locked -p confab --bin confab \
+    && rm -rf src tests target/release/confab* target/release/deps/confab-* \
         target/release/deps/libconfab-* target/release/.fingerprint/confab-*
 
 # 2. confab itself. Only this layer is rebuilt when src/ changes.
 COPY src src
 COPY static static
-COPY benches benches
 COPY tests tests
 # The store's schema, embedded at build time by sqlx's migrate!.
 COPY migrations migrations
-RUN cargo build --release --locked --bin confab
+RUN cargo build --release --locked -p confab --bin confab
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/confab /usr/local/bin/confab

@@ -7,7 +7,8 @@
 #   BIN=/path/to/release scripts/bench-baseline.sh   # binaries from elsewhere
 #   PHASES=idle,fanout IDLE_N=10000 FANOUT_RATES=250,500,1000 scripts/bench-baseline.sh
 #
-# Needs the release builds: cargo build --release --bins --examples
+# Needs the release builds of the whole workspace (the server, confab-bench, the yardstick):
+#   cargo build --release --workspace --bins --examples
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-/tmp/confab-baseline}

@@ -2,6 +2,7 @@
 # Bridge: 20 rooms, a publisher on replica A and a receiver on B each, through a redis-server
 # of its own; stepped rates per room.
 #
+#   cargo build --release --workspace     # confab and confab-bench (two packages)
 #   BIN=<release dir> scripts/bench-bridge.sh [OUT_DIR]     # default: a new temporary folder
 #   RATES=1000,2500 SERVER_BIN=/path/to/other/confab scripts/bench-bridge.sh
 #

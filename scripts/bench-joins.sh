@@ -2,6 +2,7 @@
 # One room of 5,000 idle members: frames to fill and to empty, with the join limit on (the
 # default, 100) and off (10⁹, the behaviour before it), same binary.
 #
+#   cargo build --release --workspace     # confab and confab-bench (two packages)
 #   BIN=<dir with release confab and confab-bench> scripts/bench-joins.sh [OUT_DIR]
 #
 # Writes joins-<limit>.json (table in joins-<limit>.txt) to OUT_DIR; stops what it started.

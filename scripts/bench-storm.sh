@@ -5,6 +5,7 @@
 # got their presence frame (closed with 1013, timed out) plus those the server closed later,
 # and the replica's "cannot start" lines.
 #
+#   cargo build --release --workspace     # confab and confab-bench (two packages)
 #   BIN=<dir with release confab and confab-bench> scripts/bench-storm.sh [OUT_DIR]
 #   (RUNS=10 N=10000 ROOMS=100 by default; CONCURRENCY=N, connections opened at once)
 #

@@ -6,7 +6,7 @@
 #   scripts/profile-idle.sh [N] [ROOMS] [OUT_DIR]     # defaults 2000 20 /tmp/confab-profile
 #
 # Needs valgrind and the profiling build (release with line tables):
-#   cargo build --profile profiling --bin confab && cargo build --release --bin confab-bench
+#   cargo build --profile profiling --bin confab && cargo build --release -p confab-bench
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-2000}

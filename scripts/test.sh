@@ -64,11 +64,15 @@ export DEPLOY_TOOLS_BIN
 say "cargo fmt --check"
 cargo fmt --all -- --check
 
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+# --workspace: the server at the root and the load tool (crates/confab-bench); a bare cargo
+# command at the root covers only the server.
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-say "cargo test (unit and integration tests)"
-cargo test --locked
+say "cargo test --workspace (unit and integration tests)"
+# The server's tests/it/bench.rs runs the confab-bench binary, which only a workspace-wide
+# build makes.
+cargo test --workspace --locked
 
 say "Autobahn|Testsuite fuzzingclient, cases 1-7 and 10, against /echo"
 # The echo endpoint shares the chat session's frame handling; see src/actors/echo.rs.

@@ -2,6 +2,7 @@
 //! lost, duplicated or out of order, and the frame counts are reported. Seconds long; no
 //! assertion on timings (the machine is shared).
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -9,13 +10,29 @@ use serde_json::Value;
 use crate::harness::Server;
 
 /// confab-bench's /proc reader, shared rather than written again; the tests use a part of it.
-#[path = "../../src/bin/confab-bench/procs.rs"]
+#[path = "../../crates/confab-bench/src/procs.rs"]
 #[allow(dead_code)]
 mod procs;
 
+/// The confab-bench binary. It is another package of the workspace, so Cargo gives this test
+/// no `CARGO_BIN_EXE_confab-bench`; it builds it into the same directory as confab when the
+/// whole workspace is tested (`cargo test --workspace`, as scripts/test.sh does; confab-bench's
+/// own integration test makes Cargo build the binary). Missing means a narrower command ran:
+/// fail saying so rather than skip.
+fn bench_binary() -> PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_confab")).with_file_name("confab-bench");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo test --workspace` (or `cargo build -p \
+         confab-bench`) before `cargo test --test it`",
+        path.display()
+    );
+    path
+}
+
 /// Runs confab-bench against `server` with `args` and returns its JSON report.
 fn bench(server: &Server, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_confab-bench"))
+    let out = Command::new(bench_binary())
         .args(["--url", &format!("ws://{}", server.addr)])
         .args(["--pid", &server.pid().to_string()])
         .args(["--json", "--progress-secs", "0", "--max-secs", "60"])

@@ -1,6 +1,7 @@
 //! What ships for deployment, checked offline: the Kubernetes manifests (`config/k8s/`)
 //! against the Kubernetes schemas and checkov's security checks, their promises (probes,
-//! drain budget, posture, settings that exist), and the Dockerfile with hadolint.
+//! drain budget, posture, settings that exist), and the Dockerfile with hadolint and against
+//! the workspace's manifests.
 //!
 //! The linters come from PyPI into a virtualenv that `scripts/tools.sh` makes (`scripts/test.sh`
 //! runs it and exports `DEPLOY_TOOLS_BIN`). A missing linter fails the test; it never skips.
@@ -178,6 +179,74 @@ fn the_dockerfile_passes_hadolint() {
     cmd.arg("Dockerfile");
     let (out, text) = run(cmd);
     assert!(out.status.success(), "hadolint:\n{text}");
+}
+
+/// The target paths a manifest names (each `[[bin]]`, `[[test]]`, `[[bench]]`, `[[example]]`,
+/// with Cargo's default path when it gives none): they must exist for the manifest to load.
+fn named_targets(manifest: &toml::Table) -> Vec<String> {
+    let kinds = [
+        ("bin", "src/bin"),
+        ("test", "tests"),
+        ("bench", "benches"),
+        ("example", "examples"),
+    ];
+    let mut paths = Vec::new();
+    for (kind, dir) in kinds {
+        for target in manifest
+            .get(kind)
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let name = target["name"].as_str().expect("target name");
+            paths.push(match target.get("path").and_then(|p| p.as_str()) {
+                Some(p) => p.to_owned(),
+                None => format!("{dir}/{name}.rs"),
+            });
+        }
+    }
+    paths
+}
+
+/// No Docker engine runs in CI, so nothing else would notice a workspace member or a target
+/// the image's dependency layer does not stand in for: there Cargo loads every member's
+/// manifest, with only stub targets, before any source is copied.
+#[test]
+fn the_dockerfile_stands_in_for_every_workspace_member_and_target_its_manifests_name() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let tokens: Vec<&str> = dockerfile.split_whitespace().collect();
+    let read = |dir: &Path| -> toml::Table {
+        let text = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        text.parse().unwrap()
+    };
+    let manifest = read(&root());
+    let members: Vec<&str> = manifest["workspace"]["members"]
+        .as_array()
+        .expect("workspace.members")
+        .iter()
+        .map(|m| m.as_str().expect("member path"))
+        .collect();
+    assert!(!members.is_empty(), "the root is a workspace with members");
+    let mut packages = vec![(String::new(), manifest.clone())];
+    for member in &members {
+        let copy = format!("{member}/Cargo.toml");
+        assert!(
+            dockerfile
+                .lines()
+                .any(|l| l.starts_with("COPY ") && l.contains(&copy)),
+            "the Dockerfile copies {copy} before its first build"
+        );
+        packages.push((format!("{member}/"), read(&root().join(member))));
+    }
+    for (prefix, manifest) in &packages {
+        for path in named_targets(manifest) {
+            let path = format!("{prefix}{path}");
+            assert!(
+                tokens.contains(&path.as_str()),
+                "the Dockerfile's dependency layer stubs {path}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -16,11 +16,13 @@
 //! - `ramp`: ramps the rate to find the most messages per second A → B carries with no loss.
 //!
 //! ```text
-//! cargo bench --bench bridge                 # defaults below
-//! cargo bench --bench bridge -- 1000 10      # latency rate (msg/s) and seconds
-//! BENCH_SENDERS=1 cargo bench --bench bridge # the ramp from one session instead of ten
-//! BENCH_PHASES=echo,order,steady,fanout cargo bench --bench bridge
-//! BENCH_BINARY=/path/to/confab cargo bench --bench bridge   # measure another build
+//! cargo build --release                                   # the server under test (another package)
+//! cargo bench -p confab-bench --bench bridge              # defaults below
+//! cargo bench -p confab-bench --bench bridge -- 1000 10   # latency rate (msg/s) and seconds
+//! BENCH_SENDERS=1 cargo bench -p confab-bench --bench bridge   # the ramp from one session, not ten
+//! BENCH_PHASES=echo,order,steady,fanout cargo bench -p confab-bench --bench bridge
+//! BENCH_BINARY=/path/to/confab cargo bench -p confab-bench --bench bridge   # another build
+//! ```
 //! ```
 //!
 //! Not a test: numbers vary with the machine; see docs/bench.md for a recorded run.
@@ -118,9 +120,27 @@ fn start_redis() -> (Proc, u16) {
     (Proc(child), port)
 }
 
-/// The binary under test: `BENCH_BINARY`, else the one Cargo built next to this bench.
+/// The binary under test: `BENCH_BINARY`, else the release server in this bench's target
+/// directory. The server is another package of the workspace, so Cargo neither builds it for
+/// this bench nor names it (`CARGO_BIN_EXE_*` is only for the bench's own package): this
+/// bench runs as `<target>/release/deps/bridge-<hash>`, the server is `<target>/release/confab`.
 fn binary() -> String {
-    std::env::var("BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_confab").to_owned())
+    if let Ok(path) = std::env::var("BENCH_BINARY") {
+        return path;
+    }
+    let exe = std::env::current_exe().expect("this bench's own path");
+    let server = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap_or(&exe)
+        .join("confab");
+    assert!(
+        server.is_file(),
+        "{} is missing: run `cargo build --release` first (the server is another package of \
+         the workspace), or set BENCH_BINARY=/path/to/confab",
+        server.display()
+    );
+    server.to_string_lossy().into_owned()
 }
 
 /// Settings newer builds know, newest first: each is tried with everything after it, and an

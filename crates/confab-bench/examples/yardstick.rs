@@ -10,7 +10,7 @@
 //! `{"type":"message","room":…,"offset":N,"user":…,"text":…,"ts":…}`, serialized once.
 //!
 //! ```text
-//! cargo run --release --example yardstick -- --listen 127.0.0.1:9100 [--capacity 1024]
+//! cargo run --release -p confab-bench --example yardstick -- --listen 127.0.0.1:9100 [--capacity 1024]
 //! ```
 //!
 //! `--capacity` is each room's broadcast buffer in messages, allocated when the room is made
@@ -43,7 +43,7 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("yardstick [--listen 127.0.0.1:9100] [--capacity 1024]: bare tokio broadcast chat (see benches/yardstick.rs)");
+        println!("yardstick [--listen 127.0.0.1:9100] [--capacity 1024]: bare tokio broadcast chat (see crates/confab-bench/examples/yardstick.rs)");
         return;
     }
     let listen = flag("--listen").unwrap_or_else(|| "127.0.0.1:9100".into());
@@ -51,7 +51,7 @@ fn main() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(1024);
     // The same raise as confab's own start-up: the soft open-file limit up to the hard one.
-    let _ = confab::startup::raise_open_file_limit();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
         let listener = TcpListener::bind(&listen).await.expect("bind");

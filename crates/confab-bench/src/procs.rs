@@ -60,6 +60,18 @@ pub fn to_json(s: &Sample) -> Value {
     json!({"rss_kib": s.rss_kib, "anon_kib": s.anon_kib, "cpu_secs": s.cpu_secs, "threads": s.threads})
 }
 
+/// Raises our open-file soft limit to the hard limit and returns it: the bench holds as many
+/// sockets as the server it measures. The same raise as the server's own at start
+/// (`confab::startup::raise_open_file_limit`), copied rather than depended on so the tool
+/// does not build the server.
+pub fn raise_open_file_limit() -> usize {
+    // As far as the hard limit goes; if that is refused, the soft limit as it is, and 1024 if
+    // it cannot be read.
+    let files = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft));
+    files.map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! `confab-bench`: a load tool for confab (and for the yardstick, `benches/yardstick.rs`,
+//! `confab-bench`: a load tool for confab (and for the yardstick, `examples/yardstick.rs`,
 //! which speaks enough of the same wire shape).
 //!
 //! | module | what it owns |
@@ -55,7 +55,7 @@ fn run(cli: Cli) -> Result<(), String> {
         .map(|u| args::parse_target(u))
         .collect::<Result<Vec<_>, _>>()?;
     args::check_sources(&g.sources, &targets)?;
-    let nofile = confab::startup::raise_open_file_limit() as u64;
+    let nofile = procs::raise_open_file_limit() as u64;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if g.threads > 0 {
         rt.worker_threads(g.threads);
