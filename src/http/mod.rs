@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod api;
+mod error;
 pub mod guesses;
 mod health;
 mod metrics;
@@ -17,8 +18,9 @@ use actix::Addr;
 use std::net::{IpAddr, SocketAddr};
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::{web, HttpResponse};
-use serde_json::json;
+use actix_web::web;
+
+pub use self::error::HttpError;
 
 use self::admission::Admission;
 use crate::actors::hub::Hub;
@@ -64,11 +66,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/rooms/{room}/presence", web::get().to(api::presence))
         .route("/ws/{room}", web::get().to(ws::upgrade))
         .route("/echo", web::get().to(ws::echo));
-}
-
-/// The JSON error body every endpoint uses: `{"error":{"code","message"}}`.
-fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
 }
 
 /// The credentials of `Authorization: Bearer …`; the scheme is case-insensitive (RFC 7235

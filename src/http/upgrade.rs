@@ -23,14 +23,14 @@ use actix_http::h1::{Codec, Message};
 use actix_http::header::{self, HeaderValue};
 use actix_http::{ConnectionType, HttpMessage, Protocol, Request, Response, StatusCode};
 use actix_web::dev::Url;
-use actix_web::web;
+use actix_web::{web, ResponseError};
 use bytes::BytesMut;
 use futures_util::SinkExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::admission::Pending;
-use super::{error, ws, AppState};
+use super::{ws, AppState, HttpError};
 use crate::actors::echo::Echo;
 use crate::actors::session::{Session, SUBPROTOCOL};
 use crate::actors::socket::Upgraded;
@@ -207,21 +207,18 @@ fn route(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>>
         let query = req.uri().query().unwrap_or_default();
         return ws::accept(req.headers(), req.peer_addr(), room, query, state)
             .map(|accepted| Accepted::Session(Box::new(accepted)))
-            .map_err(|refusal| refusal.response().into());
+            .map_err(|refusal| refusal.error.error_response().into());
     }
     if path == "/echo" {
         return if state.echo_endpoint {
             Ok(Accepted::Echo)
         } else {
-            Err(ws::echo_disabled().into())
+            Err(ws::echo_disabled().error_response().into())
         };
     }
-    Err(error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no WebSocket endpoint at this path",
-    )
-    .into())
+    Err(HttpError::NotFound("no WebSocket endpoint at this path")
+        .error_response()
+        .into())
 }
 
 /// Whether the client offers confab's subprotocol.
