@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -42,44 +42,6 @@ pub struct HistoryQuery {
     limit: Option<String>,
 }
 
-/// Which endpoint answered, the `endpoint` label of `confab_api_requests_total`.
-#[derive(Debug, Clone, Copy)]
-enum Endpoint {
-    Publish,
-    History,
-    Presence,
-}
-
-impl Endpoint {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Publish => "publish",
-            Self::History => "history",
-            Self::Presence => "presence",
-        }
-    }
-}
-
-/// Answers with the handler's response or its error as JSON, and counts the request.
-fn finish(
-    state: &AppState,
-    endpoint: Endpoint,
-    result: Result<HttpResponse, HttpError>,
-) -> HttpResponse {
-    let resp = result.unwrap_or_else(|e| {
-        if e.status_code().is_server_error() {
-            log::warn!("api {}: {e}", endpoint.label());
-        } else {
-            log::debug!("api {} refused: {e}", endpoint.label());
-        }
-        e.error_response()
-    });
-    state
-        .metrics
-        .api_request(endpoint.label(), resp.status().as_u16());
-    resp
-}
-
 /// `POST /api/rooms/{room}/messages` → 201 `{"offset","epoch"}`; 200 with the first offset
 /// when the `ref` was seen before (nothing new was created).
 pub async fn publish(
@@ -87,21 +49,11 @@ pub async fn publish(
     room: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = publish_inner(&req, &room, payload, &state).await;
-    finish(&state, Endpoint::Publish, result)
-}
-
-async fn publish_inner(
-    req: &HttpRequest,
-    room: &str,
-    payload: web::Payload,
-    state: &AppState,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     let limit = state.sessions.max_frame_bytes;
-    let body = read_body(req, payload, limit).await?;
+    let body = read_body(&req, payload, limit).await?;
     let body: PublishBody = serde_json::from_slice(&body)
         .map_err(|e| HttpError::BadRequest(format!("invalid JSON body: {e}")))?;
     let user = match body.user.as_deref() {
@@ -141,19 +93,9 @@ pub async fn history(
     room: web::Path<String>,
     query: web::Query<HistoryQuery>,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = history_inner(&req, &room, &query, &state).await;
-    finish(&state, Endpoint::History, result)
-}
-
-async fn history_inner(
-    req: &HttpRequest,
-    room: &str,
-    query: &HistoryQuery,
-    state: &AppState,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     // Numbers as text first (a query string has no types), then the checks a `history`
     // frame gets.
     let before = whole_number(&query.before, "before")?;
@@ -185,18 +127,9 @@ pub async fn presence(
     req: HttpRequest,
     room: web::Path<String>,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = presence_inner(&req, &room, &state).await;
-    finish(&state, Endpoint::Presence, result)
-}
-
-async fn presence_inner(
-    req: &HttpRequest,
-    room: &str,
-    state: &AppState,
 ) -> Result<HttpResponse, HttpError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     let users = state.bus.presence(&room).await?;
     Ok(HttpResponse::Ok().json(json!({"room": room, "users": users})))
 }

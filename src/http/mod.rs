@@ -8,6 +8,7 @@ pub mod guesses;
 mod health;
 mod metrics;
 mod page;
+mod request_metrics;
 pub mod upgrade;
 mod ws;
 
@@ -23,6 +24,7 @@ use actix_web::web;
 pub use self::error::HttpError;
 
 use self::admission::Admission;
+use self::request_metrics::counted;
 use crate::actors::hub::Hub;
 use crate::actors::session::SessionConfig;
 use crate::auth::Verifier;
@@ -61,9 +63,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))
-        .route("/api/rooms/{room}/messages", web::post().to(api::publish))
-        .route("/api/rooms/{room}/history", web::get().to(api::history))
-        .route("/api/rooms/{room}/presence", web::get().to(api::presence))
+        .route(
+            "/api/rooms/{room}/messages",
+            counted(web::post().to(api::publish), "publish"),
+        )
+        .route(
+            "/api/rooms/{room}/history",
+            counted(web::get().to(api::history), "history"),
+        )
+        .route(
+            "/api/rooms/{room}/presence",
+            counted(web::get().to(api::presence), "presence"),
+        )
         .route("/ws/{room}", web::get().to(ws::upgrade))
         .route("/echo", web::get().to(ws::echo));
 }
