@@ -75,8 +75,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/rooms/{room}/presence",
             counted(web::get().to(api::presence), "presence"),
         )
-        .route("/ws/{room}", web::get().to(ws::upgrade))
-        .route("/echo", web::get().to(ws::echo));
+        .route("/ws/{room}", web::get().to(ws::not_upgraded))
+        .route("/echo", web::get().to(ws::not_upgraded));
 }
 
 /// The credentials of `Authorization: Bearer …`; the scheme is case-insensitive (RFC 7235

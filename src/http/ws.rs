@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::admission::{Refused, Slot};
@@ -88,38 +88,61 @@ impl From<Refused> for Refusal {
     }
 }
 
-/// `GET /ws/{room}` without `Upgrade: websocket`: refused as the upgrade would be, else
-/// answered with the handshake error.
-pub async fn upgrade(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let room = req.match_info().get("room").unwrap_or_default();
-    let query = req.query_string();
-    // The same answers as an upgrade would get, but no session slot: none will be used.
-    match validate(req.headers(), req.peer_addr(), room, query, &state) {
-        Ok(_) => not_an_upgrade(&req),
-        Err(refusal) => refusal.error.error_response(),
-    }
+/// A WebSocket endpoint, as a request's path names it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint<'p> {
+    /// `/ws/{room}`: a chat session in this room (not yet checked as a room name).
+    Session(&'p str),
+    /// `/echo`: the conformance echo, when `websocket.echo_endpoint` is on.
+    Echo,
 }
 
-/// `GET /echo` without `Upgrade: websocket`; 404 unless `websocket.echo_endpoint` is on.
-pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if state.echo_endpoint {
-        not_an_upgrade(&req)
-    } else {
-        echo_disabled().error_response()
+/// The one parser of WebSocket paths, for the upgrade path (`super::upgrade`) and the routes
+/// that answer the same paths without an upgrade. `path` is the request's path as actix
+/// requotes it (`actix_web::dev::Url`), the one its router matches.
+pub fn endpoint(path: &str) -> Option<Endpoint<'_>> {
+    if let Some(room) = path.strip_prefix("/ws/").filter(|r| !r.contains('/')) {
+        return Some(Endpoint::Session(room));
     }
+    (path == "/echo").then_some(Endpoint::Echo)
 }
 
-fn not_an_upgrade(req: &HttpRequest) -> HttpResponse {
-    let error = match actix_http::ws::verify_handshake(req.head()) {
+/// `GET /ws/{room}` and `GET /echo` without `Upgrade: websocket`: refused as the upgrade
+/// would be, else answered with the handshake error.
+pub async fn not_upgraded(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, HttpError> {
+    match endpoint(req.match_info().as_str()) {
+        Some(Endpoint::Session(room)) => {
+            // The same answers as an upgrade would get, but no session slot: none will be used.
+            validate(
+                req.headers(),
+                req.peer_addr(),
+                room,
+                req.query_string(),
+                &state,
+            )
+            .map_err(|refusal| refusal.error)?;
+        }
+        Some(Endpoint::Echo) if state.echo_endpoint => {}
+        Some(Endpoint::Echo) => return Err(echo_disabled()),
+        None => return Err(no_endpoint()),
+    }
+    Err(match actix_http::ws::verify_handshake(req.head()) {
         Err(e) => HttpError::Handshake(e),
         Ok(()) => HttpError::BadRequest("this request was not upgraded".into()),
-    };
-    error.error_response()
+    })
 }
 
 /// The answer to `/echo` without `websocket.echo_endpoint`.
 pub fn echo_disabled() -> HttpError {
     HttpError::NotFound("the echo endpoint is disabled")
+}
+
+/// The answer to an upgrade of a path [`endpoint`] does not know.
+pub fn no_endpoint() -> HttpError {
+    HttpError::NotFound("no WebSocket endpoint at this path")
 }
 
 /// Every check of a session request on `/ws/{room}`: the request and the client's address,
@@ -268,4 +291,21 @@ fn token<'r>(headers: &'r HeaderMap, query: &'r WsQuery) -> Option<&'r str> {
         .or_else(protocol)
         .or(query.token.as_deref())
         .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_names_a_session_room_the_echo_or_nothing() {
+        assert_eq!(endpoint("/ws/lobby"), Some(Endpoint::Session("lobby")));
+        // An empty room is the room check's to refuse (400), not a missing endpoint.
+        assert_eq!(endpoint("/ws/"), Some(Endpoint::Session("")));
+        assert_eq!(endpoint("/echo"), Some(Endpoint::Echo));
+        assert_eq!(endpoint("/ws/a/b"), None);
+        assert_eq!(endpoint("/ws"), None);
+        assert_eq!(endpoint("/echo/"), None);
+        assert_eq!(endpoint("/"), None);
+    }
 }
