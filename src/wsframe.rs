@@ -30,19 +30,42 @@ pub enum Inbound {
     Partial,
 }
 
-/// The connection must be failed with this close code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fail {
-    /// `None` when the transport itself broke and no close frame can be sent.
-    pub code: Option<CloseCode>,
-    pub reason: &'static str,
+/// Why the connection must be failed. The variant decides the close code RFC 6455 §7.4.1 asks
+/// for and its reason (docs/PROTOCOL.md §8): one table, [`Fail::code`] and [`Fail::reason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fail {
+    /// A frame with reserved bits set, and no extension negotiated to define them.
+    ReservedBits,
+    /// A continuation frame with no message open.
+    ContinuationWithoutStart,
+    /// Any other frame RFC 6455 forbids (unmasked, bad opcode, a long control frame, …).
+    Protocol,
+    /// A text message that is not UTF-8.
+    InvalidUtf8,
+    /// A message over the size cap, counted over all its fragments.
+    TooBig,
 }
 
 impl Fail {
-    fn with(code: CloseCode, reason: &'static str) -> Self {
-        Self {
-            code: Some(code),
-            reason,
+    /// The close code the connection is failed with.
+    pub fn code(self) -> CloseCode {
+        match self {
+            Self::ReservedBits | Self::ContinuationWithoutStart | Self::Protocol => {
+                CloseCode::Protocol
+            }
+            Self::InvalidUtf8 => CloseCode::Invalid,
+            Self::TooBig => CloseCode::Size,
+        }
+    }
+
+    /// The close frame's reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ReservedBits => "reserved bits set",
+            Self::ContinuationWithoutStart => "continuation without a start",
+            Self::Protocol => "protocol error",
+            Self::InvalidUtf8 => "invalid UTF-8 in text message",
+            Self::TooBig => "message too big",
         }
     }
 }
@@ -73,10 +96,9 @@ impl Assembler {
     /// Feeds one frame as the codec decoded it; a text frame is checked for UTF-8 here.
     pub fn push_frame(&mut self, item: Result<Frame, ProtocolError>) -> Result<Inbound, Fail> {
         let message = match item.map_err(map_protocol_error)? {
-            Frame::Text(data) => Message::Text(
-                ByteString::try_from(data)
-                    .map_err(|_| Fail::with(CloseCode::Invalid, "invalid UTF-8 in text message"))?,
-            ),
+            Frame::Text(data) => {
+                Message::Text(ByteString::try_from(data).map_err(|_| Fail::InvalidUtf8)?)
+            }
             Frame::Binary(data) => Message::Binary(data),
             Frame::Continuation(item) => Message::Continuation(item),
             Frame::Ping(data) => Message::Ping(data),
@@ -116,13 +138,10 @@ impl Assembler {
         };
         let max = self.max_bytes;
         let Some(partial) = self.partial.as_mut() else {
-            return Err(Fail::with(
-                CloseCode::Protocol,
-                "continuation without a start",
-            ));
+            return Err(Fail::ContinuationWithoutStart);
         };
         if partial.buf.len() + data.len() > max {
-            return Err(Fail::with(CloseCode::Size, "message too big"));
+            return Err(Fail::TooBig);
         }
         partial.buf.extend_from_slice(&data);
         if partial.text {
@@ -138,7 +157,7 @@ impl Assembler {
         if done.text {
             ByteString::try_from(bytes)
                 .map(Inbound::Text)
-                .map_err(|_| Fail::with(CloseCode::Invalid, "invalid UTF-8 in text message"))
+                .map_err(|_| Fail::InvalidUtf8)
         } else {
             Ok(Inbound::Binary(bytes))
         }
@@ -157,32 +176,19 @@ fn check_utf8(partial: &mut Partial, last: bool) -> Result<(), Fail> {
             partial.checked += e.valid_up_to();
             Ok(())
         }
-        Err(_) => Err(Fail::with(
-            CloseCode::Invalid,
-            "invalid UTF-8 in text message",
-        )),
+        Err(_) => Err(Fail::InvalidUtf8),
     }
 }
 
-/// Maps a codec error to the close code RFC 6455 asks for.
+/// Maps a codec error to why the connection fails, by its variant. The codec's only I/O error
+/// is its reserved-bits check (actix-http's own TODO names it `InvalidReservedBits`); the
+/// socket's read errors never come here, they end the frame stream
+/// (`crate::actors::socket`), where no close frame can be delivered anyway.
 fn map_protocol_error(e: ProtocolError) -> Fail {
     match e {
-        ProtocolError::Overflow => Fail::with(CloseCode::Size, "message too big"),
-        ProtocolError::Io(io) => {
-            // The codec reports reserved bits as an I/O error (UTF-8 is checked by
-            // `push_frame`). Anything else is the transport breaking, where no close frame
-            // can be delivered.
-            let text = io.to_string();
-            if text.contains("reserved bits") {
-                Fail::with(CloseCode::Protocol, "reserved bits set")
-            } else {
-                Fail {
-                    code: None,
-                    reason: "connection error",
-                }
-            }
-        }
-        _ => Fail::with(CloseCode::Protocol, "protocol error"),
+        ProtocolError::Overflow => Fail::TooBig,
+        ProtocolError::Io(_) => Fail::ReservedBits,
+        _ => Fail::Protocol,
     }
 }
 
@@ -218,7 +224,7 @@ mod tests {
         let mut a = Assembler::new(8);
         feed(&mut a, cont(Item::FirstText(Bytes::from_static(b"12345")))).unwrap();
         let e = feed(&mut a, cont(Item::Last(Bytes::from_static(b"6789")))).unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Size));
+        assert_eq!(e.code(), CloseCode::Size);
     }
 
     #[test]
@@ -243,7 +249,7 @@ mod tests {
     fn invalid_utf8_fails_at_the_fragment_that_carries_it() {
         let mut a = Assembler::new(100);
         let e = feed(&mut a, cont(Item::FirstText(Bytes::from_static(b"ok\xff")))).unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Invalid));
+        assert_eq!(e.code(), CloseCode::Invalid);
     }
 
     #[test]
@@ -256,7 +262,7 @@ mod tests {
         )
         .unwrap();
         let e = feed(&mut a, cont(Item::Last(Bytes::new()))).unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Invalid));
+        assert_eq!(e.code(), CloseCode::Invalid);
     }
 
     #[test]
@@ -273,7 +279,7 @@ mod tests {
         let e = a
             .push_frame(Ok(Frame::Text(Bytes::from_static(b"ok\xff"))))
             .unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Invalid));
+        assert_eq!(e.code(), CloseCode::Invalid);
         let ok = a.push_frame(Ok(Frame::Text(Bytes::from_static(b"ok"))));
         assert_eq!(ok, Ok(Inbound::Text(ByteString::from_static("ok"))));
     }
@@ -282,13 +288,47 @@ mod tests {
     fn codec_errors_map_to_close_codes() {
         let mut a = Assembler::new(100);
         let e = a.push_frame(Err(ProtocolError::Overflow)).unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Size));
+        assert_eq!(e.code(), CloseCode::Size);
         let e = a
             .push_frame(Err(ProtocolError::ContinuationNotStarted))
             .unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Protocol));
+        assert_eq!(e.code(), CloseCode::Protocol);
         let bad = Frame::Text(bytes::Bytes::from_static(&[0xff]));
         let e = a.push_frame(Ok(bad)).unwrap_err();
-        assert_eq!(e.code, Some(CloseCode::Invalid));
+        assert_eq!(e.code(), CloseCode::Invalid);
+    }
+
+    #[test]
+    fn reserved_bits_from_the_codec_fail_with_1002_and_their_reason() {
+        use actix_codec::Decoder;
+        // A masked text frame "a" with RSV1 set, as a client would send it.
+        let mut buf = BytesMut::from(&[0xC1, 0x81, 0, 0, 0, 0, b'a'][..]);
+        let decoded = actix_http::ws::Codec::new().decode(&mut buf);
+        let e = Assembler::new(100)
+            .push_frame(decoded.map(|f| f.expect("a whole frame")))
+            .unwrap_err();
+        assert_eq!(e, Fail::ReservedBits);
+        assert_eq!(
+            (e.code(), e.reason()),
+            (CloseCode::Protocol, "reserved bits set")
+        );
+    }
+
+    #[test]
+    fn each_failure_has_the_close_code_and_reason_the_protocol_names() {
+        let table = [
+            (Fail::ReservedBits, 1002, "reserved bits set"),
+            (
+                Fail::ContinuationWithoutStart,
+                1002,
+                "continuation without a start",
+            ),
+            (Fail::Protocol, 1002, "protocol error"),
+            (Fail::InvalidUtf8, 1007, "invalid UTF-8 in text message"),
+            (Fail::TooBig, 1009, "message too big"),
+        ];
+        for (fail, code, reason) in table {
+            assert_eq!((u16::from(fail.code()), fail.reason()), (code, reason));
+        }
     }
 }

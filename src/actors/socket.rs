@@ -260,15 +260,12 @@ where
         // Answer the close handshake with the peer's code, as RFC 6455 §5.5.1 asks.
         Ok(Inbound::Close(reason)) => socket.close(reason),
         Ok(message) => return Some(message),
-        Err(failure) => match failure.code {
-            Some(code) => {
-                if let Some(m) = metrics {
-                    m.bad_frame(u16::from(code));
-                }
-                fail(socket, code, failure.reason)
+        Err(failure) => {
+            if let Some(m) = metrics {
+                m.bad_frame(u16::from(failure.code()));
             }
-            None => ctx.stop(),
-        },
+            fail(socket, failure.code(), failure.reason())
+        }
     }
     None
 }
@@ -324,9 +321,11 @@ impl Stream for Frames {
                     }
                 }
             }
-            if let Err(e) = ready!(this.io.stream.poll_read_ready(cx)) {
+            // A broken socket ends the stream like the peer's end of stream: no close frame
+            // can reach the peer, and the codec's errors stay the only errors in it.
+            if ready!(this.io.stream.poll_read_ready(cx)).is_err() {
                 this.end();
-                return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+                return Poll::Ready(None);
             }
             this.buf.reserve(READ_CHUNK);
             match this.io.stream.try_read_buf(&mut this.buf) {
@@ -340,9 +339,9 @@ impl Stream for Frames {
                         this.buf = BytesMut::new();
                     }
                 }
-                Err(e) => {
+                Err(_) => {
                     this.end();
-                    return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+                    return Poll::Ready(None);
                 }
             }
         }

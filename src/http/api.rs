@@ -5,7 +5,7 @@
 //! [`Bus::publish`](crate::bus::Bus::publish), so it gets the room's next offset, is stored
 //! before the answer, reaches every member on every replica, and a repeated `ref` (per user
 //! and room, as on the WebSocket) resolves to the first offset. Errors are the `error`
-//! frame's codes as JSON, plus `unauthorized` (401) and `too_large` (413).
+//! frame's codes as JSON, plus `unauthorized` (401) and `too_large` (413): see [`HttpError`].
 
 use std::time::Instant;
 
@@ -16,79 +16,13 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::{Choice, ConstantTimeEq};
 
-use super::AppState;
-use crate::bus::{BusError, NewMessage};
+use super::{AppState, HttpError};
+use crate::bus::NewMessage;
 use crate::domain::{Epoch, RoomName, UserId};
 use crate::protocol::{self, ErrorCode};
 
 /// The user an API message is posted as when the body names none.
 pub const DEFAULT_API_USER: &str = "api";
-
-/// Why an API request was refused. Client errors (4xx) are kept apart from ours (5xx).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    #[error("the HTTP API is disabled on this server (api.key is not set)")]
-    Disabled,
-    #[error("missing or wrong API key (send Authorization: Bearer <api.key>)")]
-    Unauthorized,
-    /// The seconds until this client address may try again.
-    #[error("too many wrong API keys from this address: retry in {0} s")]
-    RateLimited(u64),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    TooLong(String),
-    #[error("the request body is larger than {0} bytes")]
-    TooLarge(usize),
-    #[error(transparent)]
-    Bus(#[from] BusError),
-}
-
-impl ApiError {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::Disabled => StatusCode::FORBIDDEN,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::BadRequest(_) | Self::TooLong(_) => StatusCode::BAD_REQUEST,
-            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Bus(BusError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Bus(BusError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            Self::Disabled => ErrorCode::Forbidden.as_str(),
-            Self::Unauthorized => "unauthorized",
-            Self::RateLimited(_) => ErrorCode::RateLimited.as_str(),
-            Self::BadRequest(_) => ErrorCode::BadRequest.as_str(),
-            Self::TooLong(_) => ErrorCode::TooLong.as_str(),
-            Self::TooLarge(_) => "too_large",
-            Self::Bus(BusError::Unavailable(_)) => ErrorCode::Unavailable.as_str(),
-            Self::Bus(BusError::Internal(_)) => ErrorCode::Internal.as_str(),
-        }
-    }
-
-    fn response(&self) -> HttpResponse {
-        let mut resp = super::error(self.status(), self.code(), &self.to_string());
-        match self {
-            // RFC 6750 §3: a 401 names the scheme the client should use.
-            Self::Unauthorized => {
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    header::HeaderValue::from_static("Bearer"),
-                );
-            }
-            Self::RateLimited(secs) => {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
-            }
-            _ => {}
-        }
-        resp
-    }
-}
 
 /// The body of `POST /api/rooms/{room}/messages`.
 #[derive(Debug, Deserialize)]
@@ -108,44 +42,6 @@ pub struct HistoryQuery {
     limit: Option<String>,
 }
 
-/// Which endpoint answered, the `endpoint` label of `confab_api_requests_total`.
-#[derive(Debug, Clone, Copy)]
-enum Endpoint {
-    Publish,
-    History,
-    Presence,
-}
-
-impl Endpoint {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Publish => "publish",
-            Self::History => "history",
-            Self::Presence => "presence",
-        }
-    }
-}
-
-/// Answers with the handler's response or its error as JSON, and counts the request.
-fn finish(
-    state: &AppState,
-    endpoint: Endpoint,
-    result: Result<HttpResponse, ApiError>,
-) -> HttpResponse {
-    let resp = result.unwrap_or_else(|e| {
-        if e.status().is_server_error() {
-            log::warn!("api {}: {e}", endpoint.label());
-        } else {
-            log::debug!("api {} refused: {e}", endpoint.label());
-        }
-        e.response()
-    });
-    state
-        .metrics
-        .api_request(endpoint.label(), resp.status().as_u16());
-    resp
-}
-
 /// `POST /api/rooms/{room}/messages` → 201 `{"offset","epoch"}`; 200 with the first offset
 /// when the `ref` was seen before (nothing new was created).
 pub async fn publish(
@@ -153,36 +49,26 @@ pub async fn publish(
     room: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = publish_inner(&req, &room, payload, &state).await;
-    finish(&state, Endpoint::Publish, result)
-}
-
-async fn publish_inner(
-    req: &HttpRequest,
-    room: &str,
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     let limit = state.sessions.max_frame_bytes;
-    let body = read_body(req, payload, limit).await?;
+    let body = read_body(&req, payload, limit).await?;
     let body: PublishBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        .map_err(|e| HttpError::BadRequest(format!("invalid JSON body: {e}")))?;
     let user = match body.user.as_deref() {
         None => UserId::parse(DEFAULT_API_USER),
         Some(name) => UserId::parse(name),
     }
-    .map_err(|e| ApiError::BadRequest(format!("user {e}")))?;
+    .map_err(|e| HttpError::BadRequest(format!("user {e}")))?;
     protocol::check_message(
         &body.text,
         &body.reference,
         state.sessions.max_message_chars,
     )
     .map_err(|r| match r.code {
-        ErrorCode::TooLong => ApiError::TooLong(r.message),
-        _ => ApiError::BadRequest(r.message),
+        ErrorCode::TooLong => HttpError::TooLong(r.message),
+        _ => HttpError::BadRequest(r.message),
     })?;
     let msg = NewMessage {
         user,
@@ -207,24 +93,14 @@ pub async fn history(
     room: web::Path<String>,
     query: web::Query<HistoryQuery>,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = history_inner(&req, &room, &query, &state).await;
-    finish(&state, Endpoint::History, result)
-}
-
-async fn history_inner(
-    req: &HttpRequest,
-    room: &str,
-    query: &HistoryQuery,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     // Numbers as text first (a query string has no types), then the checks a `history`
     // frame gets.
     let before = whole_number(&query.before, "before")?;
     let limit = whole_number(&query.limit, "limit")?;
-    let limit = protocol::check_page(before, limit).map_err(ApiError::BadRequest)?;
+    let limit = protocol::check_page(before, limit).map_err(HttpError::BadRequest)?;
     let page = state.bus.history(&room, before, limit).await?;
     // The stored frames are spliced in as they were stored, as in the `history` frame.
     let messages: Vec<_> = page
@@ -251,18 +127,9 @@ pub async fn presence(
     req: HttpRequest,
     room: web::Path<String>,
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let result = presence_inner(&req, &room, &state).await;
-    finish(&state, Endpoint::Presence, result)
-}
-
-async fn presence_inner(
-    req: &HttpRequest,
-    room: &str,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
-    authorize(req, state)?;
-    let room = parse_room(room)?;
+) -> Result<HttpResponse, HttpError> {
+    authorize(&req, &state)?;
+    let room = parse_room(&room)?;
     let users = state.bus.presence(&room).await?;
     Ok(HttpResponse::Ok().json(json!({"room": room, "users": users})))
 }
@@ -271,43 +138,53 @@ async fn presence_inner(
 fn whole_number<T: std::str::FromStr>(
     value: &Option<String>,
     name: &str,
-) -> Result<Option<T>, ApiError> {
+) -> Result<Option<T>, HttpError> {
     value
         .as_deref()
         .map(str::parse)
         .transpose()
-        .map_err(|_| ApiError::BadRequest(format!("{name} must be a whole number")))
+        .map_err(|_| HttpError::BadRequest(format!("{name} must be a whole number")))
 }
 
-fn parse_room(room: &str) -> Result<RoomName, ApiError> {
-    RoomName::parse(room).map_err(|e| ApiError::BadRequest(format!("room name {e}")))
+fn parse_room(room: &str) -> Result<RoomName, HttpError> {
+    RoomName::parse(room).map_err(|e| HttpError::BadRequest(format!("room name {e}")))
 }
 
 /// Checks the bearer key: 403 when no key is configured (the API is off), 429 while the
 /// client's address is throttled for wrong keys (before the key is looked at, so a right
 /// guess then tells nothing), 401 when it is missing or wrong. Only a wrong key counts
 /// toward the throttle: a missing one guesses nothing.
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), HttpError> {
     let key = &state.api_key;
     if key.is_empty() {
-        return Err(ApiError::Disabled);
+        return Err(HttpError::ApiDisabled);
     }
     let client = super::client_address(req.headers(), req.peer_addr(), &state.trusted_proxies);
     let now = Instant::now();
     if let Err(wait) = state.key_guesses.check(client, now) {
         // Whole seconds, rounded up: a client retrying at once would find the window open.
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return Err(ApiError::RateLimited(secs.max(1)));
+        let secs = secs.max(1);
+        return Err(HttpError::RateLimited {
+            retry_after: secs,
+            message: format!("too many wrong API keys from this address: retry in {secs} s"),
+        });
     }
     match super::bearer(req.headers()) {
         Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
         Some(_) => {
             state.key_guesses.failed(client, now);
             log::info!("api: wrong key from {client}");
-            Err(ApiError::Unauthorized)
+            Err(unauthorized())
         }
-        None => Err(ApiError::Unauthorized),
+        None => Err(unauthorized()),
     }
+}
+
+fn unauthorized() -> HttpError {
+    HttpError::Unauthorized(
+        "missing or wrong API key (send Authorization: Bearer <api.key>)".to_owned(),
+    )
 }
 
 /// Compares in constant time (`subtle`), so the time taken does not tell a guesser how many
@@ -325,21 +202,21 @@ async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-) -> Result<bytes::BytesMut, ApiError> {
+) -> Result<bytes::BytesMut, HttpError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::TooLarge(limit));
+        return Err(HttpError::TooLarge(limit));
     }
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+            chunk.map_err(|e| HttpError::BadRequest(format!("cannot read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge(limit));
+            return Err(HttpError::TooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }
@@ -357,30 +234,5 @@ mod tests {
         assert!(!constant_time_eq(b"secret-longer", b"secret"));
         assert!(!constant_time_eq(b"sec", b"secret"));
         assert!(!constant_time_eq(b"", b"secret"));
-    }
-
-    #[test]
-    fn every_error_has_the_status_and_code_the_contract_names() {
-        let cases = [
-            (ApiError::Disabled, 403, "forbidden"),
-            (ApiError::Unauthorized, 401, "unauthorized"),
-            (ApiError::RateLimited(3), 429, "rate_limited"),
-            (ApiError::BadRequest("x".into()), 400, "bad_request"),
-            (ApiError::TooLong("x".into()), 400, "too_long"),
-            (ApiError::TooLarge(10), 413, "too_large"),
-            (
-                ApiError::Bus(BusError::Unavailable("down".into())),
-                503,
-                "unavailable",
-            ),
-            (
-                ApiError::Bus(BusError::Internal("bug".into())),
-                500,
-                "internal",
-            ),
-        ];
-        for (e, status, code) in cases {
-            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");
-        }
     }
 }

@@ -1,9 +1,8 @@
 //! `GET /metrics`: the replica's metrics in the Prometheus text format.
 
-use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpResponse, ResponseError};
 
-use super::{error, health, AppState};
+use super::{health, AppState, HttpError};
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     // Readiness is a state, not an event: read it when scraped rather than tracking each
@@ -16,11 +15,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .body(text),
         Err(e) => {
             log::error!("cannot render metrics: {e}");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "cannot render metrics",
-            )
+            HttpError::Internal("cannot render metrics".into()).error_response()
         }
     }
 }

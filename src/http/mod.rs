@@ -3,10 +3,12 @@
 
 pub mod admission;
 pub mod api;
+mod error;
 pub mod guesses;
 mod health;
 mod metrics;
 mod page;
+mod request_metrics;
 pub mod upgrade;
 mod ws;
 
@@ -17,10 +19,12 @@ use actix::Addr;
 use std::net::{IpAddr, SocketAddr};
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::{web, HttpResponse};
-use serde_json::json;
+use actix_web::web;
+
+pub use self::error::HttpError;
 
 use self::admission::Admission;
+use self::request_metrics::counted;
 use crate::actors::hub::Hub;
 use crate::actors::session::SessionConfig;
 use crate::auth::Verifier;
@@ -59,16 +63,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))
-        .route("/api/rooms/{room}/messages", web::post().to(api::publish))
-        .route("/api/rooms/{room}/history", web::get().to(api::history))
-        .route("/api/rooms/{room}/presence", web::get().to(api::presence))
-        .route("/ws/{room}", web::get().to(ws::upgrade))
-        .route("/echo", web::get().to(ws::echo));
-}
-
-/// The JSON error body every endpoint uses: `{"error":{"code","message"}}`.
-fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
+        .route(
+            "/api/rooms/{room}/messages",
+            counted(web::post().to(api::publish), "publish"),
+        )
+        .route(
+            "/api/rooms/{room}/history",
+            counted(web::get().to(api::history), "history"),
+        )
+        .route(
+            "/api/rooms/{room}/presence",
+            counted(web::get().to(api::presence), "presence"),
+        )
+        .route("/ws/{room}", web::get().to(ws::not_upgraded))
+        .route("/echo", web::get().to(ws::not_upgraded));
 }
 
 /// The credentials of `Authorization: Bearer …`; the scheme is case-insensitive (RFC 7235

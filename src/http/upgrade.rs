@@ -23,14 +23,14 @@ use actix_http::h1::{Codec, Message};
 use actix_http::header::{self, HeaderValue};
 use actix_http::{ConnectionType, HttpMessage, Protocol, Request, Response, StatusCode};
 use actix_web::dev::Url;
-use actix_web::web;
+use actix_web::{web, ResponseError};
 use bytes::BytesMut;
 use futures_util::SinkExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::admission::Pending;
-use super::{error, ws, AppState};
+use super::{ws, AppState};
 use crate::actors::echo::Echo;
 use crate::actors::session::{Session, SUBPROTOCOL};
 use crate::actors::socket::Upgraded;
@@ -202,26 +202,18 @@ fn hand_over(framed: Framed<Counted, Codec>) -> (TcpStream, BytesMut) {
 /// Which endpoint the request is for, after its checks; else the response to refuse it with.
 fn route(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>> {
     let url = Url::new(req.uri().clone());
-    let path = url.path();
-    if let Some(room) = path.strip_prefix("/ws/").filter(|r| !r.contains('/')) {
-        let query = req.uri().query().unwrap_or_default();
-        return ws::accept(req.headers(), req.peer_addr(), room, query, state)
-            .map(|accepted| Accepted::Session(Box::new(accepted)))
-            .map_err(|refusal| refusal.response().into());
-    }
-    if path == "/echo" {
-        return if state.echo_endpoint {
-            Ok(Accepted::Echo)
-        } else {
-            Err(ws::echo_disabled().into())
-        };
-    }
-    Err(error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no WebSocket endpoint at this path",
-    )
-    .into())
+    let accepted = match ws::endpoint(url.path()) {
+        Some(ws::Endpoint::Session(room)) => {
+            let query = req.uri().query().unwrap_or_default();
+            ws::accept(req.headers(), req.peer_addr(), room, query, state)
+                .map(|accepted| Accepted::Session(Box::new(accepted)))
+                .map_err(|refusal| refusal.error)
+        }
+        Some(ws::Endpoint::Echo) if state.echo_endpoint => Ok(Accepted::Echo),
+        Some(ws::Endpoint::Echo) => Err(ws::echo_disabled()),
+        None => Err(ws::no_endpoint()),
+    };
+    accepted.map_err(|e| e.error_response().into())
 }
 
 /// Whether the client offers confab's subprotocol.

@@ -8,17 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::admission::{Refused, Slot};
-use super::{error, AppState};
+use super::{AppState, HttpError};
 use crate::actors::session::SessionRequest;
 use crate::auth::{AuthError, Identity};
 use crate::domain::{Epoch, Offset, RoomName, UserId, MAX_OFFSET};
 use crate::metrics;
-use crate::protocol::{ErrorCode, MAX_HISTORY_LIMIT};
+use crate::protocol::MAX_HISTORY_LIMIT;
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -32,134 +31,119 @@ pub struct WsQuery {
 /// The subprotocol entry a browser puts its token in, beside `confab.v1`.
 const TOKEN_PROTOCOL_PREFIX: &str = "token.";
 
-/// A request refused before the upgrade.
+/// A request refused before the upgrade: the answer, and the `reason` it is counted under in
+/// `confab_upgrade_refusals_total`.
 pub struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub error: HttpError,
     metric: metrics::Refusal,
 }
 
 impl Refusal {
-    fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-        metric: metrics::Refusal,
-    ) -> Self {
-        Self {
-            status,
-            code,
-            message,
-            metric,
-        }
+    fn new(error: HttpError, metric: metrics::Refusal) -> Self {
+        Self { error, metric }
     }
 
     fn bad(message: String) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest.as_str(),
-            message,
-            metrics::Refusal::BadRequest,
-        )
+        Self::new(HttpError::BadRequest(message), metrics::Refusal::BadRequest)
     }
 
     fn unauthorized(e: &AuthError) -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            e.to_string(),
+            HttpError::Unauthorized(e.to_string()),
             metrics::Refusal::Unauthorized,
         )
     }
 
-    pub fn response(&self) -> HttpResponse {
-        let mut response = error(self.status, self.code, &self.message);
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
+    /// A `429` the client may retry in a second.
+    fn rate_limited(message: &str, metric: metrics::Refusal) -> Self {
+        Self::new(
+            HttpError::RateLimited {
+                retry_after: 1,
+                message: message.to_owned(),
+            },
+            metric,
+        )
     }
 }
 
 impl From<Refused> for Refusal {
     fn from(r: Refused) -> Self {
         match r {
-            Refused::TooFast => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited.as_str(),
-                "too many connection attempts from this address; retry in a second".into(),
+            Refused::TooFast => Self::rate_limited(
+                "too many connection attempts from this address; retry in a second",
                 metrics::Refusal::TooFast,
             ),
-            Refused::PerIp => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited.as_str(),
-                "this address holds limits.max_connections_per_ip sessions already".into(),
+            Refused::PerIp => Self::rate_limited(
+                "this address holds limits.max_connections_per_ip sessions already",
                 metrics::Refusal::PerIp,
             ),
             Refused::Full => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable.as_str(),
-                "this replica is at its connection limit".into(),
+                HttpError::Unavailable("this replica is at its connection limit".into()),
                 metrics::Refusal::Cap,
             ),
-            Refused::Rooms => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited.as_str(),
-                "this address's sessions are in limits.rooms_per_ip rooms already".into(),
+            Refused::Rooms => Self::rate_limited(
+                "this address's sessions are in limits.rooms_per_ip rooms already",
                 metrics::Refusal::Rooms,
             ),
         }
     }
 }
 
-/// `GET /ws/{room}` without `Upgrade: websocket`: refused as the upgrade would be, else
-/// answered with the handshake error.
-pub async fn upgrade(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let room = req.match_info().get("room").unwrap_or_default();
-    let query = req.query_string();
-    // The same answers as an upgrade would get, but no session slot: none will be used.
-    match validate(req.headers(), req.peer_addr(), room, query, &state) {
-        Ok(_) => not_an_upgrade(&req),
-        Err(refusal) => refusal.response(),
-    }
+/// A WebSocket endpoint, as a request's path names it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint<'p> {
+    /// `/ws/{room}`: a chat session in this room (not yet checked as a room name).
+    Session(&'p str),
+    /// `/echo`: the conformance echo, when `websocket.echo_endpoint` is on.
+    Echo,
 }
 
-/// `GET /echo` without `Upgrade: websocket`; 404 unless `websocket.echo_endpoint` is on.
-pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if state.echo_endpoint {
-        not_an_upgrade(&req)
-    } else {
-        echo_disabled()
+/// The one parser of WebSocket paths, for the upgrade path (`super::upgrade`) and the routes
+/// that answer the same paths without an upgrade. `path` is the request's path as actix
+/// requotes it (`actix_web::dev::Url`), the one its router matches.
+pub fn endpoint(path: &str) -> Option<Endpoint<'_>> {
+    if let Some(room) = path.strip_prefix("/ws/").filter(|r| !r.contains('/')) {
+        return Some(Endpoint::Session(room));
     }
+    (path == "/echo").then_some(Endpoint::Echo)
 }
 
-fn not_an_upgrade(req: &HttpRequest) -> HttpResponse {
-    match actix_http::ws::verify_handshake(req.head()) {
-        Err(e) => e.error_response(),
-        Ok(()) => error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest.as_str(),
-            "this request was not upgraded",
-        ),
+/// `GET /ws/{room}` and `GET /echo` without `Upgrade: websocket`: refused as the upgrade
+/// would be, else answered with the handshake error.
+pub async fn not_upgraded(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, HttpError> {
+    match endpoint(req.match_info().as_str()) {
+        Some(Endpoint::Session(room)) => {
+            // The same answers as an upgrade would get, but no session slot: none will be used.
+            validate(
+                req.headers(),
+                req.peer_addr(),
+                room,
+                req.query_string(),
+                &state,
+            )
+            .map_err(|refusal| refusal.error)?;
+        }
+        Some(Endpoint::Echo) if state.echo_endpoint => {}
+        Some(Endpoint::Echo) => return Err(echo_disabled()),
+        None => return Err(no_endpoint()),
     }
+    Err(match actix_http::ws::verify_handshake(req.head()) {
+        Err(e) => HttpError::Handshake(e),
+        Ok(()) => HttpError::BadRequest("this request was not upgraded".into()),
+    })
 }
 
 /// The answer to `/echo` without `websocket.echo_endpoint`.
-pub fn echo_disabled() -> HttpResponse {
-    error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "the echo endpoint is disabled",
-    )
+pub fn echo_disabled() -> HttpError {
+    HttpError::NotFound("the echo endpoint is disabled")
+}
+
+/// The answer to an upgrade of a path [`endpoint`] does not know.
+pub fn no_endpoint() -> HttpError {
+    HttpError::NotFound("no WebSocket endpoint at this path")
 }
 
 /// Every check of a session request on `/ws/{room}`: the request and the client's address,
@@ -198,7 +182,7 @@ pub fn accept(
             let refusal = Refusal::from(refused);
             if refused != Refused::Full {
                 // Per refusal, so at debug: a flood must not flood the log too.
-                log::debug!("refusing a session from {client}: {}", refusal.message);
+                log::debug!("refusing a session from {client}: {}", refusal.error);
             } else if state.admission.warn_full() {
                 log::warn!(
                     "refusing sessions: limits.max_connections ({}) reached",
@@ -223,9 +207,7 @@ fn check(
     let room = RoomName::parse(room).map_err(|e| Refusal::bad(format!("room name {e}")))?;
     if state.draining.load(Ordering::Acquire) {
         return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable.as_str(),
-            "this replica is shutting down; reconnect to another".into(),
+            HttpError::Unavailable("this replica is shutting down; reconnect to another".into()),
             metrics::Refusal::Draining,
         ));
     }
@@ -237,9 +219,7 @@ fn check(
                 .is_ok_and(|o| state.allowed_origins.iter().any(|a| a == o));
         if !allowed {
             return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden.as_str(),
-                "this Origin is not allowed".into(),
+                HttpError::Forbidden("this Origin is not allowed".into()),
                 metrics::Refusal::Origin,
             ));
         }
@@ -258,9 +238,7 @@ fn check(
                 .map_err(|e| Refusal::unauthorized(&e))?;
             if !identity.may_join(&room) {
                 return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    ErrorCode::Forbidden.as_str(),
-                    format!("this token does not allow room `{room}`"),
+                    HttpError::Forbidden(format!("this token does not allow room `{room}`")),
                     metrics::Refusal::Room,
                 ));
             }
@@ -314,4 +292,21 @@ fn token<'r>(headers: &'r HeaderMap, query: &'r WsQuery) -> Option<&'r str> {
         .or_else(protocol)
         .or(query.token.as_deref())
         .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_names_a_session_room_the_echo_or_nothing() {
+        assert_eq!(endpoint("/ws/lobby"), Some(Endpoint::Session("lobby")));
+        // An empty room is the room check's to refuse (400), not a missing endpoint.
+        assert_eq!(endpoint("/ws/"), Some(Endpoint::Session("")));
+        assert_eq!(endpoint("/echo"), Some(Endpoint::Echo));
+        assert_eq!(endpoint("/ws/a/b"), None);
+        assert_eq!(endpoint("/ws"), None);
+        assert_eq!(endpoint("/echo/"), None);
+        assert_eq!(endpoint("/"), None);
+    }
 }

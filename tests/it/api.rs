@@ -568,3 +568,46 @@ async fn wrong_api_keys_from_one_address_get_429_even_with_the_right_key_until_t
     // And the count starts again.
     assert_error(&call(guesser, "guess").await, 401, "unauthorized");
 }
+
+#[tokio::test]
+async fn every_api_endpoint_is_counted_under_its_own_label_with_the_status_it_answered() {
+    let server = Server::start(&[("CONFAB_API__KEY", KEY)]);
+    let before = scrape(&server).await;
+    let history = api(&server, "GET", "/api/rooms/r/history", Some(KEY), "").await;
+    assert_eq!(history.status, 200, "{}", history.body);
+    let bad = api(
+        &server,
+        "GET",
+        "/api/rooms/r/history?limit=x",
+        Some(KEY),
+        "",
+    )
+    .await;
+    assert_error(&bad, 400, "bad_request");
+    let presence = api(&server, "GET", "/api/rooms/r/presence", Some(KEY), "").await;
+    assert_eq!(presence.status, 200, "{}", presence.body);
+    let wrong = api(&server, "GET", "/api/rooms/r/presence", Some("wrong"), "").await;
+    assert_error(&wrong, 401, "unauthorized");
+    let too_large = api(
+        &server,
+        "POST",
+        "/api/rooms/r/messages",
+        Some(KEY),
+        &"x".repeat(70_000),
+    )
+    .await;
+    assert_error(&too_large, 413, "too_large");
+
+    let after = scrape(&server).await;
+    let delta = |endpoint: &str, status: u16| {
+        let key =
+            format!(r#"confab_api_requests_total{{endpoint="{endpoint}",status="{status}"}}"#);
+        after.get(&key) - before.get(&key)
+    };
+    assert_eq!(delta("history", 200), 1.0);
+    assert_eq!(delta("history", 400), 1.0);
+    assert_eq!(delta("presence", 200), 1.0);
+    assert_eq!(delta("presence", 401), 1.0);
+    assert_eq!(delta("publish", 413), 1.0);
+    assert_eq!(delta("publish", 200) + delta("publish", 201), 0.0);
+}

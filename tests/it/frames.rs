@@ -182,3 +182,44 @@ async fn the_confab_subprotocol_is_answered() {
         .expect("upgrade");
     assert_eq!(resp.headers()["sec-websocket-protocol"], "confab.v1");
 }
+
+/// Reads from `s` until the bytes so far contain `needle` or the peer closes; all bytes read.
+async fn read_until(s: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !got.windows(needle.len()).any(|w| w == needle) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("an answer in time");
+    got
+}
+
+#[tokio::test]
+async fn a_frame_with_reserved_bits_closes_with_1002_and_says_why() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&[("CONFAB_WEBSOCKET__ECHO_ENDPOINT", "true")]);
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until(&mut s, b"\r\n\r\n").await;
+    assert!(answer.starts_with(b"HTTP/1.1 101"), "{answer:?}");
+    // A masked text frame "a" with RSV1 set (zero mask), no extension negotiated.
+    s.write_all(&[0xC1, 0x81, 0, 0, 0, 0, b'a']).await.unwrap();
+    let reason = b"reserved bits set";
+    let close = read_until(&mut s, reason).await;
+    let mut expected = vec![0x88, 2 + reason.len() as u8, 0x03, 0xEA];
+    expected.extend_from_slice(reason);
+    assert!(
+        close.windows(expected.len()).any(|w| w == expected),
+        "{close:?}"
+    );
+}

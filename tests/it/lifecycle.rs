@@ -197,3 +197,27 @@ async fn sigterm_drains_sessions_with_1001_and_exits_0() {
     let status = server.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn a_websocket_path_gets_the_same_refusal_with_and_without_an_upgrade() {
+    let server = Server::start(&[]);
+    for (path, status, code) in [
+        ("/ws/-bad", 400, "bad_request"),
+        ("/ws/ok?since=3", 400, "bad_request"),
+        ("/echo", 404, "not_found"),
+    ] {
+        let upgrade = server.http("GET", path, &ws_headers(None)).await;
+        let plain = server.http("GET", path, &[]).await;
+        assert_eq!(upgrade.status, status, "{path}: {}", upgrade.body);
+        assert_eq!(upgrade.json()["error"]["code"], code, "{path}");
+        assert_eq!(
+            (plain.status, plain.json()),
+            (upgrade.status, upgrade.json()),
+            "{path}"
+        );
+    }
+    // Only an upgrade reaches the WebSocket parser here; the router answers a plain request.
+    let nowhere = server.http("GET", "/ws/a/b", &ws_headers(None)).await;
+    assert_eq!(nowhere.status, 404);
+    assert_eq!(nowhere.json()["error"]["code"], "not_found");
+}
