@@ -40,7 +40,30 @@ const BACKLOG: i32 = 1024;
 
 /// Runs one replica until SIGTERM or SIGINT has drained it.
 pub async fn run(settings: Settings) -> io::Result<()> {
-    let node: Arc<str> = Arc::from(node_id(&settings));
+    let replica = build_state(&settings).await?;
+    let server = build_server(&settings, &replica)?;
+    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+    serve_until_drained(server, replica, grace).await
+}
+
+/// A replica's parts, built before the server that serves them and torn down after it.
+struct Replica {
+    node: Arc<str>,
+    /// Threads the room actors run on; stopped once the server has stopped.
+    arbiters: Vec<Arbiter>,
+    /// What every request handler shares (the hub, the bus, the caps, the drain flag).
+    state: web::Data<AppState>,
+    redis: Option<RedisSide>,
+    /// HTTP worker threads.
+    workers: usize,
+    caps: Caps,
+    /// The open-file limit, as raised.
+    files: usize,
+}
+
+/// Opens the store, starts the bus, the hub and its room threads, and plans the caps.
+async fn build_state(settings: &Settings) -> io::Result<Replica> {
+    let node: Arc<str> = Arc::from(node_id(settings));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let room_threads = match settings.server.room_threads {
         0 => cores,
@@ -49,8 +72,8 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
     let metrics = Arc::new(Metrics::new().map_err(io::Error::other)?);
-    let store = open_store(&settings, &metrics).await?;
-    let (bus, redis) = start_bus(&settings, &node, &directory, &metrics, store)?;
+    let store = open_store(settings, &metrics).await?;
+    let (bus, redis) = start_bus(settings, &node, &directory, &metrics, store)?;
     let bus = MeteredBus::wrap(bus, Arc::clone(&metrics));
     if settings.api.key.is_empty() {
         log::info!("api.key is empty: the HTTP API answers 403");
@@ -103,9 +126,8 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
-    let draining = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
-        hub: hub.clone(),
+        hub,
         bus,
         sessions: Arc::new(SessionConfig {
             node: node.clone(),
@@ -120,7 +142,7 @@ pub async fn run(settings: Settings) -> io::Result<()> {
             client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
             metrics: Arc::clone(&metrics),
         }),
-        draining: draining.clone(),
+        draining: Arc::new(AtomicBool::new(false)),
         admission: Arc::new(Admission::new(admission::Limits {
             sessions: caps.sessions,
             sessions_per_ip: settings.limits.max_connections_per_ip,
@@ -141,8 +163,28 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         ),
         metrics,
     });
+    Ok(Replica {
+        node,
+        arbiters,
+        state,
+        redis,
+        workers,
+        caps,
+        files,
+    })
+}
 
-    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+/// Binds `server.listen` and builds the HTTP server over the replica's state; it runs once
+/// awaited.
+fn build_server(settings: &Settings, replica: &Replica) -> io::Result<Server> {
+    let Replica {
+        node,
+        state,
+        workers,
+        caps,
+        files,
+        ..
+    } = replica;
     let handshake_timeout = Duration::from_secs(settings.server.handshake_timeout_secs);
     let listeners = bind(&settings.server.listen)?;
     // actix-web's HttpServer, built from its parts so that upgrades go to `upgrade::serve`,
@@ -155,9 +197,9 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         // Sessions plus handshakes in progress stay under the open-file limit with the
         // reserve to spare, so /healthz, Redis reconnects and logs never hit EMFILE. Sessions
         // count: their upgrade's future lives as long as they do.
-        .max_concurrent_connections(caps.sockets.div_ceil(workers))
+        .max_concurrent_connections(caps.sockets.div_ceil(*workers))
         .shutdown_timeout(5)
-        .workers(workers);
+        .workers(*workers);
     for listener in listeners {
         let addr = listener.local_addr()?;
         log::info!(
@@ -197,8 +239,23 @@ pub async fn run(settings: Settings) -> io::Result<()> {
                 .and_then(http.finish(map_config(app, |_| AppConfig::default())))
         })?;
     }
-    let server = builder.run();
+    Ok(builder.run())
+}
+
+/// Runs the server until a signal has drained it (sessions closed over `grace`, then the
+/// server stopped) or another process turned out to hold the node id; then frees the node id
+/// and stops the room threads.
+async fn serve_until_drained(server: Server, replica: Replica, grace: Duration) -> io::Result<()> {
+    let Replica {
+        node,
+        arbiters,
+        state,
+        redis,
+        ..
+    } = replica;
     let handle = server.handle();
+    let hub = state.hub.clone();
+    let draining = Arc::clone(&state.draining);
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
         log::info!("node={node} draining: not ready, closing sessions over {grace:?}");
