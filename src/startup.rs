@@ -82,15 +82,8 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
         bus.clone(),
         directory,
         arbiters.iter().map(Arbiter::handle).collect(),
-        QueueLimits {
-            frames: settings.limits.session_queue,
-            bytes: settings.limits.session_queue_bytes,
-        },
-        RoomSettings {
-            announce_max: settings.limits.join_events_max_members,
-            resume_max: settings.limits.resume_max_messages,
-            retry_within: Duration::from_millis(settings.redis.join_retry_ms),
-        },
+        QueueLimits::from(settings),
+        RoomSettings::from(settings),
         Arc::clone(&metrics),
     )
     .start();
@@ -129,28 +122,15 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
     let state = web::Data::new(AppState {
         hub,
         bus,
-        sessions: Arc::new(SessionConfig {
-            node: node.clone(),
-            max_frame_bytes: settings.limits.max_frame_bytes,
-            max_message_chars: settings.limits.max_message_chars,
-            messages_per_sec: settings.limits.messages_per_sec,
-            burst: settings.limits.burst,
-            max_violations: settings.limits.max_violations,
-            session_queue: settings.limits.session_queue,
-            session_queue_bytes: settings.limits.session_queue_bytes,
-            ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
-            client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
-            metrics: Arc::clone(&metrics),
-        }),
+        sessions: Arc::new(SessionConfig::new(
+            settings,
+            node.clone(),
+            Arc::clone(&metrics),
+        )),
         draining: Arc::new(AtomicBool::new(false)),
         admission: Arc::new(Admission::new(admission::Limits {
             sessions: caps.sessions,
-            sessions_per_ip: settings.limits.max_connections_per_ip,
-            upgrades_per_sec: settings.limits.upgrades_per_ip_per_sec,
-            pending_per_ip: settings.limits.handshakes_per_ip,
-            rooms_per_ip: settings.limits.rooms_per_ip,
-            messages_per_ip: settings.limits.messages_per_sec_per_ip,
-            messages_per_user: settings.limits.messages_per_sec_per_user,
+            ..admission::Limits::from(settings)
         })),
         trusted_proxies,
         verifier,
@@ -529,6 +509,73 @@ mod tests {
         assert!(c.sessions >= 19_000, "19,000 sessions fit in 20,000 files");
         let small = Caps::plan(1024, 0, 4);
         assert!(small.sessions + 64 <= small.sockets && small.sockets < 1024);
+    }
+
+    #[test]
+    fn each_runtime_config_reads_its_own_settings_keys() {
+        // Every value distinct, so a field read from the wrong key shows.
+        let mut s = Settings::default();
+        let l = &mut s.limits;
+        (
+            l.max_frame_bytes,
+            l.max_message_chars,
+            l.messages_per_sec,
+            l.burst,
+        ) = (2001, 2002, 3, 4);
+        (l.max_violations, l.session_queue, l.session_queue_bytes) = (5, 2006, 70_007);
+        (
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.upgrades_per_ip_per_sec,
+        ) = (8, 9, 10);
+        (l.handshakes_per_ip, l.rooms_per_ip) = (11, 12);
+        (l.messages_per_sec_per_ip, l.messages_per_sec_per_user) = (13, 14);
+        (l.resume_max_messages, l.join_events_max_members) = (15, 16);
+        s.redis.join_retry_ms = 17;
+        (
+            s.websocket.ping_interval_secs,
+            s.websocket.client_timeout_secs,
+        ) = (18, 19);
+
+        let q = QueueLimits::from(&s);
+        assert_eq!((q.frames, q.bytes), (2006, 70_007));
+        let r = RoomSettings::from(&s);
+        assert_eq!((r.announce_max, r.resume_max), (16, 15));
+        assert_eq!(r.retry_within, Duration::from_millis(17));
+        let a = admission::Limits::from(&s);
+        assert_eq!(
+            (
+                a.sessions,
+                a.sessions_per_ip,
+                a.upgrades_per_sec,
+                a.pending_per_ip
+            ),
+            (8, 9, 10, 11)
+        );
+        assert_eq!(
+            (a.rooms_per_ip, a.messages_per_ip, a.messages_per_user),
+            (12, 13, 14)
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let c = SessionConfig::new(&s, Arc::from("n1"), metrics);
+        assert_eq!(&*c.node, "n1");
+        assert_eq!(
+            (
+                c.max_frame_bytes,
+                c.max_message_chars,
+                c.messages_per_sec,
+                c.burst
+            ),
+            (2001, 2002, 3, 4)
+        );
+        assert_eq!(
+            (c.max_violations, c.session_queue, c.session_queue_bytes),
+            (5, 2006, 70_007)
+        );
+        assert_eq!(
+            (c.ping_interval, c.client_timeout),
+            (Duration::from_secs(18), Duration::from_secs(19))
+        );
     }
 
     #[test]
