@@ -317,176 +317,14 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks relations and ranges that types alone cannot express.
+    /// Checks relations and ranges that types alone cannot express: the rules of [`RULES`] in
+    /// order, reporting the first that fails under its key.
     fn validate(&self) -> Result<(), SettingsError> {
-        let origin = "value";
-        if self.server.listen.parse::<SocketAddr>().is_err() {
-            return Err(key_error(
-                "server.listen",
-                origin,
-                format!("`{}` is not an address:port", self.server.listen),
-            ));
-        }
-        let positive = [
-            ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
-            (
-                "limits.max_message_chars",
-                self.limits.max_message_chars as u64,
-            ),
-            (
-                "limits.messages_per_sec",
-                u64::from(self.limits.messages_per_sec),
-            ),
-            ("limits.burst", u64::from(self.limits.burst)),
-            (
-                "limits.resume_max_messages",
-                self.limits.resume_max_messages,
-            ),
-            ("limits.session_queue", self.limits.session_queue as u64),
-            (
-                "limits.session_queue_bytes",
-                self.limits.session_queue_bytes as u64,
-            ),
-            ("history.size", self.history.size as u64),
-            (
-                "api.key_failure_window_secs",
-                self.api.key_failure_window_secs,
-            ),
-            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
-            ("redis.join_retry_ms", self.redis.join_retry_ms),
-            ("redis.presence_lease_secs", self.redis.presence_lease_secs),
-            ("history.ttl_secs", self.history.ttl_secs),
-            (
-                "history.empty_room_ttl_secs",
-                self.history.empty_room_ttl_secs,
-            ),
-            (
-                "server.handshake_timeout_secs",
-                self.server.handshake_timeout_secs,
-            ),
-            (
-                "websocket.ping_interval_secs",
-                self.websocket.ping_interval_secs,
-            ),
-            (
-                "websocket.client_timeout_secs",
-                self.websocket.client_timeout_secs,
-            ),
-            (
-                "store.retention_sweep_secs",
-                self.store.retention_sweep_secs,
-            ),
-            ("store.pool_size", u64::from(self.store.pool_size)),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(key_error(key, origin, "must be greater than 0"));
-            }
-        }
-        if self.limits.max_frame_bytes < 1024 {
-            return Err(key_error(
-                "limits.max_frame_bytes",
-                origin,
-                "must be at least 1024 so a maximal chat message fits",
-            ));
-        }
-        if self.websocket.client_timeout_secs <= self.websocket.ping_interval_secs {
-            return Err(key_error(
-                "websocket.client_timeout_secs",
-                origin,
-                "must be longer than websocket.ping_interval_secs, or every client times out",
-            ));
-        }
-        if !self.redis.url.is_empty() {
-            const SCHEMES: [&str; 6] = [
-                "redis://",
-                "rediss://",
-                "redis-sentinel://",
-                "rediss-sentinel://",
-                "redis-cluster://",
-                "rediss-cluster://",
-            ];
-            let parsed = if SCHEMES.iter().any(|s| self.redis.url.starts_with(s)) {
-                fred::types::config::Config::from_url(&self.redis.url)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            } else {
-                Err(format!("the scheme must be one of {}", SCHEMES.join(", ")))
-            };
-            if let Err(e) = parsed {
-                return Err(key_error(
-                    "redis.url",
-                    origin,
-                    format!("not a usable Redis URL: {e}"),
-                ));
-            }
-        }
-        let prefix_ok = !self.redis.prefix.is_empty()
-            && self
-                .redis
-                .prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-        if !prefix_ok {
-            return Err(key_error(
-                "redis.prefix",
-                origin,
-                "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)",
-            ));
-        }
-        if self.limits.session_queue_bytes < 65536 {
-            return Err(key_error(
-                "limits.session_queue_bytes",
-                origin,
-                "must be at least 65536",
-            ));
-        }
-        for (i, cidr) in self.server.trusted_proxies.iter().enumerate() {
-            if let Err(e) = cidr.parse::<crate::net::Cidr>() {
-                return Err(key_error(
-                    "server.trusted_proxies",
-                    origin,
-                    format!("entry {} `{cidr}`: {e}", i + 1),
-                ));
-            }
-        }
-        if !self.auth.jwt_public_key_file.is_empty() {
-            if let Err(e) = crate::auth::read_public_key(&self.auth.jwt_public_key_file) {
-                return Err(key_error("auth.jwt_public_key_file", origin, e.to_string()));
-            }
-        }
-        self.validate_store(origin)?;
-        if self.limits.session_queue < 8 {
-            return Err(key_error(
-                "limits.session_queue",
-                origin,
-                "must be at least 8",
-            ));
+        for rule in RULES {
+            rule.check(self)
+                .map_err(|message| key_error(rule.key, "value", message))?;
         }
         Ok(())
-    }
-
-    /// `store.url` must name a store this bus can use: replicas on Redis cannot share a
-    /// SQLite file, and the PostgreSQL archive beside Redis is not built yet.
-    fn validate_store(&self, origin: &str) -> Result<(), SettingsError> {
-        use crate::store::StoreKind;
-        let embedded = self.redis.url.is_empty();
-        match StoreKind::parse(&self.store.url, embedded) {
-            Err(e) => Err(key_error("store.url", origin, e)),
-            Ok(StoreKind::Sqlite(_)) if !embedded => Err(key_error(
-                "store.url",
-                origin,
-                "a SQLite file cannot be shared by replicas on Redis: use postgres://… or \
-                 leave it empty",
-            )),
-            Ok(StoreKind::Postgres(_)) if !embedded => Err(key_error(
-                "store.url",
-                origin,
-                "the PostgreSQL archive beside Redis is not built yet: leave it empty with \
-                 redis.url set (history lives in Redis)",
-            )),
-            Ok(_) => Ok(()),
-        }
     }
 
     /// What `store.url` names once the bus's default is applied.
@@ -517,6 +355,201 @@ impl Settings {
         masked
             .and_then(|m| toml::to_string_pretty(&m).ok())
             .unwrap_or_default()
+    }
+}
+
+/// One check made at load, and the key its failure names.
+struct Rule {
+    key: &'static str,
+    check: Check,
+}
+
+enum Check {
+    /// The value must be greater than 0: a size, rate or duration of nothing is a mistake.
+    Positive(fn(&Settings) -> u64),
+    /// Anything else; the error says what is wrong.
+    Holds(fn(&Settings) -> Result<(), String>),
+}
+
+impl Rule {
+    const fn positive(key: &'static str, value: fn(&Settings) -> u64) -> Self {
+        Self {
+            key,
+            check: Check::Positive(value),
+        }
+    }
+
+    const fn holds(key: &'static str, check: fn(&Settings) -> Result<(), String>) -> Self {
+        Self {
+            key,
+            check: Check::Holds(check),
+        }
+    }
+
+    fn check(&self, settings: &Settings) -> Result<(), String> {
+        match self.check {
+            Check::Positive(value) if value(settings) == 0 => Err("must be greater than 0".into()),
+            Check::Positive(_) => Ok(()),
+            Check::Holds(check) => check(settings),
+        }
+    }
+}
+
+/// Every check of [`Settings::validate`], in the order they are made: when several fail, the
+/// first is the one reported (the positive checks come before the minimums, so a 0 is told
+/// "greater than 0").
+const RULES: &[Rule] = &[
+    Rule::holds("server.listen", |s| {
+        match s.server.listen.parse::<SocketAddr>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("`{}` is not an address:port", s.server.listen)),
+        }
+    }),
+    Rule::positive("limits.max_frame_bytes", |s| {
+        s.limits.max_frame_bytes as u64
+    }),
+    Rule::positive("limits.max_message_chars", |s| {
+        s.limits.max_message_chars as u64
+    }),
+    Rule::positive("limits.messages_per_sec", |s| {
+        u64::from(s.limits.messages_per_sec)
+    }),
+    Rule::positive("limits.burst", |s| u64::from(s.limits.burst)),
+    Rule::positive("limits.resume_max_messages", |s| {
+        s.limits.resume_max_messages
+    }),
+    Rule::positive("limits.session_queue", |s| s.limits.session_queue as u64),
+    Rule::positive("limits.session_queue_bytes", |s| {
+        s.limits.session_queue_bytes as u64
+    }),
+    Rule::positive("history.size", |s| s.history.size as u64),
+    Rule::positive("api.key_failure_window_secs", |s| {
+        s.api.key_failure_window_secs
+    }),
+    Rule::positive("redis.command_timeout_ms", |s| s.redis.command_timeout_ms),
+    Rule::positive("redis.join_retry_ms", |s| s.redis.join_retry_ms),
+    Rule::positive("redis.presence_lease_secs", |s| s.redis.presence_lease_secs),
+    Rule::positive("history.ttl_secs", |s| s.history.ttl_secs),
+    Rule::positive("history.empty_room_ttl_secs", |s| {
+        s.history.empty_room_ttl_secs
+    }),
+    Rule::positive("server.handshake_timeout_secs", |s| {
+        s.server.handshake_timeout_secs
+    }),
+    Rule::positive("websocket.ping_interval_secs", |s| {
+        s.websocket.ping_interval_secs
+    }),
+    Rule::positive("websocket.client_timeout_secs", |s| {
+        s.websocket.client_timeout_secs
+    }),
+    Rule::positive("store.retention_sweep_secs", |s| {
+        s.store.retention_sweep_secs
+    }),
+    Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
+    Rule::holds("limits.max_frame_bytes", |s| {
+        at_least(
+            s.limits.max_frame_bytes,
+            1024,
+            "must be at least 1024 so a maximal chat message fits",
+        )
+    }),
+    Rule::holds("websocket.client_timeout_secs", |s| {
+        if s.websocket.client_timeout_secs > s.websocket.ping_interval_secs {
+            return Ok(());
+        }
+        Err("must be longer than websocket.ping_interval_secs, or every client times out".into())
+    }),
+    Rule::holds("redis.url", redis_url_usable),
+    Rule::holds("redis.prefix", |s| {
+        let prefix = &s.redis.prefix;
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+        if !prefix.is_empty() && prefix.bytes().all(allowed) {
+            return Ok(());
+        }
+        Err(
+            "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)"
+                .into(),
+        )
+    }),
+    Rule::holds("limits.session_queue_bytes", |s| {
+        at_least(
+            s.limits.session_queue_bytes,
+            65536,
+            "must be at least 65536",
+        )
+    }),
+    Rule::holds("server.trusted_proxies", |s| {
+        for (i, cidr) in s.server.trusted_proxies.iter().enumerate() {
+            if let Err(e) = cidr.parse::<crate::net::Cidr>() {
+                return Err(format!("entry {} `{cidr}`: {e}", i + 1));
+            }
+        }
+        Ok(())
+    }),
+    Rule::holds("auth.jwt_public_key_file", |s| {
+        let file = &s.auth.jwt_public_key_file;
+        if file.is_empty() {
+            return Ok(());
+        }
+        crate::auth::read_public_key(file)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }),
+    Rule::holds("store.url", store_url_usable),
+    Rule::holds("limits.session_queue", |s| {
+        at_least(s.limits.session_queue, 8, "must be at least 8")
+    }),
+];
+
+fn at_least(value: usize, min: usize, message: &str) -> Result<(), String> {
+    if value < min {
+        return Err(message.into());
+    }
+    Ok(())
+}
+
+/// `redis.url`, when set, has a Redis scheme and parses as fred's config.
+fn redis_url_usable(settings: &Settings) -> Result<(), String> {
+    const SCHEMES: [&str; 6] = [
+        "redis://",
+        "rediss://",
+        "redis-sentinel://",
+        "rediss-sentinel://",
+        "redis-cluster://",
+        "rediss-cluster://",
+    ];
+    let url = &settings.redis.url;
+    if url.is_empty() {
+        return Ok(());
+    }
+    let parsed = if SCHEMES.iter().any(|s| url.starts_with(s)) {
+        fred::types::config::Config::from_url(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else {
+        Err(format!("the scheme must be one of {}", SCHEMES.join(", ")))
+    };
+    parsed.map_err(|e| format!("not a usable Redis URL: {e}"))
+}
+
+/// `store.url` must name a store this bus can use: replicas on Redis cannot share a SQLite
+/// file, and the PostgreSQL archive beside Redis is not built yet.
+fn store_url_usable(settings: &Settings) -> Result<(), String> {
+    use crate::store::StoreKind;
+    let embedded = settings.redis.url.is_empty();
+    match StoreKind::parse(&settings.store.url, embedded) {
+        Err(e) => Err(e.to_string()),
+        Ok(StoreKind::Sqlite(_)) if !embedded => Err(
+            "a SQLite file cannot be shared by replicas on Redis: use postgres://… or leave it \
+             empty"
+                .into(),
+        ),
+        Ok(StoreKind::Postgres(_)) if !embedded => Err(
+            "the PostgreSQL archive beside Redis is not built yet: leave it empty with redis.url \
+             set (history lives in Redis)"
+                .into(),
+        ),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -998,6 +1031,42 @@ mod tests {
             .to_string();
             assert!(e.contains("store.url"), "{redis} {store}: {e}");
         }
+    }
+
+    #[test]
+    fn every_validation_rule_names_a_setting() {
+        let defaults = defaults_table();
+        for rule in RULES {
+            let (section, key) = rule.key.split_once('.').unwrap();
+            assert!(
+                default_at(&defaults, section, key, "test").is_ok(),
+                "{} names no setting",
+                rule.key
+            );
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_for_every_setting_that_must_be_positive_naming_it() {
+        let positive = RULES
+            .iter()
+            .filter(|r| matches!(r.check, Check::Positive(_)));
+        let mut checked = 0;
+        for rule in positive {
+            let var = format!(
+                "CONFAB_{}",
+                rule.key.to_ascii_uppercase().replace('.', "__")
+            );
+            let e = Settings::load(&Overrides::default(), env(&[(&var, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(rule.key) && e.contains("greater than 0"),
+                "{var}=0: {e}"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 19, "every positive rule of the old list is kept");
     }
 
     #[test]
