@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
@@ -54,7 +55,8 @@ pub struct ApiSettings {
     /// Wrong keys a client address may send within `key_failure_window_secs` before every
     /// API call from it gets 429 until that window passes; 0 = no limit.
     pub max_key_failures: u32,
-    pub key_failure_window_secs: u64,
+    #[serde(with = "secs")]
+    pub key_failure_window_secs: Duration,
 }
 
 impl Default for ApiSettings {
@@ -62,7 +64,7 @@ impl Default for ApiSettings {
         Self {
             key: String::new(),
             max_key_failures: 5,
-            key_failure_window_secs: 60,
+            key_failure_window_secs: Duration::from_secs(60),
         }
     }
 }
@@ -74,7 +76,8 @@ pub struct ServerSettings {
     /// Empty means "use the host name", which is unique per pod in Kubernetes.
     pub node_id: String,
     pub allowed_origins: Vec<String>,
-    pub shutdown_grace_secs: u64,
+    #[serde(with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
     /// Arbiters (threads) that room actors are spread over; 0 means one per core.
@@ -82,7 +85,8 @@ pub struct ServerSettings {
     /// Proxies (CIDRs) whose `X-Forwarded-For` names the client; empty = none is believed.
     pub trusted_proxies: Vec<String>,
     /// A connection that has not sent its whole request head by then is cut.
-    pub handshake_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub handshake_timeout_secs: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,13 +96,16 @@ pub struct RedisSettings {
     pub url: String,
     pub prefix: String,
     /// A bus command that takes longer fails, and the client gets `error unavailable`.
-    pub command_timeout_ms: u64,
+    #[serde(with = "millis")]
+    pub command_timeout_ms: Duration,
     /// How long a joining session's setup reads and the replica's presence changes are
     /// retried after a bus call failed (a timeout under a reconnect storm) before the session
     /// is closed with 1013 or the change waits for the bus to reconnect.
-    pub join_retry_ms: u64,
+    #[serde(with = "millis")]
+    pub join_retry_ms: Duration,
     /// A replica that has not renewed its presence lease this long is dead; its members leave.
-    pub presence_lease_secs: u64,
+    #[serde(with = "secs")]
+    pub presence_lease_secs: Duration,
     /// Redis replicas that must confirm a message (`WAIT`) before it is acked; 0 = stored on
     /// the master is enough.
     pub replicas_to_ack: u32,
@@ -141,9 +148,11 @@ pub struct LimitSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct HistorySettings {
     pub size: usize,
-    pub ttl_secs: u64,
+    #[serde(with = "secs")]
+    pub ttl_secs: Duration,
     /// How long a room that never got a message outlives its last member.
-    pub empty_room_ttl_secs: u64,
+    #[serde(with = "secs")]
+    pub empty_room_ttl_secs: Duration,
 }
 
 /// Where history outlives the bus (SPEC §7).
@@ -156,7 +165,8 @@ pub struct StoreSettings {
     /// Messages older than this many days are deleted; 0 keeps them forever.
     pub retention_days: u64,
     /// How often the retention sweep runs.
-    pub retention_sweep_secs: u64,
+    #[serde(with = "secs")]
+    pub retention_sweep_secs: Duration,
     /// Database connections the store keeps open (one writer, the rest for history reads).
     pub pool_size: u32,
 }
@@ -166,7 +176,7 @@ impl Default for StoreSettings {
         Self {
             url: String::new(),
             retention_days: 0,
-            retention_sweep_secs: 3600,
+            retention_sweep_secs: Duration::from_secs(3600),
             pool_size: 4,
         }
     }
@@ -175,8 +185,10 @@ impl Default for StoreSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketSettings {
-    pub ping_interval_secs: u64,
-    pub client_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub ping_interval_secs: Duration,
+    #[serde(with = "secs")]
+    pub client_timeout_secs: Duration,
     /// Serves `/echo`, a plain echo endpoint with the same frame handling as `/ws/{room}`, for
     /// WebSocket conformance suites (Autobahn). Off in production.
     pub echo_endpoint: bool,
@@ -188,11 +200,11 @@ impl Default for ServerSettings {
             listen: "0.0.0.0:8080".into(),
             node_id: String::new(),
             allowed_origins: Vec::new(),
-            shutdown_grace_secs: 30,
+            shutdown_grace_secs: Duration::from_secs(30),
             workers: 0,
             room_threads: 0,
             trusted_proxies: Vec::new(),
-            handshake_timeout_secs: 10,
+            handshake_timeout_secs: Duration::from_secs(10),
         }
     }
 }
@@ -202,9 +214,9 @@ impl Default for RedisSettings {
         Self {
             url: String::new(),
             prefix: "confab".into(),
-            command_timeout_ms: 2000,
-            join_retry_ms: 5000,
-            presence_lease_secs: 15,
+            command_timeout_ms: Duration::from_millis(2000),
+            join_retry_ms: Duration::from_millis(5000),
+            presence_lease_secs: Duration::from_secs(15),
             replicas_to_ack: 0,
         }
     }
@@ -237,8 +249,8 @@ impl Default for HistorySettings {
     fn default() -> Self {
         Self {
             size: 1000,
-            ttl_secs: 86400,
-            empty_room_ttl_secs: 60,
+            ttl_secs: Duration::from_secs(86400),
+            empty_room_ttl_secs: Duration::from_secs(60),
         }
     }
 }
@@ -246,10 +258,42 @@ impl Default for HistorySettings {
 impl Default for WebSocketSettings {
     fn default() -> Self {
         Self {
-            ping_interval_secs: 25,
-            client_timeout_secs: 60,
+            ping_interval_secs: Duration::from_secs(25),
+            client_timeout_secs: Duration::from_secs(60),
             echo_endpoint: false,
         }
+    }
+}
+
+/// A duration under a `_secs` key: whole seconds in files, the environment and `confab config`
+/// (SPEC §2 names the keys), a `Duration` in the code.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// A duration under a `_ms` key: whole milliseconds outside, a `Duration` in the code.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        // Read from a whole number of milliseconds, so it fits back in one.
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 
@@ -367,6 +411,8 @@ struct Rule {
 enum Check {
     /// The value must be greater than 0: a size, rate or duration of nothing is a mistake.
     Positive(fn(&Settings) -> u64),
+    /// Likewise for a duration.
+    PositiveDuration(fn(&Settings) -> Duration),
     /// Anything else; the error says what is wrong.
     Holds(fn(&Settings) -> Result<(), String>),
 }
@@ -376,6 +422,13 @@ impl Rule {
         Self {
             key,
             check: Check::Positive(value),
+        }
+    }
+
+    const fn positive_duration(key: &'static str, value: fn(&Settings) -> Duration) -> Self {
+        Self {
+            key,
+            check: Check::PositiveDuration(value),
         }
     }
 
@@ -389,7 +442,10 @@ impl Rule {
     fn check(&self, settings: &Settings) -> Result<(), String> {
         match self.check {
             Check::Positive(value) if value(settings) == 0 => Err("must be greater than 0".into()),
-            Check::Positive(_) => Ok(()),
+            Check::PositiveDuration(value) if value(settings).is_zero() => {
+                Err("must be greater than 0".into())
+            }
+            Check::Positive(_) | Check::PositiveDuration(_) => Ok(()),
             Check::Holds(check) => check(settings),
         }
     }
@@ -423,26 +479,26 @@ const RULES: &[Rule] = &[
         s.limits.session_queue_bytes as u64
     }),
     Rule::positive("history.size", |s| s.history.size as u64),
-    Rule::positive("api.key_failure_window_secs", |s| {
+    Rule::positive_duration("api.key_failure_window_secs", |s| {
         s.api.key_failure_window_secs
     }),
-    Rule::positive("redis.command_timeout_ms", |s| s.redis.command_timeout_ms),
-    Rule::positive("redis.join_retry_ms", |s| s.redis.join_retry_ms),
-    Rule::positive("redis.presence_lease_secs", |s| s.redis.presence_lease_secs),
-    Rule::positive("history.ttl_secs", |s| s.history.ttl_secs),
-    Rule::positive("history.empty_room_ttl_secs", |s| {
+    Rule::positive_duration("redis.command_timeout_ms", |s| s.redis.command_timeout_ms),
+    Rule::positive_duration("redis.join_retry_ms", |s| s.redis.join_retry_ms),
+    Rule::positive_duration("redis.presence_lease_secs", |s| s.redis.presence_lease_secs),
+    Rule::positive_duration("history.ttl_secs", |s| s.history.ttl_secs),
+    Rule::positive_duration("history.empty_room_ttl_secs", |s| {
         s.history.empty_room_ttl_secs
     }),
-    Rule::positive("server.handshake_timeout_secs", |s| {
+    Rule::positive_duration("server.handshake_timeout_secs", |s| {
         s.server.handshake_timeout_secs
     }),
-    Rule::positive("websocket.ping_interval_secs", |s| {
+    Rule::positive_duration("websocket.ping_interval_secs", |s| {
         s.websocket.ping_interval_secs
     }),
-    Rule::positive("websocket.client_timeout_secs", |s| {
+    Rule::positive_duration("websocket.client_timeout_secs", |s| {
         s.websocket.client_timeout_secs
     }),
-    Rule::positive("store.retention_sweep_secs", |s| {
+    Rule::positive_duration("store.retention_sweep_secs", |s| {
         s.store.retention_sweep_secs
     }),
     Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
@@ -802,7 +858,11 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.listen, "127.0.0.1:3", "flag beats env and file");
         assert_eq!(s.history.size, 20, "env beats file");
-        assert_eq!(s.server.shutdown_grace_secs, 5, "file beats default");
+        assert_eq!(
+            s.server.shutdown_grace_secs,
+            Duration::from_secs(5),
+            "file beats default"
+        );
     }
 
     #[test]
@@ -1050,7 +1110,7 @@ mod tests {
     fn zero_is_refused_for_every_setting_that_must_be_positive_naming_it() {
         let positive = RULES
             .iter()
-            .filter(|r| matches!(r.check, Check::Positive(_)));
+            .filter(|r| matches!(r.check, Check::Positive(_) | Check::PositiveDuration(_)));
         let mut checked = 0;
         for rule in positive {
             let var = format!(
@@ -1067,6 +1127,38 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 19, "every positive rule of the old list is kept");
+    }
+
+    #[test]
+    fn durations_are_read_and_printed_as_whole_numbers_under_their_secs_and_ms_keys() {
+        let f = file("[server]\nshutdown_grace_secs = 7\n[redis]\njoin_retry_ms = 1500\n");
+        let o = Overrides {
+            config_file: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let s = Settings::load(&o, env(&[("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "9")])).unwrap();
+        assert_eq!(s.server.shutdown_grace_secs, Duration::from_secs(7));
+        assert_eq!(s.redis.join_retry_ms, Duration::from_millis(1500));
+        assert_eq!(s.websocket.ping_interval_secs, Duration::from_secs(9));
+        let shown = s.to_toml();
+        for line in [
+            "shutdown_grace_secs = 7\n",
+            "join_retry_ms = 1500\n",
+            "ping_interval_secs = 9\n",
+            "command_timeout_ms = 2000\n",
+        ] {
+            assert!(shown.contains(line), "{line}: {shown}");
+        }
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "30s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("server.shutdown_grace_secs") && e.contains("whole number"),
+            "{e}"
+        );
     }
 
     #[test]

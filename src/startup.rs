@@ -42,7 +42,7 @@ const BACKLOG: i32 = 1024;
 pub async fn run(settings: Settings) -> io::Result<()> {
     let replica = build_state(&settings).await?;
     let server = build_server(&settings, &replica)?;
-    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+    let grace = settings.server.shutdown_grace_secs;
     serve_until_drained(server, replica, grace).await
 }
 
@@ -139,7 +139,7 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
         api_key: settings.api.key.clone(),
         key_guesses: http::guesses::KeyGuesses::new(
             settings.api.max_key_failures,
-            Duration::from_secs(settings.api.key_failure_window_secs),
+            settings.api.key_failure_window_secs,
         ),
         metrics,
     });
@@ -165,7 +165,7 @@ fn build_server(settings: &Settings, replica: &Replica) -> io::Result<Server> {
         files,
         ..
     } = replica;
-    let handshake_timeout = Duration::from_secs(settings.server.handshake_timeout_secs);
+    let handshake_timeout = settings.server.handshake_timeout_secs;
     let listeners = bind(&settings.server.listen)?;
     // actix-web's HttpServer, built from its parts so that upgrades go to `upgrade::serve`,
     // which takes WebSockets off the HTTP/1 dispatcher and its buffers.
@@ -311,7 +311,7 @@ async fn open_store(
     }
     if let (Some(store), days) = (&store, settings.store.retention_days) {
         if days > 0 {
-            let every = Duration::from_secs(settings.store.retention_sweep_secs);
+            let every = settings.store.retention_sweep_secs;
             actix_web::rt::spawn(store::retention(
                 Arc::clone(store),
                 days,
@@ -350,11 +350,8 @@ fn start_bus(
         log::warn!(
             "node={node} uses the embedded bus: replicas started this way will not see each other"
         );
-        let empty_ttl = Duration::from_secs(settings.history.empty_room_ttl_secs);
-        let (size, ttl) = (
-            settings.history.size,
-            Duration::from_secs(settings.history.ttl_secs),
-        );
+        let empty_ttl = settings.history.empty_room_ttl_secs;
+        let (size, ttl) = (settings.history.size, settings.history.ttl_secs);
         let bus = match store {
             Some(store) => MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics))),
             None => MemoryBus::new(size, ttl, sink),
@@ -531,11 +528,11 @@ mod tests {
         (l.handshakes_per_ip, l.rooms_per_ip) = (11, 12);
         (l.messages_per_sec_per_ip, l.messages_per_sec_per_user) = (13, 14);
         (l.resume_max_messages, l.join_events_max_members) = (15, 16);
-        s.redis.join_retry_ms = 17;
+        s.redis.join_retry_ms = Duration::from_millis(17);
         (
             s.websocket.ping_interval_secs,
             s.websocket.client_timeout_secs,
-        ) = (18, 19);
+        ) = (Duration::from_secs(18), Duration::from_secs(19));
 
         let q = QueueLimits::from(&s);
         assert_eq!((q.frames, q.bytes), (2006, 70_007));

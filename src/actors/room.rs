@@ -150,7 +150,7 @@ impl From<&crate::settings::Settings> for RoomSettings {
         Self {
             announce_max: settings.limits.join_events_max_members,
             resume_max: settings.limits.resume_max_messages,
-            retry_within: Duration::from_millis(settings.redis.join_retry_ms),
+            retry_within: settings.redis.join_retry_ms,
         }
     }
 }

@@ -122,8 +122,8 @@ impl SessionConfig {
             max_violations: limits.max_violations,
             session_queue: limits.session_queue,
             session_queue_bytes: limits.session_queue_bytes,
-            ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
-            client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
+            ping_interval: settings.websocket.ping_interval_secs,
+            client_timeout: settings.websocket.client_timeout_secs,
             metrics,
         }
     }
