@@ -61,7 +61,8 @@ struct Replica {
     files: usize,
 }
 
-/// Opens the store, starts the bus, the hub and its room threads, and plans the caps.
+/// Opens the store, starts the bus, the hub and its room threads, plans the caps from the
+/// open-file limit and builds the handlers' shared state.
 async fn build_state(settings: &Settings) -> io::Result<Replica> {
     let node: Arc<str> = Arc::from(node_id(settings));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -98,6 +99,29 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
         settings.limits.max_connections,
         workers + room_threads,
     );
+    let state = app_state(settings, &node, hub, bus, caps.sessions, metrics)?;
+    Ok(Replica {
+        node,
+        arbiters,
+        state,
+        redis,
+        workers,
+        caps,
+        files,
+    })
+}
+
+/// What every request handler shares: the hub and the bus, the sessions' config, the caps
+/// (`sessions` as planned from the open-file limit), the auth and origin policies. Logs the
+/// policies that leave the replica open.
+fn app_state(
+    settings: &Settings,
+    node: &Arc<str>,
+    hub: Addr<Hub>,
+    bus: SharedBus,
+    sessions: usize,
+    metrics: Arc<Metrics>,
+) -> io::Result<web::Data<AppState>> {
     if settings.server.allowed_origins.is_empty() {
         log::warn!("server.allowed_origins is empty: pages from any site may open sessions here");
     }
@@ -119,7 +143,7 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
-    let state = web::Data::new(AppState {
+    Ok(web::Data::new(AppState {
         hub,
         bus,
         sessions: Arc::new(SessionConfig::new(
@@ -129,7 +153,7 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
         )),
         draining: Arc::new(AtomicBool::new(false)),
         admission: Arc::new(Admission::new(admission::Limits {
-            sessions: caps.sessions,
+            sessions,
             ..admission::Limits::from(settings)
         })),
         trusted_proxies,
@@ -142,16 +166,7 @@ async fn build_state(settings: &Settings) -> io::Result<Replica> {
             settings.api.key_failure_window_secs,
         ),
         metrics,
-    });
-    Ok(Replica {
-        node,
-        arbiters,
-        state,
-        redis,
-        workers,
-        caps,
-        files,
-    })
+    }))
 }
 
 /// Binds `server.listen` and builds the HTTP server over the replica's state; it runs once
