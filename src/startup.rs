@@ -1,5 +1,6 @@
 //! The composition root: opens the store, builds the bus, the hub and its room threads, and
-//! the HTTP server, then runs until a signal has drained the replica.
+//! the HTTP server, then runs until a signal has drained the replica. [`run`] is those three
+//! steps: `build_state`, `build_server`, `serve_until_drained`.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
