@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
@@ -55,7 +56,8 @@ pub struct ApiSettings {
     /// Wrong keys a client address may send within `key_failure_window_secs` before every
     /// API call from it gets 429 until that window passes; 0 = no limit.
     pub max_key_failures: u32,
-    pub key_failure_window_secs: u64,
+    #[serde(with = "secs")]
+    pub key_failure_window_secs: Duration,
 }
 
 impl Default for ApiSettings {
@@ -63,7 +65,7 @@ impl Default for ApiSettings {
         Self {
             key: String::new(),
             max_key_failures: 5,
-            key_failure_window_secs: 60,
+            key_failure_window_secs: Duration::from_secs(60),
         }
     }
 }
@@ -75,7 +77,8 @@ pub struct ServerSettings {
     /// Empty means "use the host name", which is unique per pod in Kubernetes.
     pub node_id: String,
     pub allowed_origins: Vec<String>,
-    pub shutdown_grace_secs: u64,
+    #[serde(with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
     /// Arbiters (threads) that room actors are spread over; 0 means one per core.
@@ -83,7 +86,8 @@ pub struct ServerSettings {
     /// Proxies (CIDRs) whose `X-Forwarded-For` names the client; empty = none is believed.
     pub trusted_proxies: Vec<String>,
     /// A connection that has not sent its whole request head by then is cut.
-    pub handshake_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub handshake_timeout_secs: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,13 +97,16 @@ pub struct RedisSettings {
     pub url: String,
     pub prefix: String,
     /// A bus command that takes longer fails, and the client gets `error unavailable`.
-    pub command_timeout_ms: u64,
+    #[serde(with = "millis")]
+    pub command_timeout_ms: Duration,
     /// How long a joining session's setup reads and the replica's presence changes are
     /// retried after a bus call failed (a timeout under a reconnect storm) before the session
     /// is closed with 1013 or the change waits for the bus to reconnect.
-    pub join_retry_ms: u64,
+    #[serde(with = "millis")]
+    pub join_retry_ms: Duration,
     /// A replica that has not renewed its presence lease this long is dead; its members leave.
-    pub presence_lease_secs: u64,
+    #[serde(with = "secs")]
+    pub presence_lease_secs: Duration,
     /// Redis replicas that must confirm a message (`WAIT`) before it is acked; 0 = stored on
     /// the master is enough.
     pub replicas_to_ack: u32,
@@ -142,9 +149,11 @@ pub struct LimitSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct HistorySettings {
     pub size: usize,
-    pub ttl_secs: u64,
+    #[serde(with = "secs")]
+    pub ttl_secs: Duration,
     /// How long a room that never got a message outlives its last member.
-    pub empty_room_ttl_secs: u64,
+    #[serde(with = "secs")]
+    pub empty_room_ttl_secs: Duration,
 }
 
 /// Where history outlives the bus (docs/design.md, "The store").
@@ -157,7 +166,8 @@ pub struct StoreSettings {
     /// Messages older than this many days are deleted; 0 keeps them forever.
     pub retention_days: u64,
     /// How often the retention sweep runs.
-    pub retention_sweep_secs: u64,
+    #[serde(with = "secs")]
+    pub retention_sweep_secs: Duration,
     /// Database connections the store keeps open (one writer, the rest for history reads).
     pub pool_size: u32,
 }
@@ -167,7 +177,7 @@ impl Default for StoreSettings {
         Self {
             url: String::new(),
             retention_days: 0,
-            retention_sweep_secs: 3600,
+            retention_sweep_secs: Duration::from_secs(3600),
             pool_size: 4,
         }
     }
@@ -176,8 +186,10 @@ impl Default for StoreSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketSettings {
-    pub ping_interval_secs: u64,
-    pub client_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub ping_interval_secs: Duration,
+    #[serde(with = "secs")]
+    pub client_timeout_secs: Duration,
     /// Serves `/echo`, a plain echo endpoint with the same frame handling as `/ws/{room}`, for
     /// WebSocket conformance suites (Autobahn). Off in production.
     pub echo_endpoint: bool,
@@ -189,11 +201,11 @@ impl Default for ServerSettings {
             listen: "0.0.0.0:8080".into(),
             node_id: String::new(),
             allowed_origins: Vec::new(),
-            shutdown_grace_secs: 30,
+            shutdown_grace_secs: Duration::from_secs(30),
             workers: 0,
             room_threads: 0,
             trusted_proxies: Vec::new(),
-            handshake_timeout_secs: 10,
+            handshake_timeout_secs: Duration::from_secs(10),
         }
     }
 }
@@ -203,9 +215,9 @@ impl Default for RedisSettings {
         Self {
             url: String::new(),
             prefix: "confab".into(),
-            command_timeout_ms: 2000,
-            join_retry_ms: 5000,
-            presence_lease_secs: 15,
+            command_timeout_ms: Duration::from_millis(2000),
+            join_retry_ms: Duration::from_millis(5000),
+            presence_lease_secs: Duration::from_secs(15),
             replicas_to_ack: 0,
         }
     }
@@ -238,8 +250,8 @@ impl Default for HistorySettings {
     fn default() -> Self {
         Self {
             size: 1000,
-            ttl_secs: 86400,
-            empty_room_ttl_secs: 60,
+            ttl_secs: Duration::from_secs(86400),
+            empty_room_ttl_secs: Duration::from_secs(60),
         }
     }
 }
@@ -247,10 +259,42 @@ impl Default for HistorySettings {
 impl Default for WebSocketSettings {
     fn default() -> Self {
         Self {
-            ping_interval_secs: 25,
-            client_timeout_secs: 60,
+            ping_interval_secs: Duration::from_secs(25),
+            client_timeout_secs: Duration::from_secs(60),
             echo_endpoint: false,
         }
+    }
+}
+
+/// A duration under a `_secs` key: whole seconds in files, the environment and `confab config`
+/// (SPEC §2 names the keys), a `Duration` in the code.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// A duration under a `_ms` key: whole milliseconds outside, a `Duration` in the code.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        // Read from a whole number of milliseconds, so it fits back in one.
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 
@@ -318,176 +362,14 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks relations and ranges that types alone cannot express.
+    /// Checks relations and ranges that types alone cannot express: the rules of [`RULES`] in
+    /// order, reporting the first that fails under its key.
     fn validate(&self) -> Result<(), SettingsError> {
-        let origin = "value";
-        if self.server.listen.parse::<SocketAddr>().is_err() {
-            return Err(key_error(
-                "server.listen",
-                origin,
-                format!("`{}` is not an address:port", self.server.listen),
-            ));
-        }
-        let positive = [
-            ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
-            (
-                "limits.max_message_chars",
-                self.limits.max_message_chars as u64,
-            ),
-            (
-                "limits.messages_per_sec",
-                u64::from(self.limits.messages_per_sec),
-            ),
-            ("limits.burst", u64::from(self.limits.burst)),
-            (
-                "limits.resume_max_messages",
-                self.limits.resume_max_messages,
-            ),
-            ("limits.session_queue", self.limits.session_queue as u64),
-            (
-                "limits.session_queue_bytes",
-                self.limits.session_queue_bytes as u64,
-            ),
-            ("history.size", self.history.size as u64),
-            (
-                "api.key_failure_window_secs",
-                self.api.key_failure_window_secs,
-            ),
-            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
-            ("redis.join_retry_ms", self.redis.join_retry_ms),
-            ("redis.presence_lease_secs", self.redis.presence_lease_secs),
-            ("history.ttl_secs", self.history.ttl_secs),
-            (
-                "history.empty_room_ttl_secs",
-                self.history.empty_room_ttl_secs,
-            ),
-            (
-                "server.handshake_timeout_secs",
-                self.server.handshake_timeout_secs,
-            ),
-            (
-                "websocket.ping_interval_secs",
-                self.websocket.ping_interval_secs,
-            ),
-            (
-                "websocket.client_timeout_secs",
-                self.websocket.client_timeout_secs,
-            ),
-            (
-                "store.retention_sweep_secs",
-                self.store.retention_sweep_secs,
-            ),
-            ("store.pool_size", u64::from(self.store.pool_size)),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(key_error(key, origin, "must be greater than 0"));
-            }
-        }
-        if self.limits.max_frame_bytes < 1024 {
-            return Err(key_error(
-                "limits.max_frame_bytes",
-                origin,
-                "must be at least 1024 so a maximal chat message fits",
-            ));
-        }
-        if self.websocket.client_timeout_secs <= self.websocket.ping_interval_secs {
-            return Err(key_error(
-                "websocket.client_timeout_secs",
-                origin,
-                "must be longer than websocket.ping_interval_secs, or every client times out",
-            ));
-        }
-        if !self.redis.url.is_empty() {
-            const SCHEMES: [&str; 6] = [
-                "redis://",
-                "rediss://",
-                "redis-sentinel://",
-                "rediss-sentinel://",
-                "redis-cluster://",
-                "rediss-cluster://",
-            ];
-            let parsed = if SCHEMES.iter().any(|s| self.redis.url.starts_with(s)) {
-                fred::types::config::Config::from_url(&self.redis.url)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            } else {
-                Err(format!("the scheme must be one of {}", SCHEMES.join(", ")))
-            };
-            if let Err(e) = parsed {
-                return Err(key_error(
-                    "redis.url",
-                    origin,
-                    format!("not a usable Redis URL: {e}"),
-                ));
-            }
-        }
-        let prefix_ok = !self.redis.prefix.is_empty()
-            && self
-                .redis
-                .prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-        if !prefix_ok {
-            return Err(key_error(
-                "redis.prefix",
-                origin,
-                "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)",
-            ));
-        }
-        if self.limits.session_queue_bytes < 65536 {
-            return Err(key_error(
-                "limits.session_queue_bytes",
-                origin,
-                "must be at least 65536",
-            ));
-        }
-        for (i, cidr) in self.server.trusted_proxies.iter().enumerate() {
-            if let Err(e) = cidr.parse::<crate::net::Cidr>() {
-                return Err(key_error(
-                    "server.trusted_proxies",
-                    origin,
-                    format!("entry {} `{cidr}`: {e}", i + 1),
-                ));
-            }
-        }
-        if !self.auth.jwt_public_key_file.is_empty() {
-            if let Err(e) = crate::auth::read_public_key(&self.auth.jwt_public_key_file) {
-                return Err(key_error("auth.jwt_public_key_file", origin, e.to_string()));
-            }
-        }
-        self.validate_store(origin)?;
-        if self.limits.session_queue < 8 {
-            return Err(key_error(
-                "limits.session_queue",
-                origin,
-                "must be at least 8",
-            ));
+        for rule in RULES {
+            rule.check(self)
+                .map_err(|message| key_error(rule.key, "value", message))?;
         }
         Ok(())
-    }
-
-    /// `store.url` must name a store this bus can use: replicas on Redis cannot share a
-    /// SQLite file, and the PostgreSQL archive beside Redis is not built yet.
-    fn validate_store(&self, origin: &str) -> Result<(), SettingsError> {
-        use crate::store::StoreKind;
-        let embedded = self.redis.url.is_empty();
-        match StoreKind::parse(&self.store.url, embedded) {
-            Err(e) => Err(key_error("store.url", origin, e)),
-            Ok(StoreKind::Sqlite(_)) if !embedded => Err(key_error(
-                "store.url",
-                origin,
-                "a SQLite file cannot be shared by replicas on Redis: use postgres://… or \
-                 leave it empty",
-            )),
-            Ok(StoreKind::Postgres(_)) if !embedded => Err(key_error(
-                "store.url",
-                origin,
-                "the PostgreSQL archive beside Redis is not built yet: leave it empty with \
-                 redis.url set (history lives in Redis)",
-            )),
-            Ok(_) => Ok(()),
-        }
     }
 
     /// What `store.url` names once the bus's default is applied.
@@ -518,6 +400,213 @@ impl Settings {
         masked
             .and_then(|m| toml::to_string_pretty(&m).ok())
             .unwrap_or_default()
+    }
+}
+
+/// One check made at load, and the key its failure names.
+struct Rule {
+    key: &'static str,
+    check: Check,
+}
+
+enum Check {
+    /// The value must be greater than 0: a size, rate or duration of nothing is a mistake.
+    Positive(fn(&Settings) -> u64),
+    /// Likewise for a duration.
+    PositiveDuration(fn(&Settings) -> Duration),
+    /// Anything else; the error says what is wrong.
+    Holds(fn(&Settings) -> Result<(), String>),
+}
+
+impl Rule {
+    const fn positive(key: &'static str, value: fn(&Settings) -> u64) -> Self {
+        Self {
+            key,
+            check: Check::Positive(value),
+        }
+    }
+
+    const fn positive_duration(key: &'static str, value: fn(&Settings) -> Duration) -> Self {
+        Self {
+            key,
+            check: Check::PositiveDuration(value),
+        }
+    }
+
+    const fn holds(key: &'static str, check: fn(&Settings) -> Result<(), String>) -> Self {
+        Self {
+            key,
+            check: Check::Holds(check),
+        }
+    }
+
+    fn check(&self, settings: &Settings) -> Result<(), String> {
+        match self.check {
+            Check::Positive(value) if value(settings) == 0 => Err("must be greater than 0".into()),
+            Check::PositiveDuration(value) if value(settings).is_zero() => {
+                Err("must be greater than 0".into())
+            }
+            Check::Positive(_) | Check::PositiveDuration(_) => Ok(()),
+            Check::Holds(check) => check(settings),
+        }
+    }
+}
+
+/// Every check of [`Settings::validate`], in the order they are made: when several fail, the
+/// first is the one reported (the positive checks come before the minimums, so a 0 is told
+/// "greater than 0").
+const RULES: &[Rule] = &[
+    Rule::holds("server.listen", |s| {
+        match s.server.listen.parse::<SocketAddr>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("`{}` is not an address:port", s.server.listen)),
+        }
+    }),
+    Rule::positive("limits.max_frame_bytes", |s| {
+        s.limits.max_frame_bytes as u64
+    }),
+    Rule::positive("limits.max_message_chars", |s| {
+        s.limits.max_message_chars as u64
+    }),
+    Rule::positive("limits.messages_per_sec", |s| {
+        u64::from(s.limits.messages_per_sec)
+    }),
+    Rule::positive("limits.burst", |s| u64::from(s.limits.burst)),
+    Rule::positive("limits.resume_max_messages", |s| {
+        s.limits.resume_max_messages
+    }),
+    Rule::positive("limits.session_queue", |s| s.limits.session_queue as u64),
+    Rule::positive("limits.session_queue_bytes", |s| {
+        s.limits.session_queue_bytes as u64
+    }),
+    Rule::positive("history.size", |s| s.history.size as u64),
+    Rule::positive_duration("api.key_failure_window_secs", |s| {
+        s.api.key_failure_window_secs
+    }),
+    Rule::positive_duration("redis.command_timeout_ms", |s| s.redis.command_timeout_ms),
+    Rule::positive_duration("redis.join_retry_ms", |s| s.redis.join_retry_ms),
+    Rule::positive_duration("redis.presence_lease_secs", |s| s.redis.presence_lease_secs),
+    Rule::positive_duration("history.ttl_secs", |s| s.history.ttl_secs),
+    Rule::positive_duration("history.empty_room_ttl_secs", |s| {
+        s.history.empty_room_ttl_secs
+    }),
+    Rule::positive_duration("server.handshake_timeout_secs", |s| {
+        s.server.handshake_timeout_secs
+    }),
+    Rule::positive_duration("websocket.ping_interval_secs", |s| {
+        s.websocket.ping_interval_secs
+    }),
+    Rule::positive_duration("websocket.client_timeout_secs", |s| {
+        s.websocket.client_timeout_secs
+    }),
+    Rule::positive_duration("store.retention_sweep_secs", |s| {
+        s.store.retention_sweep_secs
+    }),
+    Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
+    Rule::holds("limits.max_frame_bytes", |s| {
+        at_least(
+            s.limits.max_frame_bytes,
+            1024,
+            "must be at least 1024 so a maximal chat message fits",
+        )
+    }),
+    Rule::holds("websocket.client_timeout_secs", |s| {
+        if s.websocket.client_timeout_secs > s.websocket.ping_interval_secs {
+            return Ok(());
+        }
+        Err("must be longer than websocket.ping_interval_secs, or every client times out".into())
+    }),
+    Rule::holds("redis.url", redis_url_usable),
+    Rule::holds("redis.prefix", |s| {
+        let prefix = &s.redis.prefix;
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+        if !prefix.is_empty() && prefix.bytes().all(allowed) {
+            return Ok(());
+        }
+        Err(
+            "must be letters, digits, '_', '-', '.' or ':' (it starts every key and channel)"
+                .into(),
+        )
+    }),
+    Rule::holds("limits.session_queue_bytes", |s| {
+        at_least(
+            s.limits.session_queue_bytes,
+            65536,
+            "must be at least 65536",
+        )
+    }),
+    Rule::holds("server.trusted_proxies", |s| {
+        for (i, cidr) in s.server.trusted_proxies.iter().enumerate() {
+            if let Err(e) = cidr.parse::<crate::net::Cidr>() {
+                return Err(format!("entry {} `{cidr}`: {e}", i + 1));
+            }
+        }
+        Ok(())
+    }),
+    Rule::holds("auth.jwt_public_key_file", |s| {
+        let file = &s.auth.jwt_public_key_file;
+        if file.is_empty() {
+            return Ok(());
+        }
+        crate::auth::read_public_key(file)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }),
+    Rule::holds("store.url", store_url_usable),
+    Rule::holds("limits.session_queue", |s| {
+        at_least(s.limits.session_queue, 8, "must be at least 8")
+    }),
+];
+
+fn at_least(value: usize, min: usize, message: &str) -> Result<(), String> {
+    if value < min {
+        return Err(message.into());
+    }
+    Ok(())
+}
+
+/// `redis.url`, when set, has a Redis scheme and parses as fred's config.
+fn redis_url_usable(settings: &Settings) -> Result<(), String> {
+    const SCHEMES: [&str; 6] = [
+        "redis://",
+        "rediss://",
+        "redis-sentinel://",
+        "rediss-sentinel://",
+        "redis-cluster://",
+        "rediss-cluster://",
+    ];
+    let url = &settings.redis.url;
+    if url.is_empty() {
+        return Ok(());
+    }
+    let parsed = if SCHEMES.iter().any(|s| url.starts_with(s)) {
+        fred::types::config::Config::from_url(url)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else {
+        Err(format!("the scheme must be one of {}", SCHEMES.join(", ")))
+    };
+    parsed.map_err(|e| format!("not a usable Redis URL: {e}"))
+}
+
+/// `store.url` must name a store this bus can use: replicas on Redis cannot share a SQLite
+/// file, and the PostgreSQL archive beside Redis is not built yet.
+fn store_url_usable(settings: &Settings) -> Result<(), String> {
+    use crate::store::StoreKind;
+    let embedded = settings.redis.url.is_empty();
+    match StoreKind::parse(&settings.store.url, embedded) {
+        Err(e) => Err(e.to_string()),
+        Ok(StoreKind::Sqlite(_)) if !embedded => Err(
+            "a SQLite file cannot be shared by replicas on Redis: use postgres://… or leave it \
+             empty"
+                .into(),
+        ),
+        Ok(StoreKind::Postgres(_)) if !embedded => Err(
+            "the PostgreSQL archive beside Redis is not built yet: leave it empty with redis.url \
+             set (history lives in Redis)"
+                .into(),
+        ),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -770,7 +859,11 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.listen, "127.0.0.1:3", "flag beats env and file");
         assert_eq!(s.history.size, 20, "env beats file");
-        assert_eq!(s.server.shutdown_grace_secs, 5, "file beats default");
+        assert_eq!(
+            s.server.shutdown_grace_secs,
+            Duration::from_secs(5),
+            "file beats default"
+        );
     }
 
     #[test]
@@ -999,6 +1092,74 @@ mod tests {
             .to_string();
             assert!(e.contains("store.url"), "{redis} {store}: {e}");
         }
+    }
+
+    #[test]
+    fn every_validation_rule_names_a_setting() {
+        let defaults = defaults_table();
+        for rule in RULES {
+            let (section, key) = rule.key.split_once('.').unwrap();
+            assert!(
+                default_at(&defaults, section, key, "test").is_ok(),
+                "{} names no setting",
+                rule.key
+            );
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_for_every_setting_that_must_be_positive_naming_it() {
+        let positive = RULES
+            .iter()
+            .filter(|r| matches!(r.check, Check::Positive(_) | Check::PositiveDuration(_)));
+        let mut checked = 0;
+        for rule in positive {
+            let var = format!(
+                "CONFAB_{}",
+                rule.key.to_ascii_uppercase().replace('.', "__")
+            );
+            let e = Settings::load(&Overrides::default(), env(&[(&var, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(rule.key) && e.contains("greater than 0"),
+                "{var}=0: {e}"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 19, "every positive rule of the old list is kept");
+    }
+
+    #[test]
+    fn durations_are_read_and_printed_as_whole_numbers_under_their_secs_and_ms_keys() {
+        let f = file("[server]\nshutdown_grace_secs = 7\n[redis]\njoin_retry_ms = 1500\n");
+        let o = Overrides {
+            config_file: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let s = Settings::load(&o, env(&[("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "9")])).unwrap();
+        assert_eq!(s.server.shutdown_grace_secs, Duration::from_secs(7));
+        assert_eq!(s.redis.join_retry_ms, Duration::from_millis(1500));
+        assert_eq!(s.websocket.ping_interval_secs, Duration::from_secs(9));
+        let shown = s.to_toml();
+        for line in [
+            "shutdown_grace_secs = 7\n",
+            "join_retry_ms = 1500\n",
+            "ping_interval_secs = 9\n",
+            "command_timeout_ms = 2000\n",
+        ] {
+            assert!(shown.contains(line), "{line}: {shown}");
+        }
+        let e = Settings::load(
+            &Overrides::default(),
+            env(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "30s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("server.shutdown_grace_secs") && e.contains("whole number"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The composition root: opens the store, builds the bus, the hub and its room threads, and
-//! the HTTP server, then runs until a signal has drained the replica.
+//! the HTTP server, then runs until a signal has drained the replica. [`run`] is those three
+//! steps: `build_state`, `build_server`, `serve_until_drained`.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -40,7 +41,31 @@ const BACKLOG: i32 = 1024;
 
 /// Runs one replica until SIGTERM or SIGINT has drained it.
 pub async fn run(settings: Settings) -> io::Result<()> {
-    let node: Arc<str> = Arc::from(node_id(&settings));
+    let replica = build_state(&settings).await?;
+    let server = build_server(&settings, &replica)?;
+    let grace = settings.server.shutdown_grace_secs;
+    serve_until_drained(server, replica, grace).await
+}
+
+/// A replica's parts, built before the server that serves them and torn down after it.
+struct Replica {
+    node: Arc<str>,
+    /// Threads the room actors run on; stopped once the server has stopped.
+    arbiters: Vec<Arbiter>,
+    /// What every request handler shares (the hub, the bus, the caps, the drain flag).
+    state: web::Data<AppState>,
+    redis: Option<RedisSide>,
+    /// HTTP worker threads.
+    workers: usize,
+    caps: Caps,
+    /// The open-file limit, as raised.
+    files: usize,
+}
+
+/// Opens the store, starts the bus, the hub and its room threads, plans the caps from the
+/// open-file limit and builds the handlers' shared state.
+async fn build_state(settings: &Settings) -> io::Result<Replica> {
+    let node: Arc<str> = Arc::from(node_id(settings));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let room_threads = match settings.server.room_threads {
         0 => cores,
@@ -49,8 +74,8 @@ pub async fn run(settings: Settings) -> io::Result<()> {
     let arbiters: Vec<Arbiter> = (0..room_threads).map(|_| Arbiter::new()).collect();
     let directory = RoomDirectory::default();
     let metrics = Arc::new(Metrics::new().map_err(io::Error::other)?);
-    let store = open_store(&settings, &metrics).await?;
-    let (bus, redis) = start_bus(&settings, &node, &directory, &metrics, store)?;
+    let store = open_store(settings, &metrics).await?;
+    let (bus, redis) = start_bus(settings, &node, &directory, &metrics, store)?;
     let bus = MeteredBus::wrap(bus, Arc::clone(&metrics));
     if settings.api.key.is_empty() {
         log::info!("api.key is empty: the HTTP API answers 403");
@@ -59,15 +84,8 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         bus.clone(),
         directory,
         arbiters.iter().map(Arbiter::handle).collect(),
-        QueueLimits {
-            frames: settings.limits.session_queue,
-            bytes: settings.limits.session_queue_bytes,
-        },
-        RoomSettings {
-            announce_max: settings.limits.join_events_max_members,
-            resume_max: settings.limits.resume_max_messages,
-            retry_within: Duration::from_millis(settings.redis.join_retry_ms),
-        },
+        QueueLimits::from(settings),
+        RoomSettings::from(settings),
         Arc::clone(&metrics),
     )
     .start();
@@ -82,6 +100,29 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         settings.limits.max_connections,
         workers + room_threads,
     );
+    let state = app_state(settings, &node, hub, bus, caps.sessions, metrics)?;
+    Ok(Replica {
+        node,
+        arbiters,
+        state,
+        redis,
+        workers,
+        caps,
+        files,
+    })
+}
+
+/// What every request handler shares: the hub and the bus, the sessions' config, the caps
+/// (`sessions` as planned from the open-file limit), the auth and origin policies. Logs the
+/// policies that leave the replica open.
+fn app_state(
+    settings: &Settings,
+    node: &Arc<str>,
+    hub: Addr<Hub>,
+    bus: SharedBus,
+    sessions: usize,
+    metrics: Arc<Metrics>,
+) -> io::Result<web::Data<AppState>> {
     if settings.server.allowed_origins.is_empty() {
         log::warn!("server.allowed_origins is empty: pages from any site may open sessions here");
     }
@@ -103,32 +144,18 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
-    let draining = Arc::new(AtomicBool::new(false));
-    let state = web::Data::new(AppState {
-        hub: hub.clone(),
+    Ok(web::Data::new(AppState {
+        hub,
         bus,
-        sessions: Arc::new(SessionConfig {
-            node: node.clone(),
-            max_frame_bytes: settings.limits.max_frame_bytes,
-            max_message_chars: settings.limits.max_message_chars,
-            messages_per_sec: settings.limits.messages_per_sec,
-            burst: settings.limits.burst,
-            max_violations: settings.limits.max_violations,
-            session_queue: settings.limits.session_queue,
-            session_queue_bytes: settings.limits.session_queue_bytes,
-            ping_interval: Duration::from_secs(settings.websocket.ping_interval_secs),
-            client_timeout: Duration::from_secs(settings.websocket.client_timeout_secs),
-            metrics: Arc::clone(&metrics),
-        }),
-        draining: draining.clone(),
+        sessions: Arc::new(SessionConfig::new(
+            settings,
+            node.clone(),
+            Arc::clone(&metrics),
+        )),
+        draining: Arc::new(AtomicBool::new(false)),
         admission: Arc::new(Admission::new(admission::Limits {
-            sessions: caps.sessions,
-            sessions_per_ip: settings.limits.max_connections_per_ip,
-            upgrades_per_sec: settings.limits.upgrades_per_ip_per_sec,
-            pending_per_ip: settings.limits.handshakes_per_ip,
-            rooms_per_ip: settings.limits.rooms_per_ip,
-            messages_per_ip: settings.limits.messages_per_sec_per_ip,
-            messages_per_user: settings.limits.messages_per_sec_per_user,
+            sessions,
+            ..admission::Limits::from(settings)
         })),
         trusted_proxies,
         verifier,
@@ -137,13 +164,24 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         api_key: settings.api.key.clone(),
         key_guesses: http::guesses::KeyGuesses::new(
             settings.api.max_key_failures,
-            Duration::from_secs(settings.api.key_failure_window_secs),
+            settings.api.key_failure_window_secs,
         ),
         metrics,
-    });
+    }))
+}
 
-    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
-    let handshake_timeout = Duration::from_secs(settings.server.handshake_timeout_secs);
+/// Binds `server.listen` and builds the HTTP server over the replica's state; it runs once
+/// awaited.
+fn build_server(settings: &Settings, replica: &Replica) -> io::Result<Server> {
+    let Replica {
+        node,
+        state,
+        workers,
+        caps,
+        files,
+        ..
+    } = replica;
+    let handshake_timeout = settings.server.handshake_timeout_secs;
     let listeners = bind(&settings.server.listen)?;
     // actix-web's HttpServer, built from its parts so that upgrades go to `upgrade::serve`,
     // which takes WebSockets off the HTTP/1 dispatcher and its buffers.
@@ -155,9 +193,9 @@ pub async fn run(settings: Settings) -> io::Result<()> {
         // Sessions plus handshakes in progress stay under the open-file limit with the
         // reserve to spare, so /healthz, Redis reconnects and logs never hit EMFILE. Sessions
         // count: their upgrade's future lives as long as they do.
-        .max_concurrent_connections(caps.sockets.div_ceil(workers))
+        .max_concurrent_connections(caps.sockets.div_ceil(*workers))
         .shutdown_timeout(5)
-        .workers(workers);
+        .workers(*workers);
     for listener in listeners {
         let addr = listener.local_addr()?;
         log::info!(
@@ -197,8 +235,23 @@ pub async fn run(settings: Settings) -> io::Result<()> {
                 .and_then(http.finish(map_config(app, |_| AppConfig::default())))
         })?;
     }
-    let server = builder.run();
+    Ok(builder.run())
+}
+
+/// Runs the server until a signal has drained it (sessions closed over `grace`, then the
+/// server stopped) or another process turned out to hold the node id; then frees the node id
+/// and stops the room threads.
+async fn serve_until_drained(server: Server, replica: Replica, grace: Duration) -> io::Result<()> {
+    let Replica {
+        node,
+        arbiters,
+        state,
+        redis,
+        ..
+    } = replica;
     let handle = server.handle();
+    let hub = state.hub.clone();
+    let draining = Arc::clone(&state.draining);
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
         log::info!("node={node} draining: not ready, closing sessions over {grace:?}");
@@ -274,7 +327,7 @@ async fn open_store(
     }
     if let (Some(store), days) = (&store, settings.store.retention_days) {
         if days > 0 {
-            let every = Duration::from_secs(settings.store.retention_sweep_secs);
+            let every = settings.store.retention_sweep_secs;
             actix_web::rt::spawn(store::retention(
                 Arc::clone(store),
                 days,
@@ -313,11 +366,8 @@ fn start_bus(
         log::warn!(
             "node={node} uses the embedded bus: replicas started this way will not see each other"
         );
-        let empty_ttl = Duration::from_secs(settings.history.empty_room_ttl_secs);
-        let (size, ttl) = (
-            settings.history.size,
-            Duration::from_secs(settings.history.ttl_secs),
-        );
+        let empty_ttl = settings.history.empty_room_ttl_secs;
+        let (size, ttl) = (settings.history.size, settings.history.ttl_secs);
         let bus = match store {
             Some(store) => MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics))),
             None => MemoryBus::new(size, ttl, sink),
@@ -472,6 +522,73 @@ mod tests {
         assert!(c.sessions >= 19_000, "19,000 sessions fit in 20,000 files");
         let small = Caps::plan(1024, 0, 4);
         assert!(small.sessions + 64 <= small.sockets && small.sockets < 1024);
+    }
+
+    #[test]
+    fn each_runtime_config_reads_its_own_settings_keys() {
+        // Every value distinct, so a field read from the wrong key shows.
+        let mut s = Settings::default();
+        let l = &mut s.limits;
+        (
+            l.max_frame_bytes,
+            l.max_message_chars,
+            l.messages_per_sec,
+            l.burst,
+        ) = (2001, 2002, 3, 4);
+        (l.max_violations, l.session_queue, l.session_queue_bytes) = (5, 2006, 70_007);
+        (
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.upgrades_per_ip_per_sec,
+        ) = (8, 9, 10);
+        (l.handshakes_per_ip, l.rooms_per_ip) = (11, 12);
+        (l.messages_per_sec_per_ip, l.messages_per_sec_per_user) = (13, 14);
+        (l.resume_max_messages, l.join_events_max_members) = (15, 16);
+        s.redis.join_retry_ms = Duration::from_millis(17);
+        (
+            s.websocket.ping_interval_secs,
+            s.websocket.client_timeout_secs,
+        ) = (Duration::from_secs(18), Duration::from_secs(19));
+
+        let q = QueueLimits::from(&s);
+        assert_eq!((q.frames, q.bytes), (2006, 70_007));
+        let r = RoomSettings::from(&s);
+        assert_eq!((r.announce_max, r.resume_max), (16, 15));
+        assert_eq!(r.retry_within, Duration::from_millis(17));
+        let a = admission::Limits::from(&s);
+        assert_eq!(
+            (
+                a.sessions,
+                a.sessions_per_ip,
+                a.upgrades_per_sec,
+                a.pending_per_ip
+            ),
+            (8, 9, 10, 11)
+        );
+        assert_eq!(
+            (a.rooms_per_ip, a.messages_per_ip, a.messages_per_user),
+            (12, 13, 14)
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let c = SessionConfig::new(&s, Arc::from("n1"), metrics);
+        assert_eq!(&*c.node, "n1");
+        assert_eq!(
+            (
+                c.max_frame_bytes,
+                c.max_message_chars,
+                c.messages_per_sec,
+                c.burst
+            ),
+            (2001, 2002, 3, 4)
+        );
+        assert_eq!(
+            (c.max_violations, c.session_queue, c.session_queue_bytes),
+            (5, 2006, 70_007)
+        );
+        assert_eq!(
+            (c.ping_interval, c.client_timeout),
+            (Duration::from_secs(18), Duration::from_secs(19))
+        );
     }
 
     #[test]

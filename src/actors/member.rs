@@ -30,6 +30,15 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
+impl From<&crate::settings::Settings> for QueueLimits {
+    fn from(settings: &crate::settings::Settings) -> Self {
+        Self {
+            frames: settings.limits.session_queue,
+            bytes: settings.limits.session_queue_bytes,
+        }
+    }
+}
+
 /// Queue capacity a session keeps while it is busy; more is given back each time its inbox
 /// runs empty, and all of it once a ping interval went by without a frame
 /// ([`InboxReader::trim`]).

@@ -145,6 +145,16 @@ pub struct RoomSettings {
     pub retry_within: Duration,
 }
 
+impl From<&crate::settings::Settings> for RoomSettings {
+    fn from(settings: &crate::settings::Settings) -> Self {
+        Self {
+            announce_max: settings.limits.join_events_max_members,
+            resume_max: settings.limits.resume_max_messages,
+            retry_within: settings.redis.join_retry_ms,
+        }
+    }
+}
+
 /// A joined session waiting for its welcome.
 struct Joining {
     session: SessionId,

@@ -103,6 +103,32 @@ pub struct SessionConfig {
     pub metrics: Arc<Metrics>,
 }
 
+impl SessionConfig {
+    /// The `limits.*` and `websocket.*` settings a session reads; the node id and the
+    /// metrics are not settings (the node id may come from the host name), so this is a
+    /// constructor rather than `From<&Settings>`.
+    pub fn new(
+        settings: &crate::settings::Settings,
+        node: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let limits = &settings.limits;
+        Self {
+            node,
+            max_frame_bytes: limits.max_frame_bytes,
+            max_message_chars: limits.max_message_chars,
+            messages_per_sec: limits.messages_per_sec,
+            burst: limits.burst,
+            max_violations: limits.max_violations,
+            session_queue: limits.session_queue,
+            session_queue_bytes: limits.session_queue_bytes,
+            ping_interval: settings.websocket.ping_interval_secs,
+            client_timeout: settings.websocket.client_timeout_secs,
+            metrics,
+        }
+    }
+}
+
 /// What the upgrade request asked for.
 pub struct SessionRequest {
     pub room: RoomName,

@@ -134,7 +134,7 @@ impl RedisBus {
         settings: &Settings,
         node: Arc<str>,
     ) -> Result<(Arc<Self>, SubscriberClient), BusError> {
-        let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
+        let timeout = settings.redis.command_timeout_ms;
         let mut config = Config::from_url(&settings.redis.url).map_err(unavailable)?;
         // Keep trying at start-up too: a replica that starts before Redis is not ready, not dead.
         config.fail_fast = false;
@@ -167,9 +167,9 @@ impl RedisBus {
             node,
             prefix: Arc::from(settings.redis.prefix.as_str()),
             history_size: settings.history.size,
-            ttl_secs: settings.history.ttl_secs,
-            empty_room_ttl_secs: settings.history.empty_room_ttl_secs,
-            lease: Duration::from_secs(settings.redis.presence_lease_secs),
+            ttl_secs: settings.history.ttl_secs.as_secs(),
+            empty_room_ttl_secs: settings.history.empty_room_ttl_secs.as_secs(),
+            lease: settings.redis.presence_lease_secs,
             not_ready: Mutex::new(Some("connecting to Redis".into())),
             publish: Script::from_lua(PUBLISH_LUA),
             reloading: AtomicBool::new(false),

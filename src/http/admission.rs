@@ -42,6 +42,23 @@ pub struct Limits {
     pub messages_per_user: u32,
 }
 
+/// `sessions` is `limits.max_connections` as set, 0 when it is to be derived: start-up
+/// replaces it with the cap it planned from the open-file limit.
+impl From<&crate::settings::Settings> for Limits {
+    fn from(settings: &crate::settings::Settings) -> Self {
+        let limits = &settings.limits;
+        Self {
+            sessions: limits.max_connections,
+            sessions_per_ip: limits.max_connections_per_ip,
+            upgrades_per_sec: limits.upgrades_per_ip_per_sec,
+            pending_per_ip: limits.handshakes_per_ip,
+            rooms_per_ip: limits.rooms_per_ip,
+            messages_per_ip: limits.messages_per_sec_per_ip,
+            messages_per_user: limits.messages_per_sec_per_user,
+        }
+    }
+}
+
 pub struct Admission {
     open: AtomicUsize,
     limits: Limits,
