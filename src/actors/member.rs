@@ -14,6 +14,7 @@
 //! room of 1,000 the mailbox path was about 40 % of the server's CPU (docs/PERFORMANCE.md).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 
@@ -49,6 +50,9 @@ const KEPT_CAPACITY: usize = 4;
 #[derive(Debug, Default)]
 pub struct Inbox {
     state: Mutex<State>,
+    /// `State::closing`, readable without the lock: the session checks it for every frame of
+    /// a batch it drains, and the lock is the room's too.
+    closing: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +141,7 @@ impl MemberHandle {
             return;
         }
         state.closing = true;
+        self.inbox.closing.store(true, Ordering::Release);
         state.drained = None;
         state.queue = VecDeque::new();
         state.frames = 0;
@@ -219,7 +224,7 @@ impl InboxReader {
     /// The next frame to handle. At an empty inbox it returns `None` and remembers `waker`,
     /// woken by the next frame put in.
     pub fn next(&mut self, waker: &Waker) -> Option<Outbound> {
-        if !self.batch.is_empty() && self.inbox.lock().closing {
+        if !self.batch.is_empty() && self.inbox.closing.load(Ordering::Acquire) {
             // Told to close: what was taken out and not written goes too.
             self.batch = VecDeque::new();
             self.handled = (0, 0);
