@@ -29,12 +29,10 @@ use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomSettings};
 use super::socket::CLOSE_GRACE;
 use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
+use crate::close::Close;
 use crate::domain::{RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::trim::Trimmer;
-
-/// Close code for sessions closed by a draining replica.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Pause before a failed run of presence changes is sent again: a bus that refuses at once
 /// (not ready) is not asked in a tight loop.
@@ -398,9 +396,7 @@ impl Handler<Connect> for Hub {
     fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) {
         if self.draining {
             // Not attached, so no join is recorded; the session sends its Disconnect anyway.
-            msg.join
-                .member
-                .close(CLOSE_GOING_AWAY, "server shutting down");
+            msg.join.member.close(Close::ShuttingDown);
             return;
         }
         let user = msg.join.user.clone();
@@ -548,7 +544,7 @@ impl Handler<Drain> for Hub {
         ctx.run_interval(TICK, move |_, _| {
             let split = queue.len().saturating_sub(per_tick);
             for member in queue.drain(split..) {
-                member.close(CLOSE_GOING_AWAY, "server shutting down");
+                member.close(Close::ShuttingDown);
             }
         });
     }
@@ -585,9 +581,9 @@ mod tests {
         }));
     }
 
-    fn closed_with(seen: &[Outbound]) -> Option<u16> {
+    fn closed_with(seen: &[Outbound]) -> Option<Close> {
         seen.iter().find_map(|o| match o {
-            Outbound::Close { code, .. } => Some(*code),
+            Outbound::Close(why) => Some(*why),
             _ => None,
         })
     }
@@ -646,8 +642,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(closed_with(&before_seen), Some(CLOSE_GOING_AWAY));
-        assert_eq!(closed_with(&late_seen), Some(CLOSE_GOING_AWAY));
+        assert_eq!(closed_with(&before_seen), Some(Close::ShuttingDown));
+        assert_eq!(closed_with(&late_seen), Some(Close::ShuttingDown));
         assert!(
             !late_seen
                 .iter()

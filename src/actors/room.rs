@@ -25,6 +25,7 @@ use super::sequencer::{Outcome, Page, Sequencer, Step, Synced};
 use crate::bus::{
     BusError, CatchUpDone, HistoryPage, PresenceSnapshot, Replay, RoomEvent, RoomHead, SharedBus,
 };
+use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
@@ -32,9 +33,6 @@ use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
 pub const ROOM_MAILBOX: usize = 8192;
-
-/// Close code when a session cannot be set up because the bus is down: "try again later".
-const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// How long a failed history read or epoch renewal waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -195,14 +193,13 @@ impl Room {
         self.count();
         for closed in outcome.closed {
             log::info!(
-                "room={} session={:x} user={} closed with {}: {}",
+                "room={} session={:x} user={} closed with {}",
                 self.name,
                 closed.session,
                 closed.user,
-                closed.code,
-                closed.reason
+                closed.why
             );
-            closed.handle.close(closed.code, closed.reason);
+            closed.handle.close(closed.why);
         }
         if let Some(step) = outcome.step {
             self.run(step, ctx);
@@ -526,7 +523,7 @@ impl Room {
                     log::warn!("room={} session={session:x} cannot start: {e}", self.name);
                     self.count();
                     if let Some((_, handle)) = self.seq.remove(session) {
-                        handle.close(CLOSE_TRY_AGAIN, "message bus unavailable; try again");
+                        handle.close(Close::BusUnavailable);
                     }
                 }
             }

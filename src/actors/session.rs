@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use actix_http::ws::{CloseCode, Frame, ProtocolError};
+use actix_http::ws::{Frame, ProtocolError};
 use bytestring::ByteString;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -25,6 +25,7 @@ use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
 use crate::bus::{BusError, NewMessage, SharedBus, StoredMessage};
+use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::http::admission::Quotas;
 use crate::metrics::Metrics;
@@ -34,9 +35,6 @@ use crate::wsframe::{Assembler, Inbound};
 
 /// The subprotocol confab speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "confab.v1";
-
-/// Close code of a session whose token expired (docs/PROTOCOL.md §8).
-pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// Writes the answers to a session's publishes as they come back, in send order. Spawned
 /// while publishes are in flight (`until_below: None`, done when none is left), or waited on
@@ -234,6 +232,12 @@ impl Session {
         })
     }
 
+    /// Fails the session for what the client sent, counted with the bad frames by close code.
+    fn fail_for_frames(&mut self, why: Close) {
+        self.cfg.metrics.bad_frame(why.code());
+        fail(&mut self.socket, why)
+    }
+
     /// A complete text frame from the client: held until the welcome, then handled.
     fn on_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         if self.welcomed {
@@ -249,12 +253,7 @@ impl Session {
         if self.held.len() >= self.cfg.session_queue
             || self.held_bytes + text.len() > self.cfg.session_queue_bytes
         {
-            self.cfg.metrics.bad_frame(1008);
-            return fail(
-                &mut self.socket,
-                CloseCode::Policy,
-                "too many frames before the welcome",
-            );
+            return self.fail_for_frames(Close::TooEarly);
         }
         self.held_bytes += text.len();
         self.held.push(text);
@@ -340,12 +339,7 @@ impl Session {
                 self.label,
                 self.room
             );
-            self.cfg.metrics.bad_frame(1008);
-            return fail(
-                &mut self.socket,
-                CloseCode::Policy,
-                "rate limit exceeded too often",
-            );
+            return self.fail_for_frames(Close::Flooding);
         }
         let frame = ServerFrame::Error {
             code: ErrorCode::RateLimited,
@@ -551,11 +545,7 @@ impl Actor for Session {
                     session.room,
                     session.user
                 );
-                fail(
-                    &mut session.socket,
-                    CloseCode::Other(TOKEN_EXPIRED),
-                    "token expired",
-                )
+                fail(&mut session.socket, Close::TokenExpired)
             });
         }
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
@@ -567,11 +557,7 @@ impl Actor for Session {
                     session.room,
                     session.user
                 );
-                return fail(
-                    &mut session.socket,
-                    CloseCode::Away,
-                    "no pong within the client timeout",
-                );
+                return fail(&mut session.socket, Close::NoPong);
             }
             session.socket.ping(b"", ctx);
             session.inbox.trim();
@@ -653,14 +639,7 @@ impl Session {
         let metrics = Some(&*self.cfg.metrics);
         match handle_frame(&mut self.frames, &mut self.socket, item, ctx, metrics) {
             Some(Inbound::Text(text)) => self.on_text(text, ctx),
-            Some(_) => {
-                self.cfg.metrics.bad_frame(1003);
-                fail(
-                    &mut self.socket,
-                    CloseCode::Unsupported,
-                    "binary frames are not supported",
-                )
-            }
+            Some(_) => self.fail_for_frames(Close::Binary),
             None => {}
         }
     }
@@ -729,9 +708,7 @@ impl Session {
                 recovered,
             } => self.welcome(epoch, offset, recovered, ctx),
             Outbound::Frame(text) => self.socket.text(text, ctx),
-            Outbound::Close { code, reason } => {
-                fail(&mut self.socket, CloseCode::from(code), reason)
-            }
+            Outbound::Close(why) => fail(&mut self.socket, why),
         }
     }
 }
