@@ -22,7 +22,8 @@
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
 //! - [`store`]: history that outlives the bus (SQLite, PostgreSQL) behind one trait.
-//! - [`metrics`]: the Prometheus registry of a replica.
+//! - [`metrics`]: the Prometheus registry of a replica; [`logctx`]: the `node=`/`room=`/
+//!   `session=` prefix of log lines.
 //! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
 pub mod actors;
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod close;
 pub mod domain;
 pub mod http;
+pub mod logctx;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

@@ -31,6 +31,7 @@ use super::socket::CLOSE_GRACE;
 use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
 use crate::close::Close;
 use crate::domain::{RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::trim::Trimmer;
 
@@ -73,7 +74,10 @@ impl EventSink for RoomDirectory {
         };
         if let Err(e) = slot.addr.try_send(Event(event)) {
             let room = &e.into_inner().0.room;
-            log::warn!("room={room} is lagging; an event was dropped and is read from history");
+            log::warn!(
+                "{} is lagging; an event was dropped and is read from history",
+                logctx::room(&room)
+            );
             // Catch up now, not when the next message shows the hole: a quiet room would hold
             // its last messages back. One resync covers a burst of drops.
             if !slot.resync_asked.swap(true, Ordering::AcqRel) {
@@ -294,7 +298,8 @@ impl Hub {
         if since.elapsed() < self.room_settings.retry_within {
             // Idempotent changes: the whole run goes again, ahead of what queued meanwhile.
             log::debug!(
-                "room={room} {} presence changes not recorded yet: {e}; retrying",
+                "{} {} presence changes not recorded yet: {e}; retrying",
+                logctx::room(&room),
                 run.len()
             );
             let later = std::mem::take(&mut queue.waiting);
@@ -314,11 +319,15 @@ impl Hub {
             let user = change.user;
             if change.joined {
                 log::warn!(
-                    "room={room} cannot record that {user} joined: {e}; retrying after reconnect"
+                    "{} cannot record that {user} joined: {e}; retrying after reconnect",
+                    logctx::room(&room)
                 );
                 continue;
             }
-            log::warn!("room={room} cannot record that {user} left: {e}; retrying after reconnect");
+            log::warn!(
+                "{} cannot record that {user} left: {e}; retrying after reconnect",
+                logctx::room(&room)
+            );
             let back = self
                 .rooms
                 .get(&room)
@@ -467,7 +476,7 @@ impl Handler<Disconnect> for Hub {
             // The room stops once it has handled the leave and no address remains.
             self.rooms.remove(&msg.room);
             self.directory.remove(&msg.room);
-            log::debug!("room={} has no local members; reaped", msg.room);
+            log::debug!("{} has no local members; reaped", logctx::room(&msg.room));
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::bus::{
 };
 use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
 
@@ -193,10 +194,10 @@ impl Room {
         self.count();
         for closed in outcome.closed {
             log::info!(
-                "room={} session={:x} user={} closed with {}",
-                self.name,
-                closed.session,
-                closed.user,
+                "{} closed with {}",
+                logctx::room(&self.name)
+                    .session_id(closed.session)
+                    .user(&closed.user),
                 closed.why
             );
             closed.handle.close(closed.why);
@@ -287,7 +288,7 @@ impl Room {
 
     fn succeeded<T>(&self, result: Result<T, BusError>, what: &str) -> Option<T> {
         result
-            .map_err(|e| log::warn!("room={} cannot {what}: {e}; retrying", self.name))
+            .map_err(|e| log::warn!("{} cannot {what}: {e}; retrying", logctx::room(&self.name)))
             .ok()
     }
 
@@ -514,13 +515,16 @@ impl Room {
                 }
                 Err(e) if Instant::now() < joining.give_up_at => {
                     log::debug!(
-                        "room={} session={session:x} setup read failed: {e}; retrying",
-                        self.name
+                        "{} setup read failed: {e}; retrying",
+                        logctx::room(&self.name).session_id(session)
                     );
                     again.push(joining);
                 }
                 Err(e) => {
-                    log::warn!("room={} session={session:x} cannot start: {e}", self.name);
+                    log::warn!(
+                        "{} cannot start: {e}",
+                        logctx::room(&self.name).session_id(session)
+                    );
                     self.count();
                     if let Some((_, handle)) = self.seq.remove(session) {
                         handle.close(Close::BusUnavailable);
@@ -549,12 +553,12 @@ impl Actor for Room {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(ROOM_MAILBOX);
         self.metrics.rooms_open.inc();
-        log::debug!("room={} started", self.name);
+        log::debug!("{} started", logctx::room(&self.name));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.metrics.rooms_open.dec();
-        log::debug!("room={} stopped", self.name);
+        log::debug!("{} stopped", logctx::room(&self.name));
     }
 }
 

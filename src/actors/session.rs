@@ -28,6 +28,7 @@ use crate::bus::{BusError, NewMessage, SharedBus, StoredMessage};
 use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::http::admission::Quotas;
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
 use crate::ratelimit::TokenBucket;
@@ -232,6 +233,13 @@ impl Session {
         })
     }
 
+    /// Who this session's log lines are about: `session=… room=… user=…`.
+    fn about(&self) -> logctx::About<'_> {
+        logctx::session(&self.label)
+            .room(&self.room)
+            .user(&self.user)
+    }
+
     /// Fails the session for what the client sent, counted with the bad frames by close code.
     fn fail_for_frames(&mut self, why: Close) {
         self.cfg.metrics.bad_frame(why.code());
@@ -283,7 +291,11 @@ impl Session {
                 if !self.bucket.try_take(Instant::now()) {
                     return self.rate_limited(rejection.reference.as_deref(), ctx);
                 }
-                log::debug!("session={} bad frame: {}", self.label, rejection.message);
+                log::debug!(
+                    "{} bad frame: {}",
+                    logctx::session(&self.label),
+                    rejection.message
+                );
                 self.cfg.metrics.rejected(rejection.code);
                 let frame = protocol::rejection_frame(&rejection, Some(&self.room));
                 return self.socket.text(frame, ctx);
@@ -335,9 +347,8 @@ impl Session {
         self.violations += 1;
         if self.violations > self.cfg.max_violations {
             log::info!(
-                "session={} room={} closed for flooding",
-                self.label,
-                self.room
+                "{} closed for flooding",
+                logctx::session(&self.label).room(&self.room)
             );
             return self.fail_for_frames(Close::Flooding);
         }
@@ -539,35 +550,20 @@ impl Actor for Session {
                 .saturating_add(LEEWAY)
                 .min(MAX_TIMER);
             ctx.run_later(left, |session, _| {
-                log::info!(
-                    "session={} room={} user={} token expired",
-                    session.label,
-                    session.room,
-                    session.user
-                );
+                log::info!("{} token expired", session.about());
                 fail(&mut session.socket, Close::TokenExpired)
             });
         }
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
         ctx.run_interval(tick, |session, ctx| {
             if session.last_heard.elapsed() > session.cfg.client_timeout {
-                log::info!(
-                    "session={} room={} user={} timed out",
-                    session.label,
-                    session.room,
-                    session.user
-                );
+                log::info!("{} timed out", session.about());
                 return fail(&mut session.socket, Close::NoPong);
             }
             session.socket.ping(b"", ctx);
             session.inbox.trim();
         });
-        log::info!(
-            "session={} room={} user={} connected",
-            self.label,
-            self.room,
-            self.user
-        );
+        log::info!("{} connected", self.about());
         let limits = QueueLimits {
             frames: self.cfg.session_queue,
             bytes: self.cfg.session_queue_bytes,
@@ -607,12 +603,7 @@ impl Actor for Session {
             room: self.room.clone(),
             session: self.id,
         });
-        log::info!(
-            "session={} room={} user={} disconnected",
-            self.label,
-            self.room,
-            self.user
-        );
+        log::info!("{} disconnected", self.about());
         Running::Stop
     }
 }

@@ -33,6 +33,7 @@ use crate::bus::{
 };
 use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::protocol::ServerFrame;
 
 pub use super::outlet::{Offer, Outbound, Outlet};
@@ -839,9 +840,9 @@ impl<H: Outlet> Sequencer<H> {
             return out;
         };
         log::warn!(
-            "room={} the store went back in time (offset {floor} of epoch {stale} was lost \
+            "{} the store went back in time (offset {floor} of epoch {stale} was lost \
              or replaced); new epoch {} from offset {}, members are told to reset",
-            self.room,
+            logctx::room(&self.room),
             head.epoch,
             head.offset
         );
@@ -900,8 +901,8 @@ impl<H: Outlet> Sequencer<H> {
             self.accept(event, out);
         } else if offset > last + 1 {
             log::warn!(
-                "room={} missed offsets {}..{}; reading them from history",
-                self.room,
+                "{} missed offsets {}..{}; reading them from history",
+                logctx::room(&self.room),
                 last + 1,
                 offset - 1
             );
@@ -1036,9 +1037,9 @@ impl<H: Outlet> Sequencer<H> {
         }
         self.reset_members(&head.epoch, head.offset, out);
         log::warn!(
-            "room={} missed messages after offset {after} are no longer in history; members \
+            "{} missed messages after offset {after} are no longer in history; members \
              at or behind it are closed with 4008 and the room goes on",
-            self.room,
+            logctx::room(&self.room)
         );
         let behind: Vec<SessionId> = self
             .members
