@@ -16,20 +16,24 @@
 //!   proxies.
 //! - [`startup`]: composition root; [`cli`]: the command line.
 //! - [`protocol`]: the JSON frames; [`domain`]: validated names, offsets, epochs.
-//! - [`wsframe`]: RFC 6455 message assembly on top of actix-http's codec.
+//! - [`wsframe`]: RFC 6455 message assembly on top of actix-http's codec; [`close`]: every
+//!   close code and reason the server sends, in one enum.
 //! - [`ratelimit`]: the per-session token bucket.
 //! - [`actors`]: session, room, hub (and the conformance echo).
 //! - [`bus`]: the bus contract and the embedded bus.
 //! - [`store`]: history that outlives the bus (SQLite, PostgreSQL) behind one trait.
-//! - [`metrics`]: the Prometheus registry of a replica.
+//! - [`metrics`]: the Prometheus registry of a replica; [`logctx`]: the `node=`/`room=`/
+//!   `session=` prefix of log lines.
 //! - [`http`] holds the routes: WebSocket upgrade, health, `/metrics`, the HTTP API.
 
 pub mod actors;
 pub mod auth;
 pub mod bus;
 pub mod cli;
+pub mod close;
 pub mod domain;
 pub mod http;
+pub mod logctx;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

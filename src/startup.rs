@@ -27,6 +27,7 @@ use crate::bus::redis::{NodeIdTaken, RedisBus};
 use crate::bus::{EventSink, SharedBus};
 use crate::http::admission::{self, Admission};
 use crate::http::{self, upgrade, AppState};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{self, SharedStore, StoreKind};
@@ -199,7 +200,8 @@ fn build_server(settings: &Settings, replica: &Replica) -> io::Result<Server> {
     for listener in listeners {
         let addr = listener.local_addr()?;
         log::info!(
-            "node={node} listening on {addr} (max_connections={}, open files {files})",
+            "{} listening on {addr} (max_connections={}, open files {files})",
+            logctx::node(&node),
             caps.sessions
         );
         let state = state.clone();
@@ -254,7 +256,10 @@ async fn serve_until_drained(server: Server, replica: Replica, grace: Duration) 
     let draining = Arc::clone(&state.draining);
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
-        log::info!("node={node} draining: not ready, closing sessions over {grace:?}");
+        log::info!(
+            "{} draining: not ready, closing sessions over {grace:?}",
+            logctx::node(&node)
+        );
         draining.store(true, Ordering::Release);
         hub.do_send(Drain { grace });
         let deadline = Instant::now() + grace;
@@ -364,7 +369,8 @@ fn start_bus(
     let sink: Arc<dyn EventSink> = Arc::new(directory.clone());
     if settings.redis.url.is_empty() {
         log::warn!(
-            "node={node} uses the embedded bus: replicas started this way will not see each other"
+            "{} uses the embedded bus: replicas started this way will not see each other",
+            logctx::node(&node)
         );
         let empty_ttl = settings.history.empty_room_ttl_secs;
         let (size, ttl) = (settings.history.size, settings.history.ttl_secs);
@@ -399,7 +405,8 @@ fn start_bus(
     )
     .start();
     log::info!(
-        "node={node} uses Redis at {} with prefix `{}`",
+        "{} uses Redis at {} with prefix `{}`",
+        logctx::node(&node),
         crate::settings::mask_url(&settings.redis.url),
         settings.redis.prefix
     );

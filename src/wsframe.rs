@@ -4,8 +4,8 @@
 //! fragments, pings between fragments, and protocol errors. This module turns that stream into
 //! whole messages, enforces
 //! the size cap over all fragments of a message, validates UTF-8 as fragments arrive (so a bad
-//! sequence fails fast, not after the last fragment), and maps each violation to the close code
-//! RFC 6455 §7.4.1 asks for. Both the chat session and the conformance echo endpoint use it.
+//! sequence fails fast, not after the last fragment), and names each violation with a [`Fail`],
+//! whose close code (the one RFC 6455 §7.4.1 asks for) and reason are in [`crate::close`]. Both the chat session and the conformance echo endpoint use it.
 //!
 //! Kept rather than replaced by actix-ws or tungstenite's message layer (issue 20): the close
 //! codes a client sees are the contract's (1002, 1007, 1009 with their reasons, docs/PROTOCOL.md
@@ -14,7 +14,7 @@
 //! FAILED case through this module (`docs/autobahn/summary.txt`). It is a few hundred lines on
 //! top of actix-http's frame codec, which does the parsing.
 
-use actix_http::ws::{CloseCode, CloseReason, Frame, Item, Message, ProtocolError};
+use actix_http::ws::{CloseReason, Frame, Item, Message, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
@@ -30,8 +30,8 @@ pub enum Inbound {
     Partial,
 }
 
-/// Why the connection must be failed. The variant decides the close code RFC 6455 §7.4.1 asks
-/// for and its reason (docs/PROTOCOL.md §8): one table, [`Fail::code`] and [`Fail::reason`].
+/// Why the connection must be failed. Its close code and reason (RFC 6455 §7.4.1,
+/// docs/PROTOCOL.md §8) are in the one table of closes, [`crate::close::Close`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fail {
     /// A frame with reserved bits set, and no extension negotiated to define them.
@@ -44,30 +44,6 @@ pub enum Fail {
     InvalidUtf8,
     /// A message over the size cap, counted over all its fragments.
     TooBig,
-}
-
-impl Fail {
-    /// The close code the connection is failed with.
-    pub fn code(self) -> CloseCode {
-        match self {
-            Self::ReservedBits | Self::ContinuationWithoutStart | Self::Protocol => {
-                CloseCode::Protocol
-            }
-            Self::InvalidUtf8 => CloseCode::Invalid,
-            Self::TooBig => CloseCode::Size,
-        }
-    }
-
-    /// The close frame's reason.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::ReservedBits => "reserved bits set",
-            Self::ContinuationWithoutStart => "continuation without a start",
-            Self::Protocol => "protocol error",
-            Self::InvalidUtf8 => "invalid UTF-8 in text message",
-            Self::TooBig => "message too big",
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -195,6 +171,7 @@ fn map_protocol_error(e: ProtocolError) -> Fail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::close::Close;
 
     fn feed(a: &mut Assembler, m: Message) -> Result<Inbound, Fail> {
         a.push(m)
@@ -224,7 +201,7 @@ mod tests {
         let mut a = Assembler::new(8);
         feed(&mut a, cont(Item::FirstText(Bytes::from_static(b"12345")))).unwrap();
         let e = feed(&mut a, cont(Item::Last(Bytes::from_static(b"6789")))).unwrap_err();
-        assert_eq!(e.code(), CloseCode::Size);
+        assert_eq!(Close::from(e).code(), 1009);
     }
 
     #[test]
@@ -249,7 +226,7 @@ mod tests {
     fn invalid_utf8_fails_at_the_fragment_that_carries_it() {
         let mut a = Assembler::new(100);
         let e = feed(&mut a, cont(Item::FirstText(Bytes::from_static(b"ok\xff")))).unwrap_err();
-        assert_eq!(e.code(), CloseCode::Invalid);
+        assert_eq!(Close::from(e).code(), 1007);
     }
 
     #[test]
@@ -262,7 +239,7 @@ mod tests {
         )
         .unwrap();
         let e = feed(&mut a, cont(Item::Last(Bytes::new()))).unwrap_err();
-        assert_eq!(e.code(), CloseCode::Invalid);
+        assert_eq!(Close::from(e).code(), 1007);
     }
 
     #[test]
@@ -279,7 +256,7 @@ mod tests {
         let e = a
             .push_frame(Ok(Frame::Text(Bytes::from_static(b"ok\xff"))))
             .unwrap_err();
-        assert_eq!(e.code(), CloseCode::Invalid);
+        assert_eq!(Close::from(e).code(), 1007);
         let ok = a.push_frame(Ok(Frame::Text(Bytes::from_static(b"ok"))));
         assert_eq!(ok, Ok(Inbound::Text(ByteString::from_static("ok"))));
     }
@@ -288,14 +265,14 @@ mod tests {
     fn codec_errors_map_to_close_codes() {
         let mut a = Assembler::new(100);
         let e = a.push_frame(Err(ProtocolError::Overflow)).unwrap_err();
-        assert_eq!(e.code(), CloseCode::Size);
+        assert_eq!(Close::from(e).code(), 1009);
         let e = a
             .push_frame(Err(ProtocolError::ContinuationNotStarted))
             .unwrap_err();
-        assert_eq!(e.code(), CloseCode::Protocol);
+        assert_eq!(Close::from(e).code(), 1002);
         let bad = Frame::Text(bytes::Bytes::from_static(&[0xff]));
         let e = a.push_frame(Ok(bad)).unwrap_err();
-        assert_eq!(e.code(), CloseCode::Invalid);
+        assert_eq!(Close::from(e).code(), 1007);
     }
 
     #[test]
@@ -309,8 +286,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(e, Fail::ReservedBits);
         assert_eq!(
-            (e.code(), e.reason()),
-            (CloseCode::Protocol, "reserved bits set")
+            (Close::from(e).code(), Close::from(e).reason()),
+            (1002, "reserved bits set")
         );
     }
 
@@ -328,7 +305,10 @@ mod tests {
             (Fail::TooBig, 1009, "message too big"),
         ];
         for (fail, code, reason) in table {
-            assert_eq!((u16::from(fail.code()), fail.reason()), (code, reason));
+            assert_eq!(
+                (Close::from(fail).code(), Close::from(fail).reason()),
+                (code, reason)
+            );
         }
     }
 }

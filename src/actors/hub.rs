@@ -29,12 +29,11 @@ use super::member::QueueLimits;
 use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomSettings};
 use super::socket::CLOSE_GRACE;
 use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
+use crate::close::Close;
 use crate::domain::{RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::trim::Trimmer;
-
-/// Close code for sessions closed by a draining replica.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Pause before a failed run of presence changes is sent again: a bus that refuses at once
 /// (not ready) is not asked in a tight loop.
@@ -75,7 +74,10 @@ impl EventSink for RoomDirectory {
         };
         if let Err(e) = slot.addr.try_send(Event(event)) {
             let room = &e.into_inner().0.room;
-            log::warn!("room={room} is lagging; an event was dropped and is read from history");
+            log::warn!(
+                "{} is lagging; an event was dropped and is read from history",
+                logctx::room(&room)
+            );
             // Catch up now, not when the next message shows the hole: a quiet room would hold
             // its last messages back. One resync covers a burst of drops.
             if !slot.resync_asked.swap(true, Ordering::AcqRel) {
@@ -296,7 +298,8 @@ impl Hub {
         if since.elapsed() < self.room_settings.retry_within {
             // Idempotent changes: the whole run goes again, ahead of what queued meanwhile.
             log::debug!(
-                "room={room} {} presence changes not recorded yet: {e}; retrying",
+                "{} {} presence changes not recorded yet: {e}; retrying",
+                logctx::room(&room),
                 run.len()
             );
             let later = std::mem::take(&mut queue.waiting);
@@ -316,11 +319,15 @@ impl Hub {
             let user = change.user;
             if change.joined {
                 log::warn!(
-                    "room={room} cannot record that {user} joined: {e}; retrying after reconnect"
+                    "{} cannot record that {user} joined: {e}; retrying after reconnect",
+                    logctx::room(&room)
                 );
                 continue;
             }
-            log::warn!("room={room} cannot record that {user} left: {e}; retrying after reconnect");
+            log::warn!(
+                "{} cannot record that {user} left: {e}; retrying after reconnect",
+                logctx::room(&room)
+            );
             let back = self
                 .rooms
                 .get(&room)
@@ -398,9 +405,7 @@ impl Handler<Connect> for Hub {
     fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) {
         if self.draining {
             // Not attached, so no join is recorded; the session sends its Disconnect anyway.
-            msg.join
-                .member
-                .close(CLOSE_GOING_AWAY, "server shutting down");
+            msg.join.member.close(Close::ShuttingDown);
             return;
         }
         let user = msg.join.user.clone();
@@ -471,7 +476,7 @@ impl Handler<Disconnect> for Hub {
             // The room stops once it has handled the leave and no address remains.
             self.rooms.remove(&msg.room);
             self.directory.remove(&msg.room);
-            log::debug!("room={} has no local members; reaped", msg.room);
+            log::debug!("{} has no local members; reaped", logctx::room(&msg.room));
         }
     }
 }
@@ -548,7 +553,7 @@ impl Handler<Drain> for Hub {
         ctx.run_interval(TICK, move |_, _| {
             let split = queue.len().saturating_sub(per_tick);
             for member in queue.drain(split..) {
-                member.close(CLOSE_GOING_AWAY, "server shutting down");
+                member.close(Close::ShuttingDown);
             }
         });
     }
@@ -585,9 +590,9 @@ mod tests {
         }));
     }
 
-    fn closed_with(seen: &[Outbound]) -> Option<u16> {
+    fn closed_with(seen: &[Outbound]) -> Option<Close> {
         seen.iter().find_map(|o| match o {
-            Outbound::Close { code, .. } => Some(*code),
+            Outbound::Close(why) => Some(*why),
             _ => None,
         })
     }
@@ -646,8 +651,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(closed_with(&before_seen), Some(CLOSE_GOING_AWAY));
-        assert_eq!(closed_with(&late_seen), Some(CLOSE_GOING_AWAY));
+        assert_eq!(closed_with(&before_seen), Some(Close::ShuttingDown));
+        assert_eq!(closed_with(&late_seen), Some(Close::ShuttingDown));
         assert!(
             !late_seen
                 .iter()

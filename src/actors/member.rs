@@ -21,7 +21,7 @@ use std::task::Waker;
 use parking_lot::{Mutex, MutexGuard};
 
 pub use super::outlet::{Offer, Outbound, Outlet};
-pub use super::sequencer::CLOSE_SLOW_CONSUMER;
+use crate::close::Close;
 
 /// How much one session may have queued: `limits.session_queue` frames and
 /// `limits.session_queue_bytes` bytes.
@@ -135,7 +135,7 @@ impl MemberHandle {
     /// first, and a session waiting on its socket stops waiting. A slow consumer's close no
     /// longer waits behind the megabytes it is about, holding its slot and presence until the
     /// client reads them.
-    pub fn close(&self, code: u16, reason: &'static str) {
+    pub fn close(&self, why: Close) {
         let mut state = self.inbox.lock();
         if state.closed || state.closing {
             return;
@@ -147,7 +147,7 @@ impl MemberHandle {
         state.frames = 0;
         state.bytes = 0;
         let socket_waker = state.socket_waker.take();
-        put(state, Outbound::Close { code, reason }, 0);
+        put(state, Outbound::Close(why), 0);
         if let Some(waker) = socket_waker {
             waker.wake();
         }
@@ -429,7 +429,7 @@ mod tests {
         assert!(handle.gone());
         assert_eq!(handle.offer(frame("a"), false), Offer::Evict);
         assert_eq!(handle.offer(frame("a"), true), Offer::Dropped);
-        handle.close(4008, "slow");
+        handle.close(Close::SlowConsumer);
         let state = handle.inbox.lock();
         assert!(
             state.queue.is_empty() && state.frames == 0,
@@ -450,7 +450,7 @@ mod tests {
         let socket_wakes = Arc::new(Count(AtomicUsize::new(0)));
         let socket_waker = Waker::from(Arc::clone(&socket_wakes));
         assert!(!interrupted(&socket_waker), "nothing to interrupt yet");
-        handle.close(4008, "slow");
+        handle.close(Close::SlowConsumer);
         assert_eq!(
             socket_wakes.0.load(Ordering::Relaxed),
             1,
@@ -459,11 +459,11 @@ mod tests {
         assert!(interrupted(&socket_waker));
         let all: Vec<_> = std::iter::from_fn(|| reader.next(&waker)).collect();
         assert!(
-            matches!(all[..], [Outbound::Close { code: 4008, .. }]),
+            matches!(all[..], [Outbound::Close(Close::SlowConsumer)]),
             "{all:?}"
         );
         assert_eq!(handle.offer(frame("5"), false), Offer::Evict);
-        handle.close(4008, "again");
+        handle.close(Close::MissedHistory);
         assert_eq!(reader.next(&waker), None, "one close only");
     }
 

@@ -4,6 +4,7 @@
 
 use bytestring::ByteString;
 
+use crate::close::Close;
 use crate::domain::{Epoch, Offset};
 
 /// Something for a session to write to its socket, in order.
@@ -17,8 +18,8 @@ pub enum Outbound {
     },
     /// One server frame, serialized once for all members.
     Frame(ByteString),
-    /// Close the connection with this code.
-    Close { code: u16, reason: &'static str },
+    /// Close the connection, for this reason.
+    Close(Close),
 }
 
 impl Outbound {
@@ -28,7 +29,7 @@ impl Outbound {
             Outbound::Frame(text) => text.len(),
             // The welcome is small and built by the session; count a typical size.
             Outbound::Welcome { .. } => 256,
-            Outbound::Close { .. } => 0,
+            Outbound::Close(_) => 0,
         }
     }
 }

@@ -25,16 +25,15 @@ use super::sequencer::{Outcome, Page, Sequencer, Step, Synced};
 use crate::bus::{
     BusError, CatchUpDone, HistoryPage, PresenceSnapshot, Replay, RoomEvent, RoomHead, SharedBus,
 };
+use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
 pub const ROOM_MAILBOX: usize = 8192;
-
-/// Close code when a session cannot be set up because the bus is down: "try again later".
-const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// How long a failed history read or epoch renewal waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -195,14 +194,13 @@ impl Room {
         self.count();
         for closed in outcome.closed {
             log::info!(
-                "room={} session={:x} user={} closed with {}: {}",
-                self.name,
-                closed.session,
-                closed.user,
-                closed.code,
-                closed.reason
+                "{} closed with {}",
+                logctx::room(&self.name)
+                    .session_id(closed.session)
+                    .user(&closed.user),
+                closed.why
             );
-            closed.handle.close(closed.code, closed.reason);
+            closed.handle.close(closed.why);
         }
         if let Some(step) = outcome.step {
             self.run(step, ctx);
@@ -290,7 +288,7 @@ impl Room {
 
     fn succeeded<T>(&self, result: Result<T, BusError>, what: &str) -> Option<T> {
         result
-            .map_err(|e| log::warn!("room={} cannot {what}: {e}; retrying", self.name))
+            .map_err(|e| log::warn!("{} cannot {what}: {e}; retrying", logctx::room(&self.name)))
             .ok()
     }
 
@@ -517,16 +515,19 @@ impl Room {
                 }
                 Err(e) if Instant::now() < joining.give_up_at => {
                     log::debug!(
-                        "room={} session={session:x} setup read failed: {e}; retrying",
-                        self.name
+                        "{} setup read failed: {e}; retrying",
+                        logctx::room(&self.name).session_id(session)
                     );
                     again.push(joining);
                 }
                 Err(e) => {
-                    log::warn!("room={} session={session:x} cannot start: {e}", self.name);
+                    log::warn!(
+                        "{} cannot start: {e}",
+                        logctx::room(&self.name).session_id(session)
+                    );
                     self.count();
                     if let Some((_, handle)) = self.seq.remove(session) {
-                        handle.close(CLOSE_TRY_AGAIN, "message bus unavailable; try again");
+                        handle.close(Close::BusUnavailable);
                     }
                 }
             }
@@ -552,12 +553,12 @@ impl Actor for Room {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(ROOM_MAILBOX);
         self.metrics.rooms_open.inc();
-        log::debug!("room={} started", self.name);
+        log::debug!("{} started", logctx::room(&self.name));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.metrics.rooms_open.dec();
-        log::debug!("room={} stopped", self.name);
+        log::debug!("{} stopped", logctx::room(&self.name));
     }
 }
 

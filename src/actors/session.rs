@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use actix_http::ws::{CloseCode, Frame, ProtocolError};
+use actix_http::ws::{Frame, ProtocolError};
 use bytestring::ByteString;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -25,8 +25,10 @@ use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
 use crate::bus::{BusError, NewMessage, SharedBus, StoredMessage};
+use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::http::admission::Quotas;
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Request, ServerFrame};
 use crate::ratelimit::TokenBucket;
@@ -34,9 +36,6 @@ use crate::wsframe::{Assembler, Inbound};
 
 /// The subprotocol confab speaks; echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "confab.v1";
-
-/// Close code of a session whose token expired (docs/PROTOCOL.md §8).
-pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// Writes the answers to a session's publishes as they come back, in send order. Spawned
 /// while publishes are in flight (`until_below: None`, done when none is left), or waited on
@@ -234,6 +233,19 @@ impl Session {
         })
     }
 
+    /// Who this session's log lines are about: `session=… room=… user=…`.
+    fn about(&self) -> logctx::About<'_> {
+        logctx::session(&self.label)
+            .room(&self.room)
+            .user(&self.user)
+    }
+
+    /// Fails the session for what the client sent, counted with the bad frames by close code.
+    fn fail_for_frames(&mut self, why: Close) {
+        self.cfg.metrics.bad_frame(why.code());
+        fail(&mut self.socket, why)
+    }
+
     /// A complete text frame from the client: held until the welcome, then handled.
     fn on_text(&mut self, text: ByteString, ctx: &mut Context<Self>) {
         if self.welcomed {
@@ -249,12 +261,7 @@ impl Session {
         if self.held.len() >= self.cfg.session_queue
             || self.held_bytes + text.len() > self.cfg.session_queue_bytes
         {
-            self.cfg.metrics.bad_frame(1008);
-            return fail(
-                &mut self.socket,
-                CloseCode::Policy,
-                "too many frames before the welcome",
-            );
+            return self.fail_for_frames(Close::TooEarly);
         }
         self.held_bytes += text.len();
         self.held.push(text);
@@ -284,7 +291,11 @@ impl Session {
                 if !self.bucket.try_take(Instant::now()) {
                     return self.rate_limited(rejection.reference.as_deref(), ctx);
                 }
-                log::debug!("session={} bad frame: {}", self.label, rejection.message);
+                log::debug!(
+                    "{} bad frame: {}",
+                    logctx::session(&self.label),
+                    rejection.message
+                );
                 self.cfg.metrics.rejected(rejection.code);
                 let frame = protocol::rejection_frame(&rejection, Some(&self.room));
                 return self.socket.text(frame, ctx);
@@ -336,16 +347,10 @@ impl Session {
         self.violations += 1;
         if self.violations > self.cfg.max_violations {
             log::info!(
-                "session={} room={} closed for flooding",
-                self.label,
-                self.room
+                "{} closed for flooding",
+                logctx::session(&self.label).room(&self.room)
             );
-            self.cfg.metrics.bad_frame(1008);
-            return fail(
-                &mut self.socket,
-                CloseCode::Policy,
-                "rate limit exceeded too often",
-            );
+            return self.fail_for_frames(Close::Flooding);
         }
         let frame = ServerFrame::Error {
             code: ErrorCode::RateLimited,
@@ -545,43 +550,20 @@ impl Actor for Session {
                 .saturating_add(LEEWAY)
                 .min(MAX_TIMER);
             ctx.run_later(left, |session, _| {
-                log::info!(
-                    "session={} room={} user={} token expired",
-                    session.label,
-                    session.room,
-                    session.user
-                );
-                fail(
-                    &mut session.socket,
-                    CloseCode::Other(TOKEN_EXPIRED),
-                    "token expired",
-                )
+                log::info!("{} token expired", session.about());
+                fail(&mut session.socket, Close::TokenExpired)
             });
         }
         let tick = self.cfg.ping_interval.min(self.cfg.client_timeout / 2);
         ctx.run_interval(tick, |session, ctx| {
             if session.last_heard.elapsed() > session.cfg.client_timeout {
-                log::info!(
-                    "session={} room={} user={} timed out",
-                    session.label,
-                    session.room,
-                    session.user
-                );
-                return fail(
-                    &mut session.socket,
-                    CloseCode::Away,
-                    "no pong within the client timeout",
-                );
+                log::info!("{} timed out", session.about());
+                return fail(&mut session.socket, Close::NoPong);
             }
             session.socket.ping(b"", ctx);
             session.inbox.trim();
         });
-        log::info!(
-            "session={} room={} user={} connected",
-            self.label,
-            self.room,
-            self.user
-        );
+        log::info!("{} connected", self.about());
         let limits = QueueLimits {
             frames: self.cfg.session_queue,
             bytes: self.cfg.session_queue_bytes,
@@ -621,12 +603,7 @@ impl Actor for Session {
             room: self.room.clone(),
             session: self.id,
         });
-        log::info!(
-            "session={} room={} user={} disconnected",
-            self.label,
-            self.room,
-            self.user
-        );
+        log::info!("{} disconnected", self.about());
         Running::Stop
     }
 }
@@ -653,14 +630,7 @@ impl Session {
         let metrics = Some(&*self.cfg.metrics);
         match handle_frame(&mut self.frames, &mut self.socket, item, ctx, metrics) {
             Some(Inbound::Text(text)) => self.on_text(text, ctx),
-            Some(_) => {
-                self.cfg.metrics.bad_frame(1003);
-                fail(
-                    &mut self.socket,
-                    CloseCode::Unsupported,
-                    "binary frames are not supported",
-                )
-            }
+            Some(_) => self.fail_for_frames(Close::Binary),
             None => {}
         }
     }
@@ -729,9 +699,7 @@ impl Session {
                 recovered,
             } => self.welcome(epoch, offset, recovered, ctx),
             Outbound::Frame(text) => self.socket.text(text, ctx),
-            Outbound::Close { code, reason } => {
-                fail(&mut self.socket, CloseCode::from(code), reason)
-            }
+            Outbound::Close(why) => fail(&mut self.socket, why),
         }
     }
 }

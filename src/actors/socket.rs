@@ -41,6 +41,7 @@ use futures_util::Stream;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use crate::close::Close;
 use crate::metrics::Metrics;
 use crate::wsframe::{Assembler, Inbound};
 
@@ -231,11 +232,12 @@ impl WsSocket {
     }
 }
 
-/// Fails the connection: a close frame with `code`, then stop once it is written.
-pub fn fail(socket: &mut WsSocket, code: CloseCode, reason: &str) {
+/// Fails the connection: a close frame with `why`'s code and reason, then stop once it is
+/// written.
+pub fn fail(socket: &mut WsSocket, why: Close) {
     socket.close(Some(CloseReason {
-        code,
-        description: Some(reason.to_owned()),
+        code: CloseCode::from(why.code()),
+        description: Some(why.reason().to_owned()),
     }));
 }
 
@@ -261,10 +263,11 @@ where
         Ok(Inbound::Close(reason)) => socket.close(reason),
         Ok(message) => return Some(message),
         Err(failure) => {
+            let why = Close::Frame(failure);
             if let Some(m) = metrics {
-                m.bad_frame(u16::from(failure.code()));
+                m.bad_frame(why.code());
             }
-            fail(socket, failure.code(), failure.reason())
+            fail(socket, why)
         }
     }
     None

@@ -22,6 +22,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use super::redis::{NodeIdTaken, RedisBus};
 use super::EventSink;
+use crate::logctx;
 use crate::metrics::Metrics;
 
 /// How long rooms' catch-up after a resubscribe may hold the replica's readiness back.
@@ -74,7 +75,10 @@ impl RedisBridge {
             ctx.spawn(
                 async move {
                     if let Err(e) = bus.lease_tick().await {
-                        log::warn!("node={} cannot renew its presence lease: {e}", bus.node);
+                        log::warn!(
+                            "{} cannot renew its presence lease: {e}",
+                            logctx::node(&bus.node)
+                        );
                     }
                 }
                 .into_actor(bridge),
@@ -85,8 +89,8 @@ impl RedisBridge {
     fn lost(&mut self, reason: String) {
         if self.subscribed {
             log::warn!(
-                "node={} lost the Redis subscription: {reason}",
-                self.bus.node
+                "{} lost the Redis subscription: {reason}",
+                logctx::node(&self.bus.node)
             );
         }
         self.subscribed = false;
@@ -131,8 +135,8 @@ impl RedisBridge {
                     }
                     bridge.subscribed = true;
                     log::info!(
-                        "node={} subscribed to {}; rooms catch up from history",
-                        bridge.bus.node,
+                        "{} subscribed to {}; rooms catch up from history",
+                        logctx::node(&bridge.bus.node),
                         bridge.bus.pattern()
                     );
                     bridge.catch_up(ctx);
@@ -166,8 +170,8 @@ impl RedisBridge {
             }
             if !in_time {
                 log::warn!(
-                    "node={} some rooms are still catching up after {CATCH_UP_LIMIT:?}; ready anyway",
-                    bridge.bus.node
+                    "{} some rooms are still catching up after {CATCH_UP_LIMIT:?}; ready anyway",
+                    logctx::node(&bridge.bus.node)
                 );
             }
             bridge.bus.set_not_ready(None);
@@ -194,7 +198,7 @@ impl Actor for RedisBridge {
             match claimed {
                 Ok(()) => bridge.renew_lease(ctx),
                 Err(e) => {
-                    log::error!("node={} {e}", bridge.bus.node);
+                    log::error!("{} {e}", logctx::node(&bridge.bus.node));
                     if let Some(refused) = refused {
                         let _ = refused.send(e);
                     }
@@ -225,8 +229,8 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
             Err(BroadcastStreamRecvError::Lagged(n)) => {
                 // Those events are in history: every room reads what it missed.
                 log::warn!(
-                    "node={} fell {n} bus events behind; rooms catch up from history",
-                    self.bus.node
+                    "{} fell {n} bus events behind; rooms catch up from history",
+                    logctx::node(&self.bus.node)
                 );
                 self.sink.resync_all(None);
             }
@@ -234,7 +238,10 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {
-        log::error!("node={} the Redis message stream ended", self.bus.node);
+        log::error!(
+            "{} the Redis message stream ended",
+            logctx::node(&self.bus.node)
+        );
     }
 }
 

@@ -22,6 +22,7 @@ use super::{
     PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::logctx;
 use crate::metrics::Metrics;
 use crate::protocol::ServerFrame;
 use crate::store::SharedStore;
@@ -172,7 +173,10 @@ impl State {
                 log.messages.clear();
                 log.last_write = now;
             } else {
-                log::debug!("room={room} history expired; starting a new epoch");
+                log::debug!(
+                    "{} history expired; starting a new epoch",
+                    logctx::room(&room)
+                );
                 *log = RoomLog::new(now);
             }
         }

@@ -50,6 +50,7 @@ use super::{
     PresenceVersion, Published, Renewed, Replay, RoomEvent, RoomHead, StoredMessage, REF_TTL,
 };
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::logctx;
 use crate::protocol::ServerFrame;
 use crate::settings::Settings;
 
@@ -185,7 +186,10 @@ impl RedisBus {
     /// every resubscribe, before the replica takes publishes again.
     pub(super) async fn load_scripts(&self) {
         if let Err(e) = self.publish.load(&self.client).await {
-            log::warn!("node={} cannot load the publish script: {e}", self.node);
+            log::warn!(
+                "{} cannot load the publish script: {e}",
+                logctx::node(&self.node)
+            );
         }
     }
 
@@ -241,7 +245,10 @@ impl RedisBus {
         let envelope: Envelope = match serde_json::from_str(&payload) {
             Ok(e) => e,
             Err(e) => {
-                log::warn!("room={room} ignoring a malformed bus event: {e}");
+                log::warn!(
+                    "{} ignoring a malformed bus event: {e}",
+                    logctx::room(&room)
+                );
                 return None;
             }
         };

@@ -170,6 +170,40 @@ async fn a_client_that_never_answers_pings_is_closed() {
 }
 
 #[tokio::test]
+async fn a_sessions_log_lines_start_with_its_session_room_and_user() {
+    let server = Server::start(&[
+        ("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "1"),
+        ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "2"),
+    ]);
+    // A client that never reads is timed out by the session, which then leaves.
+    let (_c, _) = server.join("/ws/lobby?user=ann").await;
+    crate::harness::eventually(Duration::from_secs(10), "session left", || {
+        let log = server.log();
+        async move { log.contains("disconnected") }
+    })
+    .await;
+    let log = server.log();
+    for what in ["connected", "timed out", "disconnected"] {
+        let line = log
+            .lines()
+            .find(|l| l.ends_with(&format!(" {what}")))
+            .unwrap_or_else(|| panic!("no `{what}` line in:\n{log}"));
+        // The harness names the node `test-node`; a session's label is the node and a
+        // 16-digit hex id.
+        let at = line.find("session=").expect("a session= key");
+        let (label, rest) = line[at + "session=".len()..]
+            .split_once(' ')
+            .expect("keys after the session");
+        let id = label.strip_prefix("test-node-").unwrap_or_default();
+        assert!(
+            id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{line}"
+        );
+        assert_eq!(rest, format!("room=lobby user=ann {what}"), "{line}");
+    }
+}
+
+#[tokio::test]
 async fn a_client_that_answers_pings_stays_connected() {
     let server = Server::start(&[
         ("CONFAB_WEBSOCKET__PING_INTERVAL_SECS", "1"),

@@ -31,13 +31,12 @@ use bytestring::ByteString;
 use crate::bus::{
     EventKind, PresenceSnapshot, Renewed, Replay, RoomEvent, RoomHead, StoredMessage,
 };
+use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
+use crate::logctx;
 use crate::protocol::ServerFrame;
 
 pub use super::outlet::{Offer, Outbound, Outlet};
-
-/// Close code for a session that fell too far behind (docs/PROTOCOL.md §8, §14).
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 /// Room events held while history is read; past it they are let go and read again.
 const HOLD_LIMIT: usize = 16 * 1024;
@@ -86,8 +85,7 @@ pub struct Closed<H> {
     pub session: SessionId,
     pub user: UserId,
     pub handle: H,
-    pub code: u16,
-    pub reason: &'static str,
+    pub why: Close,
 }
 
 /// The next page of a resuming member's replay: `bus.replay(room, after, epoch, limit)`,
@@ -448,11 +446,7 @@ impl<H: Outlet> Sequencer<H> {
             // The epoch moved on or the rest of the replay was trimmed while the member read
             // it: its resume now reports `recovered:false`.
             _ => {
-                let why = (
-                    CLOSE_SLOW_CONSUMER,
-                    "missed messages are no longer in history: resume to catch up",
-                );
-                self.close(session, why, &mut out);
+                self.close(session, Close::MissedHistory, &mut out);
                 return out;
             }
         };
@@ -846,9 +840,9 @@ impl<H: Outlet> Sequencer<H> {
             return out;
         };
         log::warn!(
-            "room={} the store went back in time (offset {floor} of epoch {stale} was lost \
+            "{} the store went back in time (offset {floor} of epoch {stale} was lost \
              or replaced); new epoch {} from offset {}, members are told to reset",
-            self.room,
+            logctx::room(&self.room),
             head.epoch,
             head.offset
         );
@@ -907,8 +901,8 @@ impl<H: Outlet> Sequencer<H> {
             self.accept(event, out);
         } else if offset > last + 1 {
             log::warn!(
-                "room={} missed offsets {}..{}; reading them from history",
-                self.room,
+                "{} missed offsets {}..{}; reading them from history",
+                logctx::room(&self.room),
                 last + 1,
                 offset - 1
             );
@@ -1043,9 +1037,9 @@ impl<H: Outlet> Sequencer<H> {
         }
         self.reset_members(&head.epoch, head.offset, out);
         log::warn!(
-            "room={} missed messages after offset {after} are no longer in history; members \
+            "{} missed messages after offset {after} are no longer in history; members \
              at or behind it are closed with 4008 and the room goes on",
-            self.room,
+            logctx::room(&self.room)
         );
         let behind: Vec<SessionId> = self
             .members
@@ -1059,14 +1053,7 @@ impl<H: Outlet> Sequencer<H> {
             .map(|(id, _)| *id)
             .collect();
         for id in behind {
-            self.close(
-                id,
-                (
-                    CLOSE_SLOW_CONSUMER,
-                    "missed messages are no longer in history: resume to catch up",
-                ),
-                out,
-            );
+            self.close(id, Close::MissedHistory, out);
         }
         self.seen = Some(Mark {
             epoch: head.epoch.clone(),
@@ -1198,24 +1185,19 @@ impl<H: Outlet> Sequencer<H> {
             Some(_) => self.stats.evicted += 1,
             None => {}
         }
-        self.close(session, slow(), out);
+        self.close(session, Close::SlowConsumer, out);
     }
 
-    fn close(&mut self, session: SessionId, why: (u16, &'static str), out: &mut Outcome<H>) {
+    fn close(&mut self, session: SessionId, why: Close, out: &mut Outcome<H>) {
         if let Some(m) = self.members.remove(&session) {
             out.closed.push(Closed {
                 session,
                 user: m.user,
                 handle: m.handle,
-                code: why.0,
-                reason: why.1,
+                why,
             });
         }
     }
-}
-
-fn slow() -> (u16, &'static str) {
-    (CLOSE_SLOW_CONSUMER, "slow consumer: resume to catch up")
 }
 
 /// The read that fills a hole after `mark`. It starts one message early when the marked

@@ -205,10 +205,11 @@ impl World {
 
     fn take(&mut self, out: Outcome<Socket>) {
         for closed in out.closed {
-            closed.handle.0.borrow_mut().push(Outbound::Close {
-                code: closed.code,
-                reason: closed.reason,
-            });
+            closed
+                .handle
+                .0
+                .borrow_mut()
+                .push(Outbound::Close(closed.why));
         }
         if let Some(step) = out.step {
             assert!(self.step.is_none(), "two bus calls outstanding");
@@ -382,8 +383,8 @@ fn check_member(
                 assert!(at.is_none(), "a second welcome");
                 at = Some((epoch.to_string(), *offset));
             }
-            Outbound::Close { code, .. } => {
-                assert_eq!(*code, CLOSE_SLOW_CONSUMER);
+            Outbound::Close(why) => {
+                assert_eq!(why.code(), 4008);
                 return None;
             }
             Outbound::Frame(json) => {
@@ -503,7 +504,7 @@ fn a_hole_older_than_history_closes_members_behind_and_the_room_goes_on() {
         world.answer(true);
     }
     let first = world.sockets[&1].0.borrow().last().cloned();
-    assert!(matches!(first, Some(Outbound::Close { code: 4008, .. })));
+    assert!(matches!(first, Some(Outbound::Close(why)) if why.code() == 4008));
     // A member that joins later gets live messages again.
     for op in [Op::Join, Op::Sync, Op::Publish(5), Op::Publish(5)] {
         world.apply(op);
@@ -696,7 +697,7 @@ fn a_member_whose_session_already_stopped_is_dropped_not_evicted_as_slow() {
             assert_eq!(stats.evicted, 0, "not counted as a slow consumer");
         } else {
             assert_eq!(out.closed.len(), 1);
-            assert_eq!(out.closed[0].code, CLOSE_SLOW_CONSUMER);
+            assert_eq!(out.closed[0].why, Close::SlowConsumer);
             assert_eq!(stats.evicted, 1);
         }
         assert!(seq.remove(7).is_none(), "detached either way");
@@ -722,12 +723,12 @@ fn a_member_that_joined_after_a_hole_older_than_history_is_brought_up_not_closed
     }
     let old = world.sockets[&1].0.borrow();
     assert!(
-        matches!(old.last(), Some(Outbound::Close { code: 4008, .. })),
+        matches!(old.last(), Some(Outbound::Close(why)) if why.code() == 4008),
         "the member from before the hole is closed"
     );
     let young = world.sockets[&2].0.borrow();
     assert!(
-        !young.iter().any(|f| matches!(f, Outbound::Close { .. })),
+        !young.iter().any(|f| matches!(f, Outbound::Close(_))),
         "the member whose welcome said 11 needs only 12, which is stored"
     );
     assert_eq!(

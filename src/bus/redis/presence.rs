@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 use super::{sent, strip_comments, unavailable, RedisBus};
 use crate::bus::{BusError, BusFuture, PresenceChange, PresenceSnapshot};
 use crate::domain::{now_ms, RoomName, UserId};
+use crate::logctx;
 use crate::protocol::ServerFrame;
 
 const CHANGE_LUA: &str = include_str!("../lua/presence.lua");
@@ -198,15 +199,18 @@ impl RedisBus {
         let _tick = self.presence.ticking.lock().await;
         let node = Arc::clone(&self.node);
         match self.reap_node(&node).await {
-            Ok(()) => log::info!("node={} released its presence lease", self.node),
+            Ok(()) => log::info!("{} released its presence lease", logctx::node(&self.node)),
             Err(e) => log::warn!(
-                "node={} could not release its presence lease (it runs out by itself): {e}",
-                self.node
+                "{} could not release its presence lease (it runs out by itself): {e}",
+                logctx::node(&self.node)
             ),
         }
         let released = self.owner_call("release", 0).await;
         if let Err(e) = released {
-            log::warn!("node={} could not release its node id: {e}", self.node);
+            log::warn!(
+                "{} could not release its node id: {e}",
+                logctx::node(&self.node)
+            );
         }
     }
 
@@ -225,9 +229,9 @@ impl RedisBus {
                 Ok(false) => {
                     let since = *foreign_since.get_or_insert_with(|| {
                         log::warn!(
-                            "node={} another process holds this server.node_id; waiting up to \
+                            "{} another process holds this server.node_id; waiting up to \
                              {patience:?} for its lease to run out (a crashed predecessor's does)",
-                            self.node
+                            logctx::node(&self.node)
                         );
                         Instant::now()
                     });
@@ -242,7 +246,10 @@ impl RedisBus {
                         self.node
                     )));
                 }
-                Err(e) => log::debug!("node={} cannot claim its node id yet: {e}", self.node),
+                Err(e) => log::debug!(
+                    "{} cannot claim its node id yet: {e}",
+                    logctx::node(&self.node)
+                ),
             }
             tokio::time::sleep(every).await;
         }
@@ -253,9 +260,15 @@ impl RedisBus {
             match self.reap_node(&node).await {
                 Ok(()) => match self.lease_tick().await {
                     Ok(()) => break,
-                    Err(e) => log::debug!("node={} first lease not taken yet: {e}", self.node),
+                    Err(e) => log::debug!(
+                        "{} first lease not taken yet: {e}",
+                        logctx::node(&self.node)
+                    ),
                 },
-                Err(e) => log::debug!("node={} cannot clear stale presence yet: {e}", self.node),
+                Err(e) => log::debug!(
+                    "{} cannot clear stale presence yet: {e}",
+                    logctx::node(&self.node)
+                ),
             }
             tokio::time::sleep(every).await;
         }
@@ -272,10 +285,10 @@ impl RedisBus {
         }
         if !self.hold_node_id().await? {
             log::error!(
-                "node={} another confab process is running with this server.node_id; both \
+                "{} another confab process is running with this server.node_id; both \
                  replicas' presence is unreliable (each may reap the other's members). Give \
                  every replica its own server.node_id",
-                self.node
+                logctx::node(&self.node)
             );
         }
         let dead: Vec<String> = self
@@ -315,8 +328,8 @@ impl RedisBus {
         let rooms_key = self.node_rooms_key(node);
         let rooms: Vec<String> = self.client.hkeys(&rooms_key).await?;
         log::info!(
-            "node={} reaping replica {node}: {} rooms",
-            self.node,
+            "{} reaping replica {node}: {} rooms",
+            logctx::node(&self.node),
             rooms.len()
         );
         for room in rooms.iter().filter_map(|r| RoomName::parse(r).ok()) {
@@ -347,8 +360,8 @@ impl RedisBus {
                 )
                 .await?;
             log::debug!(
-                "node={} room={room} {} users left with replica {node}",
-                self.node,
+                "{} {} users left with replica {node}",
+                logctx::node(&self.node).room(&room),
                 gone.len()
             );
         }
@@ -452,8 +465,8 @@ impl RedisBus {
                 // The changes themselves are recorded; a stale count only keeps the room
                 // listed for the reaper, which then finds nothing there.
                 log::warn!(
-                    "node={} room={room} cannot update its room list: {e}",
-                    bus.node
+                    "{} cannot update its room list: {e}",
+                    logctx::node(&bus.node).room(&room)
                 );
             }
             Ok(())
