@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{eventually, Client, Ending, Redis, Server, DEADLINE};
+use crate::harness::{eventually, say_big, until_leave, Client, Ending, Redis, Server, DEADLINE};
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: i32) -> u64 {
@@ -32,21 +32,10 @@ async fn a_slow_consumer_is_closed_at_once_not_after_the_backlog_it_is_about() {
     let mut slow = Client::connect_small_window(&server.url("/ws/evict?user=slow")).await;
     assert_eq!(slow.next().await["type"], "welcome");
     let (watcher, _) = server.join("/ws/evict?user=watcher").await;
-    let left = tokio::spawn(async move {
-        let mut watcher = watcher;
-        loop {
-            let v = watcher.next().await;
-            if v["type"] == "leave" && v["user"] == "slow" {
-                return;
-            }
-        }
-    });
+    let left = until_leave(watcher, "slow");
     // 6 MB: more than the kernel's buffers and the queue hold for the slow member.
     let (mut sender, _) = server.join("/ws/evict?user=sender").await;
-    let text = "z".repeat(3000);
-    for i in 0..2000u64 {
-        assert_eq!(sender.say(&text, &i.to_string()).await, i + 1);
-    }
+    say_big(&mut sender, 2000).await;
     tokio::time::timeout(DEADLINE, left)
         .await
         .unwrap_or_else(|_| {

@@ -618,6 +618,29 @@ impl Client {
     }
 }
 
+/// Reads `watcher` in a task of its own (so it answers pings) until `user` leaves the room.
+pub fn until_leave(watcher: Client, user: &str) -> tokio::task::JoinHandle<()> {
+    let user = user.to_owned();
+    tokio::spawn(async move {
+        let mut watcher = watcher;
+        loop {
+            let v = watcher.next().await;
+            if v["type"] == "leave" && v["user"] == user.as_str() {
+                return;
+            }
+        }
+    })
+}
+
+/// Sends `count` messages of 3,000 characters one after another, each waiting for its ack
+/// (offsets from 1): megabytes that no kernel buffer holds for a member that reads nothing.
+pub async fn say_big(sender: &mut Client, count: u64) {
+    let text = "z".repeat(3000);
+    for i in 0..count {
+        assert_eq!(sender.say(&text, &i.to_string()).await, i + 1);
+    }
+}
+
 /// Polls `check` until it holds or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Client, Ending, Server, DEADLINE};
+use crate::harness::{say_big, until_leave, Client, Ending, Server, DEADLINE};
 
 #[tokio::test]
 async fn over_the_rate_limit_messages_are_refused_and_flooding_closes_with_1008() {
@@ -108,22 +108,11 @@ async fn a_client_that_takes_nothing_of_a_full_backlog_is_dropped_and_leaves() {
     assert_eq!(hung.next().await["type"], "welcome");
     // The watcher reads all along (so it answers pings) until it sees the hung user leave.
     let (watcher, _) = server.join("/ws/hang?user=watcher").await;
-    let left = tokio::spawn(async move {
-        let mut watcher = watcher;
-        loop {
-            let v = watcher.next().await;
-            if v["type"] == "leave" && v["user"] == "hung" {
-                return;
-            }
-        }
-    });
+    let left = until_leave(watcher, "hung");
     // 7.5 MB: more than the kernel's buffers hold for the hung client, so its session waits
     // on its socket, where it runs nothing else, not even its heartbeat.
     let (mut sender, _) = server.join("/ws/hang?user=sender").await;
-    let text = "z".repeat(3000);
-    for i in 0..2500 {
-        sender.say(&text, &i.to_string()).await;
-    }
+    say_big(&mut sender, 2500).await;
     tokio::time::timeout(Duration::from_secs(30), left)
         .await
         .expect("the hung client was dropped and left within the client timeout")
