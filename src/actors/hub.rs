@@ -263,7 +263,8 @@ impl Hub {
         // Sent now: whatever the room reads for the joins below reaches the bus after it.
         let call = self.bus.presence_changes(room, run.clone());
         if let Some(entry) = self.rooms.get_mut(room) {
-            for join in entry.held.drain(..) {
+            // Taken, not drained: a storm's worth of capacity is not kept by every room.
+            for join in std::mem::take(&mut entry.held) {
                 entry.addr.do_send(join);
             }
         }

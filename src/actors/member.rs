@@ -21,6 +21,7 @@ use std::task::Waker;
 use parking_lot::{Mutex, MutexGuard};
 
 pub use super::outlet::{Offer, Outbound, Outlet};
+use super::socket::Interrupt;
 use crate::close::Close;
 
 /// How much one session may have queued: `limits.session_queue` frames and
@@ -73,7 +74,7 @@ struct State {
     closed: bool,
     /// Called once when the backlog falls to these frames and bytes (a resuming member's
     /// next page of replay waits for it).
-    drained: Option<(usize, usize, Hook)>,
+    drained: Option<Box<(usize, usize, Hook)>>,
 }
 
 /// What the room asked to be told when a member's queue drained.
@@ -82,6 +83,28 @@ pub struct Hook(Box<dyn FnOnce() + Send>);
 impl std::fmt::Debug for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Hook")
+    }
+}
+
+/// True once the room told the session to close (the socket's wait then ends, and the close
+/// goes out at once); until then the waker is kept, for [`MemberHandle::close`] to wake.
+impl Interrupt for Inbox {
+    fn interrupted(&self, waker: &Waker) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut state = self.lock();
+        if state.closing {
+            return true;
+        }
+        if !state
+            .socket_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(waker))
+        {
+            state.socket_waker = Some(waker.clone());
+        }
+        false
     }
 }
 
@@ -127,7 +150,7 @@ impl MemberHandle {
             drop(state);
             return wake();
         }
-        state.drained = Some((frames, bytes, Hook(wake)));
+        state.drained = Some(Box::new((frames, bytes, Hook(wake))));
     }
 
     /// Tells a detached member to close, at once: the backlog is dropped (every frame in it
@@ -262,25 +285,10 @@ impl InboxReader {
         Self::settle(&mut self.inbox.lock(), &mut self.handled);
     }
 
-    /// Whether the session, waiting on its socket, should stop waiting: asked with the
-    /// session's waker, which [`MemberHandle::close`] wakes; true once the room told it to
-    /// close (the socket's wait then ends, and the close goes out at once).
-    pub fn interrupter(&self) -> impl Fn(&Waker) -> bool + 'static {
-        let inbox = Arc::clone(&self.inbox);
-        move |waker| {
-            let mut state = inbox.lock();
-            if state.closing {
-                return true;
-            }
-            if !state
-                .socket_waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(waker))
-            {
-                state.socket_waker = Some(waker.clone());
-            }
-            false
-        }
+    /// What ends the session's wait on its socket once the room told it to close (see
+    /// [`super::socket::Interrupt`]): the inbox itself, which [`MemberHandle::close`] wakes.
+    pub fn interrupter(&self) -> Arc<dyn Interrupt> {
+        Arc::clone(&self.inbox) as Arc<dyn Interrupt>
     }
 
     fn settle(state: &mut State, handled: &mut (usize, usize)) {
@@ -289,9 +297,9 @@ impl InboxReader {
         debug_assert!(state.closing || (frames <= state.frames && bytes <= state.bytes));
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
-        let low = matches!(state.drained, Some((f, b, _)) if state.frames <= f && state.bytes <= b);
+        let low = matches!(state.drained.as_deref(), Some(&(f, b, _)) if state.frames <= f && state.bytes <= b);
         if low {
-            if let Some((_, _, Hook(wake))) = state.drained.take() {
+            if let Some((_, _, Hook(wake))) = state.drained.take().map(|d| *d) {
                 // Under the inbox's lock: the hook only posts a message to the room's mailbox,
                 // which never takes this lock.
                 wake();
@@ -446,7 +454,8 @@ mod tests {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
         }
         assert_eq!(reader.next(&waker), Some(frame("1")), "a batch taken out");
-        let interrupted = reader.interrupter();
+        let interrupt = reader.interrupter();
+        let interrupted = |w: &Waker| interrupt.interrupted(w);
         let socket_wakes = Arc::new(Count(AtomicUsize::new(0)));
         let socket_waker = Waker::from(Arc::clone(&socket_wakes));
         assert!(!interrupted(&socket_waker), "nothing to interrupt yet");

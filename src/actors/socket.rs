@@ -30,6 +30,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{ready, Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
@@ -63,11 +64,17 @@ struct Io {
     stall: Duration,
     /// Asked while the actor waits on its backlog: true ends the wait at once (a room told
     /// the session to close; its close must not wait for a client that reads nothing).
-    interrupt: RefCell<Option<Interrupt>>,
+    interrupt: RefCell<Option<Arc<dyn Interrupt>>>,
 }
 
-/// See [`WsSocket::interrupt_with`].
-type Interrupt = Box<dyn Fn(&Waker) -> bool>;
+/// What can cut a wait on the backlog short (see [`WsSocket::interrupt_with`]). A trait object
+/// rather than a closure: the session's inbox is it, so every connection holds a pointer to
+/// what it already has, not one more allocation.
+pub trait Interrupt {
+    /// Whether the wait should end; otherwise remembers `waker`, to wake when it should be
+    /// asked again.
+    fn interrupted(&self, waker: &Waker) -> bool;
+}
 
 #[derive(Default)]
 struct Outbox {
@@ -151,11 +158,10 @@ impl WsSocket {
         Self { io, _done: done }
     }
 
-    /// Lets a wait on the backlog be cut short: `interrupted` is asked with the actor's waker
-    /// (to wake when it should be asked again) and ends the wait when it answers true. The
-    /// actor then runs, and closes the socket.
-    pub fn interrupt_with(&mut self, interrupted: impl Fn(&Waker) -> bool + 'static) {
-        *self.io.interrupt.borrow_mut() = Some(Box::new(interrupted));
+    /// Lets a wait on the backlog be cut short: `interrupt` is asked with the actor's waker
+    /// and ends the wait when it answers true. The actor then runs, and closes the socket.
+    pub fn interrupt_with(&mut self, interrupt: Arc<dyn Interrupt>) {
+        *self.io.interrupt.borrow_mut() = Some(interrupt);
     }
 
     /// Whether a close frame is queued; inbound frames are ignored from then on.
@@ -489,7 +495,7 @@ where
             .interrupt
             .borrow()
             .as_ref()
-            .is_some_and(|interrupted| interrupted(task.waker()))
+            .is_some_and(|interrupt| interrupt.interrupted(task.waker()))
         {
             this.io.out.borrow_mut().draining = false;
             return Poll::Ready(());
