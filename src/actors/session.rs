@@ -703,34 +703,3 @@ impl Session {
         }
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!("SIZE Session {}", std::mem::size_of::<super::Session>());
-        eprintln!(
-            "SIZE Context<Session> {}",
-            std::mem::size_of::<actix::Context<super::Session>>()
-        );
-        eprintln!(
-            "SIZE Inbox {}",
-            std::mem::size_of::<crate::actors::member::Inbox>()
-        );
-        eprintln!(
-            "SIZE Slot {}",
-            std::mem::size_of::<crate::http::admission::Slot>()
-        );
-        eprintln!(
-            "SIZE MemberHandle {}",
-            std::mem::size_of::<crate::actors::member::MemberHandle>()
-        );
-        eprintln!(
-            "SIZE InboxReader {}",
-            std::mem::size_of::<crate::actors::member::InboxReader>()
-        );
-        eprintln!(
-            "SIZE Quotas {}",
-            std::mem::size_of::<crate::http::admission::Quotas>()
-        );
-    }
-}
