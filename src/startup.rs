@@ -507,8 +507,8 @@ impl Caps {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit and returns it (the server at start-up,
-/// and `confab-bench`, which holds as many sockets as the server).
+/// Raises the open-file soft limit to the hard limit and returns it, at start-up (`confab-bench`
+/// carries the same few lines, so the tool does not build the server).
 pub fn raise_open_file_limit() -> usize {
     // Raised as far as the hard limit goes (and, where the kernel has one, its per-process
     // maximum); if that is refused, the soft limit as it is, and 1024 if it cannot be read.

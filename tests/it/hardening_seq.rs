@@ -152,13 +152,9 @@ async fn a_store_that_went_back_under_two_replicas_resets_their_members_and_deli
 async fn a_member_who_joined_after_a_hole_older_than_history_is_not_closed_for_it() {
     let redis = Redis::start();
     // Replica b connects as its own Redis user, so only its connections can be killed.
-    let reply = redis
-        .cmd(&["ACL", "SETUSER", "bee", "on", ">pw", "~*", "&*", "+@all"])
-        .await;
-    assert!(reply.starts_with("+OK"), "ACL SETUSER said {reply}");
+    let b_url = redis.user_url("bee").await;
     let small = env(&[("CONFAB_HISTORY__SIZE", "10")]);
     let a = Server::replica(&redis, "late", "a", &small).await;
-    let b_url = format!("redis://bee:pw@127.0.0.1:{}", redis.port);
     let mut b_env = small.clone();
     b_env.push(("CONFAB_REDIS__URL", &b_url));
     let b = Server::replica(&redis, "late", "b", &b_env).await;

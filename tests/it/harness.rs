@@ -762,6 +762,16 @@ impl Redis {
         self.launch();
     }
 
+    /// Adds a Redis user with every right (password `pw`) and returns the URL that connects
+    /// as it: a replica given its own user can have only its connections killed or locked out.
+    pub async fn user_url(&self, user: &str) -> String {
+        let reply = self
+            .cmd(&["ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all"])
+            .await;
+        assert!(reply.starts_with("+OK"), "ACL SETUSER said {reply}");
+        format!("redis://{user}:pw@127.0.0.1:{}", self.port)
+    }
+
     /// Runs one command over RESP and returns the raw reply.
     pub async fn cmd(&self, args: &[&str]) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))
