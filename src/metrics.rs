@@ -6,7 +6,8 @@
 
 use crate::protocol::ErrorCode;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Why a WebSocket upgrade was refused, as the `reason` label of
@@ -74,6 +75,14 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     pub store_commit_seconds: Histogram,
     pub store_retention_deleted: IntCounter,
+    /// The archive (Redis + PostgreSQL): messages of the rooms this replica archives not yet
+    /// in PostgreSQL, as its last pass saw them.
+    pub archive_behind: IntGauge,
+    /// Age of the oldest of those messages, seconds.
+    pub archive_lag_seconds: Gauge,
+    pub archive_copied: IntCounter,
+    /// Messages Redis dropped (trimmed or expired) before they were archived.
+    pub archive_lost: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +138,11 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(store_commit_seconds.clone()))?;
+        let archive_lag_seconds = Gauge::with_opts(Opts::new(
+            "confab_archive_lag_seconds",
+            "Age of the oldest acked message this replica's archiver has not yet copied into PostgreSQL.",
+        ))?;
+        registry.register(Box::new(archive_lag_seconds.clone()))?;
         let metrics = Self {
             sessions_open: gauge("confab_sessions_open", "WebSocket chat sessions open now.")?,
             rooms_open: gauge(
@@ -212,6 +226,19 @@ impl Metrics {
             store_retention_deleted: counter(
                 "confab_store_retention_deleted_total",
                 "Messages the retention sweep deleted from the store (store.retention_days).",
+            )?,
+            archive_behind: gauge(
+                "confab_archive_behind_messages",
+                "Acked messages of the rooms this replica archives that are not yet in PostgreSQL (Redis + PostgreSQL).",
+            )?,
+            archive_lag_seconds,
+            archive_copied: counter(
+                "confab_archive_copied_total",
+                "Messages this replica's archiver copied from Redis into PostgreSQL.",
+            )?,
+            archive_lost: counter(
+                "confab_archive_lost_total",
+                "Messages Redis dropped (trimmed or expired) before they were archived: PostgreSQL was down longer than the Redis window.",
             )?,
             registry,
         };

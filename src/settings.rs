@@ -170,6 +170,16 @@ pub struct StoreSettings {
     pub retention_sweep_secs: Duration,
     /// Database connections the store keeps open (one writer, the rest for history reads).
     pub pool_size: u32,
+    /// With Redis and PostgreSQL: how often each replica's archiver copies new messages of
+    /// the rooms it leases into PostgreSQL (docs/design.md, "The archive").
+    #[serde(with = "millis")]
+    pub archive_interval_ms: Duration,
+    /// How long an archiver's lease on a room lasts without renewal: a killed replica's rooms
+    /// are taken over after at most this long.
+    #[serde(with = "millis")]
+    pub archive_lease_ms: Duration,
+    /// Most messages of one room an archiver pass copies, so one pass stays bounded.
+    pub archive_batch: u64,
 }
 
 impl Default for StoreSettings {
@@ -179,6 +189,9 @@ impl Default for StoreSettings {
             retention_days: 0,
             retention_sweep_secs: Duration::from_secs(3600),
             pool_size: 4,
+            archive_interval_ms: Duration::from_millis(100),
+            archive_lease_ms: Duration::from_millis(5000),
+            archive_batch: 5000,
         }
     }
 }
@@ -503,6 +516,18 @@ const RULES: &[Rule] = &[
         s.store.retention_sweep_secs
     }),
     Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
+    Rule::positive_duration("store.archive_interval_ms", |s| s.store.archive_interval_ms),
+    Rule::holds("store.archive_lease_ms", |s| {
+        match s.store.archive_lease_ms > s.store.archive_interval_ms * 2 {
+            true => Ok(()),
+            false => Err(
+                "must be more than twice store.archive_interval_ms, or a lease runs \
+                          out between two passes of the archiver that holds it"
+                    .into(),
+            ),
+        }
+    }),
+    Rule::positive("store.archive_batch", |s| s.store.archive_batch),
     Rule::holds("limits.max_frame_bytes", |s| {
         at_least(
             s.limits.max_frame_bytes,
@@ -590,7 +615,7 @@ fn redis_url_usable(settings: &Settings) -> Result<(), String> {
 }
 
 /// `store.url` must name a store this bus can use: replicas on Redis cannot share a SQLite
-/// file, and the PostgreSQL archive beside Redis is not built yet.
+/// file (PostgreSQL beside Redis is the archive).
 fn store_url_usable(settings: &Settings) -> Result<(), String> {
     use crate::store::StoreKind;
     let embedded = settings.redis.url.is_empty();
@@ -599,11 +624,6 @@ fn store_url_usable(settings: &Settings) -> Result<(), String> {
         Ok(StoreKind::Sqlite(_)) if !embedded => Err(
             "a SQLite file cannot be shared by replicas on Redis: use postgres://… or leave it \
              empty"
-                .into(),
-        ),
-        Ok(StoreKind::Postgres(_)) if !embedded => Err(
-            "the PostgreSQL archive beside Redis is not built yet: leave it empty with redis.url \
-             set (history lives in Redis)"
                 .into(),
         ),
         Ok(_) => Ok(()),
@@ -1080,7 +1100,6 @@ mod tests {
     fn a_sqlite_store_with_redis_or_an_unknown_scheme_is_refused_naming_store_url() {
         for (redis, store) in [
             ("redis://127.0.0.1:6379", "sqlite:data/confab.db"),
-            ("redis://127.0.0.1:6379", "postgres://u:p@h:5432/db"),
             ("", "mysql://h/db"),
             ("", "sqlite:"),
         ] {
@@ -1092,6 +1111,22 @@ mod tests {
             .to_string();
             assert!(e.contains("store.url"), "{redis} {store}: {e}");
         }
+    }
+
+    #[test]
+    fn postgresql_beside_redis_is_the_archive_and_its_lease_must_outlast_two_passes() {
+        let redis = ("CONFAB_REDIS__URL", "redis://127.0.0.1:6379");
+        let pg = ("CONFAB_STORE__URL", "postgres://u:p@h:5432/db");
+        let s = Settings::load(&Overrides::default(), env(&[redis, pg])).unwrap();
+        assert_eq!(
+            s.store_kind(),
+            crate::store::StoreKind::Postgres("postgres://u:p@h:5432/db".into())
+        );
+        let short = ("CONFAB_STORE__ARCHIVE_LEASE_MS", "150");
+        let e = Settings::load(&Overrides::default(), env(&[redis, pg, short]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.archive_lease_ms"), "{e}");
     }
 
     #[test]
@@ -1127,7 +1162,7 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 19, "every positive rule of the old list is kept");
+        assert_eq!(checked, 21, "every positive rule of the old list is kept");
     }
 
     #[test]

@@ -394,7 +394,19 @@ fn start_bus(
         });
         return Ok((bus, None));
     }
-    let (bus, subscriber) = RedisBus::new(settings, Arc::clone(node)).map_err(io::Error::other)?;
+    // With `store.url = postgres://…`, the store is the archive behind Redis.
+    let archive = store
+        .map(|store| crate::bus::redis::Archive::new(store, settings, node, Arc::clone(metrics)));
+    let archiving = archive.is_some();
+    let (bus, subscriber) =
+        RedisBus::new(settings, Arc::clone(node), archive).map_err(io::Error::other)?;
+    if archiving {
+        actix_web::rt::spawn(crate::bus::redis::run_archiver(Arc::clone(&bus)));
+        log::info!(
+            "{} archives every room's messages into the store (docs/design.md, \"The archive\")",
+            logctx::node(&node)
+        );
+    }
     let (refused_tx, refused) = oneshot::channel();
     RedisBridge::new(
         Arc::clone(&bus),

@@ -156,6 +156,8 @@ impl RedisBridge {
             .set_not_ready(Some("catching rooms up from history".into()));
         let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
         self.sink.resync_all(Some(done));
+        // Messages published while we were not subscribed were not seen: the archiver scans.
+        self.bus.archive_rescan();
         let bus = Arc::clone(&self.bus);
         let wait = async move {
             // Redis may have restarted without its scripts: publishes call them by SHA.
@@ -216,6 +218,8 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
     ) {
         match item {
             Ok(msg) => {
+                // The archiver copies every room's messages, here or not.
+                self.bus.saw_event(&msg.channel, &msg.value);
                 // Most of a busy cluster's events are for rooms with nobody here: drop those
                 // before parsing anything.
                 let local = self
@@ -233,6 +237,7 @@ impl StreamHandler<Result<PubSubMessage, BroadcastStreamRecvError>> for RedisBri
                     logctx::node(&self.bus.node)
                 );
                 self.sink.resync_all(None);
+                self.bus.archive_rescan();
             }
         }
     }

@@ -53,10 +53,13 @@ use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::logctx;
 use crate::protocol::ServerFrame;
 use crate::settings::Settings;
+use crate::store::Page;
 
+mod archive;
 mod presence;
 mod replication;
 
+pub use archive::{run as run_archiver, Archive};
 pub use presence::NodeIdTaken;
 use presence::Presence;
 use replication::Replication;
@@ -111,6 +114,8 @@ pub struct RedisBus {
     presence: Presence,
     /// `WAIT`s for `redis.replicas_to_ack` replicas before an ack (none when 0).
     replication: Replication,
+    /// The PostgreSQL archive behind Redis (`store.url = postgres://…`), if any.
+    archive: Option<Archive>,
 }
 
 /// What the read script found: the head, the entries asked for, and where a renewed epoch
@@ -134,6 +139,7 @@ impl RedisBus {
     pub fn new(
         settings: &Settings,
         node: Arc<str>,
+        archive: Option<Archive>,
     ) -> Result<(Arc<Self>, SubscriberClient), BusError> {
         let timeout = settings.redis.command_timeout_ms;
         let mut config = Config::from_url(&settings.redis.url).map_err(unavailable)?;
@@ -178,6 +184,7 @@ impl RedisBus {
             renew: Script::from_lua(RENEW_LUA),
             presence: Presence::new(),
             replication: Replication::new(settings.redis.replicas_to_ack, timeout),
+            archive,
         });
         Ok((bus, subscriber))
     }
@@ -354,22 +361,41 @@ impl RedisBus {
         let bus = Arc::clone(self);
         let keys = self.keys(room);
         let users = self.presence_users_key(room);
+        let room = room.clone();
         async move {
-            let args: Vec<Value> = vec![
-                mode.into(),
-                // Decimal strings: the script uses them in stream ids as they are.
-                offset.to_string().into(),
-                limit.to_string().into(),
-                Epoch::generate().as_str().into(),
-                Value::from(bus.ttl_secs as i64),
-                Value::from(bus.empty_room_ttl_secs as i64),
-            ];
-            let reply: Value = bus
-                .read
-                .evalsha_with_reload(&bus.client, vec![keys.meta, keys.history, users], args)
-                .await
-                .map_err(unavailable)?;
-            Self::parse_read(reply)
+            // With an archive, a room without meta is seeded from it first (then read again);
+            // one the archive does not know gets a new epoch as without one.
+            let mut seed = bus.archive.is_some();
+            for _ in 0..3 {
+                let args: Vec<Value> = vec![
+                    mode.into(),
+                    // Decimal strings: the script uses them in stream ids as they are.
+                    offset.to_string().into(),
+                    limit.to_string().into(),
+                    Epoch::generate().as_str().into(),
+                    Value::from(bus.ttl_secs as i64),
+                    Value::from(bus.empty_room_ttl_secs as i64),
+                    if seed { "1" } else { "0" }.into(),
+                ];
+                let reply: Value = bus
+                    .read
+                    .evalsha_with_reload(
+                        &bus.client,
+                        vec![keys.meta.clone(), keys.history.clone(), users.clone()],
+                        args,
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if !is_seed(&reply) {
+                    return Self::parse_read(reply);
+                }
+                if let archive::Seeded::NotArchived = bus.seed(&room).await {
+                    seed = false;
+                }
+            }
+            Err(BusError::Unavailable(format!(
+                "room {room} keeps losing its meta; try again"
+            )))
         }
         .boxed()
     }
@@ -400,7 +426,7 @@ impl Bus for Arc<RedisBus> {
         let mut script_keys = Vec::with_capacity(2 + count);
         script_keys.push(keys.meta.clone());
         script_keys.push(keys.history.clone());
-        let mut args: Vec<Value> = Vec::with_capacity(6 + 3 * count);
+        let mut args: Vec<Value> = Vec::with_capacity(7 + 3 * count);
         args.extend([
             keys.channel.into(),
             Value::from(self.history_size as i64),
@@ -408,6 +434,7 @@ impl Bus for Arc<RedisBus> {
             Epoch::generate().as_str().into(),
             Value::from(REF_TTL.as_secs() as i64),
             if self.replication.enabled() { "1" } else { "0" }.into(),
+            if self.archive.is_some() { "1" } else { "0" }.into(),
         ]);
         let ts = now_ms();
         for msg in msgs {
@@ -447,8 +474,19 @@ impl Bus for Arc<RedisBus> {
             .enabled()
             .then(|| self.replication.confirm(&self.client, &keys.meta));
         let bus = Arc::clone(self);
+        let room = room.clone();
         let run = async move {
             let reply = call.await.map_err(|e| bus.publish_failed(e))?;
+            if is_seed(&reply) {
+                // The room's meta is gone and the archive may hold its epoch (rare: a room in
+                // use is read, and so seeded, before it takes publishes). Not retried here: a
+                // later publish of the same session may already be on its way, and a retry
+                // would land after it; the client's retry with its `ref` is the safe one.
+                bus.seed(&room).await;
+                return Err(BusError::Unavailable(
+                    "the room is being restored from the archive; try again".into(),
+                ));
+            }
             let mut parts = reply.into_array().into_iter();
             // `epoch, offset, duplicate` for the first message, `offset, duplicate` for each
             // further one.
@@ -518,26 +556,47 @@ impl Bus for Arc<RedisBus> {
         limit: usize,
     ) -> BusFuture<Replay> {
         let epoch = epoch.clone();
-        self.read_room(room, "since", since, limit)
-            .map(move |r| {
-                let Read {
-                    head,
-                    messages,
-                    base,
-                } = r?;
-                // The script read after the base of a renewed epoch: its own messages.
-                let since = since.max(base);
-                // Recovered only if the epoch is current, `since` is not past the newest, and
-                // the first missed message (since + 1) is still stored.
-                let complete = messages
-                    .first()
-                    .map_or(since == head.offset, |m| m.offset == since + 1);
-                if head.epoch != epoch || since > head.offset || !complete {
-                    return Ok(Replay::NotRecovered { head });
-                }
-                Ok(Replay::Recovered { head, messages })
-            })
-            .boxed()
+        let read = self.read_room(room, "since", since, limit);
+        let (bus, room) = (Arc::clone(self), room.clone());
+        async move {
+            let Read {
+                head,
+                messages,
+                base,
+            } = read.await?;
+            // The script read after the base of a renewed epoch: its own messages.
+            let since = since.max(base);
+            if head.epoch != epoch || since > head.offset {
+                return Ok(Replay::NotRecovered { head });
+            }
+            // Recovered only if the first missed message (since + 1) is still stored.
+            let complete = messages
+                .first()
+                .map_or(since == head.offset, |m| m.offset == since + 1);
+            if complete {
+                return Ok(Replay::Recovered { head, messages });
+            }
+            // The stream no longer reaches back to `since`: the archive may (the caller
+            // pages on from the last offset it gets, into the stream again).
+            let Some(archive) = &bus.archive else {
+                return Ok(Replay::NotRecovered { head });
+            };
+            let page = Page::After {
+                since,
+                until: head.offset,
+                limit,
+            };
+            let stored = archive
+                .bounded(archive.store.page(&room, &head.epoch, page))
+                .await
+                .map_err(|e| archive.read_failed(&room, e))?;
+            let messages = contiguous_from(stored, since + 1);
+            if messages.is_empty() {
+                return Ok(Replay::NotRecovered { head });
+            }
+            Ok(Replay::Recovered { head, messages })
+        }
+        .boxed()
     }
 
     fn renew_epoch(&self, room: &RoomName, stale: &Epoch, floor: Offset) -> BusFuture<Renewed> {
@@ -569,14 +628,52 @@ impl Bus for Arc<RedisBus> {
         before: Option<Offset>,
         limit: usize,
     ) -> BusFuture<HistoryPage> {
-        self.read_room(room, "before", before.unwrap_or(0), limit)
-            .map(|r| {
-                r.map(|read| HistoryPage {
-                    epoch: read.head.epoch,
-                    messages: read.messages,
-                })
+        let read = self.read_room(room, "before", before.unwrap_or(0), limit);
+        let (bus, room) = (Arc::clone(self), room.clone());
+        async move {
+            let Read {
+                head,
+                mut messages,
+                base,
+            } = read.await?;
+            // Below what the stream gave: the page is full, or the stream holds the epoch's
+            // start, or only the archive can fill it.
+            let below = messages
+                .first()
+                .map_or(before.unwrap_or(Offset::MAX).min(head.offset + 1), |m| {
+                    m.offset
+                });
+            let Some(archive) = bus
+                .archive
+                .as_ref()
+                .filter(|_| messages.len() < limit && below > base + 1)
+            else {
+                return Ok(HistoryPage {
+                    epoch: head.epoch,
+                    messages,
+                });
+            };
+            let page = Page::Before {
+                before: below,
+                limit: limit - messages.len(),
+            };
+            match archive
+                .bounded(archive.store.page(&room, &head.epoch, page))
+                .await
+            {
+                Ok(mut older) => {
+                    older.append(&mut messages);
+                    messages = older;
+                }
+                // PostgreSQL down does not stop the chat: the window's part is served.
+                Err(e) => drop(archive.read_failed(&room, e)),
+            }
+            Ok(HistoryPage {
+                epoch: head.epoch,
+                messages,
             })
-            .boxed()
+        }
+        .boxed()
     }
 
     fn join(&self, room: &RoomName, user: &UserId) -> BusFuture<()> {
@@ -605,6 +702,28 @@ impl Bus for Arc<RedisBus> {
 
     fn readiness(&self) -> Result<(), String> {
         self.ready_state()
+    }
+}
+
+/// The run of `messages` that starts at `first` with no offset missing.
+fn contiguous_from(messages: Vec<StoredMessage>, first: Offset) -> Vec<StoredMessage> {
+    let mut want = first;
+    messages
+        .into_iter()
+        .take_while(|m| {
+            let ok = m.offset == want;
+            want += 1;
+            ok
+        })
+        .collect()
+}
+
+/// The `{'seed'}` answer of the publish and read scripts: the room has no meta and the
+/// archive may hold its epoch.
+fn is_seed(reply: &Value) -> bool {
+    match reply {
+        Value::Array(parts) => parts.len() == 1 && parts[0].as_str().as_deref() == Some("seed"),
+        _ => false,
     }
 }
 
@@ -718,7 +837,7 @@ mod tests {
     fn channel_envelopes_become_room_events_with_the_frame_untouched() {
         let mut settings = Settings::default();
         settings.redis.url = "redis://127.0.0.1:1".into();
-        let (bus, _) = RedisBus::new(&settings, Arc::from("n")).unwrap();
+        let (bus, _) = RedisBus::new(&settings, Arc::from("n"), None).unwrap();
         let frame =
             r#"{"type":"message","room":"lobby","offset":7,"user":"ann","text":"hi","ts":1}"#;
         let payload = format!(r#"{{"kind":"message","epoch":"e1","offset":7,"frame":{frame}}}"#);

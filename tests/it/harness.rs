@@ -854,6 +854,8 @@ pub struct Postgres {
     child: Option<Child>,
     pub port: u16,
     _dir: TempDir,
+    /// How to start the server again on the same data ([`Postgres::stop`], [`Postgres::resume`]).
+    launch: Command,
 }
 
 impl Postgres {
@@ -906,18 +908,40 @@ impl Postgres {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         as_owner(&mut server);
-        let child = server.spawn().expect("spawn postgres");
-        let pg = Postgres {
-            child: Some(child),
+        let mut pg = Postgres {
+            child: None,
             port,
             _dir: dir,
+            launch: server,
         };
+        pg.resume();
+        pg
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL), keeping its data: the archive is down.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child);
+        }
         let end = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < end,
+                "postgres still listens 30 s after a stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the server (again) on its data and port; returns once it listens.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "postgres is already running");
+        self.child = Some(self.launch.spawn().expect("spawn postgres"));
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < end, "postgres did not listen within 30 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        pg
     }
 
     /// The `postgres` database as `store.url`.

@@ -4,6 +4,7 @@ mod harness;
 
 mod admission;
 mod api;
+mod archive;
 mod auth;
 mod bench;
 mod browser;

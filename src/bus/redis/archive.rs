@@ -1,0 +1,630 @@
+//! The PostgreSQL archive behind Redis (docs/design.md, "The archive").
+//!
+//! Redis assigns offsets and keeps each room's recent window; every replica runs an archiver
+//! that copies acked messages into the store, once per (room, epoch, offset):
+//! - each room's meta hash carries its archived mark (`aepoch`, `archived`), in the room's
+//!   hash slot, so the scripts that read and move it touch one slot (Redis Cluster);
+//! - an archiver learns of rooms with new messages from the bridge, which sees every message
+//!   of every room on every replica, and, after a start or a resubscribe (events may have been
+//!   missed), from a scan of the rooms' meta keys on every Redis node;
+//! - a pass claims due rooms with a lease (`archive.lua`: SET PX, renewed each pass while
+//!   there is something to copy, let go when there is not), reads each room from its mark to
+//!   the stream's head, appends everything in one store transaction (idempotent by key), then
+//!   moves each mark (`archived.lua`: only if the lease and the epoch are still the same);
+//! - a room leased by another replica is looked at again when that lease would run out, so a
+//!   killed replica's rooms are taken over within `store.archive_lease_ms`.
+//!
+//! PostgreSQL down does not stop the chat: the pass fails, is logged once per outage, counted
+//! in `confab_store_errors_total`, and retried; Redis keeps the messages meanwhile, and
+//! `confab_archive_behind_messages`/`confab_archive_lag_seconds` show how far behind the archive
+//! is. Messages Redis dropped before they were copied are logged and counted
+//! (`confab_archive_lost_total`); the mark moves past them.
+//!
+//! The archive is also where a room's epoch outlives Redis: a room whose meta is gone is
+//! seeded from the store's `rooms` row ([`RedisBus::seed`]) before it is used again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use super::{unavailable, RedisBus};
+use crate::bus::BusError;
+use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
+use crate::logctx;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::store::{Append, RoomState, Row, SharedStore};
+
+const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
+const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
+const SEED_LUA: &str = include_str!("../lua/seed.lua");
+
+/// Most rooms one pass claims: with `store.archive_batch` this bounds one transaction.
+const MAX_ROOMS_PER_PASS: usize = 256;
+
+/// Longest a room waits after a failed pass (Redis or the store unavailable); at most a third
+/// of the lease, so the holder renews its leases through an outage.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The archive side of a Redis bus: its store, and the rooms the bridge saw messages in.
+pub struct Archive {
+    pub(super) store: SharedStore,
+    metrics: Arc<Metrics>,
+    /// Rooms with a message since the archiver last took this set.
+    dirty: Mutex<HashSet<RoomName>>,
+    /// Set after a (re)subscribe: the archiver scans for rooms it may not have heard of.
+    rescan: AtomicBool,
+    wake: Notify,
+    /// This process's lease token (the node id and a random part: a restarted process under
+    /// the same node id does not inherit a lease it cannot know the state of).
+    token: String,
+    lease_ms: u64,
+    /// How long a room waits after a failed pass.
+    retry: Duration,
+    /// Longest a store call may take: half a lease. sqlx waits up to 30 s for a connection
+    /// to a PostgreSQL that refuses them, and a pass stuck that long would let its leases
+    /// run out (and a history read would hang).
+    timeout: Duration,
+    interval: Duration,
+    batch: u64,
+    claim: Script,
+    mark: Script,
+    seed: Script,
+}
+
+impl Archive {
+    pub fn new(store: SharedStore, settings: &Settings, node: &str, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            metrics,
+            dirty: Mutex::new(HashSet::new()),
+            rescan: AtomicBool::new(true),
+            wake: Notify::new(),
+            token: format!("{node}/{:016x}", rand::random::<u64>()),
+            lease_ms: settings.store.archive_lease_ms.as_millis() as u64,
+            retry: RETRY_AFTER.min(settings.store.archive_lease_ms / 3),
+            timeout: settings.store.archive_lease_ms / 2,
+            interval: settings.store.archive_interval_ms,
+            batch: settings.store.archive_batch,
+            claim: Script::from_lua(ARCHIVE_LUA),
+            mark: Script::from_lua(ARCHIVED_LUA),
+            seed: Script::from_lua(SEED_LUA),
+        }
+    }
+
+    /// A store call, bounded by [`Archive::timeout`].
+    pub(super) async fn bounded<T>(
+        &self,
+        call: crate::store::StoreFuture<T>,
+    ) -> Result<T, crate::store::StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(crate::store::StoreError::Query(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Counts and logs a failed store read; what the client sees of it.
+    pub(super) fn read_failed(&self, room: &RoomName, e: crate::store::StoreError) -> BusError {
+        self.metrics.store_errors.inc();
+        log::warn!("{} reading the archive failed: {e}", logctx::room(room));
+        BusError::Unavailable(format!("the archive is unavailable: {e}"))
+    }
+}
+
+/// What [`RedisBus::seed`] did.
+pub(super) enum Seeded {
+    /// The meta is there (seeded now from the archive, or by someone else meanwhile).
+    Ready,
+    /// The archive has no epoch for the room (or cannot be read): the room starts a new one.
+    NotArchived,
+}
+
+/// What `archive.lua` answered for one room.
+enum Claim {
+    Busy(u64),
+    Gone,
+    Done,
+    Copy {
+        epoch: Epoch,
+        offset: Offset,
+        archived: Offset,
+        base: Offset,
+        entries: Vec<Entry>,
+    },
+}
+
+/// One stream entry as the archive needs it.
+struct Entry {
+    offset: Offset,
+    frame: String,
+    reference: Option<String>,
+}
+
+/// The fields of a stored `message` frame the archive's row keeps beside the frame.
+#[derive(Deserialize)]
+struct FrameFields<'a> {
+    #[serde(borrow)]
+    user: &'a str,
+    ts: u64,
+}
+
+impl RedisBus {
+    fn lease_key(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:archiver", self.prefix)
+    }
+
+    /// The bridge saw a channel message: if it is a chat message, its room has something to
+    /// archive. Called for every event of every room: a prefix test and, for a room already
+    /// noted, one lookup without allocating.
+    pub(in crate::bus) fn saw_event(&self, channel: &str, payload: &Value) {
+        let Some(archive) = &self.archive else {
+            return;
+        };
+        let is_message = match payload {
+            Value::String(s) => s.starts_with(r#"{"kind":"message""#),
+            Value::Bytes(b) => b.starts_with(br#"{"kind":"message""#),
+            _ => false,
+        };
+        let Some(room) = is_message.then(|| self.room_of(channel)).flatten() else {
+            return;
+        };
+        let mut dirty = archive.dirty.lock();
+        if !dirty.contains(room) {
+            if let Ok(room) = RoomName::parse(room) {
+                dirty.insert(room);
+            }
+        }
+    }
+
+    /// Events may have been missed (a start, a resubscribe): the archiver scans for rooms.
+    pub(in crate::bus) fn archive_rescan(&self) {
+        if let Some(archive) = &self.archive {
+            archive.rescan.store(true, Ordering::Release);
+            archive.wake.notify_one();
+        }
+    }
+
+    /// The rooms whose meta key exists, on every node of a Cluster.
+    async fn scan_rooms(&self) -> Result<Vec<RoomName>, BusError> {
+        let pattern = format!("{}:{{*}}:meta", self.prefix);
+        let head = format!("{}:{{", self.prefix);
+        let mut keys = if self.client.is_clustered() {
+            self.client
+                .scan_cluster_buffered(pattern, Some(1000), None)
+                .boxed()
+        } else {
+            self.client.scan_buffered(pattern, Some(1000), None).boxed()
+        };
+        let mut rooms = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(unavailable)?;
+            let room = key
+                .as_str()
+                .and_then(|k| k.strip_prefix(head.as_str()))
+                .and_then(|k| k.strip_suffix("}:meta"))
+                .and_then(|r| RoomName::parse(r).ok());
+            rooms.extend(room);
+        }
+        Ok(rooms)
+    }
+
+    async fn claim(&self, archive: &Archive, room: &RoomName) -> Result<Claim, BusError> {
+        let keys = self.keys(room);
+        let args: Vec<Value> = vec![
+            archive.token.as_str().into(),
+            archive.lease_ms.to_string().into(),
+            archive.batch.to_string().into(),
+        ];
+        let reply: Value = archive
+            .claim
+            .evalsha_with_reload(
+                &self.client,
+                vec![keys.meta, keys.history, self.lease_key(room)],
+                args,
+            )
+            .await
+            .map_err(unavailable)?;
+        parse_claim(reply)
+    }
+
+    /// Moves the room's mark to `upto`; how many messages remain after it (-1: not moved).
+    async fn mark(
+        &self,
+        archive: &Archive,
+        room: &RoomName,
+        epoch: &Epoch,
+        upto: Offset,
+    ) -> Result<i64, BusError> {
+        let args: Vec<Value> = vec![
+            archive.token.as_str().into(),
+            epoch.as_str().into(),
+            upto.to_string().into(),
+        ];
+        archive
+            .mark
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys(room).meta, self.lease_key(room)],
+                args,
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The room has no meta in Redis (restarted empty, or the room idled out): sets it from
+    /// the archive's `rooms` row, so the room keeps its epoch and offsets, unless the meta
+    /// came back meanwhile.
+    pub(super) async fn seed(&self, room: &RoomName) -> Seeded {
+        let Some(archive) = &self.archive else {
+            return Seeded::NotArchived;
+        };
+        let state = match archive.bounded(archive.store.head(room)).await {
+            Ok(Some(state)) => state,
+            Ok(None) => return Seeded::NotArchived,
+            Err(e) => {
+                // Redis and PostgreSQL both failed at once: the chat goes on, in a new epoch.
+                archive.metrics.store_errors.inc();
+                log::error!(
+                    "{} lost its Redis meta and the archive cannot be read ({e}): it starts a \
+                     new epoch",
+                    logctx::room(room)
+                );
+                return Seeded::NotArchived;
+            }
+        };
+        let keys = self.keys(room);
+        let args: Vec<Value> = vec![
+            state.epoch.as_str().into(),
+            state.offset.to_string().into(),
+            state.base.to_string().into(),
+            Value::from(self.ttl_secs as i64),
+        ];
+        match archive
+            .seed
+            .evalsha_with_reload::<i64, _, _>(&self.client, vec![keys.meta, keys.history], args)
+            .await
+        {
+            Ok(1) => {
+                log::info!(
+                    "{} restored from the archive: epoch {} at offset {}",
+                    logctx::room(room),
+                    state.epoch,
+                    state.offset
+                );
+                Seeded::Ready
+            }
+            Ok(_) => Seeded::Ready,
+            Err(e) => {
+                log::warn!("{} cannot seed its meta: {e}", logctx::room(room));
+                Seeded::Ready
+            }
+        }
+    }
+}
+
+fn bad(what: &str) -> BusError {
+    BusError::Internal(format!("unexpected reply from the archive script: {what}"))
+}
+
+fn parse_claim(reply: Value) -> Result<Claim, BusError> {
+    let mut parts = reply.into_array().into_iter();
+    let kind = parts
+        .next()
+        .and_then(|v| v.as_string())
+        .ok_or_else(|| bad("kind"))?;
+    let mut number = |what| {
+        parts
+            .next()
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad(what))
+    };
+    match kind.as_str() {
+        // PTTL is -1 or -2 for a key without expiry or gone: look again soon.
+        "busy" => Ok(Claim::Busy(number("pttl").unwrap_or(0))),
+        "gone" => Ok(Claim::Gone),
+        "done" => Ok(Claim::Done),
+        "copy" => {
+            let epoch = parts
+                .next()
+                .and_then(|v| v.as_string())
+                .ok_or_else(|| bad("epoch"))?;
+            let mut number = |what| {
+                parts
+                    .next()
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| bad(what))
+            };
+            let offset = number("offset")?;
+            let archived = number("archived")?;
+            let base = number("base")?;
+            let raw = parts.next().map(Value::into_array).unwrap_or_default();
+            let mut entries = Vec::with_capacity(raw.len());
+            for entry in raw {
+                let mut entry = entry.into_array().into_iter();
+                let id = entry
+                    .next()
+                    .and_then(|v| v.as_string())
+                    .ok_or_else(|| bad("id"))?;
+                let offset = id
+                    .split('-')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| bad("id"))?;
+                let mut fields = entry
+                    .next()
+                    .map(Value::into_array)
+                    .unwrap_or_default()
+                    .into_iter();
+                let (mut frame, mut reference) = (None, None);
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    match name.as_str().as_deref() {
+                        Some("f") => frame = value.as_string(),
+                        Some("r") => reference = value.as_string(),
+                        _ => {}
+                    }
+                }
+                entries.push(Entry {
+                    offset,
+                    frame: frame.ok_or_else(|| bad("frame"))?,
+                    reference,
+                });
+            }
+            Ok(Claim::Copy {
+                epoch: Epoch::from_string(&epoch),
+                offset,
+                archived,
+                base,
+                entries,
+            })
+        }
+        other => Err(bad(other)),
+    }
+}
+
+/// A copy staged in a pass, waiting for the store's commit.
+struct Copied {
+    room: RoomName,
+    epoch: Epoch,
+    /// The newest offset copied: the mark moves here after the commit.
+    upto: Offset,
+    /// Messages Redis no longer had (trimmed or expired before they were copied).
+    lost: u64,
+}
+
+/// The archiver: runs for the life of the process (see the module doc).
+pub async fn run(bus: Arc<RedisBus>) {
+    let Some(archive) = bus.archive.as_ref() else {
+        return;
+    };
+    // Room → when to look at it next.
+    let mut rooms: HashMap<RoomName, Instant> = HashMap::new();
+    let mut outage: Option<Instant> = None;
+    let mut tick = tokio::time::interval(archive.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = archive.wake.notified() => {}
+        }
+        if !bus.client.is_connected() {
+            continue;
+        }
+        let now = Instant::now();
+        if archive.rescan.swap(false, Ordering::AcqRel) {
+            match bus.scan_rooms().await {
+                Ok(found) => {
+                    for room in found {
+                        rooms.entry(room).or_insert(now);
+                    }
+                }
+                Err(e) => {
+                    archive.rescan.store(true, Ordering::Release);
+                    log::warn!(
+                        "{} archive: cannot scan Redis for rooms (retried): {e}",
+                        logctx::node(&bus.node)
+                    );
+                }
+            }
+        }
+        for room in std::mem::take(&mut *archive.dirty.lock()) {
+            rooms.entry(room).or_insert(now);
+        }
+        if rooms.is_empty() {
+            archive.metrics.archive_behind.set(0);
+            archive.metrics.archive_lag_seconds.set(0.0);
+            continue;
+        }
+        let due: Vec<RoomName> = rooms
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(room, _)| room.clone())
+            .take(MAX_ROOMS_PER_PASS)
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        pass(&bus, archive, due, &mut rooms, &mut outage).await;
+    }
+}
+
+/// One pass over `due`: claim, copy in one transaction, move the marks.
+async fn pass(
+    bus: &RedisBus,
+    archive: &Archive,
+    due: Vec<RoomName>,
+    rooms: &mut HashMap<RoomName, Instant>,
+    outage: &mut Option<Instant>,
+) {
+    let now = Instant::now();
+    let claims = futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r))).await;
+    // One warning per pass, not one per room.
+    let mut redis_ok = true;
+    let mut batch = Append::default();
+    let mut copies = Vec::new();
+    let mut behind = 0u64;
+    let mut oldest_ts: Option<u64> = None;
+    for (room, claim) in due.into_iter().zip(claims) {
+        match claim {
+            Err(e) => {
+                if redis_ok {
+                    log::warn!(
+                        "{} archive: a Redis call failed (retried): {e}",
+                        logctx::node(&bus.node)
+                    );
+                }
+                redis_ok = false;
+                rooms.insert(room, now + archive.retry);
+            }
+            Ok(Claim::Busy(ms)) => {
+                // Another replica holds it: look again when its lease would have run out.
+                let wait = Duration::from_millis(ms).max(archive.interval);
+                rooms.insert(room, now + wait);
+            }
+            Ok(Claim::Gone | Claim::Done) => {
+                rooms.remove(&room);
+            }
+            Ok(Claim::Copy {
+                epoch,
+                offset,
+                archived,
+                base,
+                entries,
+            }) => {
+                behind += offset.saturating_sub(archived);
+                let first = entries.first().map_or(offset + 1, |e| e.offset);
+                let lost = first.saturating_sub(archived + 1);
+                let upto = entries.last().map_or(offset, |e| e.offset);
+                for entry in entries {
+                    match frame_fields(&entry.frame) {
+                        Some((user, ts)) => {
+                            oldest_ts = Some(oldest_ts.map_or(ts, |o| o.min(ts)));
+                            batch.rows.push(Row {
+                                room: room.clone(),
+                                epoch: epoch.clone(),
+                                offset: entry.offset,
+                                ts,
+                                user,
+                                reference: entry.reference,
+                                frame: entry.frame.into(),
+                            });
+                        }
+                        None => log::error!(
+                            "{} archive: stored message {} has no user or ts; skipped",
+                            logctx::room(&room),
+                            entry.offset
+                        ),
+                    }
+                }
+                batch.rooms.push(RoomState {
+                    room: room.clone(),
+                    epoch: epoch.clone(),
+                    offset: upto,
+                    base,
+                });
+                copies.push(Copied {
+                    room,
+                    epoch,
+                    upto,
+                    lost,
+                });
+            }
+        }
+    }
+    if copies.is_empty() {
+        return;
+    }
+    let lag = oldest_ts.map_or(0.0, |ts| now_ms().saturating_sub(ts) as f64 / 1000.0);
+    archive.metrics.archive_behind.set(behind as i64);
+    archive.metrics.archive_lag_seconds.set(lag);
+    let rows = batch.rows.len() as u64;
+    if let Err(e) = archive.bounded(archive.store.append(batch)).await {
+        archive.metrics.store_errors.inc();
+        if outage.is_none() {
+            *outage = Some(now);
+            log::error!(
+                "{} archive: PostgreSQL is unavailable ({e}); the chat goes on from Redis, \
+                 which keeps each room's last {} messages for {} s; copying is retried every \
+                 {:?} (see confab_archive_lag_seconds)",
+                logctx::node(&bus.node),
+                bus.history_size,
+                bus.ttl_secs,
+                archive.retry
+            );
+        }
+        for c in copies {
+            rooms.insert(c.room, now + archive.retry);
+        }
+        return;
+    }
+    if let Some(since) = outage.take() {
+        log::info!(
+            "{} archive: PostgreSQL is back after {:.1} s; copying what Redis kept",
+            logctx::node(&bus.node),
+            since.elapsed().as_secs_f64()
+        );
+    }
+    archive.metrics.archive_copied.inc_by(rows);
+    let marks = futures_util::future::join_all(
+        copies
+            .iter()
+            .map(|c| bus.mark(archive, &c.room, &c.epoch, c.upto)),
+    )
+    .await;
+    let mut still_behind = 0u64;
+    for (c, marked) in copies.into_iter().zip(marks) {
+        match marked {
+            Ok(rest) if rest >= 0 => {
+                if c.lost > 0 {
+                    archive.metrics.archive_lost.inc_by(c.lost);
+                    log::error!(
+                        "{} archive: {} messages of epoch {} before offset {} were dropped by \
+                         Redis before they were archived (PostgreSQL was unavailable longer \
+                         than the Redis window: history.size / history.ttl_secs)",
+                        logctx::room(&c.room),
+                        c.lost,
+                        c.epoch,
+                        c.upto
+                    );
+                }
+                if rest == 0 {
+                    rooms.remove(&c.room);
+                } else {
+                    still_behind += rest as u64;
+                    rooms.insert(c.room, now);
+                }
+            }
+            // Lease or epoch changed under us: look again (the copy is harmless either way).
+            Ok(_) => {
+                rooms.insert(c.room, now);
+            }
+            Err(e) => {
+                log::warn!(
+                    "{} archive: cannot move the mark: {e}",
+                    logctx::room(&c.room)
+                );
+                rooms.insert(c.room, now + archive.retry);
+            }
+        }
+    }
+    archive.metrics.archive_behind.set(still_behind as i64);
+    if still_behind == 0 {
+        archive.metrics.archive_lag_seconds.set(0.0);
+    }
+}
+
+/// The sender and time of a stored `message` frame.
+fn frame_fields(frame: &str) -> Option<(UserId, u64)> {
+    let fields: FrameFields = serde_json::from_str(frame).ok()?;
+    Some((UserId::parse(fields.user).ok()?, fields.ts))
+}

@@ -1,0 +1,376 @@
+//! The PostgreSQL archive behind Redis (docs/design.md, "The archive"; SPEC §7): replicas on one
+//! Redis copy every acked message into one PostgreSQL, once per (room, epoch, offset), through
+//! kills, restarts and outages; reads reach across the Redis window into it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{burst_publisher, eventually, run_confab, Client, Postgres, Redis, Server};
+
+const KEY: &str = "archive-api-key";
+
+/// Settings for a replica archiving into `pg`: fast passes and a short lease so a takeover is
+/// quick, no rate limit in the way of bursts, and `history` as the Redis window.
+fn archive_env(pg: &Postgres, history: &str) -> Vec<(String, String)> {
+    [
+        ("CONFAB_STORE__URL", pg.url()),
+        ("CONFAB_STORE__ARCHIVE_INTERVAL_MS", "50".into()),
+        ("CONFAB_STORE__ARCHIVE_LEASE_MS", "1000".into()),
+        ("CONFAB_HISTORY__SIZE", history.into()),
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000".into()),
+        ("CONFAB_LIMITS__BURST", "100000".into()),
+        ("CONFAB_API__KEY", KEY.into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn replica(redis: &Redis, prefix: &str, node: &str, env: &[(String, String)]) -> Server {
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Server::replica(redis, prefix, node, &pairs).await
+}
+
+/// The archive's rows of `room`: offset → (epoch, text).
+async fn archived(pg: &Postgres, room: &str) -> BTreeMap<u64, (String, String)> {
+    let store = pg.store().await;
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT msg_offset, epoch, frame FROM messages WHERE room = $1 ORDER BY msg_offset",
+    )
+    .bind(room)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(offset, epoch, frame)| {
+            let v: Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(v["offset"], offset, "the frame carries its own offset");
+            (
+                offset as u64,
+                (epoch, v["text"].as_str().unwrap().to_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the archive holds exactly offsets 1..=`head` of `room`.
+async fn wait_archived(pg: &Postgres, room: &str, head: u64) -> BTreeMap<u64, (String, String)> {
+    let want: Vec<u64> = (1..=head).collect();
+    eventually(
+        Duration::from_secs(20),
+        &format!("{room} archived up to {head}"),
+        || async { archived(pg, room).await.keys().copied().collect::<Vec<_>>() == want },
+    )
+    .await;
+    archived(pg, room).await
+}
+
+/// The sum over `servers` of a metric's value.
+async fn metric(servers: &[&Server], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for s in servers {
+        let body = s.http("GET", "/metrics", &[]).await.body;
+        sum += body
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+/// Sends `count` messages (`{name}-{i}`, ref `{i}`) and waits for every ack; returns the
+/// offsets by ref.
+async fn say_many(c: &mut Client, name: &str, count: usize) -> Vec<u64> {
+    let mut offsets = Vec::with_capacity(count);
+    for i in 0..count {
+        offsets.push(c.say(&format!("{name}-{i}"), &format!("{name}{i}")).await);
+    }
+    offsets
+}
+
+/// The offsets of the `message` frames before the first `presence` frame (the backlog).
+async fn backlog(c: &mut Client) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    loop {
+        let v = c.next_of_any(&["message", "presence"]).await;
+        if v["type"] == "presence" {
+            return offsets;
+        }
+        offsets.push(v["offset"].as_u64().unwrap());
+    }
+}
+
+fn offsets(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_acked_message_reaches_postgresql_exactly_once_from_two_replicas() {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch1", "a", &env).await;
+    let b = replica(&redis, "arch1", "b", &env).await;
+    let mut senders = Vec::new();
+    for (i, server) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let (c, _) = server.join(&format!("/ws/burst?user=u{i}")).await;
+        senders.push(burst_publisher(c, format!("u{i}"), 250));
+    }
+    let (mut quiet, _) = b.join("/ws/quiet?user=q").await;
+    say_many(&mut quiet, "q", 3).await;
+    for s in senders {
+        s.await.unwrap();
+    }
+    let rows = wait_archived(&pg, "burst", 1000).await;
+    let epochs: std::collections::HashSet<_> = rows.values().map(|(e, _)| e.clone()).collect();
+    assert_eq!(epochs.len(), 1, "one epoch: {epochs:?}");
+    let mut texts: Vec<_> = rows.values().map(|(_, t)| t.clone()).collect();
+    texts.sort();
+    let mut sent: Vec<_> = (0..4)
+        .flat_map(|u| (0..250).map(move |i| format!("u{u}-{i}")))
+        .collect();
+    sent.sort();
+    assert_eq!(texts, sent, "every acked message, each once");
+    wait_archived(&pg, "quiet", 3).await;
+    // Copied once: the two archivers did not both copy a room (the lease).
+    eventually(Duration::from_secs(10), "copied counted", || async {
+        metric(&[&a, &b], "confab_archive_copied_total").await == 1003.0
+    })
+    .await;
+    assert_eq!(metric(&[&a, &b], "confab_archive_lost_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn history_and_resume_read_across_the_redis_window_into_postgresql() {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "20");
+    let a = replica(&redis, "arch2", "a", &env).await;
+    let b = replica(&redis, "arch2", "b", &env).await;
+    let (mut sender, welcome) = a.join("/ws/seam?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    // In steps the archiver keeps up with: a window of 20 holds well under one pass of a
+    // burst (docs/design.md, "The archive": the window must outlast the archive lag).
+    for step in 0..40 {
+        for i in 0..10 {
+            let n = step * 10 + i;
+            assert_eq!(sender.say(&format!("m-{n}"), &n.to_string()).await, n + 1);
+        }
+        wait_archived(&pg, "seam", step * 10 + 10).await;
+    }
+    // The stream was trimmed (`MAXLEN ~ 20` trims whole nodes): reads below it need PostgreSQL.
+    let first = redis
+        .cmd(&["XRANGE", "arch2:{seam}:history", "-", "+", "COUNT", "1"])
+        .await;
+    let oldest: u64 = first
+        .split("\r\n")
+        .find_map(|l| l.strip_suffix("-0")?.parse().ok())
+        .unwrap();
+    assert!(oldest > 100, "the Redis window starts at {oldest}");
+
+    // A history frame on the other replica, across the seam: no gap, no duplicate.
+    let (mut reader, _) = b.join("/ws/seam?user=bob").await;
+    let before = oldest + 10;
+    reader
+        .send_json(json!({"type": "history", "before": before, "limit": 50, "ref": "h1"}))
+        .await;
+    let page = reader.next_of("history").await;
+    assert_eq!(page["epoch"], epoch.as_str());
+    assert_eq!(
+        offsets(&page["messages"]),
+        (before - 50..before).collect::<Vec<_>>()
+    );
+    assert_eq!(page["messages"][0]["text"], format!("m-{}", before - 51));
+    reader
+        .send_json(json!({"type": "history", "before": 31, "limit": 30, "ref": "h2"}))
+        .await;
+    let page = reader.next_of("history").await;
+    assert_eq!(offsets(&page["messages"]), (1..=30).collect::<Vec<_>>());
+
+    // The HTTP API reads the same.
+    let auth = format!("Bearer {KEY}");
+    let reply = b
+        .http(
+            "GET",
+            &format!("/api/rooms/seam/history?before={before}&limit=50"),
+            &[("Authorization", auth.as_str())],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(
+        offsets(&body["messages"]),
+        (before - 50..before).collect::<Vec<_>>(),
+        "{body}"
+    );
+
+    // A resume from far behind the window replays everything after it, in order, once.
+    let (mut again, welcome) = b
+        .join(&format!("/ws/seam?user=cid&since=5&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(backlog(&mut again).await, (6..=400).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_burst_and_every_replica_restarted_lose_nothing_acked() {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let mut a = replica(&redis, "arch3", "a", &env).await;
+    let b = replica(&redis, "arch3", "b", &env).await;
+    let (mut c, _) = a.join("/ws/kill?user=ann").await;
+    // Acked messages, then a burst still arriving when `a` is SIGKILLed.
+    let acked = say_many(&mut c, "k", 200).await;
+    for i in 0..300 {
+        c.send_json(json!({"type": "message", "text": format!("late-{i}")}))
+            .await;
+    }
+    a.kill();
+    drop(c);
+    // `b`'s archiver takes `a`'s leases over once they run out.
+    let rows = wait_archived_at_least(&pg, "kill", *acked.last().unwrap()).await;
+    for (i, offset) in acked.iter().enumerate() {
+        assert_eq!(rows[offset].1, format!("k-{i}"), "acked at {offset}");
+    }
+
+    // Every replica restarted: offsets go on in the same epoch, and the archive follows.
+    drop(b);
+    let a = replica(&redis, "arch3", "a", &env).await;
+    let b = replica(&redis, "arch3", "b", &env).await;
+    let (mut c, welcome) = b.join("/ws/kill?user=ann").await;
+    let head = welcome["offset"].as_u64().unwrap();
+    assert_eq!(welcome["epoch"], rows[&1].0.as_str());
+    let more = say_many(&mut c, "after", 20).await;
+    assert_eq!(more, (head + 1..=head + 20).collect::<Vec<_>>());
+    wait_archived(&pg, "kill", head + 20).await;
+    drop(a);
+}
+
+/// Waits until the archive holds offsets 1..=`at_least` (and maybe more) with no gap.
+async fn wait_archived_at_least(
+    pg: &Postgres,
+    room: &str,
+    at_least: u64,
+) -> BTreeMap<u64, (String, String)> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{room} archived up to {at_least}"),
+        || async {
+            let rows = archived(pg, room).await;
+            let max = rows.keys().last().copied().unwrap_or(0);
+            max >= at_least && rows.len() as u64 == max
+        },
+    )
+    .await;
+    archived(pg, room).await
+}
+
+#[tokio::test]
+async fn postgresql_down_during_traffic_keeps_the_chat_going_and_the_archive_catches_up() {
+    let (redis, mut pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch4", "a", &env).await;
+    let b = replica(&redis, "arch4", "b", &env).await;
+    let (mut c, _) = a.join("/ws/down?user=ann").await;
+    say_many(&mut c, "before", 10).await;
+    wait_archived(&pg, "down", 10).await;
+
+    pg.stop();
+    // Publishes still ack: Redis is the store of record for its window.
+    assert_eq!(
+        say_many(&mut c, "during", 40).await,
+        (11..=50).collect::<Vec<_>>()
+    );
+    for s in [&a, &b] {
+        assert_eq!(s.http("GET", "/readyz", &[]).await.status, 200);
+    }
+    eventually(Duration::from_secs(10), "archive lag shown", || async {
+        metric(&[&a, &b], "confab_archive_behind_messages").await >= 40.0
+            && metric(&[&a, &b], "confab_archive_lag_seconds").await > 0.0
+    })
+    .await;
+    // A few failed passes later, the outage is still logged once per replica.
+    eventually(Duration::from_secs(10), "store errors counted", || async {
+        metric(&[&a, &b], "confab_store_errors_total").await >= 3.0
+    })
+    .await;
+    let logged = [&a, &b]
+        .iter()
+        .map(|s| s.log().matches("PostgreSQL is unavailable").count())
+        .collect::<Vec<_>>();
+    assert_eq!(logged.iter().sum::<usize>(), 1, "logged once: {logged:?}");
+
+    pg.resume();
+    let rows = wait_archived(&pg, "down", 50).await;
+    assert_eq!(rows[&50].1, "during-39");
+    eventually(Duration::from_secs(10), "lag back to 0", || async {
+        metric(&[&a, &b], "confab_archive_behind_messages").await == 0.0
+    })
+    .await;
+    assert!(
+        a.log().contains("PostgreSQL is back") || b.log().contains("PostgreSQL is back"),
+        "the recovery is logged"
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_keeps_the_rooms_epoch_and_offsets_with_no_reset() {
+    let (mut redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch5", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/kept?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 10).await;
+    wait_archived(&pg, "kept", 10).await;
+
+    redis.restart();
+    // The same epoch, the next offset, and no `reset` on the way (`unavailable` until the
+    // replica noticed the restart and is subscribed again).
+    let mut offset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = c.next_of_any(&["ack", "error", "reset"]).await;
+        assert_ne!(reply["type"], "reset", "{reply}");
+        if reply["type"] == "ack" {
+            offset = reply["offset"].as_u64();
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offset, Some(11));
+    let (_, welcome) = a.join("/ws/kept?user=bob").await;
+    assert_eq!(welcome["epoch"], epoch.as_str());
+    assert_eq!(welcome["offset"], 11);
+    let rows = wait_archived(&pg, "kept", 11).await;
+    assert_eq!(rows[&11], (epoch, "after".to_owned()));
+}
+
+#[test]
+fn confab_config_masks_the_postgresql_password() {
+    let out = run_confab(
+        &["config"],
+        &[
+            ("CONFAB_REDIS__URL", "redis://127.0.0.1:6379"),
+            ("CONFAB_STORE__URL", "postgres://chat:hunter2@db:5432/chat"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("postgres://chat:***@db:5432/chat"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}
