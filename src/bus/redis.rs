@@ -367,15 +367,18 @@ impl RedisBus {
             // one the archive does not know gets a new epoch as without one.
             let mut seed = bus.archive.is_some();
             for _ in 0..3 {
+                let new_epoch = match seed {
+                    true => String::new(),
+                    false => Epoch::generate().as_str().to_owned(),
+                };
                 let args: Vec<Value> = vec![
                     mode.into(),
                     // Decimal strings: the script uses them in stream ids as they are.
                     offset.to_string().into(),
                     limit.to_string().into(),
-                    Epoch::generate().as_str().into(),
+                    new_epoch.into(),
                     Value::from(bus.ttl_secs as i64),
                     Value::from(bus.empty_room_ttl_secs as i64),
-                    if seed { "1" } else { "0" }.into(),
                 ];
                 let reply: Value = bus
                     .read
@@ -426,15 +429,19 @@ impl Bus for Arc<RedisBus> {
         let mut script_keys = Vec::with_capacity(2 + count);
         script_keys.push(keys.meta.clone());
         script_keys.push(keys.history.clone());
-        let mut args: Vec<Value> = Vec::with_capacity(7 + 3 * count);
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 3 * count);
+        // With an archive the script creates no epoch (''): the room is seeded first.
+        let new_epoch = match self.archive {
+            Some(_) => String::new(),
+            None => Epoch::generate().as_str().to_owned(),
+        };
         args.extend([
             keys.channel.into(),
             Value::from(self.history_size as i64),
             Value::from(self.ttl_secs as i64),
-            Epoch::generate().as_str().into(),
+            new_epoch.into(),
             Value::from(REF_TTL.as_secs() as i64),
             if self.replication.enabled() { "1" } else { "0" }.into(),
-            if self.archive.is_some() { "1" } else { "0" }.into(),
         ]);
         let ts = now_ms();
         for msg in msgs {
@@ -482,7 +489,8 @@ impl Bus for Arc<RedisBus> {
                 // use is read, and so seeded, before it takes publishes). Not retried here: a
                 // later publish of the same session may already be on its way, and a retry
                 // would land after it; the client's retry with its `ref` is the safe one.
-                bus.seed(&room).await;
+                // A read seeds the meta from the archive, or starts a new epoch if it has none.
+                let _ = bus.read_room(&room, "head", 0, 0).await;
                 return Err(BusError::Unavailable(
                     "the room is being restored from the archive; try again".into(),
                 ));

@@ -8,13 +8,13 @@
 -- KEYS[1] meta hash {epoch, offset}   KEYS[2] history stream
 -- KEYS[2 + i] message i's ref key (= KEYS[1] if it has no ref)
 -- ARGV[1] channel   ARGV[2] history size   ARGV[3] ttl secs   ARGV[4] epoch to use if the room
--- has none   ARGV[5] ref ttl secs   ARGV[6] '1' when the caller then WAITs for replicas: a
+-- has none; '' when PostgreSQL archives the rooms: a room without meta is then not given a new
+-- epoch here but answered {'seed'}, since the archive may hold its epoch and offsets (the caller
+-- seeds the meta from it, docs/design.md "The archive")   ARGV[5] ref ttl secs   ARGV[6] '1' when the caller then WAITs for replicas: a
 -- repeated ref writes its key again, so that WAIT (which covers this connection's writes) also
--- covers the first publish   ARGV[7] '1' when PostgreSQL archives the rooms: a room without meta
--- is not given a new epoch here but answered {'seed'}, since the archive may hold its epoch and
--- offsets (the caller seeds the meta from it, docs/design.md "The archive")
--- Then per message i (from 0): ARGV[8 + 3i] frame before the offset, ARGV[9 + 3i] frame after
--- the offset, ARGV[10 + 3i] ref ('' = none).
+-- covers the first publish
+-- Then per message i (from 0): ARGV[7 + 3i] frame before the offset, ARGV[8 + 3i] frame after
+-- the offset, ARGV[9 + 3i] ref ('' = none).
 -- Returns {epoch, offset_1, duplicate_1 (0/1), offset_2, duplicate_2, ...}, or {'seed'}.
 -- Each stream entry has field `f` (the frame) and, for a message with a ref, `r` (the ref, for
 -- the archive).
@@ -22,7 +22,7 @@ local epoch = redis.call('HGET', KEYS[1], 'epoch')
 -- Whether this call wrote the room: only then is its idle TTL refreshed (a retry alone, as
 -- before runs, leaves it).
 local wrote = false
-if not epoch and ARGV[7] == '1' then
+if not epoch and ARGV[4] == '' then
   return {'seed'}
 end
 if not epoch then
@@ -34,9 +34,9 @@ if not epoch then
   wrote = true
 end
 local out = {epoch}
-local n = (#ARGV - 7) / 3
+local n = (#ARGV - 6) / 3
 for i = 0, n - 1 do
-  local before, after, ref = ARGV[8 + 3 * i], ARGV[9 + 3 * i], ARGV[10 + 3 * i]
+  local before, after, ref = ARGV[7 + 3 * i], ARGV[8 + 3 * i], ARGV[9 + 3 * i]
   local ref_key = KEYS[3 + i]
   local seen = nil
   if ref ~= '' then

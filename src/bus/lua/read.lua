@@ -7,14 +7,14 @@
 --
 -- KEYS[1] meta hash   KEYS[2] history stream   KEYS[3] presence users hash
 -- ARGV[1] 'since' | 'before' | 'head'   ARGV[2] offset (since: after it; before: below it, 0 = none)
--- ARGV[3] limit (before: how many; since: at most how many, 0 = all)   ARGV[4] epoch to use if none   ARGV[5] ttl secs
--- ARGV[6] empty room ttl secs   ARGV[7] '1' when PostgreSQL archives the rooms: a room without
--- meta is answered {'seed'} instead of given a new epoch (see publish.lua)
+-- ARGV[3] limit (before: how many; since: at most how many, 0 = all)   ARGV[4] epoch to use if none
+-- ('' when PostgreSQL archives the rooms: a room without meta is answered {'seed'} instead of
+-- given a new epoch, see publish.lua)   ARGV[5] ttl secs   ARGV[6] empty room ttl secs
 -- Returns {epoch, offset, entries, base} with entries as XRANGE gives them, oldest first, and
 -- base the offset a renewed epoch continues after (0 for an epoch that started empty): a
 -- 'since' read never returns entries up to it, which belong to the epoch before.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch and ARGV[7] == '1' then
+if not epoch and ARGV[4] == '' then
   return {'seed'}
 end
 if not epoch then
