@@ -19,6 +19,9 @@
 //!   commit) and acks only after it resolved;
 //! - appending a row that is already there (same room, epoch and offset) changes nothing, so a
 //!   writer that retries, or two archivers that copy the same message, are harmless;
+//! - a room's head never goes back within an epoch: a write of an older head of the same epoch
+//!   is ignored (an archiver that lost its lease while paused commits late; a room is seeded
+//!   from this head when Redis comes back empty, so a lower one would hand offsets out twice);
 //! - pages are read within one epoch, in offset order;
 //! - [`Store::delete_before`] deletes messages only; rooms keep their heads, so offsets go on
 //!   after retention emptied a room.

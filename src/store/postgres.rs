@@ -115,7 +115,8 @@ impl Store for PostgresStore {
                      SELECT r, e, o, b, $5 FROM UNNEST($1::text[], $2::text[], $3::int8[], \
                      $4::int8[]) AS t(r, e, o, b) ON CONFLICT (room) DO UPDATE SET \
                      epoch = excluded.epoch, head_offset = excluded.head_offset, \
-                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms",
+                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms \
+                     WHERE rooms.epoch <> excluded.epoch OR rooms.head_offset <= excluded.head_offset",
                 )
                 .bind(&rooms)
                 .bind(&epochs)

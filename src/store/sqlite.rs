@@ -138,7 +138,8 @@ impl Store for SqliteStore {
                     "INSERT INTO rooms (room, epoch, head_offset, base_offset, updated_ms) \
                      VALUES (?, ?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET \
                      epoch = excluded.epoch, head_offset = excluded.head_offset, \
-                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms",
+                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms \
+                     WHERE rooms.epoch <> excluded.epoch OR rooms.head_offset <= excluded.head_offset",
                 )
                 .bind(room.room.as_str())
                 .bind(room.epoch.as_str())

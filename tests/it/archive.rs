@@ -374,3 +374,31 @@ fn confab_config_masks_the_postgresql_password() {
     );
     assert!(!stdout.contains("hunter2"), "{stdout}");
 }
+
+#[tokio::test]
+async fn an_archivers_late_commit_never_moves_a_rooms_archived_head_back() {
+    use confab::domain::{Epoch, RoomName};
+    use confab::store::{Append, RoomState, Store};
+    // An archiver paused past its lease commits after the new holder did: the head the archive
+    // keeps (what a room is seeded from when Redis comes back empty) must not go back, or
+    // offsets would be handed out twice in one epoch.
+    let pg = Postgres::start();
+    let store = pg.store().await;
+    let room = RoomName::parse("late").unwrap();
+    let head = |epoch: &str, offset| Append {
+        rows: Vec::new(),
+        rooms: vec![RoomState {
+            room: room.clone(),
+            epoch: Epoch::from_string(epoch),
+            offset,
+            base: 0,
+        }],
+    };
+    store.append(head("e1", 40)).await.unwrap();
+    store.append(head("e1", 25)).await.unwrap();
+    assert_eq!(store.head(&room).await.unwrap().unwrap().offset, 40);
+    // A new epoch replaces the head whatever its offset.
+    store.append(head("e2", 3)).await.unwrap();
+    let now = store.head(&room).await.unwrap().unwrap();
+    assert_eq!((now.epoch.as_str(), now.offset), ("e2", 3));
+}
