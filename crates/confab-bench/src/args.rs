@@ -92,6 +92,9 @@ pub enum Scenario {
     /// Publishers on the first --url, every other member on the other --url(s): delivery
     /// across replicas (through Redis for confab).
     Cross(TrafficArgs),
+    /// confab on Redis with the PostgreSQL archive: archive lag under load (from the
+    /// replicas' /metrics), then history pages read from deep in one archived room.
+    Archive(ArchiveArgs),
 }
 
 impl Scenario {
@@ -101,6 +104,7 @@ impl Scenario {
             Scenario::Fanout(_) => "fanout",
             Scenario::Rooms(_) => "rooms",
             Scenario::Cross(_) => "cross",
+            Scenario::Archive(_) => "archive",
         }
     }
 }
@@ -119,6 +123,39 @@ pub struct IdleArgs {
     /// Close the connections at the end and count the frames that costs (leave frames).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub close: bool,
+}
+
+/// The `archive` scenario (see `archive.rs`).
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
+    /// Rooms the load is spread over, one publisher each.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    /// Messages per second in all.
+    #[arg(long, default_value_t = 20000.0)]
+    pub rate: f64,
+    /// Seconds of load for the lag measurement; 0 skips it.
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// Milliseconds between reads of the lag metric.
+    #[arg(long, default_value_t = 100)]
+    pub sample_ms: u64,
+    /// Messages put into one room (PREFIX-deep) for the history reads; 0 skips them.
+    #[arg(long, default_value_t = 0)]
+    pub fill: u64,
+    /// History pages to read.
+    #[arg(long, default_value_t = 2000)]
+    pub reads: usize,
+    /// Messages per page (the API's limit, at most 100).
+    #[arg(long, default_value_t = 50)]
+    pub page: usize,
+    /// Newest offsets left out of the reads: the Redis window (history.size), so every read
+    /// goes to PostgreSQL.
+    #[arg(long, default_value_t = 2000)]
+    pub window: u64,
+    /// The replicas' api.key, for GET /api/rooms/{room}/history.
+    #[arg(long, default_value = "")]
+    pub api_key: String,
 }
 
 /// Shared by `fanout`, `rooms` and `cross`; their defaults differ (see [`TrafficArgs::resolve`]).

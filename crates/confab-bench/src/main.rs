@@ -9,12 +9,14 @@
 //! | `track` | per (publisher, receiver) delivery tracking, per-step counters, latency histograms |
 //! | `idle` | the `idle` scenario: memory per connection, frames to fill and empty rooms |
 //! | `traffic` | `fanout`, `rooms`, `cross`: stepped open-loop publishing, every member receives |
+//! | `archive` | `archive`: archive lag under load and history reads from PostgreSQL |
 //! | `roster` | `--check-presence`: joins of users a member knew, leaves of ones it did not |
 //! | `procs` | servers' resident memory and CPU time from /proc; our open-file limit |
 //! | `report` | JSON pieces and the readable table |
 //!
 //! Loopback only, bounded in connections, messages and time (`--max-secs`).
 
+mod archive;
 mod args;
 mod conn;
 mod fleet;
@@ -83,6 +85,7 @@ fn run(cli: Cli) -> Result<(), String> {
         let work = async {
             match &scenario {
                 Scenario::Idle(a) => idle::run(&ctx, a).await,
+                Scenario::Archive(a) => archive::run(&ctx, a).await,
                 Scenario::Fanout(a) | Scenario::Rooms(a) | Scenario::Cross(a) => {
                     traffic::run(&ctx, &a.resolve(scenario.name())?).await
                 }
@@ -120,7 +123,13 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
     }
-    let table = report::table(&report);
+    // The archive's report has none of the connection and frame counts the table shows.
+    let table = match scenario {
+        Scenario::Archive(_) => {
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n"
+        }
+        _ => report::table(&report),
+    };
     if g.json {
         eprint!("{table}");
         println!(
