@@ -62,6 +62,8 @@ pub struct Archive {
     dirty: Mutex<HashSet<RoomName>>,
     /// Set after a (re)subscribe: the archiver scans for rooms it may not have heard of.
     rescan: AtomicBool,
+    /// The archiver's last commit failed: history reads do not wait for the store meanwhile.
+    down: AtomicBool,
     wake: Notify,
     /// This process's lease token (the node id and a random part: a restarted process under
     /// the same node id does not inherit a lease it cannot know the state of).
@@ -87,6 +89,7 @@ impl Archive {
             metrics,
             dirty: Mutex::new(HashSet::new()),
             rescan: AtomicBool::new(true),
+            down: AtomicBool::new(false),
             wake: Notify::new(),
             token: format!("{node}/{:016x}", rand::random::<u64>()),
             lease_ms: settings.store.archive_lease_ms.as_millis() as u64,
@@ -112,6 +115,11 @@ impl Archive {
                 self.timeout
             ))),
         }
+    }
+
+    /// Whether the archiver's last commit failed (the store is likely down).
+    pub(super) fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
     }
 
     /// Counts and logs a failed store read; what the client sees of it.
@@ -550,6 +558,7 @@ async fn pass(
     let rows = batch.rows.len() as u64;
     if let Err(e) = archive.bounded(archive.store.append(batch)).await {
         archive.metrics.store_errors.inc();
+        archive.down.store(true, Ordering::Release);
         if outage.is_none() {
             *outage = Some(now);
             log::error!(
@@ -567,6 +576,7 @@ async fn pass(
         }
         return;
     }
+    archive.down.store(false, Ordering::Release);
     if let Some(since) = outage.take() {
         log::info!(
             "{} archive: PostgreSQL is back after {:.1} s; copying what Redis kept",
