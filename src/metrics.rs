@@ -78,7 +78,8 @@ pub struct Metrics {
     /// The archive (Redis + PostgreSQL): messages of the rooms this replica archives not yet
     /// in PostgreSQL, as its last pass saw them.
     pub archive_behind: IntGauge,
-    /// Age of the oldest of those messages, seconds.
+    /// How long the oldest message of the last pass waited until it was committed (or, while
+    /// commits fail, has been waiting), seconds; 0 once a pass finds nothing to copy.
     pub archive_lag_seconds: Gauge,
     pub archive_copied: IntCounter,
     /// Messages Redis dropped (trimmed or expired) before they were archived.
@@ -140,7 +141,7 @@ impl Metrics {
         registry.register(Box::new(store_commit_seconds.clone()))?;
         let archive_lag_seconds = Gauge::with_opts(Opts::new(
             "confab_archive_lag_seconds",
-            "Age of the oldest acked message this replica's archiver has not yet copied into PostgreSQL.",
+            "Archive latency: how long the oldest message of this replica's last archiver pass had waited when the pass committed, or, while a pass fails, how long it has been waiting.",
         ))?;
         registry.register(Box::new(archive_lag_seconds.clone()))?;
         let metrics = Self {

@@ -63,12 +63,12 @@ async fn lag(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, St
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .map_err(|e| format!("connect {room}: {e}"))?;
-        publishers.push(tokio::spawn(publish(
-            ws,
-            per_room,
-            run_for,
-            Arc::clone(&counts),
-        )));
+        let counts = Arc::clone(&counts);
+        publishers.push(tokio::spawn(async move {
+            publish(ws, per_room, run_for, counts)
+                .await
+                .map_err(|e| format!("publisher of {room}: {e}"))
+        }));
     }
     let started = Instant::now();
     let mut samples = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
@@ -91,7 +91,7 @@ async fn lag(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, St
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let secs = started.elapsed().as_secs_f64();
+    let secs = run_for.as_secs_f64();
     Ok(json!({
         "rooms": a.rooms,
         "rate": a.rate,
@@ -115,14 +115,18 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 /// One room's publisher: `rate` messages/s for `secs`, open-loop in 10 ms ticks; reads acks.
 async fn publish(ws: Ws, rate: f64, secs: Duration, counts: Arc<Counts>) -> Result<(), String> {
     let (mut tx, mut rx) = ws.split();
-    let reader_counts = Arc::clone(&counts);
+    // This publisher's own answers: it waits for its own acks at the end.
+    let answered = Arc::new(AtomicU64::new(0));
+    let (reader_counts, reader_answered) = (Arc::clone(&counts), Arc::clone(&answered));
     let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.next().await {
             if let Message::Text(t) = msg {
                 if t.starts_with(r#"{"type":"ack""#) {
                     reader_counts.acked.fetch_add(1, Ordering::Relaxed);
+                    reader_answered.fetch_add(1, Ordering::Relaxed);
                 } else if t.starts_with(r#"{"type":"error""#) {
                     reader_counts.errors.fetch_add(1, Ordering::Relaxed);
+                    reader_answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -146,10 +150,7 @@ async fn publish(ws: Ws, rate: f64, secs: Duration, counts: Arc<Counts>) -> Resu
     counts.sent.fetch_add(sent, Ordering::Relaxed);
     // Acks of the last sends, bounded.
     let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end
-        && counts.acked.load(Ordering::Relaxed) + counts.errors.load(Ordering::Relaxed)
-            < counts.sent.load(Ordering::Relaxed)
-    {
+    while Instant::now() < end && answered.load(Ordering::Relaxed) < sent {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = tx.close().await;

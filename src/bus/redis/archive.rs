@@ -550,11 +550,15 @@ async fn pass(
         }
     }
     if copies.is_empty() {
+        // Nothing of this replica's is behind (other replicas hold the busy rooms).
+        archive.metrics.archive_behind.set(0);
+        archive.metrics.archive_lag_seconds.set(0.0);
         return;
     }
-    let lag = oldest_ts.map_or(0.0, |ts| now_ms().saturating_sub(ts) as f64 / 1000.0);
+    let lag = || oldest_ts.map_or(0.0, |ts| now_ms().saturating_sub(ts) as f64 / 1000.0);
+    // Until the commit answers: everything claimed is behind, the oldest for this long.
     archive.metrics.archive_behind.set(behind as i64);
-    archive.metrics.archive_lag_seconds.set(lag);
+    archive.metrics.archive_lag_seconds.set(lag());
     let rows = batch.rows.len() as u64;
     if let Err(e) = archive.bounded(archive.store.append(batch)).await {
         archive.metrics.store_errors.inc();
@@ -627,10 +631,10 @@ async fn pass(
             }
         }
     }
+    // The lag stays at what this pass's oldest message waited until it was committed: under
+    // steady load every pass sets it, so samples of it are the archive's latency.
     archive.metrics.archive_behind.set(still_behind as i64);
-    if still_behind == 0 {
-        archive.metrics.archive_lag_seconds.set(0.0);
-    }
+    archive.metrics.archive_lag_seconds.set(lag());
 }
 
 /// The sender and time of a stored `message` frame.
