@@ -127,7 +127,12 @@ async fn publish(ws: Ws, rate: f64, secs: Duration, counts: Arc<Counts>) -> Resu
                 } else if t.starts_with(r#"{"type":"error""#) {
                     reader_counts.errors.fetch_add(1, Ordering::Relaxed);
                     reader_answered.fetch_add(1, Ordering::Relaxed);
+                    if reader_counts.errors.load(Ordering::Relaxed) == 1 {
+                        eprintln!("first error: {t}");
+                    }
                 }
+            } else if let Message::Close(reason) = msg {
+                eprintln!("closed by the server: {reason:?}");
             }
         }
     });
@@ -168,9 +173,12 @@ async fn reads(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, 
         .map_err(|e| format!("connect {room}: {e}"))?;
     let (mut tx, mut rx) = ws.split();
     let (mut sent, mut acked, mut head) = (0u64, 0u64, 0u64);
-    // A window of messages in flight: the fill is paced by acks.
+    // Paced at --fill-rate, and by acks (at most 256 in flight): faster than the archive
+    // copies, Redis would trim messages before they are archived.
+    let filling = Instant::now();
     while acked < a.fill {
-        while sent < a.fill && sent - acked < 256 {
+        let due = ((filling.elapsed().as_secs_f64() * a.fill_rate) as u64).max(1);
+        while sent < a.fill.min(due) && sent - acked < 256 {
             let frame =
                 json!({"type": "message", "text": format!("d{sent}"), "ref": sent.to_string()});
             tx.feed(Message::text(frame.to_string()))
@@ -179,7 +187,15 @@ async fn reads(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, 
             sent += 1;
         }
         tx.flush().await.map_err(|e| e.to_string())?;
-        match rx.next().await {
+        let next = match sent == acked {
+            // Nothing in flight: wait for the schedule.
+            true => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            false => rx.next().await,
+        };
+        match next {
             Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"ack""#) => {
                 acked += 1;
                 let v: Value = serde_json::from_str(&t).map_err(|e| e.to_string())?;
@@ -193,6 +209,7 @@ async fn reads(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, 
         }
     }
     let _ = tx.close().await;
+    let fill_secs = filling.elapsed().as_secs_f64();
     ctx.set_phase("archive: waiting for the archive to catch up");
     let caught_up = Instant::now();
     while sum_metric(targets, "confab_archive_behind_messages").await? > 0.0 {
@@ -230,6 +247,8 @@ async fn reads(ctx: &Ctx, a: &ArchiveArgs, targets: &[Target]) -> Result<Value, 
     Ok(json!({
         "room": room,
         "filled": acked,
+        "fill_secs": fill_secs,
+        "archive_lost_total": sum_metric(targets, "confab_archive_lost_total").await?,
         "head": head,
         "catch_up_ms": catch_up_ms,
         "reads": a.reads,

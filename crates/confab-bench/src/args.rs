@@ -143,6 +143,9 @@ pub struct ArchiveArgs {
     /// Messages put into one room (PREFIX-deep) for the history reads; 0 skips them.
     #[arg(long, default_value_t = 0)]
     pub fill: u64,
+    /// Messages per second of the fill.
+    #[arg(long, default_value_t = 20000.0)]
+    pub fill_rate: f64,
     /// History pages to read.
     #[arg(long, default_value_t = 2000)]
     pub reads: usize,

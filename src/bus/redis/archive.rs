@@ -420,11 +420,17 @@ pub async fn run(bus: Arc<RedisBus>) {
     let mut outage: Option<Instant> = None;
     let mut tick = tokio::time::interval(archive.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A pass left rooms with more to copy: the next one starts at once, not at the next
+    // tick, so a room further behind than one batch catches up at the store's pace.
+    let mut again = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = archive.wake.notified() => {}
+        if !again {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = archive.wake.notified() => {}
+            }
         }
+        again = false;
         if !bus.client.is_connected() {
             continue;
         }
@@ -463,6 +469,8 @@ pub async fn run(bus: Arc<RedisBus>) {
             continue;
         }
         pass(&bus, archive, due, &mut rooms, &mut outage).await;
+        let now = Instant::now();
+        again = outage.is_none() && rooms.values().any(|at| *at <= now);
     }
 }
 
