@@ -386,7 +386,9 @@ fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
         .expect("env");
     for var in env {
         let name = var["name"].as_str().unwrap();
-        if name.ends_with("__URL") {
+        if name == "CONFAB_STORE__URL" {
+            cmd.env(name, "postgres://confab:stand-in@confab-postgres:5432/confab");
+        } else if name.ends_with("__URL") {
             cmd.env(name, "redis://:stand-in@confab-redis:6379");
         } else if name.starts_with("CONFAB_") {
             cmd.env(name, "stand-in-value-0123456789abcdef0123456789abcdef");
