@@ -402,3 +402,60 @@ async fn an_archivers_late_commit_never_moves_a_rooms_archived_head_back() {
     let now = store.head(&room).await.unwrap().unwrap();
     assert_eq!((now.epoch.as_str(), now.offset), ("e2", 3));
 }
+
+/// Rooms whose `{room}` hash tags fall in each of a three-master Cluster's slot ranges.
+fn rooms_on_every_master() -> Vec<String> {
+    let mut picked: [Vec<String>; 3] = Default::default();
+    for i in 0..1000 {
+        let room = format!("s{i}");
+        let range = match fred::util::redis_keyslot(room.as_bytes()) {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        };
+        if picked[range].len() < 2 {
+            picked[range].push(room);
+        }
+    }
+    picked.concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_archivers_scan_finds_unarchived_rooms_on_every_master() {
+    // Messages stored while no replica archived (nobody saw them go by): a replica that starts
+    // with the archive finds them by scanning every master, and copies them all.
+    let cluster = crate::fleet::RedisCluster::start();
+    let pg = Postgres::start();
+    let prefix = format!("t{}-arch", std::process::id());
+    let env = |node: &str, archive: bool| {
+        let mut env = vec![
+            ("CONFAB_REDIS__URL".to_owned(), cluster.url()),
+            ("CONFAB_REDIS__PREFIX".to_owned(), prefix.clone()),
+            ("CONFAB_SERVER__NODE_ID".to_owned(), node.to_owned()),
+        ];
+        if archive {
+            env.extend(archive_env(&pg, "1000"));
+        }
+        env
+    };
+    let start = |env: Vec<(String, String)>| {
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Server::start(&pairs)
+    };
+    let rooms = rooms_on_every_master();
+    assert_eq!(rooms.len(), 6, "{rooms:?}");
+    let plain = start(env("plain", false));
+    plain.wait_ready(true).await;
+    for room in &rooms {
+        let (mut c, _) = plain.join(&format!("/ws/{room}?user=ann")).await;
+        assert_eq!(say_many(&mut c, room, 5).await, vec![1, 2, 3, 4, 5]);
+    }
+    drop(plain);
+
+    let archiving = start(env("archiver", true));
+    archiving.wait_ready(true).await;
+    for room in &rooms {
+        let rows = wait_archived(&pg, room, 5).await;
+        assert_eq!(rows[&5].1, format!("{room}-4"));
+    }
+}

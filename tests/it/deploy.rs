@@ -387,7 +387,10 @@ fn the_config_map_and_the_deployment_set_only_settings_confab_accepts() {
     for var in env {
         let name = var["name"].as_str().unwrap();
         if name == "CONFAB_STORE__URL" {
-            cmd.env(name, "postgres://confab:stand-in@confab-postgres:5432/confab");
+            cmd.env(
+                name,
+                "postgres://confab:stand-in@confab-postgres:5432/confab",
+            );
         } else if name.ends_with("__URL") {
             cmd.env(name, "redis://:stand-in@confab-redis:6379");
         } else if name.starts_with("CONFAB_") {
