@@ -459,3 +459,42 @@ async fn on_a_redis_cluster_the_archivers_scan_finds_unarchived_rooms_on_every_m
         assert_eq!(rows[&5].1, format!("{room}-4"));
     }
 }
+
+#[tokio::test]
+async fn postgresql_down_longer_than_the_redis_window_is_counted_and_logged_and_does_not_wedge() {
+    let (redis, mut pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "20");
+    let a = replica(&redis, "arch6", "a", &env).await;
+    let (mut c, _) = a.join("/ws/gap?user=ann").await;
+    say_many(&mut c, "before", 5).await;
+    wait_archived(&pg, "gap", 5).await;
+
+    pg.stop();
+    // Far more than the window keeps (`MAXLEN ~ 20` trims whole nodes of 100 entries).
+    assert_eq!(*say_many(&mut c, "during", 400).await.last().unwrap(), 405);
+    pg.resume();
+    eventually(Duration::from_secs(20), "the loss counted", || async {
+        metric(&[&a], "confab_archive_lost_total").await > 0.0
+    })
+    .await;
+    let lost = metric(&[&a], "confab_archive_lost_total").await as u64;
+    assert!(a
+        .log()
+        .contains("were dropped by Redis before they were archived"));
+    // The archive has what Redis still had, up to the head, and goes on after it.
+    assert_eq!(say_many(&mut c, "after", 3).await, vec![406, 407, 408]);
+    eventually(
+        Duration::from_secs(20),
+        "archived after the hole",
+        || async {
+            let rows = archived(&pg, "gap").await;
+            rows.len() as u64 == 408 - lost && rows.keys().last() == Some(&408)
+        },
+    )
+    .await;
+    let rows = archived(&pg, "gap").await;
+    assert!(
+        (1..=5).all(|o| rows.contains_key(&o)),
+        "the archived start stays"
+    );
+}
