@@ -54,6 +54,10 @@ const MAX_ROOMS_PER_PASS: usize = 256;
 /// of the lease, so the holder renews its leases through an outage.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a failed commit makes reads skip the store (a failing archiver retries well
+/// within it, so it holds for the whole outage while there is traffic).
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
 /// The archive side of a Redis bus: its store, and the rooms the bridge saw messages in.
 pub struct Archive {
     pub(super) store: SharedStore,
@@ -62,8 +66,10 @@ pub struct Archive {
     dirty: Mutex<HashSet<RoomName>>,
     /// Set after a (re)subscribe: the archiver scans for rooms it may not have heard of.
     rescan: AtomicBool,
-    /// The archiver's last commit failed: history reads do not wait for the store meanwhile.
-    down: AtomicBool,
+    /// When the archiver's last commit failed, if it did: reads that may do without the store
+    /// do not wait for it meanwhile. It counts for [`DOWN_FOR`] only, since without traffic
+    /// no commit would clear it.
+    down: Mutex<Option<Instant>>,
     wake: Notify,
     /// This process's lease token (the node id and a random part: a restarted process under
     /// the same node id does not inherit a lease it cannot know the state of).
@@ -89,7 +95,7 @@ impl Archive {
             metrics,
             dirty: Mutex::new(HashSet::new()),
             rescan: AtomicBool::new(true),
-            down: AtomicBool::new(false),
+            down: Mutex::new(None),
             wake: Notify::new(),
             token: format!("{node}/{:016x}", rand::random::<u64>()),
             lease_ms: settings.store.archive_lease_ms.as_millis() as u64,
@@ -117,9 +123,9 @@ impl Archive {
         }
     }
 
-    /// Whether the archiver's last commit failed (the store is likely down).
+    /// Whether the archiver's last commit failed lately (the store is likely down).
     pub(super) fn is_down(&self) -> bool {
-        self.down.load(Ordering::Acquire)
+        self.down.lock().is_some_and(|at| at.elapsed() < DOWN_FOR)
     }
 
     /// Counts and logs a failed store read; what the client sees of it.
@@ -277,6 +283,16 @@ impl RedisBus {
         let Some(archive) = &self.archive else {
             return Seeded::NotArchived;
         };
+        if archive.is_down() {
+            // Rather than make every new room's first read wait for a store that just failed:
+            // as if it could not be read (below).
+            // Debug: a new room is the usual case (`confab_epoch_resets_total` counts the rest).
+            log::debug!(
+                "{} has no Redis meta and the archive is down: it starts a new epoch",
+                logctx::room(room)
+            );
+            return Seeded::NotArchived;
+        }
         let state = match archive.bounded(archive.store.head(room)).await {
             Ok(Some(state)) => state,
             Ok(None) => return Seeded::NotArchived,
@@ -570,7 +586,7 @@ async fn pass(
     let rows = batch.rows.len() as u64;
     if let Err(e) = archive.bounded(archive.store.append(batch)).await {
         archive.metrics.store_errors.inc();
-        archive.down.store(true, Ordering::Release);
+        *archive.down.lock() = Some(Instant::now());
         if outage.is_none() {
             *outage = Some(now);
             log::error!(
@@ -588,7 +604,7 @@ async fn pass(
         }
         return;
     }
-    archive.down.store(false, Ordering::Release);
+    *archive.down.lock() = None;
     if let Some(since) = outage.take() {
         log::info!(
             "{} archive: PostgreSQL is back after {:.1} s; copying what Redis kept",
