@@ -178,7 +178,8 @@ pub struct StoreSettings {
     /// are taken over after at most this long.
     #[serde(with = "millis")]
     pub archive_lease_ms: Duration,
-    /// Most messages of one room an archiver pass copies, so one pass stays bounded.
+    /// Most messages one archiver pass copies, shared by the rooms it claims (each at least
+    /// 100), so one transaction stays bounded also when every room is behind.
     pub archive_batch: u64,
 }
 

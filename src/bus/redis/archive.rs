@@ -47,7 +47,10 @@ const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
 const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
 const SEED_LUA: &str = include_str!("../lua/seed.lua");
 
-/// Most rooms one pass claims: with `store.archive_batch` this bounds one transaction.
+/// Fewest messages of one room a pass copies (see `store.archive_batch`).
+const MIN_PER_ROOM: u64 = 100;
+
+/// Most rooms one pass claims.
 const MAX_ROOMS_PER_PASS: usize = 256;
 
 /// Longest a room waits after a failed pass (Redis or the store unavailable); at most a third
@@ -233,12 +236,17 @@ impl RedisBus {
         Ok(rooms)
     }
 
-    async fn claim(&self, archive: &Archive, room: &RoomName) -> Result<Claim, BusError> {
+    async fn claim(
+        &self,
+        archive: &Archive,
+        room: &RoomName,
+        count: u64,
+    ) -> Result<Claim, BusError> {
         let keys = self.keys(room);
         let args: Vec<Value> = vec![
             archive.token.as_str().into(),
             archive.lease_ms.to_string().into(),
-            archive.batch.to_string().into(),
+            count.to_string().into(),
         ];
         let reply: Value = archive
             .claim
@@ -499,7 +507,12 @@ async fn pass(
     outage: &mut Option<Instant>,
 ) {
     let now = Instant::now();
-    let claims = futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r))).await;
+    // `store.archive_batch` is shared by the pass's rooms, so one transaction stays well
+    // inside its time bound (half a lease) also when every room is far behind, as after an
+    // outage; each room gets at least MIN_PER_ROOM.
+    let count = (archive.batch / due.len() as u64).max(MIN_PER_ROOM);
+    let claims =
+        futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r, count))).await;
     // One warning per pass, not one per room.
     let mut redis_ok = true;
     let mut batch = Append::default();
