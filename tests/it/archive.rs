@@ -114,7 +114,10 @@ fn offsets(messages: &Value) -> Vec<u64> {
 #[tokio::test]
 async fn every_acked_message_reaches_postgresql_exactly_once_from_two_replicas() {
     let (redis, pg) = (Redis::start(), Postgres::start());
-    let env = archive_env(&pg, "1000");
+    let mut env = archive_env(&pg, "1000");
+    // The default lease: "copied once" below must not depend on no pass stalling past a
+    // short test lease on a busy machine (a takeover may copy again, harmlessly).
+    env.push(("CONFAB_STORE__ARCHIVE_LEASE_MS".into(), "5000".into()));
     let a = replica(&redis, "arch1", "a", &env).await;
     let b = replica(&redis, "arch1", "b", &env).await;
     let mut senders = Vec::new();
