@@ -26,4 +26,5 @@ mod resume;
 mod rolling;
 mod store;
 mod storm;
+mod subscribe;
 mod webdriver;
