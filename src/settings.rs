@@ -1134,7 +1134,10 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 19, "every positive rule of the old list is kept");
+        assert_eq!(
+            checked, 20,
+            "every positive rule of the old list is kept, and rooms_per_connection"
+        );
     }
 
     #[test]
