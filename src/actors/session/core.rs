@@ -121,6 +121,22 @@ enum Answer {
         reference: Option<String>,
     },
     Ready(ByteString),
+    /// A room's `unsubscribed`: a new subscription of the room attaches only once it is
+    /// written, so its welcome cannot overtake it.
+    Unsubscribed {
+        room: RoomName,
+        frame: ByteString,
+    },
+}
+
+/// A subscription whose room's `unsubscribed` is still queued behind answers in flight.
+#[derive(Debug)]
+struct Deferred {
+    tag: u32,
+    member: SessionId,
+    room: RoomName,
+    resume: Option<(Offset, Epoch)>,
+    history: usize,
 }
 
 pub struct SessionCore {
@@ -152,6 +168,8 @@ pub struct SessionCore {
     answers: VecDeque<Answer>,
     /// `Answer::Pending` entries in `answers`.
     in_flight: usize,
+    /// Subscriptions not attached yet (see [`Answer::Unsubscribed`]); almost always empty.
+    deferred: Vec<Deferred>,
     /// The history read on the bus: its room and `ref`.
     reading: Option<(RoomName, Option<String>)>,
     /// A close went out: nothing more is written.
@@ -195,6 +213,7 @@ impl SessionCore {
             run_room: None,
             answers: VecDeque::new(),
             in_flight: 0,
+            deferred: Vec::new(),
             reading: None,
             closed: false,
             finishing: false,
@@ -659,9 +678,14 @@ impl SessionCore {
     }
 
     fn write_answers(&mut self) {
-        while let Some(Answer::Ready(_)) = self.answers.front() {
-            if let Some(Answer::Ready(frame)) = self.answers.pop_front() {
-                self.write(frame);
+        while let Some(Answer::Ready(_) | Answer::Unsubscribed { .. }) = self.answers.front() {
+            match self.answers.pop_front() {
+                Some(Answer::Ready(frame)) => self.write(frame),
+                Some(Answer::Unsubscribed { room, frame }) => {
+                    self.write(frame);
+                    self.attach_deferred(&room);
+                }
+                _ => {}
             }
         }
         if self.answers.is_empty() && self.answers.capacity() > 4 {
@@ -731,14 +755,41 @@ impl SessionCore {
         });
         self.cfg.metrics.subscriptions_open.inc();
         self.rooms_apart_changed(self.subs.len() - 1);
-        self.effects.push_back(Effect::Subscribe {
+        let leaving = self
+            .answers
+            .iter()
+            .any(|a| matches!(a, Answer::Unsubscribed { room: r, .. } if *r == room));
+        let attach = Deferred {
             tag,
             member,
             room,
             resume,
             history,
-        });
+        };
+        if leaving {
+            self.deferred.push(attach);
+        } else {
+            self.attach(attach);
+        }
         tag
+    }
+
+    fn attach(&mut self, d: Deferred) {
+        self.effects.push_back(Effect::Subscribe {
+            tag: d.tag,
+            member: d.member,
+            room: d.room,
+            resume: d.resume,
+            history: d.history,
+        });
+    }
+
+    /// Attaches the subscriptions that waited for `room`'s `unsubscribed` to be written.
+    fn attach_deferred(&mut self, room: &RoomName) {
+        while let Some(at) = self.deferred.iter().position(|d| d.room == *room) {
+            let d = self.deferred.swap_remove(at);
+            self.attach(d);
+        }
     }
 
     /// Tells the inbox when the connection moved between "its path room alone" and "rooms
@@ -778,7 +829,8 @@ impl SessionCore {
             reason: None,
         }
         .to_text();
-        self.end(at, frame, now);
+        self.end(at, frame);
+        self.go_on(now);
     }
 
     /// A room's own close for subscription `at`: a gap history no longer holds, or the bus
@@ -800,13 +852,13 @@ impl SessionCore {
             reason: Some(why.reason()),
         }
         .to_text();
-        self.end(at, frame, Instant::now());
+        self.end(at, frame);
     }
 
     /// Ends subscription `at`: its room is left, nothing more of it is written (its tag is
     /// dead, so what its room still queued is dropped), and `frame` goes out in turn with
     /// the answers in flight, after any ack of the room's own messages.
-    fn end(&mut self, at: usize, frame: ByteString, now: Instant) {
+    fn end(&mut self, at: usize, frame: ByteString) {
         self.send_run();
         let before = self.subs.len();
         let sub = self.subs.remove(at);
@@ -823,14 +875,21 @@ impl SessionCore {
                 Some(&sub.room),
             );
         }
-        self.answer(frame);
-        let _ = now;
+        self.answers.push_back(Answer::Unsubscribed {
+            room: sub.room,
+            frame,
+        });
+        self.write_answers();
     }
 
-    /// Leaves a subscription's room.
+    /// Leaves a subscription's room (unless it never was attached to it).
     fn left(&mut self, sub: &Sub) {
         self.slots.leave(&sub.room);
         self.cfg.metrics.subscriptions_open.dec();
+        if let Some(at) = self.deferred.iter().position(|d| d.tag == sub.tag) {
+            self.deferred.swap_remove(at);
+            return;
+        }
         self.effects.push_back(Effect::Unsubscribe {
             room: sub.room.clone(),
             member: sub.member,
