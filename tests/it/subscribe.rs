@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::harness::{Client, Ending, Server};
+use crate::harness::{burst_publisher, Client, Ending, Redis, Server};
 
 const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
@@ -387,4 +387,128 @@ async fn a_slow_consumer_in_several_rooms_is_closed_once_with_4008() {
         1,
         "one connection closed once:\n{log}"
     );
+}
+
+/// Senders may go as fast as they like: these tests are about delivery, not rate limits.
+const FAST: [(&str, &str); 3] = [
+    ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
+    ("CONFAB_LIMITS__BURST", "100000"),
+    ("CONFAB_LIMITS__MESSAGES_PER_SEC_PER_IP", "0"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_in_five_rooms_on_one_replica_gets_each_room_complete_and_in_order_from_another(
+) {
+    const COUNT: usize = 300;
+    let redis = Redis::start();
+    let a = Server::replica(&redis, "five", "a", &FAST).await;
+    let b = Server::replica(&redis, "five", "b", &FAST).await;
+    let rooms = ["r1", "r2", "r3", "r4", "r5"];
+    let mut reader = a.connect("/ws?user=reader").await;
+    for room in rooms {
+        subscribe(&mut reader, room, json!({})).await;
+    }
+    // One publisher per room on replica b, all at once.
+    let mut publishers = Vec::new();
+    for room in rooms {
+        let (client, _) = b.join(&format!("/ws/{room}?user=pub-{room}")).await;
+        publishers.push(burst_publisher(client, room.to_owned(), COUNT));
+    }
+    let mut got: std::collections::HashMap<String, Vec<(u64, String)>> = Default::default();
+    while got.values().map(Vec::len).sum::<usize>() < COUNT * rooms.len() {
+        let v = reader.next().await;
+        if v["type"] == "message" {
+            let room = v["room"].as_str().unwrap().to_owned();
+            let entry = (
+                v["offset"].as_u64().unwrap(),
+                v["text"].as_str().unwrap().to_owned(),
+            );
+            got.entry(room).or_default().push(entry);
+        }
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for room in rooms {
+        let want: Vec<(u64, String)> = (0..COUNT)
+            .map(|i| (i as u64 + 1, format!("{room}-{i}")))
+            .collect();
+        assert_eq!(got[room], want, "room {room} complete, in order, once each");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_history_no_longer_holds_ends_only_that_subscription_with_4008() {
+    let redis = Redis::start();
+    // Replica b connects as its own Redis user, so only its connections can be killed.
+    let b_url = redis.user_url("bee").await;
+    let mut env = FAST.to_vec();
+    env.push(("CONFAB_HISTORY__SIZE", "10"));
+    let a = Server::replica(&redis, "gap", "a", &env).await;
+    let mut b_env = env.clone();
+    b_env.push(("CONFAB_REDIS__URL", &b_url));
+    let b = Server::replica(&redis, "gap", "b", &b_env).await;
+
+    let mut member = b.connect("/ws?user=member").await;
+    subscribe(&mut member, "deep", json!({})).await;
+    subscribe(&mut member, "calm", json!({})).await;
+    // On `/ws/{room}` a gap in its only room still closes the connection, as ever.
+    let (mut alone, _) = b.join("/ws/deep?user=alone").await;
+    let (mut writer, _) = a.join("/ws/deep?user=writer").await;
+    let (mut calm, _) = a.join("/ws/calm?user=calmer").await;
+    writer.say("first", "first").await;
+    assert_eq!(next_in(&mut member, "deep", "message").await["offset"], 1);
+
+    // b stops; its subscription dies while a publishes far more than history keeps.
+    b.signal(libc::SIGSTOP);
+    redis
+        .cmd(&["CLIENT", "KILL", "USER", "bee", "TYPE", "pubsub"])
+        .await;
+    // Redis trims history approximately: far more than 10, so the hole is surely gone.
+    for i in 0..400 {
+        writer.say(&format!("m{i}"), &format!("m{i}")).await;
+    }
+    b.signal(libc::SIGCONT);
+    writer.say("after", "after").await;
+
+    let (ending, _) = alone.ending(Duration::from_secs(20)).await;
+    assert_eq!(
+        ending,
+        Ending::Closed(4008),
+        "a path room alone: the connection closes"
+    );
+    let ended = loop {
+        let v = member.next().await;
+        if v["type"] == "unsubscribed" {
+            break v;
+        }
+        // Frames of deep before the gap are fine; none with a hole.
+        if v["type"] == "message" {
+            assert_eq!(v["room"], "deep", "{v}");
+        }
+    };
+    assert_eq!(ended["room"], "deep", "{ended}");
+    assert_eq!(ended["code"], 4008, "{ended}");
+    assert!(ended.get("ref").is_none(), "the server ended it: {ended}");
+    assert!(
+        ended["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{ended}"
+    );
+    // The other room goes on, and the client can resume the ended one.
+    calm.say("still calm", "c").await;
+    let m = next_in(&mut member, "calm", "message").await;
+    assert_eq!(m["text"], "still calm");
+    let w = subscribe(
+        &mut member,
+        "deep",
+        json!({"since":1,"epoch":w_epoch(&a).await}),
+    )
+    .await;
+    assert_eq!(w["recovered"], false, "the gap is not in history: {w}");
+}
+
+/// The current epoch of room `deep`, read from a fresh welcome on `server`.
+async fn w_epoch(server: &Server) -> String {
+    let (_c, welcome) = server.join("/ws/deep?user=peek").await;
+    welcome["epoch"].as_str().unwrap().to_owned()
 }
