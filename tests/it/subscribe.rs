@@ -512,3 +512,25 @@ async fn w_epoch(server: &Server) -> String {
     let (_c, welcome) = server.join("/ws/deep?user=peek").await;
     welcome["epoch"].as_str().unwrap().to_owned()
 }
+
+#[tokio::test]
+async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001() {
+    let mut server = Server::start(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "2")]);
+    let mut bare = server.connect("/ws?user=bare").await;
+    bare.send_json(json!({"type":"ping"})).await;
+    assert_eq!(bare.next().await["type"], "pong", "the connection is up");
+    let mut busy = server.connect("/ws?user=busy").await;
+    subscribe(&mut busy, "x", json!({})).await;
+    subscribe(&mut busy, "y", json!({})).await;
+    server.signal(libc::SIGTERM);
+    assert_eq!(
+        bare.ending(Duration::from_secs(10)).await.0,
+        Ending::Closed(1001)
+    );
+    assert_eq!(
+        busy.ending(Duration::from_secs(10)).await.0,
+        Ending::Closed(1001)
+    );
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -508,7 +508,13 @@ impl SessionCore {
         self.route(request, now);
     }
 
-    fn path_room(&self) -> Option<&RoomName> {
+    /// The connection's id; its subscriptions' member ids follow it.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The room in the path, while subscribed to it.
+    pub fn path_room(&self) -> Option<&RoomName> {
         let tag = self.path?;
         self.subs.iter().find(|s| s.tag == tag).map(|s| &s.room)
     }

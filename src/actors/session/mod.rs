@@ -26,8 +26,8 @@ use actix_http::ws::{Frame, ProtocolError};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 
-use super::hub::{AskPresence, Connect, Disconnect, Hub};
-use super::member::{InboxReader, QueueLimits};
+use super::hub::{AskPresence, Connect, Disconnect, Hub, Register, Unregister};
+use super::member::{InboxReader, QueueLimits, CONNECTION};
 use super::room::Join;
 use super::socket::{self, fail, handle_frame, Upgraded, WsSocket};
 use crate::auth::{Identity, LEEWAY};
@@ -121,6 +121,8 @@ pub struct Session {
     history: Option<BusFuture<HistoryPage>>,
     /// Wakes [`Pump`] when a run of messages began or a bus call was made outside it.
     pump: Option<Waker>,
+    /// On `/ws`: registered with the hub, for the drain (see [`Register`]).
+    registered: bool,
     socket: WsSocket,
 }
 
@@ -160,6 +162,7 @@ impl Session {
                 answers: FuturesOrdered::new(),
                 history: None,
                 pump: None,
+                registered: false,
                 cfg,
                 socket,
             }
@@ -168,6 +171,13 @@ impl Session {
 
     fn about(&self) -> logctx::About<'_> {
         self.core.about()
+    }
+
+    fn limits(&self) -> QueueLimits {
+        QueueLimits {
+            frames: self.cfg.session_queue,
+            bytes: self.cfg.session_queue_bytes,
+        }
     }
 
     /// Carries out what the core asked for, in order.
@@ -196,10 +206,7 @@ impl Session {
                     resume,
                     history,
                 } => {
-                    let limits = QueueLimits {
-                        frames: self.cfg.session_queue,
-                        bytes: self.cfg.session_queue_bytes,
-                    };
+                    let limits = self.limits();
                     self.hub.do_send(Connect {
                         room,
                         join: Join {
@@ -291,6 +298,13 @@ impl Actor for Session {
         log::info!("{} connected", self.about());
         self.socket.interrupt_with(self.inbox.interrupter());
         ctx.spawn(Pump);
+        if self.core.path_room().is_none() {
+            self.registered = true;
+            self.hub.do_send(Register {
+                session: self.core.id(),
+                member: self.inbox.handle(self.limits(), CONNECTION),
+            });
+        }
         self.carry_out(ctx);
     }
 
@@ -299,6 +313,11 @@ impl Actor for Session {
         self.core.finish(Instant::now());
         self.answers = FuturesOrdered::new();
         self.carry_out(ctx);
+        if self.registered {
+            self.hub.do_send(Unregister {
+                session: self.core.id(),
+            });
+        }
         self.cfg.metrics.sessions_open.dec();
         log::info!("{} disconnected", self.about());
         Running::Stop
