@@ -616,16 +616,12 @@ mod tests {
 
     /// A session joining the lobby; its inbox stands in for the session, read by the test.
     fn join(session: SessionId, inbox: &InboxReader) -> Connect {
-        let limits = QueueLimits {
-            frames: 64,
-            bytes: 1 << 20,
-        };
         Connect {
             room: RoomName::parse("lobby").unwrap(),
             join: Join {
                 session,
                 user: UserId::parse(&format!("u{session}")).unwrap(),
-                member: inbox.handle(limits, 1),
+                member: inbox.handle(1),
                 resume: None,
                 history: 0,
             },
@@ -674,7 +670,7 @@ mod tests {
             metrics,
         )
         .start();
-        let (mut before, mut before_seen) = (InboxReader::new(), Vec::new());
+        let (mut before, mut before_seen) = (InboxReader::new(limits), Vec::new());
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);
 
@@ -684,7 +680,7 @@ mod tests {
         .await
         .unwrap();
         // Admitted just before the drain (its upgrade was checked before), attached after.
-        let (mut late, mut late_seen) = (InboxReader::new(), Vec::new());
+        let (mut late, mut late_seen) = (InboxReader::new(limits), Vec::new());
         hub.send(join(2, &late)).await.unwrap();
         assert_eq!(
             hub.send(SessionCount).await.unwrap(),

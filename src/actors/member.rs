@@ -33,7 +33,7 @@ use crate::close::Close;
 
 /// How much one session may have queued: `limits.session_queue` frames and
 /// `limits.session_queue_bytes` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueLimits {
     pub frames: usize,
     pub bytes: usize,
@@ -58,6 +58,9 @@ const KEPT_CAPACITY: usize = 4;
 #[derive(Debug, Default)]
 pub struct Inbox {
     state: Mutex<State>,
+    /// The connection's bounds, the same for every room: kept here once rather than in every
+    /// room's handle.
+    limits: QueueLimits,
     /// `State::closing`, readable without the lock: the session checks it for every frame of
     /// a batch it drains, and the lock is the room's too.
     closing: AtomicBool,
@@ -149,25 +152,26 @@ fn put(mut state: MutexGuard<'_, State>, tag: u32, out: Outbound, size: usize) {
     }
 }
 
-/// The room's handle on one subscription of a session.
+/// The room's handle on one subscription of a session. Small (a pointer and a tag): every
+/// room member and the hub's entry for it hold one.
 #[derive(Clone)]
 pub struct MemberHandle {
     inbox: Arc<Inbox>,
-    limits: QueueLimits,
     /// Stamped on everything this handle puts in the inbox.
     tag: u32,
 }
 
 impl MemberHandle {
-    pub fn new(inbox: Arc<Inbox>, limits: QueueLimits, tag: u32) -> Self {
-        Self { inbox, limits, tag }
+    pub fn new(inbox: Arc<Inbox>, tag: u32) -> Self {
+        Self { inbox, tag }
     }
 
     /// Calls `wake` once the queue is at most half full (at once if it already is), so the
     /// room can offer the next page of a replay. A later call replaces an earlier hook of the
     /// same subscription; other subscriptions of the connection keep theirs.
     pub fn on_drained(&self, wake: Box<dyn FnOnce() + Send>) {
-        let (frames, bytes) = (self.limits.frames / 2, self.limits.bytes / 2);
+        let limits = self.inbox.limits;
+        let (frames, bytes) = (limits.frames / 2, limits.bytes / 2);
         let mut state = self.inbox.lock();
         if state.closed || state.closing {
             return;
@@ -228,7 +232,7 @@ impl Outlet for MemberHandle {
         let QueueLimits {
             frames: max_frames,
             bytes: max_bytes,
-        } = self.limits;
+        } = self.inbox.limits;
         let state = self.inbox.lock();
         let (frames, bytes) = (state.frames, state.bytes);
         if state.closed || state.closing {
@@ -256,7 +260,8 @@ impl Outlet for MemberHandle {
 
     fn has_room(&self) -> bool {
         let state = self.inbox.lock();
-        state.frames <= self.limits.frames / 2 && state.bytes <= self.limits.bytes / 2
+        let limits = self.inbox.limits;
+        state.frames <= limits.frames / 2 && state.bytes <= limits.bytes / 2
     }
 }
 
@@ -274,18 +279,22 @@ pub struct InboxReader {
 }
 
 impl InboxReader {
-    pub fn new() -> Self {
+    /// An inbox bounded by `limits` (see [`MemberHandle`]'s offers).
+    pub fn new(limits: QueueLimits) -> Self {
         Self {
-            inbox: Arc::new(Inbox::default()),
+            inbox: Arc::new(Inbox {
+                limits,
+                ..Inbox::default()
+            }),
             batch: VecDeque::new(),
             handled: (0, 0),
             busy: false,
         }
     }
 
-    /// A handle for the room of the subscription tagged `tag` (from 1), bounded by `limits`.
-    pub fn handle(&self, limits: QueueLimits, tag: u32) -> MemberHandle {
-        MemberHandle::new(Arc::clone(&self.inbox), limits, tag)
+    /// A handle for the room of the subscription tagged `tag` (from 1).
+    pub fn handle(&self, tag: u32) -> MemberHandle {
+        MemberHandle::new(Arc::clone(&self.inbox), tag)
     }
 
     /// Whether a room's own close ends only its subscription (the connection holds other
@@ -374,12 +383,6 @@ impl InboxReader {
     }
 }
 
-impl Default for InboxReader {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Drop for InboxReader {
     fn drop(&mut self) {
         let mut state = self.inbox.lock();
@@ -424,8 +427,8 @@ mod tests {
 
     #[test]
     fn frames_come_out_in_order_and_only_an_empty_inbox_wakes_the_session() {
-        let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS, 1);
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
         let wakes = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&wakes));
         assert_eq!(next(&mut reader, &waker), None);
@@ -450,8 +453,8 @@ mod tests {
 
     #[test]
     fn frames_handled_count_against_the_bound_until_the_session_reports_them() {
-        let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS, 1);
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for text in ["1", "2", "3", "4"] {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
@@ -475,8 +478,8 @@ mod tests {
 
     #[test]
     fn the_byte_bound_holds_and_one_big_frame_still_reaches_a_caught_up_session() {
-        let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS, 1);
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
         let big = "x".repeat(150);
         assert_eq!(handle.offer(frame(&big), false), Offer::Sent);
         assert_eq!(handle.offer(frame("y"), false), Offer::Evict);
@@ -488,8 +491,8 @@ mod tests {
 
     #[test]
     fn a_dropped_reader_is_gone_and_takes_nothing_more() {
-        let reader = InboxReader::new();
-        let handle = reader.handle(LIMITS, 1);
+        let reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
         assert!(!handle.gone());
         drop(reader);
         assert!(handle.gone());
@@ -505,8 +508,8 @@ mod tests {
 
     #[test]
     fn a_close_drops_the_backlog_even_what_the_session_took_out_and_goes_at_once() {
-        let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS, 1);
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for text in ["1", "2", "3", "4"] {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
@@ -540,14 +543,11 @@ mod tests {
 
     #[test]
     fn a_burst_leaves_no_big_buffers_behind_and_a_quiet_session_keeps_none() {
-        let mut reader = InboxReader::new();
-        let handle = reader.handle(
-            QueueLimits {
-                frames: 1000,
-                bytes: 1 << 20,
-            },
-            1,
-        );
+        let mut reader = InboxReader::new(QueueLimits {
+            frames: 1000,
+            bytes: 1 << 20,
+        });
+        let handle = reader.handle(1);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for n in 0..100 {
             assert_eq!(handle.offer(frame(&n.to_string()), false), Offer::Sent);

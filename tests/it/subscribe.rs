@@ -534,3 +534,64 @@ async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001() {
     let status = server.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A measurement rather than a check of behaviour, so not run by default:
+/// `cargo test --test it -- --ignored subscriptions_cost --nocapture`. Every connection is in
+/// one room first (so every room exists and the connections' own cost is in the baseline),
+/// then in nine more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn subscriptions_cost_at_most_a_kibibyte_each_on_top_of_their_connection() {
+    const CONNECTIONS: usize = 1000;
+    const ROOMS: usize = 100;
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP", "0"),
+        ("CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC", "0"),
+        ("CONFAB_LIMITS__ROOMS_PER_IP", "0"),
+        // Join frames pass through and are freed; allocator high-water marks of that traffic
+        // are not what a subscription keeps (rooms of the 10,000 × 10 are past this
+        // limit anyway).
+        ("CONFAB_LIMITS__JOIN_EVENTS_MAX_MEMBERS", "1"),
+    ]);
+    let mut clients = Vec::new();
+    for i in 0..CONNECTIONS {
+        clients.push(server.connect(&format!("/ws?user=u{i}")).await);
+    }
+    subscribe_all(&mut clients, 0..1, ROOMS).await;
+    let before = rss(server.pid());
+    subscribe_all(&mut clients, 1..10, ROOMS).await;
+    let after = rss(server.pid());
+    let each = after.saturating_sub(before) / (CONNECTIONS * 9) as u64;
+    eprintln!(
+        "{CONNECTIONS} connections in {ROOMS} rooms: {before} B in one room each, {after} B in ten: {each} B per subscription"
+    );
+    assert!(each <= 1024, "{each} B per subscription");
+}
+
+/// Subscribes connection i to rooms `room{(i + 10k) % rooms}` for k in `ks`, and waits for
+/// every welcome.
+async fn subscribe_all(clients: &mut [Client], ks: std::ops::Range<usize>, rooms: usize) {
+    for (i, c) in clients.iter_mut().enumerate() {
+        for k in ks.clone() {
+            let room = format!("room{}", (i + k * 10) % rooms);
+            c.send_json(json!({"type":"subscribe","room":room})).await;
+        }
+    }
+    for c in clients.iter_mut() {
+        let mut welcomes = 0;
+        while welcomes < ks.len() {
+            welcomes += usize::from(c.next().await["type"] == "welcome");
+        }
+    }
+}

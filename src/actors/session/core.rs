@@ -750,6 +750,8 @@ impl SessionCore {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(CONNECTION + 1);
         let member = self.id.wrapping_add(u64::from(tag));
+        // Grown one at a time: a connection in ten rooms keeps ten entries, not sixteen.
+        self.subs.reserve_exact(1);
         self.subs.push(Sub {
             tag,
             member,

@@ -158,7 +158,10 @@ impl Session {
                 bus,
                 expires,
                 frames: Assembler::new(cfg.max_frame_bytes),
-                inbox: InboxReader::new(),
+                inbox: InboxReader::new(QueueLimits {
+                    frames: cfg.session_queue,
+                    bytes: cfg.session_queue_bytes,
+                }),
                 answers: FuturesOrdered::new(),
                 history: None,
                 pump: None,
@@ -171,13 +174,6 @@ impl Session {
 
     fn about(&self) -> logctx::About<'_> {
         self.core.about()
-    }
-
-    fn limits(&self) -> QueueLimits {
-        QueueLimits {
-            frames: self.cfg.session_queue,
-            bytes: self.cfg.session_queue_bytes,
-        }
     }
 
     /// Carries out what the core asked for, in order.
@@ -206,13 +202,12 @@ impl Session {
                     resume,
                     history,
                 } => {
-                    let limits = self.limits();
                     self.hub.do_send(Connect {
                         room,
                         join: Join {
                             session: member,
                             user: self.core.user().clone(),
-                            member: self.inbox.handle(limits, tag),
+                            member: self.inbox.handle(tag),
                             resume,
                             history,
                         },
@@ -302,7 +297,7 @@ impl Actor for Session {
             self.registered = true;
             self.hub.do_send(Register {
                 session: self.core.id(),
-                member: self.inbox.handle(self.limits(), CONNECTION),
+                member: self.inbox.handle(CONNECTION),
             });
         }
         self.carry_out(ctx);

@@ -561,3 +561,12 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_subscription_s_entry_in_the_session_table_is_small() {
+    // Part of the ≤ 1 KiB a subscription may cost (docs/design.md, "Many rooms on one
+    // connection"): the room's member entry and the hub's count the rest.
+    let size = std::mem::size_of::<super::Sub>();
+    eprintln!("Sub: {size} bytes");
+    assert!(size <= 96, "{size}");
+}
