@@ -189,6 +189,25 @@ async fn subscribes_are_refused_with_their_ref_for_each_reason() {
 }
 
 #[tokio::test]
+async fn an_address_s_rooms_are_counted_per_subscribe_and_freed_by_unsubscribe() {
+    let server = Server::start(&[("CONFAB_LIMITS__ROOMS_PER_IP", "2")]);
+    let (_home, _) = server.join("/ws/home?user=one").await;
+    let mut c = server.connect("/ws?user=two").await;
+    subscribe(&mut c, "home", json!({})).await;
+    subscribe(&mut c, "away", json!({})).await;
+    let e = refused(&mut c, json!({"type":"subscribe","room":"third","ref":"s"})).await;
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str(), e["room"].as_str()),
+        (Some("too_many_rooms"), Some("s"), Some("third"))
+    );
+    assert_eq!(server.refused_status("/ws/third?user=three").await, 429);
+    c.send_json(json!({"type":"unsubscribe","room":"away"}))
+        .await;
+    c.next_of("unsubscribed").await;
+    subscribe(&mut c, "third", json!({})).await;
+}
+
+#[tokio::test]
 async fn on_ws_a_frame_without_a_room_and_plain_text_are_bad_requests() {
     let server = Server::start(&[]);
     let mut c = server.connect("/ws?user=dee").await;
