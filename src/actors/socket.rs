@@ -177,7 +177,7 @@ impl WsSocket {
     /// Stops (false) or resumes (true) reading frames; frames already decoded in the batch at
     /// hand are still handed over.
     pub fn set_reading(&mut self, reading: bool) {
-        if self.io.paused.get() == !reading {
+        if self.io.paused.get() != reading {
             return;
         }
         self.io.paused.set(!reading);

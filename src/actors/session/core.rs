@@ -91,6 +91,18 @@ pub trait RoomSlots: Send {
     fn leave(&mut self, room: &RoomName);
 }
 
+/// The room a connection's path named (`/ws/{room}`), as the upgrade checked it.
+#[derive(Debug)]
+pub struct PathRoom {
+    pub room: RoomName,
+    /// Whether the token's `publish` globs allow it.
+    pub may_publish: bool,
+    /// `since` and `epoch` from the query.
+    pub resume: Option<(Offset, Epoch)>,
+    /// `history=N` from the query, capped.
+    pub history: usize,
+}
+
 /// One room this connection is in. Small: a connection may hold a hundred.
 #[derive(Debug)]
 struct Sub {
@@ -182,12 +194,11 @@ pub struct SessionCore {
 impl SessionCore {
     /// A session for `identity`, in `path` from the start when the URL named a room (its
     /// [`Effect::Subscribe`] is queued at once).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Arc<SessionConfig>,
         id: SessionId,
         identity: Identity,
-        path: Option<(RoomName, bool, Option<(Offset, Epoch)>, usize)>,
+        path: Option<PathRoom>,
         quotas: Quotas,
         slots: Box<dyn RoomSlots>,
         now: Instant,
@@ -220,9 +231,9 @@ impl SessionCore {
             effects: VecDeque::new(),
         };
         match path {
-            Some((room, may_publish, resume, history)) => {
-                core.path_name = Some(room.clone());
-                let tag = core.add(room, may_publish, None, resume, history);
+            Some(path) => {
+                core.path_name = Some(path.room.clone());
+                let tag = core.add(path.room, path.may_publish, None, path.resume, path.history);
                 core.path = Some(tag);
             }
             None => core.effects.push_back(Effect::RoomsApart(true)),

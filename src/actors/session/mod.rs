@@ -15,7 +15,7 @@
 
 mod core;
 
-pub use self::core::{Effect, RoomSlots, SessionCore, MAX_PUBLISHES_IN_FLIGHT};
+pub use self::core::{Effect, PathRoom, RoomSlots, SessionCore, MAX_PUBLISHES_IN_FLIGHT};
 
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -140,9 +140,12 @@ impl Session {
         Self::create(move |ctx| {
             let socket = WsSocket::start(conn, cfg.max_frame_bytes, cfg.client_timeout, ctx);
             let expires = request.identity.expires;
-            let path = request
-                .room
-                .map(|room| (room, request.may_publish, request.resume, request.history));
+            let path = request.room.map(|room| PathRoom {
+                room,
+                may_publish: request.may_publish,
+                resume: request.resume,
+                history: request.history,
+            });
             let core = SessionCore::new(
                 Arc::clone(&cfg),
                 rand::random(),

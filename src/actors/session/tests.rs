@@ -44,7 +44,12 @@ fn room(name: &str) -> RoomName {
 /// A core on `/ws/{path}`, or on `/ws` without one.
 fn core(path: Option<&str>, rooms: usize) -> SessionCore {
     let identity = Identity::anonymous(UserId::parse("ann").unwrap());
-    let path = path.map(|p| (room(p), true, None, 0));
+    let path = path.map(|p| PathRoom {
+        room: room(p),
+        may_publish: true,
+        resume: None,
+        history: 0,
+    });
     let now = Instant::now();
     SessionCore::new(
         cfg(rooms),
