@@ -614,3 +614,43 @@ async fn subscribe_all(clients: &mut [Client], ks: std::ops::Range<usize>, rooms
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rooms_resumed_at_once_on_one_connection_each_replay_page_by_page_to_the_end() {
+    // A queue of 64 frames: replays go 16 messages a page, the next when the queue is at most
+    // half full. Long messages to a small receive window keep the queue over half, so both
+    // rooms wait for the connection's one inbox to drain at once.
+    let mut env = FAST.to_vec();
+    env.push(("CONFAB_LIMITS__SESSION_QUEUE", "64"));
+    let server = Server::start(&env);
+    let big = "z".repeat(3000);
+    let mut epochs = Vec::new();
+    for room in ["p", "q"] {
+        let (mut writer, welcome) = server.join(&format!("/ws/{room}?user=w{room}")).await;
+        epochs.push(welcome["epoch"].as_str().unwrap().to_owned());
+        for i in 0..500 {
+            writer.say(&big, &i.to_string()).await;
+        }
+    }
+    let mut reader = Client::connect_small_window(&server.url("/ws?user=reader")).await;
+    for (room, epoch) in ["p", "q"].iter().zip(&epochs) {
+        reader
+            .send_json(json!({"type":"subscribe","room":room,"since":0,"epoch":epoch}))
+            .await;
+    }
+    let mut got: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    while got.values().map(Vec::len).sum::<usize>() < 1000 {
+        let v = reader.next().await;
+        match v["type"].as_str() {
+            Some("welcome") => assert_eq!(v["recovered"], true, "{v}"),
+            Some("message") => got
+                .entry(v["room"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["offset"].as_u64().unwrap()),
+            _ => {}
+        }
+    }
+    for room in ["p", "q"] {
+        assert_eq!(got[room], (1..=500).collect::<Vec<u64>>(), "room {room}");
+    }
+}
