@@ -128,6 +128,22 @@ pub struct Disconnect {
     pub session: SessionId,
 }
 
+/// Session → hub: a connection on `/ws` (no path room) started, to be closed by a drain
+/// even while it is in no room. Connections on `/ws/{room}` are known by their path room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub session: SessionId,
+    pub member: MemberHandle,
+}
+
+/// Session → hub: the connection of a [`Register`] ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub session: SessionId,
+}
+
 /// Session → hub: the client asked for the room's presence (`{"type":"presence"}`); the
 /// room answers through the session's inbox.
 #[derive(Message)]
@@ -144,7 +160,8 @@ pub struct Drain {
     pub grace: Duration,
 }
 
-/// Anyone → hub: how many sessions are attached.
+/// Anyone → hub: how many room memberships (subscriptions) are attached, plus the `/ws`
+/// connections registered: none left means no client to drain.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct SessionCount;
@@ -180,7 +197,10 @@ pub struct Hub {
     /// For the rooms it creates.
     room_settings: RoomSettings,
     rooms: HashMap<RoomName, RoomEntry>,
+    /// Room memberships: one per session on `/ws/{room}`, one per subscription on `/ws`.
     sessions: HashMap<SessionId, (UserId, MemberHandle)>,
+    /// Connections on `/ws`, for the drain (see [`Register`]).
+    connections: HashMap<SessionId, MemberHandle>,
     /// Leaves the bus could not record (it was down); retried after it reconnects.
     unrecorded_leaves: HashSet<(RoomName, UserId)>,
     /// Joins and leaves per room not yet recorded by the bus.
@@ -213,6 +233,7 @@ impl Hub {
             limits,
             rooms: HashMap::new(),
             sessions: HashMap::new(),
+            connections: HashMap::new(),
             // Closed sockets linger up to `CLOSE_GRACE` (socket.rs) before their memory is free.
             trimmer: Trimmer::new(CLOSE_GRACE + Duration::from_secs(1)),
             unrecorded_leaves: HashSet::new(),
@@ -530,7 +551,26 @@ impl Handler<SessionCount> for Hub {
     type Result = usize;
 
     fn handle(&mut self, _: SessionCount, _: &mut Self::Context) -> usize {
-        self.sessions.len()
+        self.sessions.len() + self.connections.len()
+    }
+}
+
+impl Handler<Register> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) {
+        if self.draining {
+            return msg.member.close(Close::ShuttingDown);
+        }
+        self.connections.insert(msg.session, msg.member);
+    }
+}
+
+impl Handler<Unregister> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Self::Context) {
+        self.connections.remove(&msg.session);
     }
 }
 
@@ -542,14 +582,22 @@ impl Handler<Drain> for Hub {
         // Spread the closes over most of the grace period so reconnecting clients do not
         // stampede the other replicas; the rest is left for the close handshakes.
         const TICK: Duration = Duration::from_millis(100);
-        let total = self.sessions.len();
+        let total = self.sessions.len() + self.connections.len();
         let ticks = ((msg.grace.as_millis() * 8 / 10) / TICK.as_millis()).max(1) as usize;
         let per_tick = total.div_ceil(ticks).max(1);
         log::info!(
             "draining {total} sessions in batches of {per_tick} over {:?}",
             msg.grace
         );
-        let mut queue: Vec<MemberHandle> = self.sessions.values().map(|(_, m)| m.clone()).collect();
+        // A connection in several rooms is in the queue once per room: closing it twice is
+        // a no-op.
+        let mut queue: Vec<MemberHandle> = self
+            .sessions
+            .values()
+            .map(|(_, m)| m)
+            .chain(self.connections.values())
+            .cloned()
+            .collect();
         // Once the queue is empty the ticks do nothing; the process exits soon after.
         ctx.run_interval(TICK, move |_, _| {
             let split = queue.len().saturating_sub(per_tick);
@@ -568,16 +616,12 @@ mod tests {
 
     /// A session joining the lobby; its inbox stands in for the session, read by the test.
     fn join(session: SessionId, inbox: &InboxReader) -> Connect {
-        let limits = QueueLimits {
-            frames: 64,
-            bytes: 1 << 20,
-        };
         Connect {
             room: RoomName::parse("lobby").unwrap(),
             join: Join {
                 session,
                 user: UserId::parse(&format!("u{session}")).unwrap(),
-                member: inbox.handle(limits),
+                member: inbox.handle(1),
                 resume: None,
                 history: 0,
             },
@@ -587,7 +631,9 @@ mod tests {
     /// Reads what arrived and keeps it in `seen`.
     fn read(inbox: &mut InboxReader, seen: &mut Vec<Outbound>) {
         seen.extend(std::iter::from_fn(|| {
-            inbox.next(futures_util::task::noop_waker_ref())
+            inbox
+                .next(futures_util::task::noop_waker_ref())
+                .map(|(_, out)| out)
         }));
     }
 
@@ -624,7 +670,7 @@ mod tests {
             metrics,
         )
         .start();
-        let (mut before, mut before_seen) = (InboxReader::new(), Vec::new());
+        let (mut before, mut before_seen) = (InboxReader::new(limits), Vec::new());
         hub.send(join(1, &before)).await.unwrap();
         assert_eq!(hub.send(SessionCount).await.unwrap(), 1);
 
@@ -634,7 +680,7 @@ mod tests {
         .await
         .unwrap();
         // Admitted just before the drain (its upgrade was checked before), attached after.
-        let (mut late, mut late_seen) = (InboxReader::new(), Vec::new());
+        let (mut late, mut late_seen) = (InboxReader::new(limits), Vec::new());
         hub.send(join(2, &late)).await.unwrap();
         assert_eq!(
             hub.send(SessionCount).await.unwrap(),
