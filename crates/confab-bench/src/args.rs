@@ -119,6 +119,11 @@ pub struct IdleArgs {
     /// Close the connections at the end and count the frames that costs (leave frames).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub close: bool,
+    /// Rooms each connection holds: 1 = one room in the path (`/ws/{room}`); N > 1 = one
+    /// `/ws` connection subscribed to N rooms (connection i to rooms i·N … i·N+N−1, modulo
+    /// --rooms; N ≤ --rooms), for the memory per subscription.
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_conn: usize,
 }
 
 /// Shared by `fanout`, `rooms` and `cross`; their defaults differ (see [`TrafficArgs::resolve`]).

@@ -65,6 +65,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             index: c,
             target: target_of(c),
             room: format!("{}-{}", ctx.global.prefix, c / t.members),
+            subscribe: Vec::new(),
             user: format!("{}{c}", ctx.global.prefix),
             stalled: is_stalled(c),
         })
