@@ -171,7 +171,10 @@ function show(name) {
   shown = name;
   const v = name && views.get(name);
   $("messages").replaceChildren(...(v ? v.holder.children : []));
-  if (v) v.unread = 0;
+  if (v) {
+    v.unread = 0;
+    $("room").value = name;        // the field names the room on screen
+  }
   $("messages").scrollTop = $("messages").scrollHeight;
   $("chat").setAttribute("aria-label", name ? `Chat in #${name}` : "Chat");
   renderRooms();
@@ -275,6 +278,9 @@ function onAck({ room, run, entry, offset, arrived }) {
   }
   el.classList.remove("pending", "failed");
   el.querySelectorAll(".state, button").forEach((n) => n.remove());
+  // Queued before any welcome said who we are (a token's user): say it now.
+  const who = el.querySelector(".user");
+  if (!who.textContent) who.textContent = client.user;
   place(v, el, run, offset);
 }
 
@@ -392,20 +398,18 @@ function join(rooms) {
   } else {
     try { localStorage.setItem("confab.name", name); } catch { /* not remembered, that is all */ }
   }
-  for (const r of wanted) {
-    view(r);
-    client.join(r);
-  }
   const again = client.status === "idle" || client.stopped || name !== typedName || token !== client.token;
   if (again) {
     typedName = name;
     client.user = name || sessionStorage.getItem("confab.guest") || "";
     client.token = token;
-    client.reconnect();
-  } else {
-    // Asked again for a room the server refused: try it again now.
-    for (const r of wanted) if (client.rooms.get(r).refused) client.join(r);
   }
+  // A room held already is only shown (or asked for again, if the server refused it).
+  for (const r of wanted) {
+    view(r);
+    client.join(r);
+  }
+  if (again) client.reconnect();
   shown === wanted[0] ? renderRooms() : show(wanted[0]);
   updateHash();
   $("message").focus();
