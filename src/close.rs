@@ -53,6 +53,13 @@ impl Close {
         }
     }
 
+    /// Whether this is about one room rather than the connection: on a connection with
+    /// several rooms it ends only that room's subscription (`unsubscribed` with this code and
+    /// reason, docs/PROTOCOL.md §4), and the other rooms go on.
+    pub fn ends_subscription(self) -> bool {
+        matches!(self, Self::MissedHistory | Self::BusUnavailable)
+    }
+
     /// The close frame's reason text.
     pub fn reason(self) -> &'static str {
         match self {

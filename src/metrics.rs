@@ -53,6 +53,10 @@ impl Refusal {
 pub struct Metrics {
     registry: Registry,
     pub sessions_open: IntGauge,
+    /// Rooms sessions are in, summed over sessions: a session on `/ws/{room}` is one, a
+    /// session subscribed to five rooms five.
+    pub subscriptions_open: IntGauge,
+    pub subscribe_refusals: IntCounterVec,
     pub rooms_open: IntGauge,
     pub messages_received: IntCounter,
     pub messages_published: IntCounter,
@@ -131,6 +135,15 @@ impl Metrics {
         registry.register(Box::new(store_commit_seconds.clone()))?;
         let metrics = Self {
             sessions_open: gauge("confab_sessions_open", "WebSocket chat sessions open now.")?,
+            subscriptions_open: gauge(
+                "confab_subscriptions_open",
+                "Room subscriptions of the open sessions (a session's path room counts as one).",
+            )?,
+            subscribe_refusals: counter_vec(
+                "confab_subscribe_refusals_total",
+                "subscribe frames refused, by error code.",
+                &["code"],
+            )?,
             rooms_open: gauge(
                 "confab_rooms_open",
                 "Rooms with at least one local session on this replica.",

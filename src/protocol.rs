@@ -23,9 +23,17 @@ enum WireFrame {
         text: String,
         #[serde(rename = "ref", default)]
         reference: Option<String>,
+        #[serde(default)]
+        room: Option<String>,
     },
-    Typing,
-    Presence,
+    Typing {
+        #[serde(default)]
+        room: Option<String>,
+    },
+    Presence {
+        #[serde(default)]
+        room: Option<String>,
+    },
     Ping,
     History {
         #[serde(default)]
@@ -34,24 +42,85 @@ enum WireFrame {
         limit: Option<usize>,
         #[serde(rename = "ref", default)]
         reference: Option<String>,
+        #[serde(default)]
+        room: Option<String>,
+    },
+    Subscribe {
+        room: String,
+        #[serde(default)]
+        since: Option<Offset>,
+        #[serde(default)]
+        epoch: Option<String>,
+        #[serde(default)]
+        history: Option<usize>,
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
+    Unsubscribe {
+        room: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
     },
 }
 
-/// A validated request from a client.
+/// A validated request from a client. `room` is the room a frame names (docs/PROTOCOL.md §4):
+/// `None` means the connection's path room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Message {
         text: String,
         reference: Option<String>,
+        room: Option<RoomName>,
     },
-    Typing,
-    Presence,
+    Typing {
+        room: Option<RoomName>,
+    },
+    Presence {
+        room: Option<RoomName>,
+    },
     Ping,
     History {
         before: Option<Offset>,
         limit: usize,
         reference: Option<String>,
+        room: Option<RoomName>,
     },
+    /// Join a room on this connection: its welcome carries `reference`.
+    Subscribe {
+        room: RoomName,
+        resume: Option<(Offset, Epoch)>,
+        history: usize,
+        reference: Option<String>,
+    },
+    Unsubscribe {
+        room: RoomName,
+        reference: Option<String>,
+    },
+}
+
+impl Request {
+    /// The `ref` the client gave, for the answer to carry.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            Self::Message { reference, .. }
+            | Self::History { reference, .. }
+            | Self::Subscribe { reference, .. }
+            | Self::Unsubscribe { reference, .. } => reference.as_deref(),
+            Self::Typing { .. } | Self::Presence { .. } | Self::Ping => None,
+        }
+    }
+
+    /// The room the frame is about, when it names one.
+    pub fn room(&self) -> Option<&RoomName> {
+        match self {
+            Self::Message { room, .. }
+            | Self::Typing { room }
+            | Self::Presence { room }
+            | Self::History { room, .. } => room.as_ref(),
+            Self::Subscribe { room, .. } | Self::Unsubscribe { room, .. } => Some(room),
+            Self::Ping => None,
+        }
+    }
 }
 
 /// The `code` of an `error` frame (and of the HTTP refusals that share its meaning).
@@ -62,6 +131,8 @@ pub enum ErrorCode {
     RateLimited,
     Forbidden,
     Unavailable,
+    /// A `subscribe` over `limits.rooms_per_connection` (or the address's `rooms_per_ip`).
+    TooManyRooms,
     Internal,
 }
 
@@ -74,6 +145,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Forbidden => "forbidden",
             Self::Unavailable => "unavailable",
+            Self::TooManyRooms => "too_many_rooms",
             Self::Internal => "internal",
         }
     }
@@ -92,6 +164,8 @@ pub struct Rejection {
     pub code: ErrorCode,
     pub message: String,
     pub reference: Option<String>,
+    /// The room the frame named, when it names a valid one.
+    pub room: Option<RoomName>,
 }
 
 impl Rejection {
@@ -100,8 +174,25 @@ impl Rejection {
             code: ErrorCode::BadRequest,
             message: message.into(),
             reference,
+            room: None,
         }
     }
+
+    fn about(mut self, room: &Option<RoomName>) -> Self {
+        self.room = room.clone();
+        self
+    }
+}
+
+/// A room a frame names: `None` when it names none, a refusal when the name is not one.
+fn named_room(
+    room: Option<String>,
+    reference: &Option<String>,
+) -> Result<Option<RoomName>, Rejection> {
+    room.map(|r| {
+        RoomName::parse(&r).map_err(|e| Rejection::bad(format!("room name {e}"), reference.clone()))
+    })
+    .transpose()
 }
 
 /// Parses one complete text message from a client.
@@ -114,39 +205,96 @@ pub fn parse_request(frame: &str, max_message_chars: usize) -> Result<Request, R
         return Ok(Request::Message {
             text: frame.to_owned(),
             reference: None,
+            room: None,
         });
     }
     let wire: WireFrame = serde_json::from_str(frame).map_err(|e| {
-        // Try to find the ref even in a frame we cannot use, so the client can match the error.
-        let reference = serde_json::from_str::<serde_json::Value>(frame)
-            .ok()
-            .and_then(|v| v.get("ref")?.as_str().map(str::to_owned));
-        Rejection::bad(describe_json_error(&e), reference)
+        // Try to find the ref (and room) even in a frame we cannot use, so the client can
+        // match the error.
+        let value = serde_json::from_str::<serde_json::Value>(frame).ok();
+        let field = |name: &str| value.as_ref()?.get(name)?.as_str().map(str::to_owned);
+        let room = field("room").and_then(|r| RoomName::parse(&r).ok());
+        Rejection::bad(describe_json_error(&e), field("ref")).about(&room)
     })?;
     match wire {
-        WireFrame::Message { text, reference } => {
+        WireFrame::Message {
+            text,
+            reference,
+            room,
+        } => {
             check_ref(&reference)?;
-            check_text(&text, max_message_chars, &reference)?;
-            Ok(Request::Message { text, reference })
+            let room = named_room(room, &reference)?;
+            check_text(&text, max_message_chars, &reference).map_err(|r| r.about(&room))?;
+            Ok(Request::Message {
+                text,
+                reference,
+                room,
+            })
         }
-        WireFrame::Typing => Ok(Request::Typing),
-        WireFrame::Presence => Ok(Request::Presence),
+        WireFrame::Typing { room } => Ok(Request::Typing {
+            room: named_room(room, &None)?,
+        }),
+        WireFrame::Presence { room } => Ok(Request::Presence {
+            room: named_room(room, &None)?,
+        }),
         WireFrame::Ping => Ok(Request::Ping),
         WireFrame::History {
             before,
             limit,
             reference,
+            room,
         } => {
             check_ref(&reference)?;
+            let room = named_room(room, &reference)?;
             let limit = match check_page(before, limit) {
                 Ok(limit) => limit,
-                Err(message) => return Err(Rejection::bad(message, reference)),
+                Err(message) => return Err(Rejection::bad(message, reference).about(&room)),
             };
             Ok(Request::History {
                 before,
                 limit,
                 reference,
+                room,
             })
+        }
+        WireFrame::Subscribe {
+            room,
+            since,
+            epoch,
+            history,
+            reference,
+        } => {
+            check_ref(&reference)?;
+            let room = RoomName::parse(&room)
+                .map_err(|e| Rejection::bad(format!("room name {e}"), reference.clone()))?;
+            let named = Some(room.clone());
+            // As in the URL query of `/ws/{room}` (docs/PROTOCOL.md §3).
+            let resume = match (since, epoch) {
+                (None, None) => None,
+                (Some(since), Some(epoch)) if !epoch.is_empty() && since <= MAX_OFFSET => {
+                    Some((since, Epoch::from_string(&epoch)))
+                }
+                (Some(_), Some(epoch)) if !epoch.is_empty() => {
+                    let message = format!("since must be 0 to {MAX_OFFSET}");
+                    return Err(Rejection::bad(message, reference).about(&named));
+                }
+                _ => {
+                    let message = "since and epoch go together";
+                    return Err(Rejection::bad(message, reference).about(&named));
+                }
+            };
+            Ok(Request::Subscribe {
+                room,
+                resume,
+                history: history.unwrap_or(0).min(MAX_HISTORY_LIMIT),
+                reference,
+            })
+        }
+        WireFrame::Unsubscribe { room, reference } => {
+            check_ref(&reference)?;
+            let room = RoomName::parse(&room)
+                .map_err(|e| Rejection::bad(format!("room name {e}"), reference.clone()))?;
+            Ok(Request::Unsubscribe { room, reference })
         }
     }
 }
@@ -178,7 +326,7 @@ pub fn check_message(
 fn describe_json_error(e: &serde_json::Error) -> String {
     let text = e.to_string();
     if text.starts_with("unknown variant") {
-        "unknown frame type (expected message, typing, presence, ping or history)".to_owned()
+        "unknown frame type (expected message, typing, presence, ping, history, subscribe or unsubscribe)".to_owned()
     } else if e.is_syntax() || e.is_eof() {
         format!("malformed JSON: {text}")
     } else {
@@ -206,6 +354,7 @@ fn check_text(text: &str, max_chars: usize, reference: &Option<String>) -> Resul
             code: ErrorCode::TooLong,
             message: format!("message text is longer than {max_chars} characters"),
             reference: reference.clone(),
+            room: None,
         });
     }
     // What is stored is JSON, where a control character takes six bytes (`\u0001`): a text of
@@ -220,6 +369,7 @@ fn check_text(text: &str, max_chars: usize, reference: &Option<String>) -> Resul
                 "message text takes more than {max_bytes} bytes as JSON (control characters count 6 each)"
             ),
             reference: reference.clone(),
+            room: None,
         });
     }
     Ok(())
@@ -252,6 +402,9 @@ pub enum ServerFrame<'a> {
         offset: Offset,
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// The `ref` of the `subscribe` it answers.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     Message {
         room: &'a RoomName,
@@ -299,6 +452,17 @@ pub enum ServerFrame<'a> {
         epoch: &'a Epoch,
         /// Stored `message` frames, oldest first, spliced in as they were stored.
         messages: Vec<&'a RawValue>,
+    },
+    /// A subscription ended: the client asked (`reference`), or the server ended it
+    /// (`code` and `reason`, docs/PROTOCOL.md §4).
+    Unsubscribed {
+        room: &'a RoomName,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     Pong,
     Error {
@@ -377,7 +541,8 @@ mod tests {
             parse("hello"),
             Ok(Request::Message {
                 text: "hello".into(),
-                reference: None
+                reference: None,
+                room: None
             })
         );
     }
@@ -388,15 +553,22 @@ mod tests {
             parse(r#"{"type":"message","text":"hi","ref":"c1"}"#),
             Ok(Request::Message {
                 text: "hi".into(),
-                reference: Some("c1".into())
+                reference: Some("c1".into()),
+                room: None
             })
         );
     }
 
     #[test]
     fn unit_frames_parse() {
-        assert_eq!(parse(r#"{"type":"typing"}"#), Ok(Request::Typing));
-        assert_eq!(parse(r#"{"type":"presence"}"#), Ok(Request::Presence));
+        assert_eq!(
+            parse(r#"{"type":"typing"}"#),
+            Ok(Request::Typing { room: None })
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence"}"#),
+            Ok(Request::Presence { room: None })
+        );
         assert_eq!(parse(r#"{"type":"ping"}"#), Ok(Request::Ping));
     }
 
@@ -445,13 +617,80 @@ mod tests {
     }
 
     #[test]
+    fn room_frames_name_their_room_and_a_bad_name_is_refused_with_the_ref() {
+        let lobby = RoomName::parse("lobby").unwrap();
+        assert_eq!(
+            parse(r#"{"type":"message","text":"hi","room":"lobby"}"#),
+            Ok(Request::Message {
+                text: "hi".into(),
+                reference: None,
+                room: Some(lobby.clone())
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"typing","room":"lobby"}"#),
+            Ok(Request::Typing {
+                room: Some(lobby.clone())
+            })
+        );
+        let bad = parse(r#"{"type":"message","text":"hi","room":"no such","ref":"c"}"#);
+        let bad = bad.unwrap_err();
+        assert_eq!(
+            (bad.code, bad.reference.as_deref()),
+            (ErrorCode::BadRequest, Some("c"))
+        );
+        let long = parse(r#"{"type":"message","text":"far too long a text","room":"lobby"}"#);
+        assert_eq!(
+            long.unwrap_err().room,
+            Some(lobby),
+            "the error names the room"
+        );
+    }
+
+    #[test]
+    fn subscribe_takes_a_resume_and_a_capped_history_and_unsubscribe_a_room() {
+        let lobby = RoomName::parse("lobby").unwrap();
+        assert_eq!(
+            parse(
+                r#"{"type":"subscribe","room":"lobby","since":4,"epoch":"e","history":500,"ref":"s1"}"#
+            ),
+            Ok(Request::Subscribe {
+                room: lobby.clone(),
+                resume: Some((4, Epoch::from_string("e"))),
+                history: MAX_HISTORY_LIMIT,
+                reference: Some("s1".into())
+            })
+        );
+        let alone = parse(r#"{"type":"subscribe","room":"lobby","since":4,"ref":"s2"}"#);
+        let alone = alone.unwrap_err();
+        assert_eq!(
+            (alone.reference.as_deref(), alone.room),
+            (Some("s2"), Some(lobby.clone())),
+            "since without epoch"
+        );
+        let bad = parse(r#"{"type":"subscribe","room":"-x","ref":"s3"}"#).unwrap_err();
+        assert_eq!(
+            (bad.code, bad.reference.as_deref()),
+            (ErrorCode::BadRequest, Some("s3"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"unsubscribe","room":"lobby"}"#),
+            Ok(Request::Unsubscribe {
+                room: lobby,
+                reference: None
+            })
+        );
+    }
+
+    #[test]
     fn history_limit_defaults_and_is_bounded() {
         assert_eq!(
             parse(r#"{"type":"history"}"#),
             Ok(Request::History {
                 before: None,
                 limit: DEFAULT_HISTORY_LIMIT,
-                reference: None
+                reference: None,
+                room: None
             })
         );
         assert!(parse(r#"{"type":"history","limit":101}"#).is_err());
@@ -471,6 +710,7 @@ mod tests {
             epoch: &epoch,
             offset: 0,
             recovered: None,
+            reference: None,
         }
         .to_text();
         let v: serde_json::Value = serde_json::from_str(&welcome).unwrap();

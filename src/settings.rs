@@ -139,6 +139,9 @@ pub struct LimitSettings {
     pub messages_per_sec_per_user: u32,
     /// Distinct rooms the sessions of one client address may be in at once; 0 = no limit.
     pub rooms_per_ip: usize,
+    /// Rooms one connection may be subscribed to at once, its path room included
+    /// (docs/PROTOCOL.md §4); a `subscribe` over it gets `error too_many_rooms`.
+    pub rooms_per_connection: usize,
     /// Most messages one resume replays; a longer one is `recovered:false` (docs/PROTOCOL.md §9).
     pub resume_max_messages: u64,
     /// Rooms with more members than this on a replica send no join/leave frames.
@@ -240,6 +243,7 @@ impl Default for LimitSettings {
             messages_per_sec_per_ip: 200,
             messages_per_sec_per_user: 30,
             rooms_per_ip: 200,
+            rooms_per_connection: 100,
             resume_max_messages: 10000,
             join_events_max_members: 100,
         }
@@ -476,6 +480,9 @@ const RULES: &[Rule] = &[
         s.limits.resume_max_messages
     }),
     Rule::positive("limits.session_queue", |s| s.limits.session_queue as u64),
+    Rule::positive("limits.rooms_per_connection", |s| {
+        s.limits.rooms_per_connection as u64
+    }),
     Rule::positive("limits.session_queue_bytes", |s| {
         s.limits.session_queue_bytes as u64
     }),
@@ -1127,7 +1134,10 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 19, "every positive rule of the old list is kept");
+        assert_eq!(
+            checked, 20,
+            "every positive rule of the old list is kept, and rooms_per_connection"
+        );
     }
 
     #[test]

@@ -577,7 +577,7 @@ mod tests {
             join: Join {
                 session,
                 user: UserId::parse(&format!("u{session}")).unwrap(),
-                member: inbox.handle(limits),
+                member: inbox.handle(limits, 1),
                 resume: None,
                 history: 0,
             },
@@ -587,7 +587,9 @@ mod tests {
     /// Reads what arrived and keeps it in `seen`.
     fn read(inbox: &mut InboxReader, seen: &mut Vec<Outbound>) {
         seen.extend(std::iter::from_fn(|| {
-            inbox.next(futures_util::task::noop_waker_ref())
+            inbox
+                .next(futures_util::task::noop_waker_ref())
+                .map(|(_, out)| out)
         }));
     }
 

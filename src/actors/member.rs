@@ -7,6 +7,13 @@
 //! these counts are the backlog (frames the session wrote during its current batch are
 //! credited back when the batch ends or pauses: at most one socket's worth, 16 KiB, of slack).
 //!
+//! One inbox serves every room of a connection (docs/design.md, "Many rooms on one connection"):
+//! each subscription's handle stamps what it puts in with the subscription's tag, so the
+//! session can drop frames of a room it left, and the bounds (and the slow-consumer close)
+//! are the connection's. A subscription's own end (a gap history no longer holds) goes in as a
+//! tagged close behind its room's frames when the connection has other rooms; otherwise it
+//! closes the connection as before.
+//!
 //! The inbox is a plain queue under a lock rather than the session's actor mailbox: a
 //! delivery is one push into a buffer that keeps its capacity, where a mailbox message is
 //! two allocations freed on another thread, and the session is woken only when its inbox
@@ -54,11 +61,18 @@ pub struct Inbox {
     /// `State::closing`, readable without the lock: the session checks it for every frame of
     /// a batch it drains, and the lock is the room's too.
     closing: AtomicBool,
+    /// Set while the connection holds rooms besides a path room alone: a room's own close
+    /// (see [`Close::ends_subscription`]) then ends only that subscription.
+    rooms_apart: AtomicBool,
 }
+
+/// The tag of what concerns the whole connection rather than one subscription (a close for
+/// a slow consumer, a drain). Subscriptions are tagged from 1.
+pub const CONNECTION: u32 = 0;
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Outbound>,
+    queue: VecDeque<(u32, Outbound)>,
     /// Frames and bytes put in and not yet written: the queue plus what the session took
     /// out and has not handled yet.
     frames: usize,
@@ -73,8 +87,17 @@ struct State {
     /// The session is gone: nothing is accepted any more.
     closed: bool,
     /// Called once when the backlog falls to these frames and bytes (a resuming member's
-    /// next page of replay waits for it).
-    drained: Option<Box<(usize, usize, Hook)>>,
+    /// next page of replay waits for it): one hook per subscription that waits, so rooms
+    /// replaying at once on one connection each get theirs.
+    drained: Option<Box<Drained>>,
+}
+
+/// The hooks waiting for a connection's backlog to fall to `frames` and `bytes`.
+#[derive(Debug)]
+struct Drained {
+    frames: usize,
+    bytes: usize,
+    hooks: Vec<(u32, Hook)>,
 }
 
 /// What the room asked to be told when a member's queue drained.
@@ -115,8 +138,8 @@ impl Inbox {
 }
 
 /// Puts a frame in and wakes the session if it waits for one.
-fn put(mut state: MutexGuard<'_, State>, out: Outbound, size: usize) {
-    state.queue.push_back(out);
+fn put(mut state: MutexGuard<'_, State>, tag: u32, out: Outbound, size: usize) {
+    state.queue.push_back((tag, out));
     state.frames += 1;
     state.bytes += size;
     let waker = state.waker.take();
@@ -126,20 +149,23 @@ fn put(mut state: MutexGuard<'_, State>, out: Outbound, size: usize) {
     }
 }
 
-/// The room's handle on one session.
+/// The room's handle on one subscription of a session.
 #[derive(Clone)]
 pub struct MemberHandle {
     inbox: Arc<Inbox>,
     limits: QueueLimits,
+    /// Stamped on everything this handle puts in the inbox.
+    tag: u32,
 }
 
 impl MemberHandle {
-    pub fn new(inbox: Arc<Inbox>, limits: QueueLimits) -> Self {
-        Self { inbox, limits }
+    pub fn new(inbox: Arc<Inbox>, limits: QueueLimits, tag: u32) -> Self {
+        Self { inbox, limits, tag }
     }
 
     /// Calls `wake` once the queue is at most half full (at once if it already is), so the
-    /// room can offer the next page of a replay. A later call replaces an earlier hook.
+    /// room can offer the next page of a replay. A later call replaces an earlier hook of the
+    /// same subscription; other subscriptions of the connection keep theirs.
     pub fn on_drained(&self, wake: Box<dyn FnOnce() + Send>) {
         let (frames, bytes) = (self.limits.frames / 2, self.limits.bytes / 2);
         let mut state = self.inbox.lock();
@@ -150,7 +176,15 @@ impl MemberHandle {
             drop(state);
             return wake();
         }
-        state.drained = Some(Box::new((frames, bytes, Hook(wake))));
+        let drained = state.drained.get_or_insert_with(|| {
+            Box::new(Drained {
+                frames,
+                bytes,
+                hooks: Vec::new(),
+            })
+        });
+        drained.hooks.retain(|(tag, _)| *tag != self.tag);
+        drained.hooks.push((self.tag, Hook(wake)));
     }
 
     /// Tells a detached member to close, at once: the backlog is dropped (every frame in it
@@ -158,10 +192,20 @@ impl MemberHandle {
     /// first, and a session waiting on its socket stops waiting. A slow consumer's close no
     /// longer waits behind the megabytes it is about, holding its slot and presence until the
     /// client reads them.
+    ///
+    /// A close that ends only a subscription ([`Close::ends_subscription`]) on a connection
+    /// with rooms apart goes in behind the room's frames instead, tagged, and bounds aside:
+    /// the session answers it with `unsubscribed`, and its other rooms go on.
     pub fn close(&self, why: Close) {
         let mut state = self.inbox.lock();
         if state.closed || state.closing {
             return;
+        }
+        if why.ends_subscription() && self.inbox.rooms_apart.load(Ordering::Acquire) {
+            if let Some(drained) = state.drained.as_mut() {
+                drained.hooks.retain(|(tag, _)| *tag != self.tag);
+            }
+            return put(state, self.tag, Outbound::Close(why), 0);
         }
         state.closing = true;
         self.inbox.closing.store(true, Ordering::Release);
@@ -170,7 +214,7 @@ impl MemberHandle {
         state.frames = 0;
         state.bytes = 0;
         let socket_waker = state.socket_waker.take();
-        put(state, Outbound::Close(why), 0);
+        put(state, CONNECTION, Outbound::Close(why), 0);
         if let Some(waker) = socket_waker {
             waker.wake();
         }
@@ -202,7 +246,7 @@ impl Outlet for MemberHandle {
         if frames >= max_frames || (bytes > 0 && bytes + size > max_bytes) {
             return Offer::Evict;
         }
-        put(state, out, size);
+        put(state, self.tag, out, size);
         Offer::Sent
     }
 
@@ -222,7 +266,7 @@ impl Outlet for MemberHandle {
 pub struct InboxReader {
     inbox: Arc<Inbox>,
     /// Frames taken out of the inbox in one go and not yet handled.
-    batch: VecDeque<Outbound>,
+    batch: VecDeque<(u32, Outbound)>,
     /// Frames and bytes handled since the inbox was last told.
     handled: (usize, usize),
     /// A frame came since the last [`Self::trim`].
@@ -239,14 +283,21 @@ impl InboxReader {
         }
     }
 
-    /// A handle for the room, bounded by `limits`.
-    pub fn handle(&self, limits: QueueLimits) -> MemberHandle {
-        MemberHandle::new(Arc::clone(&self.inbox), limits)
+    /// A handle for the room of the subscription tagged `tag` (from 1), bounded by `limits`.
+    pub fn handle(&self, limits: QueueLimits, tag: u32) -> MemberHandle {
+        MemberHandle::new(Arc::clone(&self.inbox), limits, tag)
     }
 
-    /// The next frame to handle. At an empty inbox it returns `None` and remembers `waker`,
-    /// woken by the next frame put in.
-    pub fn next(&mut self, waker: &Waker) -> Option<Outbound> {
+    /// Whether a room's own close ends only its subscription (the connection holds other
+    /// rooms, or has no path room) rather than the connection.
+    pub fn set_rooms_apart(&self, apart: bool) {
+        self.inbox.rooms_apart.store(apart, Ordering::Release);
+    }
+
+    /// The next frame to handle, with the tag of the subscription it is for ([`CONNECTION`]
+    /// for a close of the connection). At an empty inbox it returns `None` and remembers
+    /// `waker`, woken by the next frame put in.
+    pub fn next(&mut self, waker: &Waker) -> Option<(u32, Outbound)> {
         if !self.batch.is_empty() && self.inbox.closing.load(Ordering::Acquire) {
             // Told to close: what was taken out and not written goes too.
             self.batch = VecDeque::new();
@@ -275,7 +326,7 @@ impl InboxReader {
         let out = self.batch.pop_front()?;
         self.busy = true;
         self.handled.0 += 1;
-        self.handled.1 += out.bytes();
+        self.handled.1 += out.1.bytes();
         Some(out)
     }
 
@@ -297,12 +348,14 @@ impl InboxReader {
         debug_assert!(state.closing || (frames <= state.frames && bytes <= state.bytes));
         state.frames = state.frames.saturating_sub(frames);
         state.bytes = state.bytes.saturating_sub(bytes);
-        let low = matches!(state.drained.as_deref(), Some(&(f, b, _)) if state.frames <= f && state.bytes <= b);
+        let low = matches!(state.drained.as_deref(), Some(d) if state.frames <= d.frames && state.bytes <= d.bytes);
         if low {
-            if let Some((_, _, Hook(wake))) = state.drained.take().map(|d| *d) {
-                // Under the inbox's lock: the hook only posts a message to the room's mailbox,
+            if let Some(drained) = state.drained.take() {
+                // Under the inbox's lock: a hook only posts a message to its room's mailbox,
                 // which never takes this lock.
-                wake();
+                for (_, Hook(wake)) in drained.hooks {
+                    wake();
+                }
             }
         }
     }
@@ -355,6 +408,11 @@ mod tests {
         }
     }
 
+    /// The next frame, its tag aside.
+    fn next(reader: &mut InboxReader, waker: &Waker) -> Option<Outbound> {
+        reader.next(waker).map(|(_, out)| out)
+    }
+
     fn frame(text: &str) -> Outbound {
         Outbound::Frame(ByteString::from(text.to_owned()))
     }
@@ -367,10 +425,10 @@ mod tests {
     #[test]
     fn frames_come_out_in_order_and_only_an_empty_inbox_wakes_the_session() {
         let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS);
+        let handle = reader.handle(LIMITS, 1);
         let wakes = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&wakes));
-        assert_eq!(reader.next(&waker), None);
+        assert_eq!(next(&mut reader, &waker), None);
         assert_eq!(handle.offer(frame("a"), false), Offer::Sent);
         assert_eq!(handle.offer(frame("b"), false), Offer::Sent);
         assert_eq!(
@@ -378,11 +436,11 @@ mod tests {
             1,
             "woken once for two frames"
         );
-        assert_eq!(reader.next(&waker), Some(frame("a")));
+        assert_eq!(next(&mut reader, &waker), Some(frame("a")));
         assert_eq!(handle.offer(frame("c"), false), Offer::Sent);
-        assert_eq!(reader.next(&waker), Some(frame("b")));
-        assert_eq!(reader.next(&waker), Some(frame("c")));
-        assert_eq!(reader.next(&waker), None);
+        assert_eq!(next(&mut reader, &waker), Some(frame("b")));
+        assert_eq!(next(&mut reader, &waker), Some(frame("c")));
+        assert_eq!(next(&mut reader, &waker), None);
         assert_eq!(
             wakes.0.load(Ordering::Relaxed),
             1,
@@ -393,7 +451,7 @@ mod tests {
     #[test]
     fn frames_handled_count_against_the_bound_until_the_session_reports_them() {
         let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS);
+        let handle = reader.handle(LIMITS, 1);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for text in ["1", "2", "3", "4"] {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
@@ -404,7 +462,7 @@ mod tests {
             "4 frames queued"
         );
         // Handled one of the four, but the room is told only at the next batch or pause.
-        assert_eq!(reader.next(&waker), Some(frame("1")));
+        assert_eq!(next(&mut reader, &waker), Some(frame("1")));
         assert_eq!(handle.offer(frame("5"), false), Offer::Evict);
         reader.settle_now();
         assert_eq!(handle.offer(frame("5"), false), Offer::Sent);
@@ -418,20 +476,20 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_and_one_big_frame_still_reaches_a_caught_up_session() {
         let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS);
+        let handle = reader.handle(LIMITS, 1);
         let big = "x".repeat(150);
         assert_eq!(handle.offer(frame(&big), false), Offer::Sent);
         assert_eq!(handle.offer(frame("y"), false), Offer::Evict);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
-        assert!(reader.next(&waker).is_some());
-        assert_eq!(reader.next(&waker), None, "settles the 150 bytes");
+        assert!(next(&mut reader, &waker).is_some());
+        assert_eq!(next(&mut reader, &waker), None, "settles the 150 bytes");
         assert_eq!(handle.offer(frame("y"), false), Offer::Sent);
     }
 
     #[test]
     fn a_dropped_reader_is_gone_and_takes_nothing_more() {
         let reader = InboxReader::new();
-        let handle = reader.handle(LIMITS);
+        let handle = reader.handle(LIMITS, 1);
         assert!(!handle.gone());
         drop(reader);
         assert!(handle.gone());
@@ -448,12 +506,16 @@ mod tests {
     #[test]
     fn a_close_drops_the_backlog_even_what_the_session_took_out_and_goes_at_once() {
         let mut reader = InboxReader::new();
-        let handle = reader.handle(LIMITS);
+        let handle = reader.handle(LIMITS, 1);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for text in ["1", "2", "3", "4"] {
             assert_eq!(handle.offer(frame(text), false), Offer::Sent);
         }
-        assert_eq!(reader.next(&waker), Some(frame("1")), "a batch taken out");
+        assert_eq!(
+            next(&mut reader, &waker),
+            Some(frame("1")),
+            "a batch taken out"
+        );
         let interrupt = reader.interrupter();
         let interrupted = |w: &Waker| interrupt.interrupted(w);
         let socket_wakes = Arc::new(Count(AtomicUsize::new(0)));
@@ -466,28 +528,34 @@ mod tests {
             "a wait on the socket is woken"
         );
         assert!(interrupted(&socket_waker));
-        let all: Vec<_> = std::iter::from_fn(|| reader.next(&waker)).collect();
+        let all: Vec<_> = std::iter::from_fn(|| next(&mut reader, &waker)).collect();
         assert!(
             matches!(all[..], [Outbound::Close(Close::SlowConsumer)]),
             "{all:?}"
         );
         assert_eq!(handle.offer(frame("5"), false), Offer::Evict);
         handle.close(Close::MissedHistory);
-        assert_eq!(reader.next(&waker), None, "one close only");
+        assert_eq!(next(&mut reader, &waker), None, "one close only");
     }
 
     #[test]
     fn a_burst_leaves_no_big_buffers_behind_and_a_quiet_session_keeps_none() {
         let mut reader = InboxReader::new();
-        let handle = reader.handle(QueueLimits {
-            frames: 1000,
-            bytes: 1 << 20,
-        });
+        let handle = reader.handle(
+            QueueLimits {
+                frames: 1000,
+                bytes: 1 << 20,
+            },
+            1,
+        );
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         for n in 0..100 {
             assert_eq!(handle.offer(frame(&n.to_string()), false), Offer::Sent);
         }
-        assert_eq!(std::iter::from_fn(|| reader.next(&waker)).count(), 100);
+        assert_eq!(
+            std::iter::from_fn(|| next(&mut reader, &waker)).count(),
+            100
+        );
         let capacities = |r: &InboxReader| (r.batch.capacity(), r.inbox.lock().queue.capacity());
         let (batch, queue) = capacities(&reader);
         assert!(
@@ -496,8 +564,8 @@ mod tests {
         );
 
         assert_eq!(handle.offer(frame("a"), false), Offer::Sent);
-        assert!(reader.next(&waker).is_some());
-        assert!(reader.next(&waker).is_none());
+        assert!(next(&mut reader, &waker).is_some());
+        assert!(next(&mut reader, &waker).is_none());
         reader.trim();
         assert_ne!(
             capacities(&reader),

@@ -10,6 +10,11 @@
 //! the kernel took the backlog down to [`LOW_WATERMARK`], so what a room counts as pending is
 //! the backlog.
 //!
+//! The actor may also stop reading for a while ([`WsSocket::set_reading`]): a session whose
+//! publishes in flight reach their cap, or whose history read is on the bus, reads no more
+//! frames until it is answered, so a fast client is slowed by TCP backpressure. Deliveries go
+//! on meanwhile.
+//!
 //! Closing queues the close frame and stops the actor at once, so the session leaves its
 //! room, its presence and its slot even when the peer reads nothing (a slow consumer's 4008).
 //! A task of its own (`finish`) then writes what is still queued, the close frame last (given
@@ -25,7 +30,7 @@
 //! (docs/PERFORMANCE.md), and this socket's backpressure (the actor waits, so a room's counts
 //! are the backlog) is what the slow-consumer rule is built on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -65,6 +70,9 @@ struct Io {
     /// Asked while the actor waits on its backlog: true ends the wait at once (a room told
     /// the session to close; its close must not wait for a client that reads nothing).
     interrupt: RefCell<Option<Arc<dyn Interrupt>>>,
+    /// The actor reads no frames for now; the reader's waker is kept to resume it.
+    paused: Cell<bool>,
+    reader: RefCell<Option<Waker>>,
 }
 
 /// What can cut a wait on the backlog short (see [`WsSocket::interrupt_with`]). A trait object
@@ -147,6 +155,8 @@ impl WsSocket {
             out: RefCell::new(Outbox::default()),
             stall,
             interrupt: RefCell::new(None),
+            paused: Cell::new(false),
+            reader: RefCell::new(None),
         });
         ctx.add_stream(Frames {
             io: Rc::clone(&io),
@@ -162,6 +172,20 @@ impl WsSocket {
     /// and ends the wait when it answers true. The actor then runs, and closes the socket.
     pub fn interrupt_with(&mut self, interrupt: Arc<dyn Interrupt>) {
         *self.io.interrupt.borrow_mut() = Some(interrupt);
+    }
+
+    /// Stops (false) or resumes (true) reading frames; frames already decoded in the batch at
+    /// hand are still handed over.
+    pub fn set_reading(&mut self, reading: bool) {
+        if self.io.paused.get() == !reading {
+            return;
+        }
+        self.io.paused.set(!reading);
+        if reading {
+            if let Some(waker) = self.io.reader.borrow_mut().take() {
+                waker.wake();
+            }
+        }
     }
 
     /// Whether a close frame is queued; inbound frames are ignored from then on.
@@ -314,6 +338,10 @@ impl Stream for Frames {
         loop {
             if this.done {
                 return Poll::Ready(None);
+            }
+            if this.io.paused.get() {
+                *this.io.reader.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
             }
             if !this.buf.is_empty() {
                 match this.codec.decode(&mut this.buf) {

@@ -148,7 +148,9 @@ pub enum Refused {
 pub struct Slot {
     admission: Arc<Admission>,
     key: IpAddr,
-    room: u64,
+    /// The rooms it is counted in (by [`room_key`]): its path room, then those it subscribed
+    /// to. Empty (unallocated) while `limits.rooms_per_ip` is 0.
+    rooms: Vec<u64>,
     user: Option<UserId>,
     quotas: Quotas,
 }
@@ -267,7 +269,7 @@ impl Admission {
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
-        room: &RoomName,
+        room: Option<&RoomName>,
         user: Option<&UserId>,
     ) -> Result<Slot, Refused> {
         let limits = self.limits;
@@ -278,10 +280,8 @@ impl Admission {
         if limits.sessions_per_ip > 0 && client.open >= limits.sessions_per_ip {
             return Err(Refused::PerIp);
         }
-        if limits.rooms_per_ip > 0
-            && client.rooms.len() >= limits.rooms_per_ip
-            && !client.rooms.contains_key(&room_key(room))
-        {
+        let room = room.map(room_key);
+        if room.is_some_and(|room| !may_enter(client, limits, room)) {
             return Err(Refused::Rooms);
         }
         self.open
@@ -290,8 +290,10 @@ impl Admission {
             })
             .map_err(|_| Refused::Full)?;
         client.open += 1;
-        if limits.rooms_per_ip > 0 {
-            *client.rooms.entry(room_key(room)).or_default() += 1;
+        let mut rooms = Vec::new();
+        if let Some(room) = room.filter(|_| limits.rooms_per_ip > 0) {
+            *client.rooms.entry(room).or_default() += 1;
+            rooms.push(room);
         }
         let address = (limits.messages_per_ip > 0).then(|| {
             Arc::clone(
@@ -313,7 +315,7 @@ impl Admission {
         Ok(Slot {
             admission: Arc::clone(self),
             key,
-            room: room_key(room),
+            rooms,
             user: user.cloned(),
             quotas: Quotas {
                 address,
@@ -329,6 +331,57 @@ impl Admission {
     }
 }
 
+/// Whether one more session of `client` may be in `room` under `limits.rooms_per_ip`.
+fn may_enter(client: &Client, limits: Limits, room: u64) -> bool {
+    limits.rooms_per_ip == 0
+        || client.rooms.len() < limits.rooms_per_ip
+        || client.rooms.contains_key(&room)
+}
+
+/// Forgets one session's count of `room`.
+fn forget(client: &mut Client, room: u64) {
+    if let Some(n) = client.rooms.get_mut(&room) {
+        *n -= 1;
+        if *n == 0 {
+            client.rooms.remove(&room);
+        }
+    }
+}
+
+/// A session's `subscribe` counts its room for the session's address, as a path room is
+/// counted at admission.
+impl crate::actors::session::RoomSlots for Slot {
+    fn enter(&mut self, room: &RoomName) -> bool {
+        let limits = self.admission.limits;
+        if limits.rooms_per_ip == 0 {
+            return true;
+        }
+        let room = room_key(room);
+        let mut clients = self.admission.clients.lock();
+        let Some(client) = clients.get_mut(&self.key) else {
+            return true;
+        };
+        if !may_enter(client, limits, room) {
+            return false;
+        }
+        *client.rooms.entry(room).or_default() += 1;
+        self.rooms.push(room);
+        true
+    }
+
+    fn leave(&mut self, room: &RoomName) {
+        let room = room_key(room);
+        let Some(at) = self.rooms.iter().position(|r| *r == room) else {
+            return;
+        };
+        self.rooms.swap_remove(at);
+        let mut clients = self.admission.clients.lock();
+        if let Some(client) = clients.get_mut(&self.key) {
+            forget(client, room);
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let a = &self.admission;
@@ -336,11 +389,8 @@ impl Drop for Slot {
         let mut clients = a.clients.lock();
         if let Some(c) = clients.get_mut(&self.key) {
             c.open = c.open.saturating_sub(1);
-            if let Some(n) = c.rooms.get_mut(&self.room) {
-                *n -= 1;
-                if *n == 0 {
-                    c.rooms.remove(&self.room);
-                }
+            for room in &self.rooms {
+                forget(c, *room);
             }
             if c.open == 0 {
                 c.rooms = HashMap::new();
@@ -398,7 +448,7 @@ mod tests {
 
     impl Admission {
         fn admit_to(self: &Arc<Self>, addr: &str) -> Result<Slot, Refused> {
-            self.admit(ip(addr), &room("lobby"), None)
+            self.admit(ip(addr), Some(&room("lobby")), None)
         }
     }
 
@@ -460,17 +510,17 @@ mod tests {
             rooms_per_ip: 2,
             ..limits(10, 0, 0)
         }));
-        let one = a.admit(ip("10.0.0.1"), &room("one"), None).unwrap();
-        let _two = a.admit(ip("10.0.0.1"), &room("two"), None).unwrap();
+        let one = a.admit(ip("10.0.0.1"), Some(&room("one")), None).unwrap();
+        let _two = a.admit(ip("10.0.0.1"), Some(&room("two")), None).unwrap();
         assert_eq!(
-            a.admit(ip("10.0.0.1"), &room("three"), None).err(),
+            a.admit(ip("10.0.0.1"), Some(&room("three")), None).err(),
             Some(Refused::Rooms)
         );
-        let _one_again = a.admit(ip("10.0.0.1"), &room("one"), None).unwrap();
-        assert!(a.admit(ip("10.0.0.2"), &room("three"), None).is_ok());
+        let _one_again = a.admit(ip("10.0.0.1"), Some(&room("one")), None).unwrap();
+        assert!(a.admit(ip("10.0.0.2"), Some(&room("three")), None).is_ok());
         drop(one);
         assert!(
-            a.admit(ip("10.0.0.1"), &room("three"), None).is_err(),
+            a.admit(ip("10.0.0.1"), Some(&room("three")), None).is_err(),
             "room one still has a session of this address"
         );
     }
@@ -492,8 +542,12 @@ mod tests {
             .count();
         assert_eq!(taken, 4, "burst of twice the rate, shared");
         let alice = UserId::parse("alice").unwrap();
-        let u1 = a.admit(ip("10.0.0.2"), &room("r"), Some(&alice)).unwrap();
-        let u2 = a.admit(ip("10.0.0.3"), &room("r"), Some(&alice)).unwrap();
+        let u1 = a
+            .admit(ip("10.0.0.2"), Some(&room("r")), Some(&alice))
+            .unwrap();
+        let u2 = a
+            .admit(ip("10.0.0.3"), Some(&room("r")), Some(&alice))
+            .unwrap();
         let taken = (0..10)
             .filter(|i| if i % 2 == 0 { &u1 } else { &u2 }.quotas().try_take(now))
             .count();

@@ -76,6 +76,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/rooms/{room}/presence",
             counted(web::get().to(api::presence), "presence"),
         )
+        .route("/ws", web::get().to(ws::not_upgraded))
         .route("/ws/{room}", web::get().to(ws::not_upgraded))
         .route("/echo", web::get().to(ws::not_upgraded));
 }

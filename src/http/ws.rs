@@ -1,4 +1,6 @@
-//! `GET /ws/{room}`: checks the request before any upgrade (docs/PROTOCOL.md §3). Upgrades
+//! `GET /ws/{room}` and `GET /ws`: checks the request before any upgrade (docs/PROTOCOL.md §3).
+//! On `/ws` the client subscribes with frames; `since`, `epoch` and `history` need a room, so
+//! there they are refused with `400` naming the parameter (they go in the `subscribe` frame). Upgrades
 //! themselves are served by [`super::upgrade`], off the HTTP/1 dispatcher; the routes here answer
 //! requests to the same paths that ask for no upgrade, with the same checks and then the handshake
 //! error.
@@ -92,8 +94,9 @@ impl From<Refused> for Refusal {
 /// A WebSocket endpoint, as a request's path names it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Endpoint<'p> {
-    /// `/ws/{room}`: a chat session in this room (not yet checked as a room name).
-    Session(&'p str),
+    /// `/ws/{room}`: a chat session in this room (not yet checked as a room name), or `/ws`
+    /// (`None`): a chat session that subscribes to rooms with frames.
+    Session(Option<&'p str>),
     /// `/echo`: the conformance echo, when `websocket.echo_endpoint` is on.
     Echo,
 }
@@ -103,7 +106,10 @@ pub enum Endpoint<'p> {
 /// requotes it (`actix_web::dev::Url`), the one its router matches.
 pub fn endpoint(path: &str) -> Option<Endpoint<'_>> {
     if let Some(room) = path.strip_prefix("/ws/").filter(|r| !r.contains('/')) {
-        return Some(Endpoint::Session(room));
+        return Some(Endpoint::Session(Some(room)));
+    }
+    if path == "/ws" {
+        return Some(Endpoint::Session(None));
     }
     (path == "/echo").then_some(Endpoint::Echo)
 }
@@ -151,7 +157,7 @@ pub fn no_endpoint() -> HttpError {
 fn validate(
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-    room: &str,
+    room: Option<&str>,
     query: &str,
     state: &AppState,
 ) -> Result<(SessionRequest, IpAddr), Refusal> {
@@ -166,14 +172,14 @@ fn validate(
 pub fn accept(
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-    room: &str,
+    room: Option<&str>,
     query: &str,
     state: &AppState,
 ) -> Result<(SessionRequest, Slot), Refusal> {
     let (mut request, client) = validate(headers, peer, room, query, state)?;
     // Only a token's user is known to be one person; anonymous clients name themselves.
     let user = state.verifier.as_ref().map(|_| &request.identity.user);
-    match state.admission.admit(client, &request.room, user) {
+    match state.admission.admit(client, request.room.as_ref(), user) {
         Ok(slot) => {
             request.quotas = slot.quotas();
             Ok((request, slot))
@@ -200,11 +206,26 @@ pub fn accept(
 fn check(
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-    room: &str,
+    room: Option<&str>,
     query: &WsQuery,
     state: &AppState,
 ) -> Result<(SessionRequest, IpAddr), Refusal> {
-    let room = RoomName::parse(room).map_err(|e| Refusal::bad(format!("room name {e}")))?;
+    let room = room
+        .map(|room| RoomName::parse(room).map_err(|e| Refusal::bad(format!("room name {e}"))))
+        .transpose()?;
+    if room.is_none() {
+        // They are about a room: on `/ws` they go in each `subscribe` frame.
+        let about_a_room = [
+            ("since", &query.since),
+            ("epoch", &query.epoch),
+            ("history", &query.history),
+        ];
+        if let Some((name, _)) = about_a_room.iter().find(|(_, v)| v.is_some()) {
+            return Err(Refusal::bad(format!(
+                "{name} needs a room: on /ws it goes in the subscribe frame"
+            )));
+        }
+    }
     if state.draining.load(Ordering::Acquire) {
         return Err(Refusal::new(
             HttpError::Unavailable("this replica is shutting down; reconnect to another".into()),
@@ -236,9 +257,12 @@ fn check(
             let identity = verifier
                 .verify(token)
                 .map_err(|e| Refusal::unauthorized(&e))?;
-            if !identity.may_join(&room) {
+            if room.as_ref().is_some_and(|room| !identity.may_join(room)) {
                 return Err(Refusal::new(
-                    HttpError::Forbidden(format!("this token does not allow room `{room}`")),
+                    HttpError::Forbidden(format!(
+                        "this token does not allow room `{}`",
+                        room.as_ref().map_or("", |r| r.as_str())
+                    )),
                     metrics::Refusal::Room,
                 ));
             }
@@ -269,7 +293,7 @@ fn check(
             .map_err(|_| Refusal::bad("history must be a whole number".into()))?
             .min(MAX_HISTORY_LIMIT),
     };
-    let may_publish = identity.may_publish(&room);
+    let may_publish = room.as_ref().is_some_and(|room| identity.may_publish(room));
     Ok((
         SessionRequest {
             room,
@@ -300,12 +324,15 @@ mod tests {
 
     #[test]
     fn a_path_names_a_session_room_the_echo_or_nothing() {
-        assert_eq!(endpoint("/ws/lobby"), Some(Endpoint::Session("lobby")));
+        assert_eq!(
+            endpoint("/ws/lobby"),
+            Some(Endpoint::Session(Some("lobby")))
+        );
         // An empty room is the room check's to refuse (400), not a missing endpoint.
-        assert_eq!(endpoint("/ws/"), Some(Endpoint::Session("")));
+        assert_eq!(endpoint("/ws/"), Some(Endpoint::Session(Some(""))));
+        assert_eq!(endpoint("/ws"), Some(Endpoint::Session(None)));
         assert_eq!(endpoint("/echo"), Some(Endpoint::Echo));
         assert_eq!(endpoint("/ws/a/b"), None);
-        assert_eq!(endpoint("/ws"), None);
         assert_eq!(endpoint("/echo/"), None);
         assert_eq!(endpoint("/"), None);
     }

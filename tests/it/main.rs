@@ -27,4 +27,5 @@ mod resume;
 mod rolling;
 mod store;
 mod storm;
+mod subscribe;
 mod webdriver;
