@@ -1,7 +1,8 @@
 // confab.js: a client for confab's WebSocket protocol (docs/PROTOCOL.md), as an ES module any
 // web app can import with no build step: `import { Confab } from "/confab.js"`.
 //
-// One connection (`GET /ws`) carries any number of rooms. What a client has to get right, and
+// One connection carries any number of rooms: it opens on one of them (`GET /ws/{room}`, or
+// `GET /ws` with none) and subscribes the others with frames (`pathRoomFor` says why). What a client has to get right, and
 // where this one does it, each rule in one function:
 // - Nothing typed is lost (`send`, `flush`, `onAck`, `onRefusal`). Each message goes into its
 //   room's outbox with a fresh `ref` and stays there (also in localStorage, per room, so a
@@ -120,6 +121,7 @@ export class Confab {
     this.attempt = 0;                 // failed connects in a row, for the backoff
     this.connects = 0;                // sockets opened so far (tests and UIs may read it)
     this.stopped = false;             // reconnecting was given up until `reconnect()`
+    this.pathRoom = null;             // the room in the current socket's URL, if any
     this.retryTimer = null;
     this.retryAt = 0;
     this.pingTimer = null;
@@ -173,9 +175,10 @@ export class Confab {
     this.rooms.delete(name);
     clearTimeout(room.flushTimer);
     room.typers.forEach((t) => clearTimeout(t));
-    if (room.subscribed || room.subRef) {
+    if (room.subscribed || room.subRef || name === this.pathRoom) {
       this.sendFrame({ type: "unsubscribe", room: name, ref: newRef("u") });
     }
+    if (name === this.pathRoom) this.pathRoom = null;
   }
 
   // The subscribe frame is the same for a first join and a resume: `history` asks for the
@@ -340,11 +343,34 @@ export class Confab {
     this.retryTimer = this.pingTimer = null;
   }
 
-  connect() {
-    this.stopTimers();
+  // The room a connection opens on (`/ws/{room}`), the others are subscribed with frames.
+  // A one-room client is then on the wire what it always was (the same URL, no subscribe
+  // frame: subscribes count against `limits.messages_per_sec` like any frame), and N rooms
+  // cost N-1 subscribes. A room the server welcomed before is preferred: a refused path room
+  // fails the whole handshake, which the client can only read as a refused token.
+  pathRoomFor() {
+    const open = [...this.rooms.values()].filter((r) => !r.refused);
+    return open.find((r) => r.epoch !== null) || open[0] || null;
+  }
+
+  // The URL's query holds what a subscribe frame would: `history` for a first join, and
+  // `since`/`epoch` to resume.
+  connectUrl(path) {
     const params = new URLSearchParams();
     if (this.user) params.set("user", this.user);
-    const url = this.url + (params.size ? "?" + params : "");
+    if (!path) return this.url + (params.size ? "?" + params : "");
+    for (const [k, v] of Object.entries(this.subscribeFrame(path))) {
+      if (k === "history" || k === "since" || k === "epoch") params.set(k, String(v));
+    }
+    path.subRef = null;              // its welcome answers the URL, so it carries no ref
+    return `${this.url}/${encodeURIComponent(path.name)}?${params}`;
+  }
+
+  connect() {
+    this.stopTimers();
+    const path = this.pathRoomFor();
+    this.pathRoom = path ? path.name : null;
+    const url = this.connectUrl(path);
     // Browsers cannot set headers on a WebSocket: the token rides as a subprotocol beside
     // `confab.v1` (docs/PROTOCOL.md §3.2).
     const sock = this.token ? new WebSocket(url, ["confab.v1", "token." + this.token]) : new WebSocket(url);
@@ -360,7 +386,7 @@ export class Confab {
       this.opened = true;
       this.lastFrameAt = Date.now();
       this.heartbeat();
-      for (const room of this.rooms.values()) this.subscribe(room);
+      for (const room of this.rooms.values()) if (room.name !== this.pathRoom) this.subscribe(room);
       if (this.rooms.size === 0) this.connected();
     };
     sock.onmessage = (ev) => {
@@ -516,7 +542,8 @@ export class Confab {
 
   // The one place that decides what happens after a room's (re)subscribe.
   onWelcome(room, f) {
-    if (f.ref && f.ref !== room.subRef) return; // answers a subscribe we since replaced
+    // Only the answer to our latest subscribe (or the path room's URL) counts.
+    if (f.ref ? f.ref !== room.subRef : room.name !== this.pathRoom) return;
     room.subRef = null;
     room.subscribed = true;
     room.refused = null;
