@@ -126,41 +126,54 @@ function updateOlder() {
 }
 
 // ---- The room list ----------------------------------------------------------------------------
+// A room's entry: made once and then only updated, so a click (or the keyboard focus) on it
+// is never lost to a redraw.
+function roomItem(v) {
+  if (v.li) return v.li;
+  const li = document.createElement("li");
+  li.dataset.room = v.name;
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = "#" + v.name;
+  const unread = document.createElement("span");
+  unread.className = "unread";
+  const leave = document.createElement("button");
+  leave.type = "button";
+  leave.className = "leave";
+  leave.textContent = "×";
+  leave.setAttribute("aria-label", `Leave ${v.name}`);
+  leave.addEventListener("click", (e) => { e.stopPropagation(); leaveRoom(v.name); });
+  li.append(name, leave);
+  li.addEventListener("click", () => show(v.name));
+  v.li = li;
+  v.unreadEl = unread;
+  return li;
+}
+
 function renderRooms() {
   const items = [...views.values()].map((v) => {
-    const li = document.createElement("li");
-    li.dataset.room = v.name;
-    li.className = v.name === shown ? "shown" : "";
-    li.setAttribute("aria-current", v.name === shown ? "true" : "false");
+    const li = roomItem(v);
     const room = client && client.rooms.get(v.name);
+    li.classList.toggle("shown", v.name === shown);
+    li.setAttribute("aria-current", v.name === shown ? "true" : "false");
     // joining (waiting for its welcome), joined, or refused by the server (with why).
     li.dataset.state = room && room.subscribed ? "joined" : room && room.refused ? "refused" : "joining";
-    if (room && room.refused) {
-      li.classList.add("refused");
-      li.title = `not joined: ${room.refused.message || room.refused.code}`;
-    }
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = "#" + v.name;
-    li.append(name);
+    li.classList.toggle("refused", Boolean(room && room.refused));
+    li.title = room && room.refused ? `not joined: ${room.refused.message || room.refused.code}` : "";
+    // The count is there only while the room is not shown and has something unread.
     if (v.unread && v.name !== shown) {
-      const unread = document.createElement("span");
-      unread.className = "unread";
-      unread.textContent = String(v.unread);
-      unread.title = `${v.unread} unread`;
-      li.append(unread);
+      v.unreadEl.textContent = String(v.unread);
+      v.unreadEl.title = `${v.unread} unread`;
+      if (!v.unreadEl.isConnected) li.lastElementChild.before(v.unreadEl);
+    } else {
+      v.unreadEl.remove();
     }
-    const leave = document.createElement("button");
-    leave.type = "button";
-    leave.className = "leave";
-    leave.textContent = "×";
-    leave.setAttribute("aria-label", `Leave ${v.name}`);
-    leave.addEventListener("click", (e) => { e.stopPropagation(); leaveRoom(v.name); });
-    li.append(leave);
-    li.addEventListener("click", () => show(v.name));
     return li;
   });
-  $("rooms").replaceChildren(...items);
+  const list = $("rooms");
+  if (items.length !== list.children.length || items.some((li, i) => list.children[i] !== li)) {
+    list.replaceChildren(...items);
+  }
 }
 
 // Shows a room: its messages move into #messages, the others' wait in their holders.
@@ -375,7 +388,10 @@ function start() {
 // token, or a connection that was stopped, connects again: every room resumes.
 function join(rooms) {
   const name = auth ? "" : $("name").value.trim();   // with tokens the server ignores `user`
-  const wanted = rooms || [$("room").value.trim()];
+  let wanted = rooms || [$("room").value.trim()];
+  // The first join of a page opened from a link (held back for a token) takes all its rooms.
+  const linked = roomsFromHash();
+  if (!rooms && views.size === 0 && linked[0] === wanted[0]) wanted = linked;
   if (name && (name.length > 32 || !NAME_RE.test(name))) {
     setStatus("invalid name: up to 32 letters, digits, _ . - (starting with a letter or digit)", "bad");
     $("name").focus();

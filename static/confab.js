@@ -346,11 +346,13 @@ export class Confab {
   // The room a connection opens on (`/ws/{room}`), the others are subscribed with frames.
   // A one-room client is then on the wire what it always was (the same URL, no subscribe
   // frame: subscribes count against `limits.messages_per_sec` like any frame), and N rooms
-  // cost N-1 subscribes. A room the server welcomed before is preferred: a refused path room
-  // fails the whole handshake, which the client can only read as a refused token.
+  // cost N-1 subscribes. Only a room the server welcomed before, or a lone room without a
+  // token, goes in the path: a refused path room (403, the token's `rooms`) fails the whole
+  // handshake, which a browser can only read as a refused token, where a refused subscribe
+  // is that room's alone.
   pathRoomFor() {
     const open = [...this.rooms.values()].filter((r) => !r.refused);
-    return open.find((r) => r.epoch !== null) || open[0] || null;
+    return open.find((r) => r.epoch !== null) || (open.length === 1 && !this.token ? open[0] : null);
   }
 
   // The URL's query holds what a subscribe frame would: `history` for a first join, and
@@ -452,7 +454,7 @@ export class Confab {
       const ready = new URL("/readyz", this.url.replace(/^ws/, "http"));
       fetch(ready, { cache: "no-store" }).then((r) => r.ok, () => false).then((serverUp) => {
         if (this.connects !== asked || this.stopped || this.ws) return; // reconnected meanwhile
-        if (serverUp) this.stop("token", "the server refused the token (invalid or expired): enter a new one", code);
+        if (serverUp) this.stop("token", "the server refused the token (invalid, expired, or not for this room): enter a new one", code);
         else this.reconnectLater();
       });
       return;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, HttpReply, Server, TempDir};
-use crate::webdriver::{has_message, Driver, ALL_ROOMS_JOINED, NOTHING_SENDING, OFFLINE};
+use crate::webdriver::{
+    has_message, room_joined, Driver, ALL_ROOMS_JOINED, NOTHING_SENDING, OFFLINE,
+};
 
 const KEY: &str = "browser-rooms-api-key";
 
@@ -364,4 +366,72 @@ async fn the_url_names_the_open_rooms_and_a_link_or_reload_reopens_them() {
     );
     alice.quit().await;
     bob.quit().await;
+}
+
+#[tokio::test]
+async fn a_room_the_token_does_not_allow_is_refused_alone_and_the_others_go_on() {
+    const SECRET: &str = "browser-rooms-secret-0123456789abcdef";
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "rooms": ["team-*"], "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        ("CONFAB_AUTH__JWT_SECRET", SECRET),
+        ("CONFAB_API__KEY", KEY),
+    ]);
+    let base = format!("http://{}/", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+
+    // A link naming an allowed and a forbidden room: the forbidden one is refused on its own.
+    alice.goto(&format!("{base}#secret,team-a")).await;
+    alice
+        .wait_for(
+            "return !document.getElementById('token-field').hidden",
+            "the page asks for a token",
+        )
+        .await;
+    alice.fill("#token", &token).await;
+    alice.click("#join").await;
+    alice
+        .wait_for(&room_joined("team-a"), "the allowed room is joined")
+        .await;
+    alice
+        .wait_for(
+            "return document.querySelector('#rooms > [data-room=\"secret\"]')?.dataset.state === 'refused'",
+            "the forbidden room is marked refused",
+        )
+        .await;
+    assert_eq!(
+        alice
+            .script("return document.querySelector('#rooms > [data-room=\"secret\"]').title")
+            .await,
+        json!("not joined: your token does not allow this room")
+    );
+    assert_eq!(
+        alice.script("return window.confab.stopped").await,
+        json!(false),
+        "the connection goes on"
+    );
+
+    // The allowed room works on the same connection.
+    alice.show_room("team-a").await;
+    alice.send("hello team").await;
+    alice
+        .wait_for(&has_message("hello team"), "stored in team-a")
+        .await;
+    post(&server, "team-a", "from the bot").await;
+    alice
+        .wait_for(&has_message("from the bot"), "live in team-a")
+        .await;
+    assert_eq!(presence(&server, "secret").await, json!([]));
+    assert_eq!(sessions_open(&server).await, Some(1));
+    alice.quit().await;
 }
