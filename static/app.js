@@ -364,7 +364,9 @@ function start() {
   }
   client.on("typing", ({ room }) => { if (room === shown) renderTyping(); });
   client.on("older", ({ room }) => { if (room === shown) updateOlder(); });
-  client.on("retrying", ({ code }) => note(`not sent yet (${code}), sending again shortly`));
+  client.on("retrying", ({ room, entry, code }) => note(entry
+    ? `not sent yet (${code}), sending again shortly`
+    : `#${room} not joined yet (${code}), asking again shortly`));
   client.on("refused-room", ({ room, code, message }) => {
     note(`#${room} refused (${code}): ${message}`);
     if (room === shown) setStatus(`not allowed in #${room}: ${message || code}`, "bad");

@@ -637,9 +637,13 @@ export class Confab {
     const room = f.room ? this.rooms.get(f.room) : [...this.rooms.values()].find((r) =>
       f.ref && (r.subRef === f.ref || r.olderRef === f.ref || r.outbox.some((e) => e.ref === f.ref)));
     if (room && f.ref && f.ref === room.subRef) {
-      // The subscription was refused (forbidden, too_many_rooms, bad_request): no retry,
-      // that would meet the same answer.
       room.subRef = null;
+      if (f.code === "rate_limited" || f.code === "unavailable" || f.code === "internal") {
+        this.resubscribeLater(room, f.code);
+        return;
+      }
+      // Refused for good (forbidden, too_many_rooms, bad_request): no retry, that would
+      // meet the same answer; joining the room again asks again.
       room.refused = { code: f.code, message: f.message };
       this.emit("refused-room", { room: room.name, code: f.code, message: f.message });
       if (![...this.rooms.values()].some((r) => r.subRef)) this.connected();
@@ -655,6 +659,18 @@ export class Confab {
       this.emit("older", { room: room.name, count: 0, done: room.olderDone });
     }
     this.emit("error", { room: f.room, code: f.code, message: f.message, ref: f.ref });
+  }
+
+  // A subscribe that met the rate limit (subscribes count like any frame: many rooms at
+  // once after a reconnect can pass the burst) or a server that could not answer it: asked
+  // again after 1-3 s, on the same connection, unless the room was left meanwhile.
+  resubscribeLater(room, code) {
+    const sock = this.ws;
+    setTimeout(() => {
+      if (sock === this.ws && this.isOpen() && this.rooms.get(room.name) === room &&
+          !room.subscribed && !room.subRef) this.subscribe(room);
+    }, 1000 + Math.random() * 2000);
+    this.emit("retrying", { room: room.name, code });
   }
 
   // Worth trying again shortly: the server could not store it (`unavailable`, `internal`; the

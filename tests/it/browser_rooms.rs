@@ -435,3 +435,33 @@ async fn a_room_the_token_does_not_allow_is_refused_alone_and_the_others_go_on()
     assert_eq!(sessions_open(&server).await, Some(1));
     alice.quit().await;
 }
+
+#[tokio::test]
+async fn subscribes_refused_by_the_rate_limit_are_sent_again_until_every_room_is_joined() {
+    // A burst of 2: a link with five rooms sends five subscribes at once, three are refused.
+    let server = Server::start(&[
+        ("CONFAB_LIMITS__MESSAGES_PER_SEC", "2"),
+        ("CONFAB_LIMITS__BURST", "2"),
+    ]);
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice
+        .goto(&format!("http://{}/#r1,r2,r3,r4,r5", server.addr))
+        .await;
+    alice
+        .wait_for_within(
+            Duration::from_secs(30),
+            ALL_ROOMS_JOINED,
+            "every room joined in the end",
+        )
+        .await;
+    assert_eq!(alice.rooms().await.len(), 5, "{:?}", alice.rooms().await);
+    let events = alice
+        .script("return document.getElementById('events').textContent")
+        .await;
+    assert!(
+        events.as_str().unwrap_or("").contains("rate_limited"),
+        "the limit was met: {events}"
+    );
+    alice.quit().await;
+}
