@@ -28,8 +28,16 @@ pub async fn script() -> HttpResponse {
     file("text/javascript; charset=utf-8", SCRIPT)
 }
 
+/// A web app on another origin imports the module cross-origin, which browsers fetch in CORS
+/// mode: it is public code, so any origin may read it. (Opening sessions from that origin is
+/// still `server.allowed_origins`' call.)
 pub async fn module() -> HttpResponse {
-    file("text/javascript; charset=utf-8", MODULE)
+    let mut response = file("text/javascript; charset=utf-8", MODULE);
+    response.headers_mut().insert(
+        actix_web::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        actix_web::http::header::HeaderValue::from_static("*"),
+    );
+    response
 }
 
 pub async fn style() -> HttpResponse {

@@ -71,6 +71,8 @@ async fn the_client_module_is_served_as_javascript_under_the_pages_policy() {
     assert!(header(&module, "content-type").starts_with("text/javascript"));
     assert!(header(&module, "content-security-policy").contains("script-src 'self'"));
     assert_eq!(header(&module, "x-content-type-options"), "nosniff");
+    // Another origin's app may import it (module scripts are fetched in CORS mode).
+    assert_eq!(header(&module, "access-control-allow-origin"), "*");
     assert!(
         module.body.contains("export class Confab"),
         "the module's API"
@@ -464,4 +466,49 @@ async fn subscribes_refused_by_the_rate_limit_are_sent_again_until_every_room_is
         "the limit was met: {events}"
     );
     alice.quit().await;
+}
+
+#[tokio::test]
+async fn a_web_app_on_another_origin_imports_the_module_and_chats_through_it() {
+    let server = Server::start(&[("CONFAB_API__KEY", KEY)]);
+    let driver = Driver::start().await;
+    let app = driver.browser("app").await;
+    // localhost is another origin than 127.0.0.1: the import is a CORS fetch. (The app's own
+    // page here is the server's /healthz, for want of another web server.)
+    let addr = server.addr;
+    app.goto(&format!("http://localhost:{}/healthz", addr.port()))
+        .await;
+    let done = app
+        .script_async(&format!(
+            r#"const done = arguments[arguments.length - 1];
+            (async () => {{
+              const {{ Confab }} = await import("http://{addr}/confab.js");
+              const chat = new Confab({{ url: "ws://{addr}/ws", user: "app" }});
+              const seen = [];
+              chat.on("message", ({{ room, message }}) => seen.push(room + ":" + message.text));
+              const acked = new Promise((ok) => chat.on("ack", ({{ room, offset }}) => ok(room + "@" + offset)));
+              const welcomed = new Promise((ok) => chat.on("welcome", ok));
+              chat.join("apps");
+              await welcomed;
+              chat.send("apps", "from an app");
+              const ack = await acked;
+              return [ack, chat.connects, seen];
+            }})().then(done, (e) => done("failed: " + e));"#
+        ))
+        .await;
+    assert_eq!(done[0], json!("apps@1"), "{done}");
+    assert_eq!(done[1], json!(1), "{done}");
+    let auth = format!("Bearer {KEY}");
+    let history = request(
+        addr,
+        "GET",
+        "/api/rooms/apps/history",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(history["messages"][0]["text"], json!("from an app"));
+    assert_eq!(history["messages"][0]["user"], json!("app"));
+    app.quit().await;
 }

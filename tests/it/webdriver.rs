@@ -337,6 +337,15 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Runs an async script: its last argument (`arguments[arguments.length - 1]`) is the
+    /// callback that returns its value. Bounded by WebDriver's script timeout (30 s).
+    pub async fn script_async(&self, js: &str) -> Value {
+        self.cmd("POST", "/execute/async", json!({"script": js, "args": []}))
+            .await
+    }
+}
+
 /// A script: whether the page holds `room` on its connection, welcomed.
 pub fn room_joined(room: &str) -> String {
     format!(
