@@ -153,10 +153,10 @@ impl Dialer {
 pub struct Spec {
     pub index: usize,
     pub target: usize,
-    /// The path room (`/ws/{room}`); ignored when `subscribe` names rooms.
+    /// The path room (`/ws/{room}`); empty = `/ws`, rooms only by `subscribe`.
     pub room: String,
-    /// Rooms to hold on one `/ws` connection with `subscribe` frames (SPEC §4); empty = the
-    /// path room alone. Attached once each has sent its `presence`.
+    /// Rooms to hold besides the path room, with `subscribe` frames (SPEC §4). Attached once
+    /// every room has sent its `presence`.
     pub subscribe: Vec<String>,
     pub user: String,
     /// Stops reading once attached (a member whose client hangs): its socket fills up.
@@ -180,13 +180,13 @@ pub async fn run(
     let target = &dialer.targets[spec.target];
     let from =
         (!dialer.sources.is_empty()).then(|| dialer.sources[spec.index % dialer.sources.len()]);
-    let url = if spec.subscribe.is_empty() {
-        format!("{}/ws/{}?user={}", target.base, spec.room, spec.user)
-    } else {
+    let url = if spec.room.is_empty() {
         format!("{}/ws?user={}", target.base, spec.user)
+    } else {
+        format!("{}/ws/{}?user={}", target.base, spec.room, spec.user)
     };
-    // One `presence` per room: the path room's, or each subscription's.
-    let mut presences_due = spec.subscribe.len().max(1);
+    // One `presence` per room: the path room's and each subscription's.
+    let mut presences_due = (spec.subscribe.len() + usize::from(!spec.room.is_empty())).max(1);
     let mut roster = Roster::default();
     let opening = async {
         let _permit = permit.acquire().await.map_err(|e| e.to_string())?;

@@ -27,7 +27,12 @@ pub async fn run(ctx: &Ctx, a: &IdleArgs) -> Result<Value, String> {
         .map(|i| Spec {
             index: i,
             target: i % targets,
-            room: room(i),
+            // Several rooms: all by subscribe on `/ws`, the way a multi-room client holds them.
+            room: if a.rooms_per_conn > 1 {
+                String::new()
+            } else {
+                room(i)
+            },
             subscribe: subscriptions(i, a.rooms_per_conn, a.rooms)
                 .map(room)
                 .collect(),
