@@ -132,7 +132,9 @@ function roomItem(v) {
   if (v.li) return v.li;
   const li = document.createElement("li");
   li.dataset.room = v.name;
-  const name = document.createElement("span");
+  // A button, so the keyboard reaches it; its click goes on to the entry's.
+  const name = document.createElement("button");
+  name.type = "button";
   name.className = "name";
   name.textContent = "#" + v.name;
   const unread = document.createElement("span");

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, HttpReply, Server, TempDir};
 use crate::webdriver::{
-    has_message, room_joined, Driver, ALL_ROOMS_JOINED, NOTHING_SENDING, OFFLINE,
+    has_message, room_joined, Driver, ALL_ROOMS_JOINED, ENTER, NOTHING_SENDING, OFFLINE,
 };
 
 const KEY: &str = "browser-rooms-api-key";
@@ -351,6 +351,20 @@ async fn the_url_names_the_open_rooms_and_a_link_or_reload_reopens_them() {
             "alice counts bob's message in three",
         )
         .await;
+    // The keyboard reaches the list: Enter on a room shows it.
+    alice
+        .keys("#rooms > [data-room=\"two\"] .name", ENTER)
+        .await;
+    alice
+        .wait_for(
+            "return document.querySelector('#rooms > .shown')?.dataset.room === 'two'",
+            "Enter on a room shows it",
+        )
+        .await;
+    assert_eq!(
+        alice.script("return location.hash").await,
+        json!("#two,one,three")
+    );
     // Editing the hash by hand shows the room it names first (and joins any new one).
     alice.script("location.hash = '#three,four'").await;
     alice.wait_for(ALL_ROOMS_JOINED, "four joined too").await;
