@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, HttpReply, Server, TempDir};
 use crate::webdriver::{
-    has_message, room_joined, Driver, ALL_ROOMS_JOINED, ENTER, NOTHING_SENDING, OFFLINE,
+    has_message, room_joined, screenshot_dir, Driver, ALL_ROOMS_JOINED, ENTER, NOTHING_SENDING,
+    OFFLINE,
 };
 
 const KEY: &str = "browser-rooms-api-key";
@@ -130,6 +131,9 @@ async fn two_rooms_share_one_connection_and_the_hidden_one_counts_its_unread_mes
         rooms(&[("alpha", Some("2")), ("beta", None)])
     );
     assert_eq!(alice.stored_texts().await, ["b1"], "only beta's messages");
+    let shot = screenshot_dir().join("rooms.png");
+    alice.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "{shot:?}");
     assert_eq!(
         alice.script("return location.hash").await,
         json!("#beta,alpha")
