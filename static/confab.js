@@ -360,7 +360,8 @@ export class Confab {
   connectUrl(path) {
     const params = new URLSearchParams();
     if (this.user) params.set("user", this.user);
-    if (!path) return this.url + (params.size ? "?" + params : "");
+    const query = params.toString();  // (URLSearchParams.size is too new for some browsers)
+    if (!path) return this.url + (query ? "?" + query : "");
     for (const [k, v] of Object.entries(this.subscribeFrame(path))) {
       if (k === "history" || k === "since" || k === "epoch") params.set(k, String(v));
     }
