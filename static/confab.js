@@ -31,6 +31,9 @@ const PING_EVERY_MS = 25000;    // a browser cannot see WebSocket pings, so ask 
 const SILENCE_MS = 35000;       // and give a connection up when nothing came for this long
 const MAX_FRAME_BYTES = 65536;  // the server's default limits.max_frame_bytes
 const MAX_TRIES = 5;            // `unavailable`/`internal` answers before a message is given up
+const SUBSCRIBE_BURST = 10;     // subscribes sent at once on a new connection, then
+const SUBSCRIBE_PER_SEC = 8;    // this many a second: under the server's default rate limit
+                                // (burst 20, 10/s), with room left for messages
 
 /** Room and user names (docs/PROTOCOL.md §3.1). */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -122,6 +125,10 @@ export class Confab {
     this.connects = 0;                // sockets opened so far (tests and UIs may read it)
     this.stopped = false;             // reconnecting was given up until `reconnect()`
     this.pathRoom = null;             // the room in the current socket's URL, if any
+    this.subQueue = [];               // rooms waiting for their subscribe to be sent
+    this.subTokens = SUBSCRIBE_BURST; // see `pumpSubscribes`
+    this.subRefilled = 0;
+    this.subTimer = null;
     this.retryTimer = null;
     this.retryAt = 0;
     this.pingTimer = null;
@@ -175,6 +182,7 @@ export class Confab {
     this.rooms.delete(name);
     clearTimeout(room.flushTimer);
     room.typers.forEach((t) => clearTimeout(t));
+    this.subQueue = this.subQueue.filter((r) => r !== room);
     if (room.subscribed || room.subRef || name === this.pathRoom) {
       this.sendFrame({ type: "unsubscribe", room: name, ref: newRef("u") });
     }
@@ -196,7 +204,29 @@ export class Confab {
   subscribe(room) {
     room.subscribed = false;
     room.refused = null;
-    this.sendFrame(this.subscribeFrame(room));
+    if (!this.subQueue.includes(room)) this.subQueue.push(room);
+    this.pumpSubscribes();
+  }
+
+  // Subscribes are paced: the server counts them against the connection's rate limit like
+  // any frame, and a reconnect with many rooms sending them all at once would be refused
+  // past the burst, and closed with 1008 past `limits.max_violations` refusals. A local
+  // token bucket (SUBSCRIBE_BURST, SUBSCRIBE_PER_SEC) keeps under the server's defaults; a
+  // server set lower answers `rate_limited`, and those are asked again (`resubscribeLater`).
+  pumpSubscribes() {
+    clearTimeout(this.subTimer);
+    this.subTimer = null;
+    if (!this.isOpen()) return;
+    const now = Date.now();
+    this.subTokens = Math.min(SUBSCRIBE_BURST, this.subTokens + (now - this.subRefilled) * SUBSCRIBE_PER_SEC / 1000);
+    this.subRefilled = now;
+    while (this.subQueue.length && this.subTokens >= 1) {
+      const room = this.subQueue.shift();
+      if (this.rooms.get(room.name) !== room || room.subscribed) continue; // left meanwhile
+      this.subTokens -= 1;
+      this.sendFrame(this.subscribeFrame(room));
+    }
+    if (this.subQueue.length) this.subTimer = setTimeout(() => this.pumpSubscribes(), 1000 / SUBSCRIBE_PER_SEC);
   }
 
   // ---- Sending --------------------------------------------------------------------------------
@@ -340,7 +370,8 @@ export class Confab {
   stopTimers() {
     clearTimeout(this.retryTimer);
     clearInterval(this.pingTimer);
-    this.retryTimer = this.pingTimer = null;
+    clearTimeout(this.subTimer);
+    this.retryTimer = this.pingTimer = this.subTimer = null;
   }
 
   // The room a connection opens on (`/ws/{room}`), the others are subscribed with frames.
@@ -388,6 +419,10 @@ export class Confab {
       if (sock !== this.ws) return;
       this.opened = true;
       this.lastFrameAt = Date.now();
+      // A new session: the server's bucket for it is full.
+      this.subQueue = [];
+      this.subTokens = SUBSCRIBE_BURST;
+      this.subRefilled = Date.now();
       this.heartbeat();
       for (const room of this.rooms.values()) if (room.name !== this.pathRoom) this.subscribe(room);
       if (this.rooms.size === 0) this.connected();
@@ -669,7 +704,7 @@ export class Confab {
     const sock = this.ws;
     setTimeout(() => {
       if (sock === this.ws && this.isOpen() && this.rooms.get(room.name) === room &&
-          !room.subscribed && !room.subRef) this.subscribe(room);
+          !room.subscribed && !room.subRef && !this.subQueue.includes(room)) this.subscribe(room);
     }, 1000 + Math.random() * 2000);
     this.emit("retrying", { room: room.name, code });
   }

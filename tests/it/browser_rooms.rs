@@ -530,3 +530,29 @@ async fn a_web_app_on_another_origin_imports_the_module_and_chats_through_it() {
     assert_eq!(history["messages"][0]["user"], json!("app"));
     app.quit().await;
 }
+
+#[tokio::test]
+async fn a_link_with_eighty_rooms_joins_them_all_under_the_default_limits() {
+    // 80 subscribes at once would pass the default burst (20) by 60 refusals, over the 50
+    // violations that close a session with 1008: the client paces them.
+    let server = Server::start(&[]);
+    let rooms: Vec<String> = (1..=80).map(|i| format!("r{i}")).collect();
+    let driver = Driver::start().await;
+    let alice = driver.browser("alice").await;
+    alice
+        .goto(&format!("http://{}/#{}", server.addr, rooms.join(",")))
+        .await;
+    alice
+        .wait_for_within(
+            Duration::from_secs(40),
+            ALL_ROOMS_JOINED,
+            "every room joined",
+        )
+        .await;
+    assert_eq!(alice.rooms().await.len(), 80);
+    assert_eq!(
+        alice.script("return window.confab.connects").await,
+        json!(1)
+    );
+    alice.quit().await;
+}
