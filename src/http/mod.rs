@@ -58,6 +58,7 @@ pub struct AppState {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page::index))
         .route("/app.js", web::get().to(page::script))
+        .route("/confab.js", web::get().to(page::module))
         .route("/app.css", web::get().to(page::style))
         .route("/client.json", web::get().to(page::client_config))
         .route("/healthz", web::get().to(health::healthz))

@@ -1,5 +1,6 @@
-//! The built-in web client: the page, its script and its style, compiled into the binary,
-//! and what the page asks before connecting (`/client.json`).
+//! The built-in web client: the page, its script, the client module it imports (`confab.js`)
+//! and its style, compiled into the binary, and what the page asks before connecting
+//! (`/client.json`).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -8,6 +9,8 @@ use super::AppState;
 
 const INDEX: &str = include_str!("../../static/index.html");
 const SCRIPT: &str = include_str!("../../static/app.js");
+/// The client module the page's script imports, and any web app may (`GET /confab.js`).
+const MODULE: &str = include_str!("../../static/confab.js");
 const STYLE: &str = include_str!("../../static/app.css");
 
 /// The page's policy: code and style only from the files below (no inline code, so markup a
@@ -23,6 +26,18 @@ pub async fn index() -> HttpResponse {
 
 pub async fn script() -> HttpResponse {
     file("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// A web app on another origin imports the module cross-origin, which browsers fetch in CORS
+/// mode: it is public code, so any origin may read it. (Opening sessions from that origin is
+/// still `server.allowed_origins`' call.)
+pub async fn module() -> HttpResponse {
+    let mut response = file("text/javascript; charset=utf-8", MODULE);
+    response.headers_mut().insert(
+        actix_web::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        actix_web::http::header::HeaderValue::from_static("*"),
+    );
+    response
 }
 
 pub async fn style() -> HttpResponse {

@@ -156,6 +156,39 @@ fn idle_reports_memory_per_connection_and_the_frames_to_fill_and_empty_rooms() {
     assert_eq!(r["closed_by_server"], serde_json::json!({}), "{r:#}");
 }
 
+#[test]
+fn idle_with_several_rooms_per_connection_subscribes_each_connection_to_all_of_them() {
+    let server = server();
+    let r = bench(
+        &server,
+        &[
+            "idle",
+            "--connections",
+            "20",
+            "--rooms",
+            "10",
+            "--rooms-per-conn",
+            "5",
+            "--hold-secs",
+            "0.5",
+        ],
+    );
+    assert_eq!(r["connections"]["attached"], 20, "{r:#}");
+    assert_eq!(r["rooms_per_connection"], 5, "{r:#}");
+    // Five welcomes and presences per connection: one per room it subscribed to.
+    let fill = &r["frames"]["fill"];
+    assert_eq!(fill["welcome"], 100, "{fill}");
+    assert!(fill["presence"].as_u64() >= Some(100), "{fill}");
+    // 20 × 5 subscriptions over 10 rooms: 10 members a room, 45 joins each at most.
+    assert_eq!(r["expected_joins"], 450, "{r:#}");
+    let srv = &r["servers"][0];
+    assert!(
+        srv["bytes_per_subscription"].as_f64() > Some(0.0),
+        "memory per subscription measured: {srv}"
+    );
+    assert_eq!(r["closed_by_server"], serde_json::json!({}), "{r:#}");
+}
+
 /// Resident memory of a process, KiB, read the way confab-bench reads it.
 fn rss_kib(pid: i32) -> u64 {
     procs::sample(pid as u32).expect("/proc/PID").rss_kib

@@ -10,6 +10,7 @@ mod bench;
 mod browser;
 mod browser_auth;
 mod browser_reconnect;
+mod browser_rooms;
 mod chat;
 mod cluster;
 mod deploy;

@@ -299,3 +299,62 @@ pub fn screenshot_dir() -> PathBuf {
     };
     target.join("screenshots")
 }
+
+/// The room list of the page (`#rooms`, SPEC §3).
+impl Browser {
+    /// Joins one more room on the page's connection (fills `#room`, clicks `#join`) and waits
+    /// until the server welcomed it.
+    pub async fn add_room(&self, room: &str) {
+        self.fill("#room", room).await;
+        self.click("#join").await;
+        self.wait_for(&room_joined(room), &format!("#{room} joined"))
+            .await;
+    }
+
+    /// Clicks a room in the list, which shows it.
+    pub async fn show_room(&self, room: &str) {
+        self.click(&format!("#rooms > [data-room=\"{room}\"]"))
+            .await;
+        self.wait_for(
+            &format!(
+                "return document.querySelector('#rooms > .shown')?.dataset.room === {}",
+                json!(room)
+            ),
+            &format!("#{room} shown"),
+        )
+        .await;
+    }
+
+    /// The rooms in the list, in order, each with its unread count (None: no `.unread`).
+    pub async fn rooms(&self) -> Vec<(String, Option<String>)> {
+        let v = self
+            .script(
+                "return Array.from(document.querySelectorAll('#rooms > [data-room]')).map(e =>
+                   [e.dataset.room, e.querySelector('.unread')?.textContent ?? null])",
+            )
+            .await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"))
+    }
+}
+
+impl Browser {
+    /// Runs an async script: its last argument (`arguments[arguments.length - 1]`) is the
+    /// callback that returns its value. Bounded by WebDriver's script timeout (30 s).
+    pub async fn script_async(&self, js: &str) -> Value {
+        self.cmd("POST", "/execute/async", json!({"script": js, "args": []}))
+            .await
+    }
+}
+
+/// A script: whether the page holds `room` on its connection, welcomed.
+pub fn room_joined(room: &str) -> String {
+    format!(
+        "return document.querySelector('#rooms > [data-room={}]')?.dataset.state === 'joined'",
+        json!(room)
+    )
+}
+
+/// A script: whether every room in the list is welcomed on the current connection.
+pub const ALL_ROOMS_JOINED: &str = "const r = document.querySelectorAll('#rooms > [data-room]');
+     return r.length > 0 && Array.from(r).every(e => e.dataset.state === 'joined')
+       && document.getElementById('status').textContent === 'connected'";

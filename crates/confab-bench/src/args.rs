@@ -123,6 +123,11 @@ pub struct IdleArgs {
     /// Close the connections at the end and count the frames that costs (leave frames).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub close: bool,
+    /// Rooms each connection holds: 1 = one room in the path (`/ws/{room}`); N > 1 = one
+    /// `/ws` connection subscribed to N rooms (connection i to rooms i·N … i·N+N−1, modulo
+    /// --rooms; N ≤ --rooms), for the memory per subscription.
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_conn: usize,
 }
 
 /// The `archive` scenario (see `archive.rs`).
@@ -211,6 +216,11 @@ pub struct TrafficArgs {
     /// way the schedule is open-loop and the report gives the latest send (`send lag`).
     #[arg(long, value_enum, default_value_t = LatencyFrom::Sent)]
     pub latency_from: LatencyFrom,
+    /// Quiet rooms each connection also subscribes to (`subscribe` frames beside its path
+    /// room; no traffic in them, `--members` members each): delivery while every connection
+    /// holds many rooms.
+    #[arg(long, default_value_t = 0)]
+    pub extra_rooms: usize,
 }
 
 /// See [`TrafficArgs::latency_from`].
@@ -245,6 +255,8 @@ pub struct Traffic {
     pub stalled: usize,
     pub tick: Duration,
     pub latency_from: LatencyFrom,
+    /// Quiet rooms each connection also holds (`--extra-rooms`).
+    pub extra_rooms: usize,
     /// `cross`: publishers on the first URL, the other members on the rest.
     pub cross: bool,
 }
@@ -275,6 +287,7 @@ impl TrafficArgs {
             stalled: self.stalled,
             tick: Duration::from_millis(self.tick_ms.max(1)),
             latency_from: self.latency_from,
+            extra_rooms: self.extra_rooms,
             cross: scenario == "cross",
         };
         if t.rooms == 0 || t.members == 0 {

@@ -153,7 +153,11 @@ impl Dialer {
 pub struct Spec {
     pub index: usize,
     pub target: usize,
+    /// The path room (`/ws/{room}`); empty = `/ws`, rooms only by `subscribe`.
     pub room: String,
+    /// Rooms to hold besides the path room, with `subscribe` frames (SPEC §4). Attached once
+    /// every room has sent its `presence`.
+    pub subscribe: Vec<String>,
     pub user: String,
     /// Stops reading once attached (a member whose client hangs): its socket fills up.
     pub stalled: bool,
@@ -176,7 +180,13 @@ pub async fn run(
     let target = &dialer.targets[spec.target];
     let from =
         (!dialer.sources.is_empty()).then(|| dialer.sources[spec.index % dialer.sources.len()]);
-    let url = format!("{}/ws/{}?user={}", target.base, spec.room, spec.user);
+    let url = if spec.room.is_empty() {
+        format!("{}/ws?user={}", target.base, spec.user)
+    } else {
+        format!("{}/ws/{}?user={}", target.base, spec.room, spec.user)
+    };
+    // One `presence` per room: the path room's and each subscription's.
+    let mut presences_due = (spec.subscribe.len() + usize::from(!spec.room.is_empty())).max(1);
     let mut roster = Roster::default();
     let opening = async {
         let _permit = permit.acquire().await.map_err(|e| e.to_string())?;
@@ -187,7 +197,14 @@ pub async fn run(
         let (ws, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-        let (sink, mut stream) = ws.split();
+        let (mut sink, mut stream) = ws.split();
+        for (k, room) in spec.subscribe.iter().enumerate() {
+            let frame =
+                serde_json::json!({"type": "subscribe", "room": room, "ref": format!("s{k}")});
+            sink.send(Message::Text(frame.to_string()))
+                .await
+                .map_err(|e| format!("subscribe: {e}"))?;
+        }
         // The frames before `presence` (welcome, history, joins) count like any other.
         loop {
             match stream.next().await {
@@ -198,7 +215,14 @@ pub async fn run(
                         roster.on_frame(kind, &t, checks);
                     }
                     if KINDS[kind] == "presence" {
-                        return Ok((sink, stream));
+                        presences_due -= 1;
+                        if presences_due == 0 {
+                            return Ok((sink, stream));
+                        }
+                    }
+                    // A refused subscription (too_many_rooms, forbidden) never attaches.
+                    if KINDS[kind] == "error" && !spec.subscribe.is_empty() {
+                        return Err(format!("subscribe refused: {}", error_code(&t)));
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -296,6 +320,14 @@ pub async fn run(
     }
     shared.ended.fetch_add(1, Ordering::Relaxed);
     tracker
+}
+
+/// The `code` of an `error` frame, for a failure's reason.
+fn error_code(frame: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(frame)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "error".to_owned())
 }
 
 fn flush(shared: &Shared, counts: &mut [u64; KINDS.len()], tracker: Option<&mut Tracker>) {

@@ -106,7 +106,7 @@ pub fn table(r: &Value) -> String {
             let rss = |k: &str| v[k]["rss_kib"].as_u64().unwrap_or(0);
             let _ = writeln!(
                 s,
-                "server pid {}: RSS {} KiB before → {} KiB attached{}; {:.0} bytes per connection",
+                "server pid {}: RSS {} KiB before → {} KiB attached{}; {:.0} bytes per connection{}",
                 v["pid"],
                 rss("before"),
                 rss("filled"),
@@ -115,7 +115,13 @@ pub fn table(r: &Value) -> String {
                 } else {
                     String::new()
                 },
-                f(&v["bytes_per_connection"])
+                f(&v["bytes_per_connection"]),
+                // `idle --rooms-per-conn N`: what each of the N rooms held costs.
+                if r["rooms_per_connection"].as_u64().unwrap_or(1) > 1 {
+                    format!(", {:.0} per subscription", f(&v["bytes_per_subscription"]))
+                } else {
+                    String::new()
+                }
             );
         }
     }

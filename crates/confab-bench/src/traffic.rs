@@ -65,6 +65,14 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
             index: c,
             target: target_of(c),
             room: format!("{}-{}", ctx.global.prefix, c / t.members),
+            // Quiet room j has `members` members: connection c holds c·K … c·K+K−1 of
+            // rooms × K.
+            subscribe: (0..t.extra_rooms)
+                .map(|k| {
+                    let j = (c * t.extra_rooms + k) % (t.rooms * t.extra_rooms);
+                    format!("{}-quiet-{j}", ctx.global.prefix)
+                })
+                .collect(),
             user: format!("{}{c}", ctx.global.prefix),
             stalled: is_stalled(c),
         })
@@ -266,6 +274,7 @@ pub async fn run(ctx: &Ctx, t: &Traffic) -> Result<Value, String> {
         "connections": connections_json(&fleet, n),
         "rooms": t.rooms,
         "members": t.members,
+        "extra_rooms_per_connection": t.extra_rooms,
         "publishers_per_room": p,
         "stalled_per_room": t.stalled,
         "step_secs": t.step.as_secs_f64(),
