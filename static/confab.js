@@ -31,9 +31,9 @@ const PING_EVERY_MS = 25000;    // a browser cannot see WebSocket pings, so ask 
 const SILENCE_MS = 35000;       // and give a connection up when nothing came for this long
 const MAX_FRAME_BYTES = 65536;  // the server's default limits.max_frame_bytes
 const MAX_TRIES = 5;            // `unavailable`/`internal` answers before a message is given up
-const SUBSCRIBE_BURST = 10;     // subscribes sent at once on a new connection, then
-const SUBSCRIBE_PER_SEC = 8;    // this many a second: under the server's default rate limit
-                                // (burst 20, 10/s), with room left for messages
+const SUBSCRIBE_BURST = 100;    // subscribes sent at once on a new connection, then
+const SUBSCRIBE_PER_SEC = 10;   // this many a second: the server's default budget for them
+                                // (limits.rooms_per_connection at once, messages_per_sec after)
 
 /** Room and user names (docs/PROTOCOL.md §3.1). */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -208,11 +208,12 @@ export class Confab {
     this.pumpSubscribes();
   }
 
-  // Subscribes are paced: the server counts them against the connection's rate limit like
-  // any frame, and a reconnect with many rooms sending them all at once would be refused
-  // past the burst, and closed with 1008 past `limits.max_violations` refusals. A local
-  // token bucket (SUBSCRIBE_BURST, SUBSCRIBE_PER_SEC) keeps under the server's defaults; a
-  // server set lower answers `rate_limited`, and those are asked again (`resubscribeLater`).
+  // Subscribes are paced: the server gives subscribes and unsubscribes a budget of their own
+  // (a burst of `limits.rooms_per_connection`, refilled at `limits.messages_per_sec`), and a
+  // client that kept sending past it would be refused, then closed with 1008 past
+  // `limits.max_violations` refusals. A local token bucket (SUBSCRIBE_BURST,
+  // SUBSCRIBE_PER_SEC) keeps under the server's defaults; a server set lower answers
+  // `rate_limited`, and those are asked again (`resubscribeLater`).
   pumpSubscribes() {
     clearTimeout(this.subTimer);
     this.subTimer = null;
@@ -697,8 +698,8 @@ export class Confab {
     this.emit("error", { room: f.room, code: f.code, message: f.message, ref: f.ref });
   }
 
-  // A subscribe that met the rate limit (subscribes count like any frame: many rooms at
-  // once after a reconnect can pass the burst) or a server that could not answer it: asked
+  // A subscribe that met the rate limit (a server whose subscribe budget is set below what
+  // this client sends at once) or a server that could not answer it: asked
   // again after 1-3 s, on the same connection, unless the room was left meanwhile.
   resubscribeLater(room, code) {
     const sock = this.ws;

@@ -58,7 +58,7 @@ fn token(sub: &str, rooms: &[&str], publish: &[&str]) -> String {
 
 #[tokio::test]
 async fn one_connection_chats_in_three_rooms_and_every_frame_names_its_room() {
-    let server = Server::start(&[]);
+    let server = Server::start(&[("CONFAB_API__KEY", "k")]);
     let mut ann = server.connect("/ws?user=ann").await;
     let rooms = ["red", "green", "blue"];
     for room in rooms {
@@ -106,6 +106,14 @@ async fn one_connection_chats_in_three_rooms_and_every_frame_names_its_room() {
         .await;
     let p = next_in(&mut ann, "green", "presence").await;
     assert_eq!(p["users"], json!(["ann", "bob"]));
+    // The HTTP API counts a subscription like a connection to the room.
+    for (room, users) in [("red", json!(["ann"])), ("green", json!(["ann", "bob"]))] {
+        let path = format!("/api/rooms/{room}/presence");
+        let reply = server
+            .http("GET", &path, &[("Authorization", "Bearer k")])
+            .await;
+        assert_eq!(reply.json()["users"], users, "{}", reply.body);
+    }
     ann.send_json(json!({"type":"history","room":"red","ref":"h"}))
         .await;
     let h = ann.next_of("history").await;

@@ -149,6 +149,12 @@ pub struct SessionCore {
     quotas: Quotas,
     slots: Box<dyn RoomSlots>,
     bucket: TokenBucket,
+    /// `subscribe` and `unsubscribe` spend from a budget of their own, a burst of
+    /// `limits.rooms_per_connection` (or `limits.burst` if larger) refilled at
+    /// `limits.messages_per_sec`: a page opening
+    /// the rooms of a link (or resuming all of them after a reconnect) must not be refused,
+    /// nor use up the messages' burst, while churning through rooms is still bounded.
+    room_bucket: TokenBucket,
     violations: u32,
     last_heard: Instant,
     subs: Vec<Sub>,
@@ -196,6 +202,13 @@ impl SessionCore {
         let mut core = Self {
             label: Arc::from(format!("{}-{id:016x}", cfg.node)),
             bucket: TokenBucket::new(cfg.messages_per_sec, cfg.burst, now),
+            room_bucket: TokenBucket::new(
+                cfg.messages_per_sec,
+                u32::try_from(cfg.rooms_per_connection)
+                    .unwrap_or(u32::MAX)
+                    .max(cfg.burst),
+                now,
+            ),
             cfg,
             id,
             identity,
@@ -492,6 +505,9 @@ impl SessionCore {
         let allowed = match request {
             Request::Typing { .. } => true,
             Request::Message { .. } => self.bucket.try_take(now) && self.quotas.try_take(now),
+            Request::Subscribe { .. } | Request::Unsubscribe { .. } => {
+                self.room_bucket.try_take(now)
+            }
             _ => self.bucket.try_take(now),
         };
         if !allowed {

@@ -11,12 +11,17 @@ use super::*;
 use crate::metrics::Metrics;
 
 fn cfg(rooms_per_connection: usize) -> Arc<SessionConfig> {
+    limited(rooms_per_connection, 1000, 100_000)
+}
+
+/// A config with this message rate limit.
+fn limited(rooms_per_connection: usize, messages_per_sec: u32, burst: u32) -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         node: Arc::from("n"),
         max_frame_bytes: 65536,
         max_message_chars: 100,
-        messages_per_sec: 1000,
-        burst: 100_000,
+        messages_per_sec,
+        burst,
         max_violations: 50,
         session_queue: 64,
         session_queue_bytes: 1 << 20,
@@ -144,6 +149,54 @@ fn on_a_path_room_frames_wait_for_its_welcome_and_then_go_as_one_run() {
     );
     c.published(ok(1), Instant::now());
     assert_eq!(drain(&mut c), ["write ack room=home offset=1"]);
+}
+
+#[test]
+fn subscribes_spend_a_budget_of_their_own_and_leave_the_messages_burst_alone() {
+    // A message burst of 1 at one a second; subscribes get rooms_per_connection (5) at once.
+    let identity = Identity::anonymous(UserId::parse("ann").unwrap());
+    let now = Instant::now();
+    let mut c = SessionCore::new(
+        limited(5, 1, 1),
+        0,
+        identity,
+        None,
+        Quotas::default(),
+        Box::new(Open),
+        now,
+    );
+    drain(&mut c);
+    for (n, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        c.text(
+            ByteString::from(json!({"type":"subscribe","room":name}).to_string()),
+            now,
+        );
+        assert_eq!(drain(&mut c), [format!("subscribe {name} tag={}", n + 1)]);
+    }
+    assert_eq!(welcome(&mut c, 1), None);
+    drain(&mut c);
+    let message = json!({"type":"message","room":"a","text":"hi","ref":"m"}).to_string();
+    c.text(ByteString::from(message.clone()), now);
+    c.end_of_batch();
+    assert_eq!(
+        drain(&mut c),
+        ["publish a hi"],
+        "the burst of 1 is still there"
+    );
+    c.text(
+        ByteString::from(json!({"type":"unsubscribe","room":"b","ref":"u"}).to_string()),
+        now,
+    );
+    assert_eq!(
+        drain(&mut c),
+        ["write error room=b ref=u code=rate_limited"],
+        "five subscribes used the room budget up"
+    );
+    c.text(ByteString::from(message), now);
+    assert_eq!(
+        drain(&mut c),
+        ["write error room=a ref=m code=rate_limited"]
+    );
 }
 
 #[test]
