@@ -24,7 +24,10 @@ async fn a_slow_consumer_is_closed_at_once_not_after_the_backlog_it_is_about() {
     let server = Server::start(&[
         ("CONFAB_LIMITS__MESSAGES_PER_SEC", "100000"),
         ("CONFAB_LIMITS__BURST", "100000"),
-        ("CONFAB_LIMITS__SESSION_QUEUE", "64"),
+        // 256 frames of 3,000 bytes: far less than the 6 MB the slow member is sent, and slack
+        // enough for the watcher and the sender, which read everything too, to fall behind on
+        // a busy machine without being evicted themselves (at 64 the watcher once was).
+        ("CONFAB_LIMITS__SESSION_QUEUE", "256"),
         // The stall timeout that used to be the only way out for a session waiting on a
         // client that reads nothing: far longer than this test waits.
         ("CONFAB_WEBSOCKET__CLIENT_TIMEOUT_SECS", "120"),
