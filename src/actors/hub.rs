@@ -128,8 +128,9 @@ pub struct Disconnect {
     pub session: SessionId,
 }
 
-/// Session → hub: a connection on `/ws` (no path room) started, to be closed by a drain
-/// even while it is in no room. Connections on `/ws/{room}` are known by their path room.
+/// Session → hub: a connection with no path room (on `/ws`, or on `/ws/{room}` once it left
+/// that room), to be closed by a drain even while it is in no room. Other connections are
+/// known by their path room.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Register {

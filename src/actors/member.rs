@@ -297,6 +297,14 @@ impl InboxReader {
         MemberHandle::new(Arc::clone(&self.inbox), tag)
     }
 
+    /// Drops the replay hook of a subscription that was left, so a client that subscribes and
+    /// unsubscribes while its queue is past half full leaves none behind.
+    pub fn forget(&self, tag: u32) {
+        if let Some(drained) = self.inbox.lock().drained.as_mut() {
+            drained.hooks.retain(|(t, _)| *t != tag);
+        }
+    }
+
     /// Whether a room's own close ends only its subscription (the connection holds other
     /// rooms, or has no path room) rather than the connection.
     pub fn set_rooms_apart(&self, apart: bool) {

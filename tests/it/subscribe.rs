@@ -541,7 +541,8 @@ async fn w_epoch(server: &Server) -> String {
 }
 
 #[tokio::test]
-async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001() {
+async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001_and_one_that_left_its_path_room(
+) {
     let mut server = Server::start(&[("CONFAB_SERVER__SHUTDOWN_GRACE_SECS", "2")]);
     let mut bare = server.connect("/ws?user=bare").await;
     bare.send_json(json!({"type":"ping"})).await;
@@ -549,6 +550,11 @@ async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001() {
     let mut busy = server.connect("/ws?user=busy").await;
     subscribe(&mut busy, "x", json!({})).await;
     subscribe(&mut busy, "y", json!({})).await;
+    // On /ws/{room}, then out of every room: no path room left to be found by.
+    let (mut left, _) = server.join("/ws/lobby?user=left").await;
+    left.send_json(json!({"type":"unsubscribe","room":"lobby","ref":"u"}))
+        .await;
+    assert_eq!(left.next_of("unsubscribed").await["ref"], "u");
     server.signal(libc::SIGTERM);
     assert_eq!(
         bare.ending(Duration::from_secs(10)).await.0,
@@ -556,6 +562,10 @@ async fn a_drain_closes_connections_on_ws_in_rooms_and_in_none_with_1001() {
     );
     assert_eq!(
         busy.ending(Duration::from_secs(10)).await.0,
+        Ending::Closed(1001)
+    );
+    assert_eq!(
+        left.ending(Duration::from_secs(10)).await.0,
         Ending::Closed(1001)
     );
     let status = server.wait_exit(Duration::from_secs(15));

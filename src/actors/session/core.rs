@@ -68,7 +68,12 @@ pub enum Effect {
         history: usize,
     },
     /// Detach member `member` from its room (the hub's `Disconnect`).
-    Unsubscribe { room: RoomName, member: SessionId },
+    Unsubscribe {
+        room: RoomName,
+        member: SessionId,
+        /// The subscription's tag, whose replay hook the inbox drops.
+        tag: u32,
+    },
     /// Ask the room for its presence, answered through the inbox.
     AskPresence { room: RoomName, member: SessionId },
     /// Send a typing signal to the room.
@@ -168,8 +173,10 @@ pub struct SessionCore {
     /// Bytes in `waiting` before the path room's welcome, bounded by
     /// `limits.session_queue_bytes`.
     early_bytes: usize,
-    /// Frames held in subscriptions, bounded like the queue.
+    /// Frames held in subscriptions and what they weigh ([`weight`]), bounded like the queue
+    /// in frames and bytes: a client may subscribe and send megabytes before a slow welcome.
     held: usize,
+    held_bytes: usize,
     /// Messages read but not yet handed to the bus, all for `run_room`.
     run: Vec<NewMessage>,
     run_room: Option<RoomName>,
@@ -223,6 +230,7 @@ impl SessionCore {
             waiting: VecDeque::new(),
             early_bytes: 0,
             held: 0,
+            held_bytes: 0,
             run: Vec::new(),
             run_room: None,
             answers: VecDeque::new(),
@@ -380,6 +388,11 @@ impl SessionCore {
         let Some((room, reference)) = self.reading.take() else {
             return;
         };
+        if !self.subs.iter().any(|s| s.room == room) {
+            // Left while the read was on the bus: after `unsubscribed` nothing of the room
+            // is written (docs/PROTOCOL.md §4.1).
+            return self.go_on(now);
+        }
         let frame = match result {
             Ok(page) => ServerFrame::History {
                 reference: reference.as_deref(),
@@ -557,10 +570,14 @@ impl SessionCore {
                     return;
                 };
                 if !self.subs[at].welcomed && !self.finishing {
-                    if self.held >= self.cfg.session_queue {
+                    let weight = weight(&request);
+                    if self.held >= self.cfg.session_queue
+                        || self.held_bytes + weight > self.cfg.session_queue_bytes
+                    {
                         return self.fail_for_frames(Close::TooEarly);
                     }
                     self.held += 1;
+                    self.held_bytes += weight;
                     return self.subs[at].held.push(request);
                 }
                 self.handle(at, request, now);
@@ -804,3 +821,13 @@ mod subscriptions;
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+/// What a request held for its room's welcome weighs against `limits.session_queue_bytes`:
+/// its text and `ref`, and a little for the rest of it.
+fn weight(request: &Request) -> usize {
+    let text = match request {
+        Request::Message { text, .. } => text.len(),
+        _ => 0,
+    };
+    text + request.reference().map_or(0, str::len) + 64
+}

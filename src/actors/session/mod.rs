@@ -121,7 +121,7 @@ pub struct Session {
     history: Option<BusFuture<HistoryPage>>,
     /// Wakes [`Pump`] when a run of messages began or a bus call was made outside it.
     pump: Option<Waker>,
-    /// On `/ws`: registered with the hub, for the drain (see [`Register`]).
+    /// Registered with the hub, for the drain (see [`Register`] and [`Session::register`]).
     registered: bool,
     socket: WsSocket,
 }
@@ -216,10 +216,13 @@ impl Session {
                         },
                     });
                 }
-                Effect::Unsubscribe { room, member } => self.hub.do_send(Disconnect {
-                    room,
-                    session: member,
-                }),
+                Effect::Unsubscribe { room, member, tag } => {
+                    self.inbox.forget(tag);
+                    self.hub.do_send(Disconnect {
+                        room,
+                        session: member,
+                    })
+                }
                 Effect::AskPresence { room, member } => self.hub.do_send(AskPresence {
                     room,
                     session: member,
@@ -234,11 +237,27 @@ impl Session {
             }
         }
         self.socket.set_reading(self.core.wants_input());
-        if wake {
+        if !self.registered && self.core.path_room().is_none() {
+            self.register();
+        }
+        // A run begun by any input (a frame, or requests held for a welcome that just went
+        // out) is sent by [`Pump`] once the frames read with it are handled.
+        if wake || self.core.has_run() {
             if let Some(pump) = &self.pump {
                 pump.wake_by_ref();
             }
         }
+    }
+
+    /// Registers the connection with the hub for the drain once it has no path room: on
+    /// `/ws` from the start, on `/ws/{room}` once its path room is left (it may stay in no
+    /// room at all, and must still get its 1001).
+    fn register(&mut self) {
+        self.registered = true;
+        self.hub.do_send(Register {
+            session: self.core.id(),
+            member: self.inbox.handle(CONNECTION),
+        });
     }
 
     fn on_frame(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
@@ -249,12 +268,6 @@ impl Session {
             Some(Inbound::Text(text)) => {
                 self.core.text(text, now);
                 self.carry_out(ctx);
-                if self.core.has_run() {
-                    // [`Pump`] sends the run once the frames read with it are handled.
-                    if let Some(pump) = &self.pump {
-                        pump.wake_by_ref();
-                    }
-                }
             }
             Some(_) => {
                 self.cfg.metrics.bad_frame(Close::Binary.code());
@@ -296,13 +309,6 @@ impl Actor for Session {
         log::info!("{} connected", self.about());
         self.socket.interrupt_with(self.inbox.interrupter());
         ctx.spawn(Pump);
-        if self.core.path_room().is_none() {
-            self.registered = true;
-            self.hub.do_send(Register {
-                session: self.core.id(),
-                member: self.inbox.handle(CONNECTION),
-            });
-        }
         self.carry_out(ctx);
     }
 
@@ -310,8 +316,10 @@ impl Actor for Session {
         // Messages read and not yet stored still are; nobody is left to take their acks.
         self.core.finish(Instant::now());
         self.answers = FuturesOrdered::new();
+        // Its rooms are left now: that must not register it for a drain it no longer needs.
+        let registered = std::mem::replace(&mut self.registered, true);
         self.carry_out(ctx);
-        if self.registered {
+        if registered {
             self.hub.do_send(Unregister {
                 session: self.core.id(),
             });

@@ -16,7 +16,17 @@ fn cfg(rooms_per_connection: usize) -> Arc<SessionConfig> {
 
 /// A config with this message rate limit.
 fn limited(rooms_per_connection: usize, messages_per_sec: u32, burst: u32) -> Arc<SessionConfig> {
-    Arc::new(SessionConfig {
+    configured(rooms_per_connection, messages_per_sec, burst, |_| {})
+}
+
+/// A config with this message rate limit, then changed by `change`.
+fn configured(
+    rooms_per_connection: usize,
+    messages_per_sec: u32,
+    burst: u32,
+    change: impl FnOnce(&mut SessionConfig),
+) -> Arc<SessionConfig> {
+    let mut config = SessionConfig {
         node: Arc::from("n"),
         max_frame_bytes: 65536,
         max_message_chars: 100,
@@ -29,7 +39,9 @@ fn limited(rooms_per_connection: usize, messages_per_sec: u32, burst: u32) -> Ar
         client_timeout: Duration::from_secs(60),
         rooms_per_connection,
         metrics: Arc::new(Metrics::new().unwrap()),
-    })
+    };
+    change(&mut config);
+    Arc::new(config)
 }
 
 /// Admission that lets every room in.
@@ -316,6 +328,40 @@ fn after_unsubscribed_nothing_of_the_room_is_written_and_acks_before_it_still_ar
 }
 
 #[test]
+fn a_resubscribe_waits_for_every_earlier_unsubscribed_of_its_room() {
+    let mut c = core(None, 10);
+    for (r, tag) in [("x", 1), ("y", 2)] {
+        send(&mut c, json!({"type":"subscribe","room":r}));
+        welcome(&mut c, tag);
+    }
+    // x left behind a publish in flight, subscribed again (deferred), then that one left
+    // behind another publish in flight, and x subscribed a third time.
+    send(&mut c, json!({"type":"message","room":"x","text":"p1"}));
+    send(&mut c, json!({"type":"unsubscribe","room":"x","ref":"u1"}));
+    send(&mut c, json!({"type":"subscribe","room":"x","ref":"s2"}));
+    send(&mut c, json!({"type":"message","room":"y","text":"p2"}));
+    send(&mut c, json!({"type":"unsubscribe","room":"x","ref":"u2"}));
+    send(&mut c, json!({"type":"subscribe","room":"x","ref":"s3"}));
+    drain(&mut c);
+    // p1's answer lets u1 out; x's third subscription must still wait for u2.
+    c.published(ok(1), Instant::now());
+    let after_p1 = drain(&mut c);
+    assert!(
+        !after_p1.iter().any(|e| e.starts_with("subscribe x")),
+        "attached before u2 was written: {after_p1:?}"
+    );
+    c.published(ok(1), Instant::now());
+    assert_eq!(
+        drain(&mut c),
+        [
+            "write ack room=y offset=1",
+            "write unsubscribed room=x ref=u2",
+            "subscribe x tag=4"
+        ]
+    );
+}
+
+#[test]
 fn a_gap_ends_only_its_subscription_unless_the_path_room_is_all_there_is() {
     let mut c = core(None, 10);
     for (r, tag) in [("a", 1), ("b", 2)] {
@@ -372,6 +418,67 @@ fn a_history_read_holds_later_frames_until_it_is_answered() {
         drain(&mut c),
         ["write history room=home ref=h", "write pong"]
     );
+}
+
+#[test]
+fn a_history_page_of_a_room_left_while_it_was_read_is_not_written() {
+    let mut c = core(None, 10);
+    send(&mut c, json!({"type":"subscribe","room":"a"}));
+    welcome(&mut c, 1);
+    drain(&mut c);
+    send(&mut c, json!({"type":"history","room":"a","ref":"h"}));
+    c.deliver(1, Outbound::Close(Close::MissedHistory), Instant::now());
+    assert_eq!(
+        drain(&mut c),
+        [
+            "history a",
+            "unsubscribe a",
+            "write unsubscribed room=a code=4008"
+        ]
+    );
+    let page = HistoryPage {
+        epoch: Epoch::from_string("e"),
+        messages: Vec::new(),
+    };
+    c.history_read(Ok(page), Instant::now());
+    assert!(
+        drain(&mut c).is_empty(),
+        "nothing of a after its unsubscribed"
+    );
+    assert!(c.wants_input());
+}
+
+#[test]
+fn frames_held_for_a_welcome_are_bounded_in_bytes_too() {
+    let config = configured(10, 1000, 100_000, |c| {
+        c.session_queue_bytes = 10_000;
+        c.max_message_chars = 4000;
+    });
+    let identity = Identity::anonymous(UserId::parse("ann").unwrap());
+    let mut c = SessionCore::new(
+        config,
+        0,
+        identity,
+        None,
+        Quotas::default(),
+        Box::new(Open),
+        Instant::now(),
+    );
+    send(&mut c, json!({"type":"subscribe","room":"a"}));
+    drain(&mut c);
+    // Three messages of 3,000 bytes fit in 10,000 before a's welcome; a fourth does not.
+    for _ in 0..3 {
+        send(
+            &mut c,
+            json!({"type":"message","room":"a","text":"x".repeat(3000)}),
+        );
+    }
+    assert!(drain(&mut c).is_empty(), "held");
+    send(
+        &mut c,
+        json!({"type":"message","room":"a","text":"x".repeat(3000)}),
+    );
+    assert_eq!(drain(&mut c), ["close 1008"]);
 }
 
 #[test]

@@ -117,8 +117,17 @@ impl SessionCore {
         });
     }
 
-    /// Attaches the subscriptions that waited for `room`'s `unsubscribed` to be written.
+    /// Attaches the subscriptions that waited for `room`'s `unsubscribed` to be written, once
+    /// no other `unsubscribed` of the room is still queued (a room left twice behind answers
+    /// in flight: the new welcome must follow both).
     pub(super) fn attach_deferred(&mut self, room: &RoomName) {
+        let leaving = self
+            .answers
+            .iter()
+            .any(|a| matches!(a, Answer::Unsubscribed { room: r, .. } if r == room));
+        if leaving {
+            return;
+        }
         while let Some(at) = self.deferred.iter().position(|d| d.room == *room) {
             let d = self.deferred.swap_remove(at);
             self.attach(d);
@@ -201,6 +210,7 @@ impl SessionCore {
         // subscribed to, in the order they were sent.
         for request in sub.held {
             self.held -= 1;
+            self.held_bytes -= super::weight(&request);
             self.refuse(
                 ErrorCode::BadRequest,
                 "this connection is not subscribed to that room",
@@ -226,6 +236,7 @@ impl SessionCore {
         self.effects.push_back(Effect::Unsubscribe {
             room: sub.room.clone(),
             member: sub.member,
+            tag: sub.tag,
         });
     }
 
@@ -258,6 +269,7 @@ impl SessionCore {
         // Requests held for this welcome go first, then whatever waited behind them.
         let held = std::mem::take(&mut self.subs[at].held);
         self.held -= held.len();
+        self.held_bytes -= held.iter().map(super::weight).sum::<usize>();
         for request in held.into_iter().rev() {
             self.waiting.push_front(Work::Request(request));
         }
