@@ -501,3 +501,77 @@ async fn postgresql_down_longer_than_the_redis_window_is_counted_and_logged_and_
         "the archived start stays"
     );
 }
+
+#[tokio::test]
+async fn redis_back_older_than_the_archive_keeps_the_rooms_epoch_and_offsets_with_no_reset() {
+    // A restored snapshot (or a failover to a lagging replica): the room's meta is there, at
+    // an offset below what PostgreSQL and the clients already have.
+    let dir = crate::harness::TempDir::new("older");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch7", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/older?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "older", 5).await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    assert_eq!(say_many(&mut c, "n", 5).await, (6..=10).collect::<Vec<_>>());
+    wait_archived(&pg, "older", 10).await;
+    eventually(
+        Duration::from_secs(10),
+        "nothing left to archive",
+        || async { metric(&[&a], "confab_archive_behind_messages").await == 0.0 },
+    )
+    .await;
+
+    redis.restart();
+    assert!(
+        redis
+            .cmd(&["HGET", "arch7:{older}:meta", "offset"])
+            .await
+            .ends_with("\r\n5\r\n"),
+        "Redis came back with the snapshot's offset 5"
+    );
+    // The client saw offset 10: the same epoch, the next offset is 11, no `reset`.
+    let mut offset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = c.next_of_any(&["ack", "error", "reset"]).await;
+        assert_ne!(reply["type"], "reset", "{reply}");
+        if reply["type"] == "ack" {
+            offset = reply["offset"].as_u64();
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offset, Some(11));
+    let rows = wait_archived(&pg, "older", 11).await;
+    assert_eq!(rows[&11], (epoch.clone(), "after".to_owned()));
+    assert!(rows.values().all(|(e, _)| *e == epoch), "one epoch");
+    assert_eq!(rows[&7].1, "n-1", "the archive kept the first message at 7");
+    eventually(Duration::from_secs(10), "the raise counted", || async {
+        metric(&[&a], "confab_archive_raised_total").await == 1.0
+    })
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+
+    // History and resume across the seam (the restored stream, the archive): no gap, no
+    // duplicate.
+    let (mut reader, welcome) = a.join("/ws/older?user=bob").await;
+    assert_eq!(welcome["epoch"], epoch.as_str());
+    assert_eq!(welcome["offset"], 11);
+    reader
+        .send_json(json!({"type": "history", "limit": 50, "ref": "h1"}))
+        .await;
+    let page = reader.next_of("history").await;
+    assert_eq!(offsets(&page["messages"]), (1..=11).collect::<Vec<_>>());
+    assert_eq!(page["messages"][6]["text"], "n-1");
+    let (mut again, welcome) = a
+        .join(&format!("/ws/older?user=cid&since=3&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(backlog(&mut again).await, (4..=11).collect::<Vec<_>>());
+}

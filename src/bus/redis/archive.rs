@@ -36,7 +36,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use super::{unavailable, RedisBus};
-use crate::bus::BusError;
+use crate::bus::{BusError, RoomHead};
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::logctx;
 use crate::metrics::Metrics;
@@ -46,6 +46,7 @@ use crate::store::{Append, RoomState, Row, SharedStore};
 const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
 const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
 const SEED_LUA: &str = include_str!("../lua/seed.lua");
+const RAISE_LUA: &str = include_str!("../lua/raise.lua");
 
 /// Fewest messages of one room a pass copies (see `store.archive_batch`).
 const MIN_PER_ROOM: u64 = 100;
@@ -69,6 +70,11 @@ pub struct Archive {
     dirty: Mutex<HashSet<RoomName>>,
     /// Set after a (re)subscribe: the archiver scans for rooms it may not have heard of.
     rescan: AtomicBool,
+    /// Rooms whose Redis head was compared with the archive's since the last (re)subscribe.
+    /// Redis can only come back older across a reconnect (a restart, a failover), after which
+    /// the bridge resubscribes and this is emptied: so each room costs one store read per
+    /// reconnect, not one per read ([`RedisBus::raise_if_older`]).
+    checked: Mutex<HashSet<RoomName>>,
     /// When the archiver's last commit failed, if it did: reads that may do without the store
     /// do not wait for it meanwhile. It counts for [`DOWN_FOR`] only, since without traffic
     /// no commit would clear it.
@@ -89,6 +95,7 @@ pub struct Archive {
     claim: Script,
     mark: Script,
     seed: Script,
+    raise: Script,
 }
 
 impl Archive {
@@ -98,6 +105,7 @@ impl Archive {
             metrics,
             dirty: Mutex::new(HashSet::new()),
             rescan: AtomicBool::new(true),
+            checked: Mutex::new(HashSet::new()),
             down: Mutex::new(None),
             wake: Notify::new(),
             token: format!("{node}/{:016x}", rand::random::<u64>()),
@@ -109,6 +117,7 @@ impl Archive {
             claim: Script::from_lua(ARCHIVE_LUA),
             mark: Script::from_lua(ARCHIVED_LUA),
             seed: Script::from_lua(SEED_LUA),
+            raise: Script::from_lua(RAISE_LUA),
         }
     }
 
@@ -207,6 +216,9 @@ impl RedisBus {
     /// Events may have been missed (a start, a resubscribe): the archiver scans for rooms.
     pub(in crate::bus) fn archive_rescan(&self) {
         if let Some(archive) = &self.archive {
+            // Redis may have come back older: every room's head is compared with the
+            // archive's again at its next read.
+            archive.checked.lock().clear();
             archive.rescan.store(true, Ordering::Release);
             archive.wake.notify_one();
         }
@@ -342,6 +354,72 @@ impl RedisBus {
                 Seeded::Ready
             }
         }
+    }
+}
+
+impl RedisBus {
+    /// Whether `room` still needs its Redis head compared with the archive's.
+    pub(super) fn needs_older_check(&self, room: &RoomName) -> bool {
+        self.archive
+            .as_ref()
+            .is_some_and(|a| !a.checked.lock().contains(room))
+    }
+
+    /// Redis came back older (a restored snapshot, a failover to a lagging replica) if the
+    /// archive's head of the room's epoch is above `head`: raises the meta to it
+    /// (`raise.lua`), so no offset the archive holds is handed out again and clients that saw
+    /// up to it get no `reset`. True when the meta is now above `head` (raised by this call or
+    /// another replica): the caller reads again. Done once per room per Redis connection; a
+    /// store that cannot be read leaves the room unchecked (the next read tries again) and
+    /// the read goes on from Redis.
+    pub(super) async fn raise_if_older(&self, room: &RoomName, head: &RoomHead) -> bool {
+        let Some(archive) = &self.archive else {
+            return false;
+        };
+        if archive.is_down() {
+            return false;
+        }
+        let state = match archive.bounded(archive.store.head(room)).await {
+            Ok(state) => state,
+            Err(e) => {
+                archive.metrics.store_errors.inc();
+                log::warn!(
+                    "{} cannot compare its Redis head with the archive's (tried again at its \
+                     next read): {e}",
+                    logctx::room(room)
+                );
+                return false;
+            }
+        };
+        let Some(state) = state.filter(|s| s.epoch == head.epoch && s.offset > head.offset) else {
+            archive.checked.lock().insert(room.clone());
+            return false;
+        };
+        let keys = self.keys(room);
+        let args: Vec<Value> = vec![state.epoch.as_str().into(), state.offset.to_string().into()];
+        let reply: Result<Vec<i64>, _> = archive
+            .raise
+            .evalsha_with_reload(&self.client, vec![keys.meta, keys.history], args)
+            .await;
+        match reply.as_deref() {
+            Ok([1, before]) => {
+                archive.metrics.archive_raised.inc();
+                log::warn!(
+                    "{} came back from Redis older than the archive (epoch {}: offset {before} \
+                     in Redis, {} archived): raised to the archive's head, no reset",
+                    logctx::room(room),
+                    state.epoch,
+                    state.offset
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("{} cannot raise its meta: {e}", logctx::room(room));
+                return false;
+            }
+        }
+        archive.checked.lock().insert(room.clone());
+        true
     }
 }
 
@@ -513,6 +591,30 @@ async fn pass(
     let count = (archive.batch / due.len() as u64).max(MIN_PER_ROOM);
     let claims =
         futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r, count))).await;
+    // A room not compared with the archive since the last reconnect (Redis may have come
+    // back older) is compared before it is copied: raised, it is looked at again at once,
+    // from its raised mark, rather than copied from the old one into offsets the archive
+    // already holds.
+    let raised: HashSet<RoomName> = {
+        let checks = due
+            .iter()
+            .zip(&claims)
+            .filter_map(|(room, claim)| match claim {
+                Ok(Claim::Copy { epoch, offset, .. }) if bus.needs_older_check(room) => {
+                    let head = RoomHead {
+                        epoch: epoch.clone(),
+                        offset: *offset,
+                    };
+                    Some(async move { bus.raise_if_older(room, &head).await.then(|| room.clone()) })
+                }
+                _ => None,
+            });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    };
     // One warning per pass, not one per room.
     let mut redis_ok = true;
     let mut batch = Append::default();
@@ -538,6 +640,9 @@ async fn pass(
             }
             Ok(Claim::Gone | Claim::Done) => {
                 rooms.remove(&room);
+            }
+            Ok(Claim::Copy { .. }) if raised.contains(&room) => {
+                rooms.insert(room, now);
             }
             Ok(Claim::Copy {
                 epoch,
