@@ -575,3 +575,58 @@ async fn redis_back_older_than_the_archive_keeps_the_rooms_epoch_and_offsets_wit
     assert_eq!(welcome["recovered"], true, "{welcome}");
     assert_eq!(backlog(&mut again).await, (4..=11).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn an_offset_redis_hands_out_again_is_kept_once_in_the_archive_counted_and_the_room_moves_on()
+{
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch8", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/reused?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "reused", 3).await;
+    // The archive holds offset 4 of the epoch for another message than Redis will hand it to
+    // (as when Redis came back older and was not raised before a publish).
+    let store = pg.store().await;
+    let first =
+        r#"{"type":"message","room":"reused","offset":4,"user":"zed","text":"first","ts":1}"#;
+    sqlx::query(
+        "INSERT INTO messages (room, epoch, msg_offset, ts, user_id, client_ref, frame) \
+         VALUES ('reused', $1, 4, 1, 'zed', NULL, $2)",
+    )
+    .bind(&epoch)
+    .bind(first)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    assert_eq!(c.say("second", "s").await, 4);
+    eventually(Duration::from_secs(10), "the conflict counted", || async {
+        metric(&[&a], "confab_archive_conflicts_total").await == 1.0
+    })
+    .await;
+    assert!(a.log().contains("were handed out again by Redis"), "logged");
+    let rows = archived(&pg, "reused").await;
+    assert_eq!(
+        rows[&4],
+        (epoch.clone(), "first".to_owned()),
+        "the archive keeps the first"
+    );
+
+    // The room moved to a new epoch after the archive's head: no offset of it is reused.
+    let (_, welcome) = a.join("/ws/reused?user=bob").await;
+    let renewed = welcome["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(renewed, epoch);
+    assert_eq!(welcome["offset"], 4);
+    assert_eq!(c.say("third", "t").await, 5);
+    eventually(
+        Duration::from_secs(10),
+        "the new epoch archived",
+        || async {
+            archived(&pg, "reused").await.get(&5) == Some(&(renewed.clone(), "third".to_owned()))
+        },
+    )
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 1.0);
+}

@@ -36,12 +36,12 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use super::{unavailable, RedisBus};
-use crate::bus::{BusError, RoomHead};
+use crate::bus::{Bus, BusError, RoomHead};
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::logctx;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::store::{Append, RoomState, Row, SharedStore};
+use crate::store::{Append, Conflict, RoomState, Row, SharedStore};
 
 const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
 const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
@@ -578,7 +578,7 @@ pub async fn run(bus: Arc<RedisBus>) {
 
 /// One pass over `due`: claim, copy in one transaction, move the marks.
 async fn pass(
-    bus: &RedisBus,
+    bus: &Arc<RedisBus>,
     archive: &Archive,
     due: Vec<RoomName>,
     rooms: &mut HashMap<RoomName, Instant>,
@@ -702,26 +702,29 @@ async fn pass(
     archive.metrics.archive_behind.set(behind as i64);
     archive.metrics.archive_lag_seconds.set(lag());
     let rows = batch.rows.len() as u64;
-    if let Err(e) = archive.bounded(archive.store.append(batch)).await {
-        archive.metrics.store_errors.inc();
-        *archive.down.lock() = Some(Instant::now());
-        if outage.is_none() {
-            *outage = Some(now);
-            log::error!(
-                "{} archive: PostgreSQL is unavailable ({e}); the chat goes on from Redis, \
-                 which keeps each room's last {} messages for {} s; copying is retried every \
-                 {:?} (see confab_archive_lag_seconds)",
-                logctx::node(&bus.node),
-                bus.history_size,
-                bus.ttl_secs,
-                archive.retry
-            );
+    let conflicts = match archive.bounded(archive.store.append_checked(batch)).await {
+        Ok(conflicts) => conflicts,
+        Err(e) => {
+            archive.metrics.store_errors.inc();
+            *archive.down.lock() = Some(Instant::now());
+            if outage.is_none() {
+                *outage = Some(now);
+                log::error!(
+                    "{} archive: PostgreSQL is unavailable ({e}); the chat goes on from Redis, \
+                     which keeps each room's last {} messages for {} s; copying is retried every \
+                     {:?} (see confab_archive_lag_seconds)",
+                    logctx::node(&bus.node),
+                    bus.history_size,
+                    bus.ttl_secs,
+                    archive.retry
+                );
+            }
+            for c in copies {
+                rooms.insert(c.room, now + archive.retry);
+            }
+            return;
         }
-        for c in copies {
-            rooms.insert(c.room, now + archive.retry);
-        }
-        return;
-    }
+    };
     *archive.down.lock() = None;
     if let Some(since) = outage.take() {
         log::info!(
@@ -773,10 +776,86 @@ async fn pass(
             }
         }
     }
+    for (room, (epoch, offsets)) in by_room(conflicts) {
+        reused_offsets(bus, archive, &room, &epoch, &offsets).await;
+        rooms.insert(room, now);
+    }
     // The lag stays at what this pass's oldest message waited until it was committed: under
     // steady load every pass sets it, so samples of it are the archive's latency.
     archive.metrics.archive_behind.set(still_behind as i64);
     archive.metrics.archive_lag_seconds.set(lag());
+}
+
+/// The conflicts of one commit, by room: the epoch and the offsets.
+fn by_room(conflicts: Vec<Conflict>) -> HashMap<RoomName, (Epoch, Vec<Offset>)> {
+    let mut rooms: HashMap<RoomName, (Epoch, Vec<Offset>)> = HashMap::new();
+    for c in conflicts {
+        rooms
+            .entry(c.room)
+            .or_insert_with(|| (c.epoch, Vec::new()))
+            .1
+            .push(c.offset);
+    }
+    rooms
+}
+
+/// The archive already held other messages at `offsets` of the room's `epoch`: Redis handed
+/// those offsets out again (it came back older, and the room was not raised before a
+/// publish). The archive keeps its first messages; the new ones stay in Redis's window under
+/// the old epoch. The room moves to a new epoch after the archive's head, so that no further
+/// offset it holds is handed out again (its members get a `reset`).
+async fn reused_offsets(
+    bus: &Arc<RedisBus>,
+    archive: &Archive,
+    room: &RoomName,
+    epoch: &Epoch,
+    offsets: &[Offset],
+) {
+    archive
+        .metrics
+        .archive_conflicts
+        .inc_by(offsets.len() as u64);
+    let newest = offsets.iter().copied().max().unwrap_or(0);
+    // The archive's head of the epoch is the floor: offsets up to it are taken there.
+    let floor = match archive.bounded(archive.store.head(room)).await {
+        Ok(Some(head)) if head.epoch == *epoch => head.offset.max(newest),
+        _ => newest,
+    };
+    log::error!(
+        "{} archive: offsets {offsets:?} of epoch {epoch} were handed out again by Redis for \
+         other messages than the archive holds (Redis came back older); the archive keeps the \
+         first, the others stay in Redis's window only; moving the room to a new epoch after \
+         offset {floor}",
+        logctx::room(room)
+    );
+    match Bus::renew_epoch(bus, room, epoch, floor).await {
+        Ok(renewed) if renewed.created => {
+            // The archive's head follows, so a room seeded from it later starts in the new
+            // epoch; a failure here is repaired by the epoch's first copied message.
+            let head = Append {
+                rows: Vec::new(),
+                rooms: vec![RoomState {
+                    room: room.clone(),
+                    epoch: renewed.head.epoch.clone(),
+                    offset: renewed.head.offset,
+                    base: renewed.head.offset,
+                }],
+            };
+            if let Err(e) = archive.bounded(archive.store.append(head)).await {
+                archive.metrics.store_errors.inc();
+                log::warn!(
+                    "{} archive: cannot record the new epoch {}: {e}",
+                    logctx::room(room),
+                    renewed.head.epoch
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::error!(
+            "{} archive: cannot move the room to a new epoch after reused offsets: {e}",
+            logctx::room(room)
+        ),
+    }
 }
 
 /// The sender and time of a stored `message` frame.
