@@ -19,6 +19,8 @@
 //!   commit) and acks only after it resolved;
 //! - appending a row that is already there (same room, epoch and offset) changes nothing, so a
 //!   writer that retries, or two archivers that copy the same message, are harmless;
+//!   [`Store::append_checked`] reports the rows that were already there with *another* frame
+//!   (an offset handed out twice: the archive keeps the first, docs/design.md "The archive");
 //! - a room's head never goes back within an epoch: a write of an older head of the same epoch
 //!   is ignored (an archiver that lost its lease while paused commits late; a room is seeded
 //!   from this head when Redis comes back empty, so a lower one would hand offsets out twice);

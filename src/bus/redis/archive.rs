@@ -22,6 +22,10 @@
 //!
 //! The archive is also where a room's epoch outlives Redis: a room whose meta is gone is
 //! seeded from the store's `rooms` row ([`RedisBus::seed`]) before it is used again.
+//! A room whose meta came back *older* than that row (a restored snapshot, a lagging
+//! failover) is raised to it ([`RedisBus::raise_if_older`]); an offset handed out again
+//! anyway is caught by the copy (`Store::append_checked`), counted, and the room moves to a
+//! new epoch.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -340,6 +344,8 @@ impl RedisBus {
             .await
         {
             Ok(1) => {
+                // Set from the archive's head just now: nothing to compare it with.
+                archive.checked.lock().insert(room.clone());
                 log::info!(
                     "{} restored from the archive: epoch {} at offset {}",
                     logctx::room(room),
