@@ -630,3 +630,46 @@ async fn an_offset_redis_hands_out_again_is_kept_once_in_the_archive_counted_and
     .await;
     assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn a_room_nobody_reads_that_redis_brought_back_older_is_raised_by_the_archiver() {
+    // No member, so no read after the reconnect: the archiver's pass, which would copy the
+    // snapshot's unarchived tail, compares the room with the archive first.
+    let dir = crate::harness::TempDir::new("older-idle");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch9", "a", &env).await;
+    let (mut c, _) = a.join("/ws/idle?user=ann").await;
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "idle", 5).await;
+    // The snapshot is taken while the mark is behind (as when it is taken mid-lag).
+    redis
+        .cmd(&["HSET", "arch9:{idle}:meta", "archived", "3"])
+        .await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    say_many(&mut c, "n", 5).await;
+    wait_archived(&pg, "idle", 10).await;
+    drop(c);
+    eventually(Duration::from_secs(10), "the room closed", || async {
+        metric(&[&a], "confab_rooms_open").await == 0.0
+    })
+    .await;
+
+    redis.restart();
+    eventually(Duration::from_secs(20), "the room raised", || async {
+        redis
+            .cmd(&["HGET", "arch9:{idle}:meta", "offset"])
+            .await
+            .ends_with("\r\n10\r\n")
+    })
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_raised_total").await, 1.0);
+    assert!(a.log().contains("offset 5 in Redis, 10 archived"), "logged");
+    let rows = archived(&pg, "idle").await;
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[&7].1, "n-1");
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+    let (mut c, welcome) = a.join("/ws/idle?user=ann").await;
+    assert_eq!(welcome["offset"], 10);
+    assert_eq!(c.say("after", "after").await, 11);
+}
