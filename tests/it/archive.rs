@@ -673,3 +673,63 @@ async fn a_room_nobody_reads_that_redis_brought_back_older_is_raised_by_the_arch
     assert_eq!(welcome["offset"], 10);
     assert_eq!(c.say("after", "after").await, 11);
 }
+
+#[tokio::test]
+async fn redis_back_older_with_unarchived_messages_lost_still_resets_clients_that_saw_them() {
+    // Clients saw 12, the archive has 10, the snapshot 5: raised to 10, the room is still
+    // below what they saw, and offsets 11 and 12 must not be handed out again in the epoch.
+    let dir = crate::harness::TempDir::new("older-lost");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch10", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/lost?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "lost", 5).await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    say_many(&mut c, "n", 5).await;
+    wait_archived(&pg, "lost", 10).await;
+    // Another holder's lease keeps the archivers off the room: 11 and 12 stay unarchived.
+    let lease = redis
+        .cmd(&["SET", "arch10:{lost}:archiver", "elsewhere", "PX", "600000"])
+        .await;
+    assert!(lease.starts_with("+OK"), "{lease}");
+    assert_eq!(say_many(&mut c, "u", 2).await, vec![11, 12]);
+
+    redis.restart();
+    let mut reset = None;
+    let mut offset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = loop {
+            let v = c.next_of_any(&["ack", "error", "reset"]).await;
+            if v["type"] != "reset" {
+                break v;
+            }
+            reset = Some(v);
+        };
+        if reply["type"] == "ack" {
+            offset = reply["offset"].as_u64();
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reset = match reset {
+        Some(r) => r,
+        None => c.next_of("reset").await,
+    };
+    assert_ne!(reset["epoch"], epoch.as_str(), "{reset}");
+    assert_eq!(offset, Some(13), "after everything any client saw");
+    let (_, welcome) = a.join("/ws/lost?user=bob").await;
+    assert_eq!(welcome["epoch"], reset["epoch"]);
+    assert_eq!(welcome["offset"], 13);
+    assert_eq!(
+        metric(&[&a], "confab_archive_raised_total").await,
+        1.0,
+        "raised to 10 first"
+    );
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+}
