@@ -88,6 +88,10 @@ pub struct Metrics {
     pub archive_copied: IntCounter,
     /// Messages Redis dropped (trimmed or expired) before they were archived.
     pub archive_lost: IntCounter,
+    /// Rooms whose Redis meta came back older than the archive's head and were raised to it.
+    pub archive_raised: IntCounter,
+    /// Offsets Redis handed out again for another message than the archive holds there.
+    pub archive_conflicts: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -253,6 +257,14 @@ impl Metrics {
             archive_lost: counter(
                 "confab_archive_lost_total",
                 "Messages Redis dropped (trimmed or expired) before they were archived: PostgreSQL was down longer than the Redis window.",
+            )?,
+            archive_raised: counter(
+                "confab_archive_raised_total",
+                "Rooms whose Redis copy came back older than the archive (a restored snapshot, a failover to a lagging replica) and were raised to the archive's head.",
+            )?,
+            archive_conflicts: counter(
+                "confab_archive_conflicts_total",
+                "Messages whose (room, epoch, offset) the archive already held with another frame: Redis reused an offset; the room was moved to a new epoch (alert on any).",
             )?,
             registry,
         };

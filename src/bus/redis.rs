@@ -390,7 +390,14 @@ impl RedisBus {
                     .await
                     .map_err(unavailable)?;
                 if !is_seed(&reply) {
-                    return Self::parse_read(reply);
+                    let read = Self::parse_read(reply)?;
+                    // Once per room per Redis connection: Redis may have come back older than
+                    // the archive; if it was raised, read again (the raised head, and the
+                    // stretch only the archive holds).
+                    if bus.needs_older_check(&room) && bus.raise_if_older(&room, &read.head).await {
+                        continue;
+                    }
+                    return Ok(read);
                 }
                 if let archive::Seeded::NotArchived = bus.seed(&room).await {
                     seed = false;

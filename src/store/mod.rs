@@ -19,6 +19,8 @@
 //!   commit) and acks only after it resolved;
 //! - appending a row that is already there (same room, epoch and offset) changes nothing, so a
 //!   writer that retries, or two archivers that copy the same message, are harmless;
+//!   [`Store::append_checked`] reports the rows that were already there with *another* frame
+//!   (an offset handed out twice: the archive keeps the first, docs/design.md "The archive");
 //! - a room's head never goes back within an epoch: a write of an older head of the same epoch
 //!   is ignored (an archiver that lost its lease while paused commits late; a room is seeded
 //!   from this head when Redis comes back empty, so a lower one would hand offsets out twice);
@@ -37,6 +39,7 @@ use std::sync::Arc;
 
 use bytestring::ByteString;
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 
 use crate::bus::StoredMessage;
 use crate::domain::{Epoch, Offset, RoomName, UserId};
@@ -104,6 +107,16 @@ pub struct Append {
     pub rooms: Vec<RoomState>,
 }
 
+/// A row [`Store::append_checked`] found already there with another frame: its offset was
+/// handed out twice in the epoch (Redis came back older and reused it). The store keeps the
+/// first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub room: RoomName,
+    pub epoch: Epoch,
+    pub offset: Offset,
+}
+
 /// Which page of one epoch to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
@@ -129,7 +142,16 @@ pub struct RecentRef {
 /// The seam between the bus and durable history (see the module doc).
 pub trait Store: Send + Sync + 'static {
     /// Writes the batch in one transaction.
-    fn append(&self, batch: Append) -> StoreFuture<()>;
+    fn append(&self, batch: Append) -> StoreFuture<()> {
+        self.append_checked(batch)
+            .map(|done| done.map(drop))
+            .boxed()
+    }
+
+    /// [`Store::append`], and reports the rows whose key was already there with another
+    /// frame (kept as it was), in no particular order. Rows already there with the same
+    /// frame (a retry, two archivers) are no conflict.
+    fn append_checked(&self, batch: Append) -> StoreFuture<Vec<Conflict>>;
 
     /// The room's head, `None` for a room the store never saw.
     fn head(&self, room: &RoomName) -> StoreFuture<Option<RoomState>>;

@@ -12,8 +12,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row as _;
 
 use super::{
-    check_schema, from_db, limit_of, to_db, user_of, Append, Page, RecentRef, RoomState, Store,
-    StoreError, StoreFuture,
+    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, RecentRef, RoomState,
+    Store, StoreError, StoreFuture,
 };
 use crate::bus::StoredMessage;
 use crate::domain::{now_ms, Epoch, RoomName};
@@ -75,10 +75,11 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn append(&self, batch: Append) -> StoreFuture<()> {
+    fn append_checked(&self, batch: Append) -> StoreFuture<Vec<Conflict>> {
         let pool = self.pool.clone();
         async move {
             let mut tx = pool.begin().await?;
+            let mut conflicts = Vec::new();
             if !batch.rows.is_empty() {
                 let rows = &batch.rows;
                 let rooms: Vec<&str> = rows.iter().map(|r| r.room.as_str()).collect();
@@ -89,7 +90,7 @@ impl Store for PostgresStore {
                 let refs: Vec<Option<&str>> =
                     rows.iter().map(|r| r.reference.as_deref()).collect();
                 let frames: Vec<&str> = rows.iter().map(|r| &*r.frame).collect();
-                sqlx::query(
+                let inserted = sqlx::query(
                     "INSERT INTO messages (room, epoch, msg_offset, ts, user_id, client_ref, frame) \
                      SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], \
                      $5::text[], $6::text[], $7::text[]) ON CONFLICT DO NOTHING",
@@ -103,6 +104,32 @@ impl Store for PostgresStore {
                 .bind(&frames)
                 .execute(&mut *tx)
                 .await?;
+                // Every row new, the usual case: nothing to compare. Else the rows already
+                // there are read back in the same transaction, where a frame that differs
+                // from the one sent is an offset handed out twice.
+                if inserted.rows_affected() < rows.len() as u64 {
+                    let found = sqlx::query(
+                        "SELECT m.msg_offset, m.room, m.epoch FROM messages m \
+                         JOIN UNNEST($1::text[], $2::text[], $3::int8[], $4::text[]) \
+                         AS t(r, e, o, f) ON m.room = t.r AND m.epoch = t.e AND m.msg_offset = t.o \
+                         WHERE m.frame <> t.f",
+                    )
+                    .bind(&rooms)
+                    .bind(&epochs)
+                    .bind(&offsets)
+                    .bind(&frames)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for r in &found {
+                        conflicts.push(Conflict {
+                            room: RoomName::parse(r.try_get::<&str, _>("room")?).map_err(|e| {
+                                StoreError::Query(format!("bad room name stored: {e}"))
+                            })?,
+                            epoch: Epoch::from_string(r.try_get::<&str, _>("epoch")?),
+                            offset: from_db(r.try_get("msg_offset")?),
+                        });
+                    }
+                }
             }
             if !batch.rooms.is_empty() {
                 let heads = &batch.rooms;
@@ -127,7 +154,7 @@ impl Store for PostgresStore {
                 .await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(conflicts)
         }
         .boxed()
     }

@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row as _, Sqlite};
 
 use super::{
-    check_schema, from_db, limit_of, to_db, user_of, Append, Page, RecentRef, RoomState, Store,
-    StoreError, StoreFuture,
+    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, RecentRef, RoomState,
+    Store, StoreError, StoreFuture,
 };
 use crate::bus::StoredMessage;
 use crate::domain::{now_ms, Epoch, RoomName};
@@ -109,10 +109,11 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn append(&self, batch: Append) -> StoreFuture<()> {
+    fn append_checked(&self, batch: Append) -> StoreFuture<Vec<Conflict>> {
         let pool = self.pool.clone();
         async move {
             let mut tx = pool.begin().await?;
+            let mut inserted = 0;
             // Many rows per statement: sqlx runs each statement through its worker thread,
             // and one statement per row cost several times the CPU of the commit itself.
             for chunk in batch.rows.chunks(ROWS_PER_INSERT) {
@@ -130,7 +131,29 @@ impl Store for SqliteStore {
                         .push_bind(&*row.frame);
                 });
                 insert.push(" ON CONFLICT DO NOTHING");
-                insert.build().execute(&mut *tx).await?;
+                inserted += insert.build().execute(&mut *tx).await?.rows_affected();
+            }
+            // Every row new, the usual case: nothing to compare. Else each row's stored frame
+            // is read back in the same transaction (rare: a retry, or a reused offset).
+            let mut conflicts = Vec::new();
+            if inserted < batch.rows.len() as u64 {
+                for row in &batch.rows {
+                    let frame: Option<String> = sqlx::query_scalar(
+                        "SELECT frame FROM messages WHERE room = ? AND epoch = ? AND msg_offset = ?",
+                    )
+                    .bind(row.room.as_str())
+                    .bind(row.epoch.as_str())
+                    .bind(to_db(row.offset))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if frame.is_some_and(|f| f != *row.frame) {
+                        conflicts.push(Conflict {
+                            room: row.room.clone(),
+                            epoch: row.epoch.clone(),
+                            offset: row.offset,
+                        });
+                    }
+                }
             }
             let now = to_db(now_ms());
             for room in &batch.rooms {
@@ -150,7 +173,7 @@ impl Store for SqliteStore {
                 .await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(conflicts)
         }
         .boxed()
     }

@@ -501,3 +501,235 @@ async fn postgresql_down_longer_than_the_redis_window_is_counted_and_logged_and_
         "the archived start stays"
     );
 }
+
+#[tokio::test]
+async fn redis_back_older_than_the_archive_keeps_the_rooms_epoch_and_offsets_with_no_reset() {
+    // A restored snapshot (or a failover to a lagging replica): the room's meta is there, at
+    // an offset below what PostgreSQL and the clients already have.
+    let dir = crate::harness::TempDir::new("older");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch7", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/older?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "older", 5).await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    assert_eq!(say_many(&mut c, "n", 5).await, (6..=10).collect::<Vec<_>>());
+    wait_archived(&pg, "older", 10).await;
+    eventually(
+        Duration::from_secs(10),
+        "nothing left to archive",
+        || async { metric(&[&a], "confab_archive_behind_messages").await == 0.0 },
+    )
+    .await;
+
+    redis.restart();
+    assert!(
+        redis
+            .cmd(&["HGET", "arch7:{older}:meta", "offset"])
+            .await
+            .ends_with("\r\n5\r\n"),
+        "Redis came back with the snapshot's offset 5"
+    );
+    // The client saw offset 10: the same epoch, the next offset is 11, no `reset`.
+    let mut offset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = c.next_of_any(&["ack", "error", "reset"]).await;
+        assert_ne!(reply["type"], "reset", "{reply}");
+        if reply["type"] == "ack" {
+            offset = reply["offset"].as_u64();
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offset, Some(11));
+    let rows = wait_archived(&pg, "older", 11).await;
+    assert_eq!(rows[&11], (epoch.clone(), "after".to_owned()));
+    assert!(rows.values().all(|(e, _)| *e == epoch), "one epoch");
+    assert_eq!(rows[&7].1, "n-1", "the archive kept the first message at 7");
+    eventually(Duration::from_secs(10), "the raise counted", || async {
+        metric(&[&a], "confab_archive_raised_total").await == 1.0
+    })
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+
+    // History and resume across the seam (the restored stream, the archive): no gap, no
+    // duplicate.
+    let (mut reader, welcome) = a.join("/ws/older?user=bob").await;
+    assert_eq!(welcome["epoch"], epoch.as_str());
+    assert_eq!(welcome["offset"], 11);
+    reader
+        .send_json(json!({"type": "history", "limit": 50, "ref": "h1"}))
+        .await;
+    let page = reader.next_of("history").await;
+    assert_eq!(offsets(&page["messages"]), (1..=11).collect::<Vec<_>>());
+    assert_eq!(page["messages"][6]["text"], "n-1");
+    let (mut again, welcome) = a
+        .join(&format!("/ws/older?user=cid&since=3&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(backlog(&mut again).await, (4..=11).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn an_offset_redis_hands_out_again_is_kept_once_in_the_archive_counted_and_the_room_moves_on()
+{
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch8", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/reused?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "reused", 3).await;
+    // The archive holds offset 4 of the epoch for another message than Redis will hand it to
+    // (as when Redis came back older and was not raised before a publish).
+    let store = pg.store().await;
+    let first =
+        r#"{"type":"message","room":"reused","offset":4,"user":"zed","text":"first","ts":1}"#;
+    sqlx::query(
+        "INSERT INTO messages (room, epoch, msg_offset, ts, user_id, client_ref, frame) \
+         VALUES ('reused', $1, 4, 1, 'zed', NULL, $2)",
+    )
+    .bind(&epoch)
+    .bind(first)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    assert_eq!(c.say("second", "s").await, 4);
+    eventually(Duration::from_secs(10), "the conflict counted", || async {
+        metric(&[&a], "confab_archive_conflicts_total").await == 1.0
+    })
+    .await;
+    assert!(a.log().contains("were handed out again by Redis"), "logged");
+    let rows = archived(&pg, "reused").await;
+    assert_eq!(
+        rows[&4],
+        (epoch.clone(), "first".to_owned()),
+        "the archive keeps the first"
+    );
+
+    // The room moved to a new epoch after the archive's head: no offset of it is reused.
+    let (_, welcome) = a.join("/ws/reused?user=bob").await;
+    let renewed = welcome["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(renewed, epoch);
+    assert_eq!(welcome["offset"], 4);
+    assert_eq!(c.say("third", "t").await, 5);
+    eventually(
+        Duration::from_secs(10),
+        "the new epoch archived",
+        || async {
+            archived(&pg, "reused").await.get(&5) == Some(&(renewed.clone(), "third".to_owned()))
+        },
+    )
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_room_nobody_reads_that_redis_brought_back_older_is_raised_by_the_archiver() {
+    // No member, so no read after the reconnect: the archiver's pass, which would copy the
+    // snapshot's unarchived tail, compares the room with the archive first.
+    let dir = crate::harness::TempDir::new("older-idle");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch9", "a", &env).await;
+    let (mut c, _) = a.join("/ws/idle?user=ann").await;
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "idle", 5).await;
+    // The snapshot is taken while the mark is behind (as when it is taken mid-lag).
+    redis
+        .cmd(&["HSET", "arch9:{idle}:meta", "archived", "3"])
+        .await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    say_many(&mut c, "n", 5).await;
+    wait_archived(&pg, "idle", 10).await;
+    drop(c);
+    eventually(Duration::from_secs(10), "the room closed", || async {
+        metric(&[&a], "confab_rooms_open").await == 0.0
+    })
+    .await;
+
+    redis.restart();
+    eventually(Duration::from_secs(20), "the room raised", || async {
+        redis
+            .cmd(&["HGET", "arch9:{idle}:meta", "offset"])
+            .await
+            .ends_with("\r\n10\r\n")
+    })
+    .await;
+    assert_eq!(metric(&[&a], "confab_archive_raised_total").await, 1.0);
+    assert!(a.log().contains("offset 5 in Redis, 10 archived"), "logged");
+    let rows = archived(&pg, "idle").await;
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[&7].1, "n-1");
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+    let (mut c, welcome) = a.join("/ws/idle?user=ann").await;
+    assert_eq!(welcome["offset"], 10);
+    assert_eq!(c.say("after", "after").await, 11);
+}
+
+#[tokio::test]
+async fn redis_back_older_with_unarchived_messages_lost_still_resets_clients_that_saw_them() {
+    // Clients saw 12, the archive has 10, the snapshot 5: raised to 10, the room is still
+    // below what they saw, and offsets 11 and 12 must not be handed out again in the epoch.
+    let dir = crate::harness::TempDir::new("older-lost");
+    let (mut redis, pg) = (Redis::start_persisting(&dir.path), Postgres::start());
+    let env = archive_env(&pg, "1000");
+    let a = replica(&redis, "arch10", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/lost?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "lost", 5).await;
+    assert!(redis.cmd(&["SAVE"]).await.starts_with("+OK"));
+    say_many(&mut c, "n", 5).await;
+    wait_archived(&pg, "lost", 10).await;
+    // Another holder's lease keeps the archivers off the room: 11 and 12 stay unarchived.
+    let lease = redis
+        .cmd(&["SET", "arch10:{lost}:archiver", "elsewhere", "PX", "600000"])
+        .await;
+    assert!(lease.starts_with("+OK"), "{lease}");
+    assert_eq!(say_many(&mut c, "u", 2).await, vec![11, 12]);
+
+    redis.restart();
+    let mut reset = None;
+    let mut offset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = loop {
+            let v = c.next_of_any(&["ack", "error", "reset"]).await;
+            if v["type"] != "reset" {
+                break v;
+            }
+            reset = Some(v);
+        };
+        if reply["type"] == "ack" {
+            offset = reply["offset"].as_u64();
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reset = match reset {
+        Some(r) => r,
+        None => c.next_of("reset").await,
+    };
+    assert_ne!(reset["epoch"], epoch.as_str(), "{reset}");
+    assert_eq!(offset, Some(13), "after everything any client saw");
+    let (_, welcome) = a.join("/ws/lost?user=bob").await;
+    assert_eq!(welcome["epoch"], reset["epoch"]);
+    assert_eq!(welcome["offset"], 13);
+    assert_eq!(
+        metric(&[&a], "confab_archive_raised_total").await,
+        1.0,
+        "raised to 10 first"
+    );
+    assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
+}

@@ -999,3 +999,13 @@ fn postgres_bin() -> std::path::PathBuf {
          run scripts/test.sh, which installs Debian's postgresql package",
     )
 }
+
+impl Redis {
+    /// A `redis-server` that saves its RDB snapshot into `dir` when told to (`SAVE`) and loads
+    /// it at every (re)start: [`Redis::restart`] then brings back the last snapshot, i.e. an
+    /// older copy of the data, as a restored backup or a failover to a lagging replica would.
+    pub fn start_persisting(dir: &std::path::Path) -> Redis {
+        let dir = dir.display().to_string();
+        Redis::start_with(free_port(), &["--dir", &dir, "--dbfilename", "dump.rdb"])
+    }
+}

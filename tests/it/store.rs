@@ -10,7 +10,7 @@ use bytestring::ByteString;
 use confab::bus::StoredMessage;
 use confab::domain::{Epoch, RoomName, UserId};
 use confab::store::sqlite::SqliteStore;
-use confab::store::{Append, Page, RecentRef, RoomState, Row, Store};
+use confab::store::{Append, Conflict, Page, RecentRef, RoomState, Row, Store};
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, run_confab, Client, Postgres, Server, TempDir};
@@ -74,16 +74,37 @@ async fn keeps_the_store_promises(store: &dyn Store) {
         .unwrap();
     assert_eq!(store.head(&room).await.unwrap(), Some(head.clone()));
 
-    // Appending a row again changes nothing (a retry, or two archivers).
+    // Appending a row again changes nothing (a retry, or two archivers); a checked append
+    // reports the one whose key was already there with another frame (an offset handed out
+    // twice), not the one that is the same message again.
     let mut again = row(&room, &epoch, 3, t0, None);
     again.frame = ByteString::from_static("{\"changed\":true}");
-    store
-        .append(Append {
-            rows: vec![again],
+    let conflicts = store
+        .append_checked(Append {
+            rows: vec![rows[1].clone(), again, rows[3].clone()],
             rooms: vec![],
         })
         .await
         .unwrap();
+    assert_eq!(
+        conflicts,
+        vec![Conflict {
+            room: room.clone(),
+            epoch: epoch.clone(),
+            offset: 3
+        }]
+    );
+    assert_eq!(
+        store
+            .append_checked(Append {
+                rows: rows.clone(),
+                rooms: vec![],
+            })
+            .await
+            .unwrap(),
+        vec![],
+        "the same rows again are no conflict"
+    );
 
     let all = store
         .page(

@@ -22,6 +22,10 @@
 //!
 //! The archive is also where a room's epoch outlives Redis: a room whose meta is gone is
 //! seeded from the store's `rooms` row ([`RedisBus::seed`]) before it is used again.
+//! A room whose meta came back *older* than that row (a restored snapshot, a lagging
+//! failover) is raised to it ([`RedisBus::raise_if_older`]); an offset handed out again
+//! anyway is caught by the copy (`Store::append_checked`), counted, and the room moves to a
+//! new epoch.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,16 +40,17 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use super::{unavailable, RedisBus};
-use crate::bus::BusError;
+use crate::bus::{Bus, BusError, RoomHead};
 use crate::domain::{now_ms, Epoch, Offset, RoomName, UserId};
 use crate::logctx;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::store::{Append, RoomState, Row, SharedStore};
+use crate::store::{Append, Conflict, RoomState, Row, SharedStore};
 
 const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
 const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
 const SEED_LUA: &str = include_str!("../lua/seed.lua");
+const RAISE_LUA: &str = include_str!("../lua/raise.lua");
 
 /// Fewest messages of one room a pass copies (see `store.archive_batch`).
 const MIN_PER_ROOM: u64 = 100;
@@ -69,6 +74,11 @@ pub struct Archive {
     dirty: Mutex<HashSet<RoomName>>,
     /// Set after a (re)subscribe: the archiver scans for rooms it may not have heard of.
     rescan: AtomicBool,
+    /// Rooms whose Redis head was compared with the archive's since the last (re)subscribe.
+    /// Redis can only come back older across a reconnect (a restart, a failover), after which
+    /// the bridge resubscribes and this is emptied: so each room costs one store read per
+    /// reconnect, not one per read ([`RedisBus::raise_if_older`]).
+    checked: Mutex<HashSet<RoomName>>,
     /// When the archiver's last commit failed, if it did: reads that may do without the store
     /// do not wait for it meanwhile. It counts for [`DOWN_FOR`] only, since without traffic
     /// no commit would clear it.
@@ -89,6 +99,7 @@ pub struct Archive {
     claim: Script,
     mark: Script,
     seed: Script,
+    raise: Script,
 }
 
 impl Archive {
@@ -98,6 +109,7 @@ impl Archive {
             metrics,
             dirty: Mutex::new(HashSet::new()),
             rescan: AtomicBool::new(true),
+            checked: Mutex::new(HashSet::new()),
             down: Mutex::new(None),
             wake: Notify::new(),
             token: format!("{node}/{:016x}", rand::random::<u64>()),
@@ -109,6 +121,7 @@ impl Archive {
             claim: Script::from_lua(ARCHIVE_LUA),
             mark: Script::from_lua(ARCHIVED_LUA),
             seed: Script::from_lua(SEED_LUA),
+            raise: Script::from_lua(RAISE_LUA),
         }
     }
 
@@ -207,6 +220,9 @@ impl RedisBus {
     /// Events may have been missed (a start, a resubscribe): the archiver scans for rooms.
     pub(in crate::bus) fn archive_rescan(&self) {
         if let Some(archive) = &self.archive {
+            // Redis may have come back older: every room's head is compared with the
+            // archive's again at its next read.
+            archive.checked.lock().clear();
             archive.rescan.store(true, Ordering::Release);
             archive.wake.notify_one();
         }
@@ -328,6 +344,8 @@ impl RedisBus {
             .await
         {
             Ok(1) => {
+                // Set from the archive's head just now: nothing to compare it with.
+                archive.checked.lock().insert(room.clone());
                 log::info!(
                     "{} restored from the archive: epoch {} at offset {}",
                     logctx::room(room),
@@ -342,6 +360,72 @@ impl RedisBus {
                 Seeded::Ready
             }
         }
+    }
+}
+
+impl RedisBus {
+    /// Whether `room` still needs its Redis head compared with the archive's.
+    pub(super) fn needs_older_check(&self, room: &RoomName) -> bool {
+        self.archive
+            .as_ref()
+            .is_some_and(|a| !a.checked.lock().contains(room))
+    }
+
+    /// Redis came back older (a restored snapshot, a failover to a lagging replica) if the
+    /// archive's head of the room's epoch is above `head`: raises the meta to it
+    /// (`raise.lua`), so no offset the archive holds is handed out again and clients that saw
+    /// up to it get no `reset`. True when the meta is now above `head` (raised by this call or
+    /// another replica): the caller reads again. Done once per room per Redis connection; a
+    /// store that cannot be read leaves the room unchecked (the next read tries again) and
+    /// the read goes on from Redis.
+    pub(super) async fn raise_if_older(&self, room: &RoomName, head: &RoomHead) -> bool {
+        let Some(archive) = &self.archive else {
+            return false;
+        };
+        if archive.is_down() {
+            return false;
+        }
+        let state = match archive.bounded(archive.store.head(room)).await {
+            Ok(state) => state,
+            Err(e) => {
+                archive.metrics.store_errors.inc();
+                log::warn!(
+                    "{} cannot compare its Redis head with the archive's (tried again at its \
+                     next read): {e}",
+                    logctx::room(room)
+                );
+                return false;
+            }
+        };
+        let Some(state) = state.filter(|s| s.epoch == head.epoch && s.offset > head.offset) else {
+            archive.checked.lock().insert(room.clone());
+            return false;
+        };
+        let keys = self.keys(room);
+        let args: Vec<Value> = vec![state.epoch.as_str().into(), state.offset.to_string().into()];
+        let reply: Result<Vec<i64>, _> = archive
+            .raise
+            .evalsha_with_reload(&self.client, vec![keys.meta, keys.history], args)
+            .await;
+        match reply.as_deref() {
+            Ok([1, before]) => {
+                archive.metrics.archive_raised.inc();
+                log::warn!(
+                    "{} came back from Redis older than the archive (epoch {}: offset {before} \
+                     in Redis, {} archived): raised to the archive's head, no reset",
+                    logctx::room(room),
+                    state.epoch,
+                    state.offset
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("{} cannot raise its meta: {e}", logctx::room(room));
+                return false;
+            }
+        }
+        archive.checked.lock().insert(room.clone());
+        true
     }
 }
 
@@ -500,7 +584,7 @@ pub async fn run(bus: Arc<RedisBus>) {
 
 /// One pass over `due`: claim, copy in one transaction, move the marks.
 async fn pass(
-    bus: &RedisBus,
+    bus: &Arc<RedisBus>,
     archive: &Archive,
     due: Vec<RoomName>,
     rooms: &mut HashMap<RoomName, Instant>,
@@ -513,6 +597,30 @@ async fn pass(
     let count = (archive.batch / due.len() as u64).max(MIN_PER_ROOM);
     let claims =
         futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r, count))).await;
+    // A room not compared with the archive since the last reconnect (Redis may have come
+    // back older) is compared before it is copied: raised, it is looked at again at once,
+    // from its raised mark, rather than copied from the old one into offsets the archive
+    // already holds.
+    let raised: HashSet<RoomName> = {
+        let checks = due
+            .iter()
+            .zip(&claims)
+            .filter_map(|(room, claim)| match claim {
+                Ok(Claim::Copy { epoch, offset, .. }) if bus.needs_older_check(room) => {
+                    let head = RoomHead {
+                        epoch: epoch.clone(),
+                        offset: *offset,
+                    };
+                    Some(async move { bus.raise_if_older(room, &head).await.then(|| room.clone()) })
+                }
+                _ => None,
+            });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    };
     // One warning per pass, not one per room.
     let mut redis_ok = true;
     let mut batch = Append::default();
@@ -538,6 +646,9 @@ async fn pass(
             }
             Ok(Claim::Gone | Claim::Done) => {
                 rooms.remove(&room);
+            }
+            Ok(Claim::Copy { .. }) if raised.contains(&room) => {
+                rooms.insert(room, now);
             }
             Ok(Claim::Copy {
                 epoch,
@@ -597,26 +708,29 @@ async fn pass(
     archive.metrics.archive_behind.set(behind as i64);
     archive.metrics.archive_lag_seconds.set(lag());
     let rows = batch.rows.len() as u64;
-    if let Err(e) = archive.bounded(archive.store.append(batch)).await {
-        archive.metrics.store_errors.inc();
-        *archive.down.lock() = Some(Instant::now());
-        if outage.is_none() {
-            *outage = Some(now);
-            log::error!(
-                "{} archive: PostgreSQL is unavailable ({e}); the chat goes on from Redis, \
-                 which keeps each room's last {} messages for {} s; copying is retried every \
-                 {:?} (see confab_archive_lag_seconds)",
-                logctx::node(&bus.node),
-                bus.history_size,
-                bus.ttl_secs,
-                archive.retry
-            );
+    let conflicts = match archive.bounded(archive.store.append_checked(batch)).await {
+        Ok(conflicts) => conflicts,
+        Err(e) => {
+            archive.metrics.store_errors.inc();
+            *archive.down.lock() = Some(Instant::now());
+            if outage.is_none() {
+                *outage = Some(now);
+                log::error!(
+                    "{} archive: PostgreSQL is unavailable ({e}); the chat goes on from Redis, \
+                     which keeps each room's last {} messages for {} s; copying is retried every \
+                     {:?} (see confab_archive_lag_seconds)",
+                    logctx::node(&bus.node),
+                    bus.history_size,
+                    bus.ttl_secs,
+                    archive.retry
+                );
+            }
+            for c in copies {
+                rooms.insert(c.room, now + archive.retry);
+            }
+            return;
         }
-        for c in copies {
-            rooms.insert(c.room, now + archive.retry);
-        }
-        return;
-    }
+    };
     *archive.down.lock() = None;
     if let Some(since) = outage.take() {
         log::info!(
@@ -668,10 +782,86 @@ async fn pass(
             }
         }
     }
+    for (room, (epoch, offsets)) in by_room(conflicts) {
+        reused_offsets(bus, archive, &room, &epoch, &offsets).await;
+        rooms.insert(room, now);
+    }
     // The lag stays at what this pass's oldest message waited until it was committed: under
     // steady load every pass sets it, so samples of it are the archive's latency.
     archive.metrics.archive_behind.set(still_behind as i64);
     archive.metrics.archive_lag_seconds.set(lag());
+}
+
+/// The conflicts of one commit, by room: the epoch and the offsets.
+fn by_room(conflicts: Vec<Conflict>) -> HashMap<RoomName, (Epoch, Vec<Offset>)> {
+    let mut rooms: HashMap<RoomName, (Epoch, Vec<Offset>)> = HashMap::new();
+    for c in conflicts {
+        rooms
+            .entry(c.room)
+            .or_insert_with(|| (c.epoch, Vec::new()))
+            .1
+            .push(c.offset);
+    }
+    rooms
+}
+
+/// The archive already held other messages at `offsets` of the room's `epoch`: Redis handed
+/// those offsets out again (it came back older, and the room was not raised before a
+/// publish). The archive keeps its first messages; the new ones stay in Redis's window under
+/// the old epoch. The room moves to a new epoch after the archive's head, so that no further
+/// offset it holds is handed out again (its members get a `reset`).
+async fn reused_offsets(
+    bus: &Arc<RedisBus>,
+    archive: &Archive,
+    room: &RoomName,
+    epoch: &Epoch,
+    offsets: &[Offset],
+) {
+    archive
+        .metrics
+        .archive_conflicts
+        .inc_by(offsets.len() as u64);
+    let newest = offsets.iter().copied().max().unwrap_or(0);
+    // The archive's head of the epoch is the floor: offsets up to it are taken there.
+    let floor = match archive.bounded(archive.store.head(room)).await {
+        Ok(Some(head)) if head.epoch == *epoch => head.offset.max(newest),
+        _ => newest,
+    };
+    log::error!(
+        "{} archive: offsets {offsets:?} of epoch {epoch} were handed out again by Redis for \
+         other messages than the archive holds (Redis came back older); the archive keeps the \
+         first, the others stay in Redis's window only; moving the room to a new epoch after \
+         offset {floor}",
+        logctx::room(room)
+    );
+    match Bus::renew_epoch(bus, room, epoch, floor).await {
+        Ok(renewed) if renewed.created => {
+            // The archive's head follows, so a room seeded from it later starts in the new
+            // epoch; a failure here is repaired by the epoch's first copied message.
+            let head = Append {
+                rows: Vec::new(),
+                rooms: vec![RoomState {
+                    room: room.clone(),
+                    epoch: renewed.head.epoch.clone(),
+                    offset: renewed.head.offset,
+                    base: renewed.head.offset,
+                }],
+            };
+            if let Err(e) = archive.bounded(archive.store.append(head)).await {
+                archive.metrics.store_errors.inc();
+                log::warn!(
+                    "{} archive: cannot record the new epoch {}: {e}",
+                    logctx::room(room),
+                    renewed.head.epoch
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::error!(
+            "{} archive: cannot move the room to a new epoch after reused offsets: {e}",
+            logctx::room(room)
+        ),
+    }
 }
 
 /// The sender and time of a stored `message` frame.
