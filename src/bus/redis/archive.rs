@@ -66,6 +66,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// within it, so it holds for the whole outage while there is traffic).
 const DOWN_FOR: Duration = Duration::from_secs(5);
 
+/// Most rooms remembered as compared with the archive since the last reconnect.
+const CHECKED_MAX: usize = 100_000;
+
 /// The archive side of a Redis bus: its store, and the rooms the bridge saw messages in.
 pub struct Archive {
     pub(super) store: SharedStore,
@@ -78,6 +81,8 @@ pub struct Archive {
     /// Redis can only come back older across a reconnect (a restart, a failover), after which
     /// the bridge resubscribes and this is emptied: so each room costs one store read per
     /// reconnect, not one per read ([`RedisBus::raise_if_older`]).
+    /// Bounded by [`CHECKED_MAX`]: a replica that touches ever new rooms forgets them all
+    /// at once then, and each is compared again at its next read (one store read each).
     checked: Mutex<HashSet<RoomName>>,
     /// When the archiver's last commit failed, if it did: reads that may do without the store
     /// do not wait for it meanwhile. It counts for [`DOWN_FOR`] only, since without traffic
@@ -103,6 +108,15 @@ pub struct Archive {
 }
 
 impl Archive {
+    /// Remembers that `room`'s Redis head was compared with the archive's.
+    fn mark_checked(&self, room: &RoomName) {
+        let mut checked = self.checked.lock();
+        if checked.len() >= CHECKED_MAX {
+            *checked = HashSet::new();
+        }
+        checked.insert(room.clone());
+    }
+
     pub fn new(store: SharedStore, settings: &Settings, node: &str, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
@@ -345,7 +359,7 @@ impl RedisBus {
         {
             Ok(1) => {
                 // Set from the archive's head just now: nothing to compare it with.
-                archive.checked.lock().insert(room.clone());
+                archive.mark_checked(room);
                 log::info!(
                     "{} restored from the archive: epoch {} at offset {}",
                     logctx::room(room),
@@ -398,7 +412,7 @@ impl RedisBus {
             }
         };
         let Some(state) = state.filter(|s| s.epoch == head.epoch && s.offset > head.offset) else {
-            archive.checked.lock().insert(room.clone());
+            archive.mark_checked(room);
             return false;
         };
         let keys = self.keys(room);
@@ -424,7 +438,7 @@ impl RedisBus {
                 return false;
             }
         }
-        archive.checked.lock().insert(room.clone());
+        archive.mark_checked(room);
         true
     }
 }
