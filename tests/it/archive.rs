@@ -480,18 +480,20 @@ async fn postgresql_down_longer_than_the_redis_window_is_counted_and_logged_and_
         metric(&[&a], "confab_archive_lost_total").await > 0.0
     })
     .await;
-    let lost = metric(&[&a], "confab_archive_lost_total").await as u64;
     assert!(a
         .log()
         .contains("were dropped by Redis before they were archived"));
-    // The archive has what Redis still had, up to the head, and goes on after it.
+    // The archive has what Redis still had, up to the head, and goes on after it: every
+    // offset is archived or counted lost (read again each time: on a busy machine the loss
+    // may be found in more than one pass).
     assert_eq!(say_many(&mut c, "after", 3).await, vec![406, 407, 408]);
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "archived after the hole",
         || async {
             let rows = archived(&pg, "gap").await;
-            rows.len() as u64 == 408 - lost && rows.keys().last() == Some(&408)
+            let lost = metric(&[&a], "confab_archive_lost_total").await as u64;
+            rows.len() as u64 + lost == 408 && rows.keys().last() == Some(&408)
         },
     )
     .await;
