@@ -24,6 +24,9 @@
 //! - a room's head never goes back within an epoch: a write of an older head of the same epoch
 //!   is ignored (an archiver that lost its lease while paused commits late; a room is seeded
 //!   from this head when Redis comes back empty, so a lower one would hand offsets out twice);
+//!   its `seen` head keeps the highest written in the epoch too;
+//! - a head of another epoch replaces the row only if its `seen_at_ms` is not older than the
+//!   row's (a late commit of an epoch that was renewed meanwhile does not bring it back);
 //! - pages are read within one epoch, in offset order;
 //! - [`Store::delete_before`] deletes messages only; rooms keep their heads, so offsets go on
 //!   after retention emptied a room.
@@ -97,6 +100,15 @@ pub struct RoomState {
     pub offset: Offset,
     /// The epoch's own messages are those after `base` (0 unless the epoch was renewed).
     pub base: Offset,
+    /// The newest offset of the epoch the writer saw handed out, at or above `offset`: the
+    /// Redis archive's head at the claim, which may be ahead of what it copied. A room seeded
+    /// from a head with `seen > offset` starts a new epoch after `seen` (docs/design.md, "The
+    /// archive"). The embedded bus writes `offset`.
+    pub seen: Offset,
+    /// The writer's clock (ms) when it saw the head: Redis's `TIME` at the claim, or the
+    /// embedded bus's own. Orders epochs: a head of another epoch replaces the row only if
+    /// it is not older.
+    pub seen_at_ms: u64,
 }
 
 /// What one transaction writes: rows, and the heads of the rooms they moved (also a room

@@ -137,18 +137,33 @@ impl Store for PostgresStore {
                 let epochs: Vec<&str> = heads.iter().map(|r| r.epoch.as_str()).collect();
                 let offsets: Vec<i64> = heads.iter().map(|r| to_db(r.offset)).collect();
                 let bases: Vec<i64> = heads.iter().map(|r| to_db(r.base)).collect();
+                let seen: Vec<i64> = heads.iter().map(|r| to_db(r.seen)).collect();
+                let at: Vec<i64> = heads.iter().map(|r| to_db(r.seen_at_ms)).collect();
+                // Within an epoch each head only goes up; another epoch wins only with a claim
+                // time not older than the row's (docs/design.md, "The archive").
                 sqlx::query(
-                    "INSERT INTO rooms (room, epoch, head_offset, base_offset, updated_ms) \
-                     SELECT r, e, o, b, $5 FROM UNNEST($1::text[], $2::text[], $3::int8[], \
-                     $4::int8[]) AS t(r, e, o, b) ON CONFLICT (room) DO UPDATE SET \
-                     epoch = excluded.epoch, head_offset = excluded.head_offset, \
-                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms \
-                     WHERE rooms.epoch <> excluded.epoch OR rooms.head_offset <= excluded.head_offset",
+                    "INSERT INTO rooms (room, epoch, head_offset, base_offset, seen_offset, \
+                     seen_at_ms, updated_ms) \
+                     SELECT r, e, o, b, s, a, $7 FROM UNNEST($1::text[], $2::text[], $3::int8[], \
+                     $4::int8[], $5::int8[], $6::int8[]) AS u(r, e, o, b, s, a) \
+                     ON CONFLICT (room) DO UPDATE SET \
+                     epoch = excluded.epoch, base_offset = excluded.base_offset, \
+                     updated_ms = excluded.updated_ms, \
+                     head_offset = CASE WHEN rooms.epoch = excluded.epoch \
+                       THEN GREATEST(rooms.head_offset, excluded.head_offset) \
+                       ELSE excluded.head_offset END, \
+                     seen_offset = CASE WHEN rooms.epoch = excluded.epoch \
+                       THEN GREATEST(rooms.seen_offset, excluded.seen_offset) \
+                       ELSE excluded.seen_offset END, \
+                     seen_at_ms = GREATEST(rooms.seen_at_ms, excluded.seen_at_ms) \
+                     WHERE rooms.epoch = excluded.epoch OR rooms.seen_at_ms <= excluded.seen_at_ms",
                 )
                 .bind(&rooms)
                 .bind(&epochs)
                 .bind(&offsets)
                 .bind(&bases)
+                .bind(&seen)
+                .bind(&at)
                 .bind(to_db(now_ms()))
                 .execute(&mut *tx)
                 .await?;
@@ -163,17 +178,21 @@ impl Store for PostgresStore {
         let pool = self.pool.clone();
         let room = room.clone();
         async move {
-            let row =
-                sqlx::query("SELECT epoch, head_offset, base_offset FROM rooms WHERE room = $1")
-                    .bind(room.as_str())
-                    .fetch_optional(&pool)
-                    .await?;
+            let row = sqlx::query(
+                "SELECT epoch, head_offset, base_offset, seen_offset, seen_at_ms FROM rooms \
+                 WHERE room = $1",
+            )
+            .bind(room.as_str())
+            .fetch_optional(&pool)
+            .await?;
             row.map(|r| {
                 Ok(RoomState {
                     room: room.clone(),
                     epoch: Epoch::from_string(r.try_get::<&str, _>("epoch")?),
                     offset: from_db(r.try_get("head_offset")?),
                     base: from_db(r.try_get("base_offset")?),
+                    seen: from_db(r.try_get("seen_offset")?),
+                    seen_at_ms: from_db(r.try_get("seen_at_ms")?),
                 })
             })
             .transpose()

@@ -157,17 +157,29 @@ impl Store for SqliteStore {
             }
             let now = to_db(now_ms());
             for room in &batch.rooms {
+                // Within an epoch each head only goes up; another epoch wins only with a claim
+                // time not older than the row's (docs/design.md, "The archive").
                 sqlx::query(
-                    "INSERT INTO rooms (room, epoch, head_offset, base_offset, updated_ms) \
-                     VALUES (?, ?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET \
-                     epoch = excluded.epoch, head_offset = excluded.head_offset, \
-                     base_offset = excluded.base_offset, updated_ms = excluded.updated_ms \
-                     WHERE rooms.epoch <> excluded.epoch OR rooms.head_offset <= excluded.head_offset",
+                    "INSERT INTO rooms (room, epoch, head_offset, base_offset, seen_offset, \
+                     seen_at_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (room) DO UPDATE SET \
+                     epoch = excluded.epoch, base_offset = excluded.base_offset, \
+                     updated_ms = excluded.updated_ms, \
+                     head_offset = CASE WHEN rooms.epoch = excluded.epoch \
+                       THEN MAX(rooms.head_offset, excluded.head_offset) \
+                       ELSE excluded.head_offset END, \
+                     seen_offset = CASE WHEN rooms.epoch = excluded.epoch \
+                       THEN MAX(rooms.seen_offset, excluded.seen_offset) \
+                       ELSE excluded.seen_offset END, \
+                     seen_at_ms = MAX(rooms.seen_at_ms, excluded.seen_at_ms) \
+                     WHERE rooms.epoch = excluded.epoch OR rooms.seen_at_ms <= excluded.seen_at_ms",
                 )
                 .bind(room.room.as_str())
                 .bind(room.epoch.as_str())
                 .bind(to_db(room.offset))
                 .bind(to_db(room.base))
+                .bind(to_db(room.seen))
+                .bind(to_db(room.seen_at_ms))
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
@@ -182,17 +194,21 @@ impl Store for SqliteStore {
         let pool = self.pool.clone();
         let room = room.clone();
         async move {
-            let row =
-                sqlx::query("SELECT epoch, head_offset, base_offset FROM rooms WHERE room = ?")
-                    .bind(room.as_str())
-                    .fetch_optional(&pool)
-                    .await?;
+            let row = sqlx::query(
+                "SELECT epoch, head_offset, base_offset, seen_offset, seen_at_ms FROM rooms \
+                 WHERE room = ?",
+            )
+            .bind(room.as_str())
+            .fetch_optional(&pool)
+            .await?;
             row.map(|r| {
                 Ok(RoomState {
                     room: room.clone(),
                     epoch: Epoch::from_string(r.try_get::<&str, _>("epoch")?),
                     offset: from_db(r.try_get("head_offset")?),
                     base: from_db(r.try_get("base_offset")?),
+                    seen: from_db(r.try_get("seen_offset")?),
+                    seen_at_ms: from_db(r.try_get("seen_at_ms")?),
                 })
             })
             .transpose()

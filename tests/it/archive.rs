@@ -388,20 +388,23 @@ async fn an_archivers_late_commit_never_moves_a_rooms_archived_head_back() {
     let pg = Postgres::start();
     let store = pg.store().await;
     let room = RoomName::parse("late").unwrap();
-    let head = |epoch: &str, offset| Append {
+    // `at`: the claim time, Redis's clock when the archiver read the head.
+    let head = |epoch: &str, offset, at| Append {
         rows: Vec::new(),
         rooms: vec![RoomState {
             room: room.clone(),
             epoch: Epoch::from_string(epoch),
             offset,
             base: 0,
+            seen: offset,
+            seen_at_ms: at,
         }],
     };
-    store.append(head("e1", 40)).await.unwrap();
-    store.append(head("e1", 25)).await.unwrap();
+    store.append(head("e1", 40, 2)).await.unwrap();
+    store.append(head("e1", 25, 1)).await.unwrap();
     assert_eq!(store.head(&room).await.unwrap().unwrap().offset, 40);
-    // A new epoch replaces the head whatever its offset.
-    store.append(head("e2", 3)).await.unwrap();
+    // A new epoch claimed later replaces the head whatever its offset.
+    store.append(head("e2", 3, 3)).await.unwrap();
     let now = store.head(&room).await.unwrap().unwrap();
     assert_eq!((now.epoch.as_str(), now.offset), ("e2", 3));
 }

@@ -64,6 +64,8 @@ async fn keeps_the_store_promises(store: &dyn Store) {
         epoch: epoch.clone(),
         offset: 5,
         base: 0,
+        seen: 5,
+        seen_at_ms: 1000,
     };
     store
         .append(Append {
@@ -196,6 +198,8 @@ async fn keeps_the_store_promises(store: &dyn Store) {
         epoch: Epoch::from_string("e2"),
         offset: 9,
         base: 9,
+        seen: 9,
+        seen_at_ms: 2000,
     };
     store
         .append(Append {
@@ -216,6 +220,50 @@ async fn keeps_the_store_promises(store: &dyn Store) {
     assert_eq!(offsets(&left.await.unwrap()), vec![3, 4, 5]);
     assert_eq!(store.head(&room).await.unwrap(), Some(renewed));
     assert_eq!(store.delete_before(t0).await.unwrap(), 0);
+
+    epochs_are_ordered_by_claim_time(store).await;
+}
+
+/// A late commit of an old epoch (an archiver paused past its lease while the room was
+/// renewed) does not replace a newer epoch's head; a later epoch does. Within an epoch the
+/// head and the seen head only go up.
+async fn epochs_are_ordered_by_claim_time(store: &dyn Store) {
+    let room = RoomName::parse("ordered").unwrap();
+    let head = |epoch: &str, offset, seen, at| RoomState {
+        room: room.clone(),
+        epoch: Epoch::from_string(epoch),
+        offset,
+        base: 0,
+        seen,
+        seen_at_ms: at,
+    };
+    let write = |h: RoomState| {
+        store.append(Append {
+            rows: vec![],
+            rooms: vec![h],
+        })
+    };
+    write(head("e1", 10, 12, 1_000)).await.unwrap();
+    write(head("e2", 3, 3, 3_000)).await.unwrap();
+    write(head("e1", 20, 25, 2_000)).await.unwrap();
+    assert_eq!(
+        store.head(&room).await.unwrap(),
+        Some(head("e2", 3, 3, 3_000)),
+        "a late write of e1, claimed before e2's, does not replace it"
+    );
+    write(head("e2", 2, 2, 3_500)).await.unwrap();
+    write(head("e2", 4, 9, 3_400)).await.unwrap();
+    assert_eq!(
+        store.head(&room).await.unwrap(),
+        Some(head("e2", 4, 9, 3_500)),
+        "within an epoch the head and the seen head only go up"
+    );
+    write(head("e3", 1, 1, 3_500)).await.unwrap();
+    assert_eq!(
+        store.head(&room).await.unwrap(),
+        Some(head("e3", 1, 1, 3_500)),
+        "a later epoch (claim time not older) replaces it"
+    );
 }
 
 #[tokio::test]

@@ -8,12 +8,15 @@
 -- KEYS[1] meta hash   KEYS[2] history stream   KEYS[3] archiver lease (string: holder's token)
 -- ARGV[1] token   ARGV[2] lease ms   ARGV[3] most entries to read
 -- Returns {'busy', lease ms left} | {'gone'} (no room) | {'done', epoch, offset, archived, base}
--- (nothing to copy; the lease is let go) | {'copy', epoch, offset, archived, base, entries}.
+-- (nothing to copy; the lease is let go) | {'copy', epoch, offset, archived, base, entries, ms}.
+-- `ms` is Redis's clock at the claim (the room's slot: one clock per room also on a Cluster),
+-- never below the meta's `tfloor` (the claim time of the row it was seeded from, in case this
+-- Redis's clock is behind the lost one's): it orders epochs in the archive's `rooms` row.
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then
   return {'busy', redis.call('PTTL', KEYS[3])}
 end
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'base', 'aepoch', 'archived')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'base', 'aepoch', 'archived', 'tfloor')
 local epoch = meta[1]
 if not epoch then
   if holder then redis.call('DEL', KEYS[3]) end
@@ -31,4 +34,7 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 -- Printed with %d: a Lua number concatenated as it is turns 1e14 into '1e+14'.
 local from = '(' .. string.format('%d', archived) .. '-0'
 local entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[3])
-return {'copy', epoch, offset, archived, base, entries}
+local now = redis.call('TIME')
+local ms = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+  tonumber(meta[6] or '0'))
+return {'copy', epoch, offset, archived, base, entries, ms}

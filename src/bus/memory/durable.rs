@@ -397,7 +397,8 @@ fn stage(
             }
         }
     }
-    // Only rooms whose head moved are written.
+    // Only rooms whose head moved are written. A single writer sees what it hands out, and its
+    // own clock orders its epochs in the row (docs/design.md, "The archive").
     let rooms = overlays
         .into_iter()
         .filter(|(room, o)| {
@@ -411,6 +412,8 @@ fn stage(
             epoch: o.epoch,
             offset: o.offset,
             base: o.base,
+            seen: o.offset,
+            seen_at_ms: ts,
         })
         .collect();
     (staged, Append { rows, rooms })

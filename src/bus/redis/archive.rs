@@ -185,6 +185,8 @@ enum Claim {
         archived: Offset,
         base: Offset,
         entries: Vec<Entry>,
+        /// Redis's clock at the claim (ms): orders epochs in the archive's `rooms` row.
+        at_ms: u64,
     },
 }
 
@@ -345,12 +347,24 @@ impl RedisBus {
                 return Seeded::NotArchived;
             }
         };
+        // Redis had handed out more of the epoch than the archive holds (the last pass saw
+        // a head it had not copied yet, and Redis lost the rest): a client may have seen those
+        // offsets, and with every replica restarted no sequencer remembers them. The room is
+        // not seeded in that epoch but starts a new one after the seen head: no offset is
+        // handed out twice, and clients get a `reset` (messages were lost).
+        let lost = state.seen.saturating_sub(state.offset);
+        let (epoch, offset, base) = if lost > 0 {
+            (Epoch::generate(), state.seen, state.seen)
+        } else {
+            (state.epoch.clone(), state.offset, state.base)
+        };
         let keys = self.keys(room);
         let args: Vec<Value> = vec![
-            state.epoch.as_str().into(),
-            state.offset.to_string().into(),
-            state.base.to_string().into(),
+            epoch.as_str().into(),
+            offset.to_string().into(),
+            base.to_string().into(),
             Value::from(self.ttl_secs as i64),
+            state.seen_at_ms.to_string().into(),
         ];
         match archive
             .seed
@@ -360,12 +374,22 @@ impl RedisBus {
             Ok(1) => {
                 // Set from the archive's head just now: nothing to compare it with.
                 archive.mark_checked(room);
-                log::info!(
-                    "{} restored from the archive: epoch {} at offset {}",
-                    logctx::room(room),
-                    state.epoch,
-                    state.offset
-                );
+                if lost > 0 {
+                    archive.metrics.archive_lost.inc_by(lost);
+                    log::warn!(
+                        "{} restored from the archive in a new epoch {epoch} after offset \
+                         {offset}: Redis had handed out offsets up to {offset} of epoch {}, the \
+                         archive holds up to {}; {lost} unarchived messages were lost with Redis",
+                        logctx::room(room),
+                        state.epoch,
+                        state.offset
+                    );
+                } else {
+                    log::info!(
+                        "{} restored from the archive: epoch {epoch} at offset {offset}",
+                        logctx::room(room)
+                    );
+                }
                 Seeded::Ready
             }
             Ok(_) => Seeded::Ready,
@@ -479,6 +503,10 @@ fn parse_claim(reply: Value) -> Result<Claim, BusError> {
             let archived = number("archived")?;
             let base = number("base")?;
             let raw = parts.next().map(Value::into_array).unwrap_or_default();
+            let at_ms = parts
+                .next()
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| bad("ms"))?;
             let mut entries = Vec::with_capacity(raw.len());
             for entry in raw {
                 let mut entry = entry.into_array().into_iter();
@@ -516,6 +544,7 @@ fn parse_claim(reply: Value) -> Result<Claim, BusError> {
                 archived,
                 base,
                 entries,
+                at_ms,
             })
         }
         other => Err(bad(other)),
@@ -530,6 +559,8 @@ struct Copied {
     upto: Offset,
     /// Messages Redis no longer had (trimmed or expired before they were copied).
     lost: u64,
+    /// Redis's clock at the claim.
+    at_ms: u64,
 }
 
 /// The archiver: runs for the life of the process (see the module doc).
@@ -670,6 +701,7 @@ async fn pass(
                 archived,
                 base,
                 entries,
+                at_ms,
             }) => {
                 behind += offset.saturating_sub(archived);
                 let first = entries.first().map_or(offset + 1, |e| e.offset);
@@ -696,17 +728,22 @@ async fn pass(
                         ),
                     }
                 }
+                // What Redis had handed out at the claim, copied or not: a room seeded from
+                // this row never hands those offsets out again in the epoch.
                 batch.rooms.push(RoomState {
                     room: room.clone(),
                     epoch: epoch.clone(),
                     offset: upto,
                     base,
+                    seen: offset.max(upto),
+                    seen_at_ms: at_ms,
                 });
                 copies.push(Copied {
                     room,
                     epoch,
                     upto,
                     lost,
+                    at_ms,
                 });
             }
         }
@@ -760,6 +797,8 @@ async fn pass(
             .map(|c| bus.mark(archive, &c.room, &c.epoch, c.upto)),
     )
     .await;
+    let claimed_at: HashMap<RoomName, u64> =
+        copies.iter().map(|c| (c.room.clone(), c.at_ms)).collect();
     let mut still_behind = 0u64;
     for (c, marked) in copies.into_iter().zip(marks) {
         match marked {
@@ -797,7 +836,8 @@ async fn pass(
         }
     }
     for (room, (epoch, offsets)) in by_room(conflicts) {
-        reused_offsets(bus, archive, &room, &epoch, &offsets).await;
+        let at_ms = claimed_at.get(&room).copied().unwrap_or(0);
+        reused_offsets(bus, archive, &room, &epoch, &offsets, at_ms).await;
         rooms.insert(room, now);
     }
     // The lag stays at what this pass's oldest message waited until it was committed: under
@@ -823,13 +863,15 @@ fn by_room(conflicts: Vec<Conflict>) -> HashMap<RoomName, (Epoch, Vec<Offset>)> 
 /// those offsets out again (it came back older, and the room was not raised before a
 /// publish). The archive keeps its first messages; the new ones stay in Redis's window under
 /// the old epoch. The room moves to a new epoch after the archive's head, so that no further
-/// offset it holds is handed out again (its members get a `reset`).
+/// offset it holds is handed out again (its members get a `reset`). `at_ms`: Redis's clock at
+/// the pass's claim of the room, which stamps the new epoch's head (the renewal came after it).
 async fn reused_offsets(
     bus: &Arc<RedisBus>,
     archive: &Archive,
     room: &RoomName,
     epoch: &Epoch,
     offsets: &[Offset],
+    at_ms: u64,
 ) {
     archive
         .metrics
@@ -859,6 +901,8 @@ async fn reused_offsets(
                     epoch: renewed.head.epoch.clone(),
                     offset: renewed.head.offset,
                     base: renewed.head.offset,
+                    seen: renewed.head.offset,
+                    seen_at_ms: at_ms,
                 }],
             };
             if let Err(e) = archive.bounded(archive.store.append(head)).await {
