@@ -738,3 +738,100 @@ async fn redis_back_older_with_unarchived_messages_lost_still_resets_clients_tha
     );
     assert_eq!(metric(&[&a], "confab_archive_conflicts_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn redis_lost_with_unarchived_messages_and_every_replica_restarted_reuses_no_offset_a_client_saw(
+) {
+    // The archive copied up to 105 of a room whose clients saw 255 (a pass copies at most its
+    // share of the batch, here 100), then Redis restarted empty and so did every replica: no
+    // sequencer remembers 255, only the archive's row, which recorded the head its pass saw.
+    let (mut redis, pg) = (Redis::start(), Postgres::start());
+    let mut env = archive_env(&pg, "1000");
+    env.push(("CONFAB_STORE__ARCHIVE_BATCH".into(), "100".into()));
+    let a = replica(&redis, "arch11", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/gone?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 5).await;
+    wait_archived(&pg, "gone", 5).await;
+    // Another holder's lease keeps the archivers off the room while 250 more are acked.
+    let lease = redis
+        .cmd(&["SET", "arch11:{gone}:archiver", "elsewhere", "PX", "600000"])
+        .await;
+    assert!(lease.starts_with("+OK"), "{lease}");
+    assert_eq!(
+        say_many(&mut c, "u", 250).await,
+        (6..=255).collect::<Vec<_>>()
+    );
+    drop(c);
+    drop(a);
+    // An uncommitted row at 150 holds that key: the first pass (6..105, having seen 255)
+    // commits, every later one waits on it and fails, so 106..255 stay unarchived.
+    let store = pg.store().await;
+    let mut hold = store.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (room, epoch, msg_offset, ts, user_id, client_ref, frame) \
+         VALUES ('gone', $1, 150, 1, 'zed', NULL, '{}')",
+    )
+    .bind(&epoch)
+    .execute(&mut *hold)
+    .await
+    .unwrap();
+    redis.cmd(&["DEL", "arch11:{gone}:archiver"]).await;
+    let b = replica(&redis, "arch11", "b", &env).await;
+    eventually(
+        Duration::from_secs(20),
+        "a pass copied up to 105 having seen 255",
+        || async {
+            let row: Option<(i64, i64)> =
+                sqlx::query_as("SELECT head_offset, seen_offset FROM rooms WHERE room = 'gone'")
+                    .fetch_optional(store.pool())
+                    .await
+                    .unwrap();
+            row == Some((105, 255))
+        },
+    )
+    .await;
+
+    // Redis lost, and every replica restarted: a fresh process, no sequencer memory.
+    drop(b);
+    redis.restart();
+    let b = replica(&redis, "arch11", "b", &env).await;
+    hold.rollback().await.unwrap();
+    let (mut c, welcome) = b
+        .join(&format!("/ws/gone?user=ann&since=255&epoch={epoch}"))
+        .await;
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    let renewed = welcome["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(
+        renewed, epoch,
+        "not seeded in the epoch offsets were lost from"
+    );
+    assert_eq!(welcome["offset"], 255, "{welcome}");
+    assert_eq!(c.say("after", "after").await, 256, "no offset reused");
+    assert_eq!(metric(&[&b], "confab_archive_lost_total").await, 150.0);
+    assert!(
+        b.log().contains("unarchived messages were lost with Redis"),
+        "logged"
+    );
+
+    // History of the new epoch: only what came after, no duplicate offset.
+    c.send_json(json!({"type": "history", "limit": 50, "ref": "h1"}))
+        .await;
+    let page = c.next_of("history").await;
+    assert_eq!(page["epoch"], renewed.as_str());
+    assert_eq!(offsets(&page["messages"]), vec![256]);
+    eventually(
+        Duration::from_secs(10),
+        "the new epoch archived",
+        || async {
+            archived(&pg, "gone").await.get(&256) == Some(&(renewed.clone(), "after".to_owned()))
+        },
+    )
+    .await;
+    let rows = archived(&pg, "gone").await;
+    assert!(
+        rows.range(..=105).all(|(_, (e, _))| *e == epoch),
+        "{rows:?}"
+    );
+    assert_eq!(rows.range(106..=255).count(), 0, "the lost stretch");
+}
