@@ -549,8 +549,11 @@ async fn confab_migrate_creates_the_schema_and_a_newer_schema_stops_start_up_nam
         "migrating again is a no-op"
     );
 
-    // As if a newer confab had migrated this database.
-    sqlx::query("UPDATE _sqlx_migrations SET version = 99")
+    // As if a newer confab had migrated this database (its newest migration, 99).
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET version = 99 \
+         WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+    )
         .execute(db.pool())
         .await
         .unwrap();
