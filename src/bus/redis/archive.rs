@@ -21,7 +21,10 @@
 //! (`confab_archive_lost_total`); the mark moves past them.
 //!
 //! The archive is also where a room's epoch outlives Redis: a room whose meta is gone is
-//! seeded from the store's `rooms` row ([`RedisBus::seed`]) before it is used again.
+//! seeded from the store's `rooms` row ([`RedisBus::seed`]) before it is used again. The row
+//! also records the Redis head each pass saw and Redis's clock at the claim: a room whose seen
+//! head is above what was copied is seeded in a new epoch after it (no offset a client saw is
+//! reused), and a late commit of an older epoch does not replace a newer one.
 //! A room whose meta came back *older* than that row (a restored snapshot, a lagging
 //! failover) is raised to it ([`RedisBus::raise_if_older`]); an offset handed out again
 //! anyway is caught by the copy (`Store::append_checked`), counted, and the room moves to a
