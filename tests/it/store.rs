@@ -554,9 +554,9 @@ async fn confab_migrate_creates_the_schema_and_a_newer_schema_stops_start_up_nam
         "UPDATE _sqlx_migrations SET version = 99 \
          WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
     )
-        .execute(db.pool())
-        .await
-        .unwrap();
+    .execute(db.pool())
+    .await
+    .unwrap();
     for args in [&["migrate"][..], &["serve", "--listen", "127.0.0.1:0"][..]] {
         let out = run_confab(args, &env);
         let err = String::from_utf8_lossy(&out.stderr);
