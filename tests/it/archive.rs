@@ -834,4 +834,12 @@ async fn redis_lost_with_unarchived_messages_and_every_replica_restarted_reuses_
         "{rows:?}"
     );
     assert_eq!(rows.range(106..=255).count(), 0, "the lost stretch");
+    // The new epoch's claim is stamped no older than the row it was seeded from, so its head
+    // replaces the old epoch's.
+    let row: (String, i64, i64) =
+        sqlx::query_as("SELECT epoch, head_offset, seen_offset FROM rooms WHERE room = 'gone'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(row, (renewed.clone(), 256, 256));
 }
