@@ -86,7 +86,8 @@ pub struct Metrics {
     /// commits fail, has been waiting), seconds; 0 once a pass finds nothing to copy.
     pub archive_lag_seconds: Gauge,
     pub archive_copied: IntCounter,
-    /// Messages Redis dropped (trimmed or expired) before they were archived.
+    /// Messages Redis dropped before they were archived: trimmed or expired, or lost with
+    /// Redis itself (seeding then starts a new epoch after them).
     pub archive_lost: IntCounter,
     /// Rooms whose Redis meta came back older than the archive's head and were raised to it.
     pub archive_raised: IntCounter,
@@ -256,7 +257,7 @@ impl Metrics {
             )?,
             archive_lost: counter(
                 "confab_archive_lost_total",
-                "Messages Redis dropped (trimmed or expired) before they were archived: PostgreSQL was down longer than the Redis window.",
+                "Messages Redis dropped before they were archived: trimmed or expired (PostgreSQL was down longer than the Redis window), or lost with Redis itself (a room then starts a new epoch).",
             )?,
             archive_raised: counter(
                 "confab_archive_raised_total",
