@@ -23,7 +23,7 @@ pub(super) struct Cursor {
     version: Option<PresenceVersion>,
     /// Users the member's snapshot left out though the bus still counts them; usually none,
     /// so boxed: every member of every room carries the field.
-    hidden: Option<Box<Vec<UserId>>>,
+    hidden: Option<Box<[UserId]>>,
 }
 
 /// What to do with a `join`/`leave` event for one member.
@@ -41,7 +41,7 @@ impl Cursor {
     /// The member was sent `snapshot`.
     pub(super) fn given(&mut self, snapshot: &PresenceSnapshot) {
         self.version = Some(snapshot.version);
-        self.hidden = (!snapshot.hidden.is_empty()).then(|| Box::new(snapshot.hidden.clone()));
+        self.hidden = (!snapshot.hidden.is_empty()).then(|| snapshot.hidden.clone().into());
     }
 
     /// The member's set is now unknown (a snapshot for it was dropped).
@@ -84,11 +84,10 @@ impl Cursor {
             .as_ref()
             .and_then(|h| h.iter().position(|u| u == user));
         if let Some(i) = at {
-            if let Some(list) = self.hidden.as_mut() {
+            if let Some(list) = self.hidden.take() {
+                let mut list = list.into_vec();
                 list.swap_remove(i);
-                if list.is_empty() {
-                    self.hidden = None;
-                }
+                self.hidden = (!list.is_empty()).then(|| list.into_boxed_slice());
             }
             // Left out of the member's set: its leave is not news to the member. (A join
             // cannot come for a user still counted.)
