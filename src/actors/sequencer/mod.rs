@@ -163,18 +163,26 @@ pub struct Synced {
 struct Member<H> {
     user: UserId,
     handle: H,
-    /// Events held while the member's welcome and backlog are being read.
-    syncing: Option<Vec<RoomEvent>>,
+    /// Set from the join until the welcome. Boxed: a member needs it only while its welcome
+    /// and backlog are read, and every member of every room carries the field (a
+    /// subscription's memory, docs/PERFORMANCE.md "Many rooms on one connection").
+    syncing: Option<Box<Syncing>>,
     epoch: Option<Epoch>,
     delivered: Offset,
-    /// What the room knew to be stored when the member joined (before its head was read):
-    /// a welcome head below it means the store went back.
-    known_at_join: Option<(Epoch, Offset)>,
     /// The presence set the member was given, so joins and leaves keep it right.
     presence: presence::Cursor,
     /// Set while the member's resume is read page by page (see [`Paging`]).
     /// Boxed: most members never page, and every member of every room carries the field.
     paging: Option<Box<Paging>>,
+}
+
+/// What a member holds between its join and its welcome.
+struct Syncing {
+    /// Events that arrived meanwhile, delivered after the welcome and backlog.
+    held: Vec<RoomEvent>,
+    /// What the room knew to be stored when the member joined (before its head was read):
+    /// a welcome head below it means the store went back.
+    known_at_join: Option<(Epoch, Offset)>,
 }
 
 /// A resuming member that is still reading its replay. Live messages are not held for it:
@@ -284,10 +292,12 @@ impl<H: Outlet> Sequencer<H> {
             Member {
                 user,
                 handle,
-                syncing: Some(Vec::new()),
+                syncing: Some(Box::new(Syncing {
+                    held: Vec::new(),
+                    known_at_join,
+                })),
                 epoch: None,
                 delivered: 0,
-                known_at_join,
                 paging: None,
                 presence: presence::Cursor::default(),
             },
@@ -320,7 +330,11 @@ impl<H: Outlet> Sequencer<H> {
         let Some(member) = self.members.get(&session) else {
             return out;
         };
-        let floor = match &member.known_at_join {
+        let known_at_join = member
+            .syncing
+            .as_ref()
+            .and_then(|s| s.known_at_join.as_ref());
+        let floor = match known_at_join {
             Some((epoch, floor)) if *epoch == synced.epoch => *floor,
             _ => 0,
         }
@@ -358,7 +372,8 @@ impl<H: Outlet> Sequencer<H> {
         for frame in synced.frames {
             ok = ok && member.handle.offer(Outbound::Frame(frame), false) == Offer::Sent;
         }
-        for event in member.syncing.take().unwrap_or_default() {
+        let held = member.syncing.take().map(|s| s.held).unwrap_or_default();
+        for event in held {
             if let EventKind::Message { epoch, .. } = &event.kind {
                 // Of an epoch the store left behind, older than the member's view: skipped.
                 let current = self.seen.as_ref().is_some_and(|m| m.epoch == *epoch);
@@ -1139,7 +1154,8 @@ impl<H: Outlet> Sequencer<H> {
                     continue;
                 }
             }
-            if let Some(held) = member.syncing.as_mut() {
+            if let Some(syncing) = member.syncing.as_mut() {
+                let held = &mut syncing.held;
                 if held.len() >= self.hold_per_member {
                     evict.push(*id);
                 } else {

@@ -21,8 +21,9 @@ pub(super) struct Cursor {
     /// The version of the set the member holds; `None` when it holds none that events can be
     /// applied to (not given one yet, or it missed a change).
     version: Option<PresenceVersion>,
-    /// Users the member's snapshot left out though the bus still counts them; usually none.
-    hidden: Vec<UserId>,
+    /// Users the member's snapshot left out though the bus still counts them; usually none,
+    /// so boxed: every member of every room carries the field.
+    hidden: Option<Box<[UserId]>>,
 }
 
 /// What to do with a `join`/`leave` event for one member.
@@ -40,13 +41,13 @@ impl Cursor {
     /// The member was sent `snapshot`.
     pub(super) fn given(&mut self, snapshot: &PresenceSnapshot) {
         self.version = Some(snapshot.version);
-        self.hidden.clone_from(&snapshot.hidden);
+        self.hidden = (!snapshot.hidden.is_empty()).then(|| snapshot.hidden.clone().into());
     }
 
     /// The member's set is now unknown (a snapshot for it was dropped).
     pub(super) fn lost(&mut self) {
         self.version = None;
-        self.hidden.clear();
+        self.hidden = None;
     }
 
     /// Whether a snapshot at `version` would tell the member something it does not hold.
@@ -78,8 +79,16 @@ impl Cursor {
             return Verdict::Missed;
         }
         self.version = Some(version);
-        if let Some(i) = self.hidden.iter().position(|u| u == user) {
-            self.hidden.swap_remove(i);
+        let at = self
+            .hidden
+            .as_ref()
+            .and_then(|h| h.iter().position(|u| u == user));
+        if let Some(i) = at {
+            if let Some(list) = self.hidden.take() {
+                let mut list = list.into_vec();
+                list.swap_remove(i);
+                self.hidden = (!list.is_empty()).then(|| list.into_boxed_slice());
+            }
             // Left out of the member's set: its leave is not news to the member. (A join
             // cannot come for a user still counted.)
             return if leave { Verdict::Skip } else { Verdict::Tell };

@@ -394,6 +394,8 @@ impl ActorFuture<Session> for Pump {
             return Poll::Pending;
         }
         let now = Instant::now();
+        // The batch is written here once drained, not by a second poll of the actor.
+        session.socket.hold_writes();
         while let Some((tag, out)) = session.inbox.next(task.waker()) {
             match session.core.deliver(tag, out, now) {
                 Some(frame) => session.socket.text(frame, ctx),
@@ -403,6 +405,12 @@ impl ActorFuture<Session> for Pump {
                 session.inbox.settle_now();
                 break;
             }
+        }
+        session.socket.write_held(task);
+        if session.core.has_run() {
+            // A welcome released messages read before it as a run: it goes at the top of the
+            // next poll, like a run read from the socket (writes no longer cause that poll).
+            task.waker().wake_by_ref();
         }
         Poll::Pending
     }
