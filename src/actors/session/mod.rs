@@ -407,11 +407,6 @@ impl ActorFuture<Session> for Pump {
             }
         }
         session.socket.write_held(task);
-        if session.core.has_run() {
-            // A welcome released messages read before it as a run: it goes at the top of the
-            // next poll, like a run read from the socket (writes no longer cause that poll).
-            task.waker().wake_by_ref();
-        }
         Poll::Pending
     }
 }
