@@ -72,9 +72,6 @@ struct Io {
     interrupt: RefCell<Option<Arc<dyn Interrupt>>>,
     /// The actor reads no frames for now; the reader's waker is kept to resume it.
     paused: Cell<bool>,
-    /// Frames are being queued by a caller that writes them itself when it is done
-    /// ([`WsSocket::hold_writes`]): queuing one does not wake the writer.
-    held: Cell<bool>,
     reader: RefCell<Option<Waker>>,
 }
 
@@ -159,7 +156,6 @@ impl WsSocket {
             stall,
             interrupt: RefCell::new(None),
             paused: Cell::new(false),
-            held: Cell::new(false),
             reader: RefCell::new(None),
         });
         ctx.add_stream(Frames {
@@ -187,32 +183,6 @@ impl WsSocket {
         self.io.paused.set(!reading);
         if reading {
             if let Some(waker) = self.io.reader.borrow_mut().take() {
-                waker.wake();
-            }
-        }
-    }
-
-    /// Frames queued from now until [`Self::write_held`] do not wake the writer: the caller
-    /// writes them itself, in the same poll of the actor. A wake from a frame makes actix
-    /// poll the whole actor a second time only to run the writer (it is polled before the
-    /// session's deliveries), so a burst of deliveries cost two polls of the actor, each
-    /// taking the inbox's lock again; now it costs one.
-    pub fn hold_writes(&mut self) {
-        self.io.held.set(true);
-    }
-
-    /// Writes what was queued since [`Self::hold_writes`], now. What the kernel does not take
-    /// at once (a full socket), a write error, or a close goes to the writer as before: it is
-    /// woken, and waits, reports or stops the actor.
-    pub fn write_held(&mut self, task: &mut TaskContext<'_>) {
-        self.io.held.set(false);
-        if self.io.out.borrow().buf.is_empty() {
-            return;
-        }
-        let done = !self.io.out.borrow().closing
-            && matches!(self.io.poll_flush(task), Poll::Ready(Ok(())));
-        if !done {
-            if let Some(waker) = self.io.out.borrow_mut().waker.take() {
                 waker.wake();
             }
         }
@@ -276,11 +246,8 @@ impl WsSocket {
         // The writer runs after this handler, in this poll of the actor or (when it was polled
         // before, as it is before the session's deliveries) in the next one, which this wake
         // schedules: frames handled together (a batch of deliveries) go out in one write.
-        // Unless the caller writes them itself once its batch is done (`hold_writes`).
-        if !self.io.held.get() {
-            if let Some(waker) = out.waker.take() {
-                waker.wake();
-            }
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
         }
         if out.buf.len() > HIGH_WATERMARK && !out.draining {
             out.draining = true;
@@ -746,70 +713,6 @@ mod tests {
         fn handle(&mut self, Say(text, handled): Say, ctx: &mut Context<Self>) {
             handled.fetch_add(1, Ordering::Relaxed);
             self.socket.text(text, ctx);
-        }
-    }
-
-    /// Test → echoer: write these texts as one batch with writes held, as the session's
-    /// pump writes its deliveries.
-    struct SayHeld(Vec<String>);
-
-    impl Message for SayHeld {
-        type Result = ();
-    }
-
-    impl Handler<SayHeld> for Echoer {
-        type Result = ();
-
-        fn handle(&mut self, SayHeld(texts): SayHeld, ctx: &mut Context<Self>) {
-            ctx.spawn(HeldBatch(texts));
-        }
-    }
-
-    /// Writes its texts in one poll, with writes held, then writes them itself.
-    struct HeldBatch(Vec<String>);
-
-    impl ActorFuture<Echoer> for HeldBatch {
-        type Output = ();
-
-        fn poll(
-            self: Pin<&mut Self>,
-            echoer: &mut Echoer,
-            ctx: &mut Context<Echoer>,
-            task: &mut TaskContext<'_>,
-        ) -> Poll<()> {
-            echoer.socket.hold_writes();
-            for text in std::mem::take(&mut self.get_mut().0) {
-                echoer.socket.text(text, ctx);
-            }
-            echoer.socket.write_held(task);
-            Poll::Ready(())
-        }
-    }
-
-    /// Reads exactly these text frames, in this order, or fails within 10 s.
-    async fn read_texts(client: &mut TcpStream, texts: &[String]) {
-        let mut expected = BytesMut::new();
-        for text in texts {
-            expected.extend_from_slice(&encoded(text.as_bytes(), OpCode::Text, false));
-        }
-        let mut got = vec![0; expected.len()];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
-            .await
-            .expect("every frame arrived")
-            .unwrap();
-        assert_eq!(got, &expected[..]);
-    }
-
-    #[actix::test]
-    async fn a_batch_written_with_writes_held_goes_out_in_order_and_later_frames_still_do() {
-        let (mut client, addr, _ended) = echoer(BytesMut::new(), STALL).await;
-        for round in 0..3 {
-            let texts: Vec<String> = (0..50).map(|i| format!("held {round} {i}")).collect();
-            addr.do_send(SayHeld(texts.clone()));
-            read_texts(&mut client, &texts).await;
-            // Then a frame written the ordinary way: the writer must still be woken by it.
-            addr.do_send(Say(format!("after {round}"), Arc::new(AtomicUsize::new(0))));
-            read_texts(&mut client, &[format!("after {round}")]).await;
         }
     }
 

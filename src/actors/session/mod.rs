@@ -394,8 +394,6 @@ impl ActorFuture<Session> for Pump {
             return Poll::Pending;
         }
         let now = Instant::now();
-        // The batch is written here once drained, not by a second poll of the actor.
-        session.socket.hold_writes();
         while let Some((tag, out)) = session.inbox.next(task.waker()) {
             match session.core.deliver(tag, out, now) {
                 Some(frame) => session.socket.text(frame, ctx),
@@ -406,7 +404,6 @@ impl ActorFuture<Session> for Pump {
                 break;
             }
         }
-        session.socket.write_held(task);
         Poll::Pending
     }
 }
