@@ -102,6 +102,31 @@ async fn backlog(c: &mut Client) -> Vec<u64> {
     }
 }
 
+/// Sends the message `after` (ref `after`) until it is acked, through the `unavailable`s of a
+/// replica that has not yet noticed Redis restarted; returns its offset and the `reset` the
+/// client got meanwhile, if any.
+async fn post_after_restart(c: &mut Client) -> (Option<u64>, Option<Value>) {
+    let mut reset = None;
+    for _ in 0..200 {
+        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
+            .await;
+        let reply = loop {
+            let v = c.next_of_any(&["ack", "error", "reset"]).await;
+            if v["type"] != "reset" {
+                break v;
+            }
+            reset = Some(v);
+        };
+        if reply["type"] == "ack" {
+            return (reply["offset"].as_u64(), reset);
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        // Polling the replica's recovery, bounded by the loop's count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (None, reset)
+}
+
 fn offsets(messages: &Value) -> Vec<u64> {
     messages
         .as_array()
@@ -334,20 +359,8 @@ async fn redis_restarted_empty_keeps_the_rooms_epoch_and_offsets_with_no_reset()
     redis.restart();
     // The same epoch, the next offset, and no `reset` on the way (`unavailable` until the
     // replica noticed the restart and is subscribed again).
-    let mut offset = None;
-    for _ in 0..200 {
-        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
-            .await;
-        let reply = c.next_of_any(&["ack", "error", "reset"]).await;
-        assert_ne!(reply["type"], "reset", "{reply}");
-        if reply["type"] == "ack" {
-            offset = reply["offset"].as_u64();
-            break;
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        // Polling the replica's recovery, bounded by the loop's count.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (offset, reset) = post_after_restart(&mut c).await;
+    assert!(reset.is_none(), "{reset:?}");
     assert_eq!(offset, Some(11));
     let (_, welcome) = a.join("/ws/kept?user=bob").await;
     assert_eq!(welcome["epoch"], epoch.as_str());
@@ -538,20 +551,8 @@ async fn redis_back_older_than_the_archive_keeps_the_rooms_epoch_and_offsets_wit
         "Redis came back with the snapshot's offset 5"
     );
     // The client saw offset 10: the same epoch, the next offset is 11, no `reset`.
-    let mut offset = None;
-    for _ in 0..200 {
-        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
-            .await;
-        let reply = c.next_of_any(&["ack", "error", "reset"]).await;
-        assert_ne!(reply["type"], "reset", "{reply}");
-        if reply["type"] == "ack" {
-            offset = reply["offset"].as_u64();
-            break;
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        // Polling the replica's recovery, bounded by the loop's count.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (offset, reset) = post_after_restart(&mut c).await;
+    assert!(reset.is_none(), "{reset:?}");
     assert_eq!(offset, Some(11));
     let rows = wait_archived(&pg, "older", 11).await;
     assert_eq!(rows[&11], (epoch.clone(), "after".to_owned()));
@@ -702,26 +703,7 @@ async fn redis_back_older_with_unarchived_messages_lost_still_resets_clients_tha
     assert_eq!(say_many(&mut c, "u", 2).await, vec![11, 12]);
 
     redis.restart();
-    let mut reset = None;
-    let mut offset = None;
-    for _ in 0..200 {
-        c.send_json(json!({"type": "message", "text": "after", "ref": "after"}))
-            .await;
-        let reply = loop {
-            let v = c.next_of_any(&["ack", "error", "reset"]).await;
-            if v["type"] != "reset" {
-                break v;
-            }
-            reset = Some(v);
-        };
-        if reply["type"] == "ack" {
-            offset = reply["offset"].as_u64();
-            break;
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        // Polling the replica's recovery, bounded by the loop's count.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (offset, reset) = post_after_restart(&mut c).await;
     let reset = match reset {
         Some(r) => r,
         None => c.next_of("reset").await,
