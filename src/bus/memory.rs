@@ -129,6 +129,30 @@ impl RoomLog {
         log
     }
 
+    /// Puts a stored message in the window (trimmed to `size`) and remembers its `ref` for
+    /// retries; the in-process path and the store's writer both append through here.
+    fn append(
+        &mut self,
+        offset: Offset,
+        json: bytestring::ByteString,
+        key: Option<(UserId, String)>,
+        size: usize,
+        now: Instant,
+    ) {
+        self.messages.push_back(StoredMessage { offset, json });
+        while self.messages.len() > size {
+            self.messages.pop_front();
+        }
+        self.last_write = now;
+        if let Some(key) = key {
+            if self.refs.len() >= REF_PRUNE_AT {
+                self.refs
+                    .retain(|_, (_, at)| now.saturating_duration_since(*at) < REF_TTL);
+            }
+            self.refs.insert(key, (offset, now));
+        }
+    }
+
     fn head(&self) -> RoomHead {
         RoomHead {
             epoch: self.epoch.clone(),
@@ -232,21 +256,7 @@ impl State {
             ts: now_ms(),
         }
         .to_text();
-        log.messages.push_back(StoredMessage {
-            offset,
-            json: json.clone(),
-        });
-        while log.messages.len() > size {
-            log.messages.pop_front();
-        }
-        log.last_write = now;
-        if let Some(key) = key {
-            if log.refs.len() >= REF_PRUNE_AT {
-                log.refs
-                    .retain(|_, (_, at)| now.saturating_duration_since(*at) < REF_TTL);
-            }
-            log.refs.insert(key, (offset, now));
-        }
+        log.append(offset, json.clone(), key, size, now);
         let epoch = log.epoch.clone();
         let event = RoomEvent {
             room: room.clone(),

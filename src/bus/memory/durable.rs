@@ -449,21 +449,7 @@ fn apply(inner: &Inner, staged: Vec<Staged>) {
                 if let Some(log) = state.rooms.get_mut(&room) {
                     log.epoch = epoch.clone();
                     log.offset = offset;
-                    log.messages.push_back(StoredMessage {
-                        offset,
-                        json: json.clone(),
-                    });
-                    while log.messages.len() > size {
-                        log.messages.pop_front();
-                    }
-                    log.last_write = now;
-                    if let Some(key) = key {
-                        if log.refs.len() >= super::REF_PRUNE_AT {
-                            log.refs
-                                .retain(|_, (_, at)| now.saturating_duration_since(*at) < REF_TTL);
-                        }
-                        log.refs.insert(key, (offset, now));
-                    }
+                    log.append(offset, json.clone(), key, size, now);
                 }
                 inner.sink.deliver(RoomEvent {
                     room,
