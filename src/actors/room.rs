@@ -29,7 +29,7 @@ use crate::close::Close;
 use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::logctx;
 use crate::metrics::Metrics;
-use crate::protocol::{ErrorCode, ServerFrame, MAX_HISTORY_LIMIT};
+use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
@@ -335,6 +335,9 @@ struct SetupRead {
     history: Option<HistoryPage>,
     /// Read after every session of the batch had its join sent to the bus, so each is listed.
     presence: PresenceSnapshot,
+    /// `presence`'s frame, serialized once for every session of the batch (a storm's batch
+    /// into a big room would otherwise serialize the same long list once per session).
+    listed: ByteString,
     /// Each resuming session's replay (its first page), by its place in the batch.
     replays: Vec<Option<Result<Replay, BusError>>>,
 }
@@ -379,10 +382,17 @@ async fn read_setup(
     };
     let (replays, head, history, presence) =
         futures_util::join!(replays, head, history, bus.presence_snapshot(&room));
+    let presence = presence?;
+    let listed = ServerFrame::Presence {
+        room: &room,
+        users: &presence.users,
+    }
+    .to_text();
     Ok(SetupRead {
         head: head?,
         history: history?,
-        presence: presence?,
+        presence,
+        listed,
         replays,
     })
 }
@@ -392,7 +402,6 @@ async fn read_setup(
 /// replay more than `resume_max` messages is not recovered (docs/PROTOCOL.md §9: the client pages
 /// `history` instead).
 fn setup_of(
-    room: &RoomName,
     read: &SetupRead,
     resume: Option<(Offset, Replay)>,
     history: usize,
@@ -427,11 +436,7 @@ fn setup_of(
     // Joins and leaves up to the snapshot's version are not told again. A member that pages
     // its replay gets the list once it has caught up.
     let mut frames: Vec<ByteString> = backlog.into_iter().map(|m| m.json).collect();
-    let listed = ServerFrame::Presence {
-        room,
-        users: &read.presence.users,
-    }
-    .to_text();
+    let listed = read.listed.clone();
     let mut tail = Vec::new();
     if more {
         tail.push(listed);
@@ -504,7 +509,7 @@ impl Room {
                     (Some((since, _)), Some(replay)) => Some((*since, replay?)),
                     _ => None,
                 };
-                setup_of(&self.name, read, resume, joining.history, self.resume_max)
+                setup_of(read, resume, joining.history, self.resume_max)
                     .map(|synced| (synced, &read.presence))
             });
             match synced {
@@ -621,16 +626,7 @@ impl Handler<PresenceAsked> for Room {
             let outcome = match result {
                 Ok(snapshot) => room.seq.presence_answer(msg.session, &snapshot),
                 Err(e) => {
-                    let frame = ServerFrame::Error {
-                        code: match e {
-                            BusError::Unavailable(_) => ErrorCode::Unavailable,
-                            BusError::Internal(_) => ErrorCode::Internal,
-                        },
-                        message: &e.to_string(),
-                        reference: None,
-                        room: Some(&room.name),
-                    }
-                    .to_text();
+                    let frame = e.frame(None, &room.name);
                     room.seq.answer(msg.session, frame)
                 }
             };

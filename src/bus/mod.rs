@@ -58,6 +58,27 @@ pub enum BusError {
     Internal(String),
 }
 
+impl BusError {
+    /// The `error` frame's code a client is told.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            Self::Unavailable(_) => crate::protocol::ErrorCode::Unavailable,
+            Self::Internal(_) => crate::protocol::ErrorCode::Internal,
+        }
+    }
+
+    /// The `error` frame that tells a client of this failure, about `room`.
+    pub fn frame(&self, reference: Option<&str>, room: &RoomName) -> ByteString {
+        crate::protocol::ServerFrame::Error {
+            code: self.code(),
+            message: &self.to_string(),
+            reference,
+            room: Some(room),
+        }
+        .to_text()
+    }
+}
+
 /// A chat message to be stored and published.
 #[derive(Debug, Clone)]
 pub struct NewMessage {

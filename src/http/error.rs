@@ -58,10 +58,9 @@ impl HttpError {
             Self::TooLong(_) => ErrorCode::TooLong.as_str(),
             Self::TooLarge(_) => "too_large",
             Self::NotFound(_) => "not_found",
-            Self::Unavailable(_) | Self::Bus(BusError::Unavailable(_)) => {
-                ErrorCode::Unavailable.as_str()
-            }
-            Self::Internal(_) | Self::Bus(BusError::Internal(_)) => ErrorCode::Internal.as_str(),
+            Self::Unavailable(_) => ErrorCode::Unavailable.as_str(),
+            Self::Internal(_) => ErrorCode::Internal.as_str(),
+            Self::Bus(e) => e.code().as_str(),
         }
     }
 }

@@ -374,7 +374,7 @@ impl SessionCore {
                     offset: p.offset,
                 }
                 .to_text(),
-                Err(e) => bus_error_frame(&e, reference.as_deref(), room),
+                Err(e) => e.frame(reference.as_deref(), room),
             };
             self.answers[pos] = Answer::Ready(frame);
         }
@@ -404,7 +404,7 @@ impl SessionCore {
                     .collect(),
             }
             .to_text(),
-            Err(e) => bus_error_frame(&e, reference.as_deref(), &room),
+            Err(e) => e.frame(reference.as_deref(), &room),
         };
         self.write(frame);
         self.go_on(now);
@@ -800,20 +800,6 @@ fn newest_within(messages: &[StoredMessage], budget: usize) -> &[StoredMessage] 
         .max(1)
         .min(messages.len());
     &messages[messages.len() - kept..]
-}
-
-fn bus_error_frame(e: &BusError, reference: Option<&str>, room: &RoomName) -> ByteString {
-    let code = match e {
-        BusError::Unavailable(_) => ErrorCode::Unavailable,
-        BusError::Internal(_) => ErrorCode::Internal,
-    };
-    ServerFrame::Error {
-        code,
-        message: &e.to_string(),
-        reference,
-        room: Some(room),
-    }
-    .to_text()
 }
 
 mod subscriptions;
