@@ -254,8 +254,11 @@ impl Outlet for MemberHandle {
         Offer::Sent
     }
 
+    /// Also true once the connection was told to close (another of its rooms found it slow):
+    /// it is leaving every room, so one slow connection counts as one eviction, not one per
+    /// room it was in.
     fn gone(&self) -> bool {
-        self.inbox.lock().closed
+        self.inbox.closing.load(Ordering::Acquire) || self.inbox.lock().closed
     }
 
     fn has_room(&self) -> bool {
@@ -495,6 +498,18 @@ mod tests {
         assert!(next(&mut reader, &waker).is_some());
         assert_eq!(next(&mut reader, &waker), None, "settles the 150 bytes");
         assert_eq!(handle.offer(frame("y"), false), Offer::Sent);
+    }
+
+    #[test]
+    fn a_connection_one_room_closed_as_slow_is_gone_for_its_other_rooms() {
+        let reader = InboxReader::new(LIMITS);
+        let (a, b) = (reader.handle(1), reader.handle(2));
+        assert!(!b.gone());
+        a.close(Close::SlowConsumer);
+        // Room b's next offer fails too, but the connection is leaving, not slow a second
+        // time: the room drops it without counting another eviction.
+        assert!(b.gone());
+        assert_eq!(b.offer(frame("x"), false), Offer::Evict);
     }
 
     #[test]

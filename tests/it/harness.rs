@@ -214,6 +214,15 @@ impl Server {
         http(self.addr, method, path, headers).await
     }
 
+    /// The value of an unlabelled sample on `/metrics`; panics when the server does not
+    /// export it, so a renamed metric fails the test instead of reading as 0.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = self.http("GET", "/metrics", &[]).await.body;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no sample {name} on /metrics:\n{body}"))
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }

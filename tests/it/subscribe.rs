@@ -414,6 +414,11 @@ async fn a_slow_consumer_in_several_rooms_is_closed_once_with_4008() {
         1,
         "one connection closed once:\n{log}"
     );
+    assert_eq!(
+        server.metric("confab_slow_consumer_evictions_total").await,
+        1.0,
+        "one slow connection is one eviction, whatever rooms it was in"
+    );
 }
 
 /// Senders may go as fast as they like: these tests are about delivery, not rate limits.
@@ -504,6 +509,7 @@ async fn a_gap_history_no_longer_holds_ends_only_that_subscription_with_4008() {
         Ending::Closed(4008),
         "a path room alone: the connection closes"
     );
+    let mut last: Option<u64> = None;
     let ended = loop {
         let v = member.next().await;
         if v["type"] == "unsubscribed" {
@@ -512,6 +518,11 @@ async fn a_gap_history_no_longer_holds_ends_only_that_subscription_with_4008() {
         // Frames of deep before the gap are fine; none with a hole.
         if v["type"] == "message" {
             assert_eq!(v["room"], "deep", "{v}");
+            let offset = v["offset"].as_u64().expect("offset");
+            if let Some(last) = last {
+                assert_eq!(offset, last + 1, "no hole before the gap's end: {v}");
+            }
+            last = Some(offset);
         }
     };
     assert_eq!(ended["room"], "deep", "{ended}");
