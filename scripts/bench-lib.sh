@@ -28,7 +28,10 @@ stop() {
 cleanup() { local p; for p in ${PIDS[@]+"${PIDS[@]}"}; do stop "$p"; done; }
 trap cleanup EXIT
 
-# Load settings: no per-address limits (every client is on 127.0.0.x), no message rate limit.
+# Load settings: no per-address limits (every client is on 127.0.0.x, so the address budgets
+# would measure admission, not the server), no message rate limit.
 export CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP=0 CONFAB_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
+    CONFAB_LIMITS__HANDSHAKES_PER_IP=0 CONFAB_LIMITS__ROOMS_PER_IP=0 \
+    CONFAB_LIMITS__MESSAGES_PER_SEC_PER_IP=0 CONFAB_LIMITS__MESSAGES_PER_SEC_PER_USER=0 \
     CONFAB_LIMITS__MESSAGES_PER_SEC=10000000 CONFAB_LIMITS__BURST=10000000 \
     CONFAB_SERVER__SHUTDOWN_GRACE_SECS=1 RUST_LOG=warn

@@ -17,7 +17,7 @@
 //! [`RoomDirectory`] and sends straight to the room actor.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,10 @@ use parking_lot::RwLock;
 
 use super::member::MemberHandle;
 use super::member::QueueLimits;
-use super::room::{Event, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomSettings};
+use super::room::{
+    EventsQueued, Join, Leave, PresenceAsked, RefreshPresence, Resync, Room, RoomQueue,
+    RoomSettings,
+};
 use super::socket::CLOSE_GRACE;
 use crate::bus::{BusError, CatchUpDone, EventSink, PresenceChange, RoomEvent, SharedBus};
 use crate::close::Close;
@@ -43,8 +46,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 struct RoomSlot {
     addr: Addr<Room>,
-    /// A [`Resync`] is on its way to the room (see [`Room`]).
-    resync_asked: Arc<AtomicBool>,
+    /// Its events, and whether a [`Resync`] is on its way to it.
+    queue: Arc<RoomQueue>,
 }
 
 /// Rooms with local members, as the bus sees them. Written by the hub only.
@@ -72,16 +75,20 @@ impl EventSink for RoomDirectory {
         let Some(slot) = map.get(&event.room) else {
             return;
         };
-        if let Err(e) = slot.addr.try_send(Event(event)) {
-            let room = &e.into_inner().0.room;
-            log::warn!(
-                "{} is lagging; an event was dropped and is read from history",
-                logctx::room(&room)
-            );
-            // Catch up now, not when the next message shows the hole: a quiet room would hold
-            // its last messages back. One resync covers a burst of drops.
-            if !slot.resync_asked.swap(true, Ordering::AcqRel) {
-                slot.addr.do_send(Resync { done: None });
+        match slot.queue.push(event) {
+            Ok(true) => slot.addr.do_send(EventsQueued),
+            Ok(false) => {}
+            Err(event) => {
+                let room = &event.room;
+                log::warn!(
+                    "{} is lagging; an event was dropped and is read from history",
+                    logctx::room(&room)
+                );
+                // Catch up now, not when the next message shows the hole: a quiet room would hold
+                // its last messages back. One resync covers a burst of drops.
+                if !slot.queue.resync_asked.swap(true, Ordering::AcqRel) {
+                    slot.addr.do_send(Resync { done: None });
+                }
             }
         }
     }
@@ -94,7 +101,7 @@ impl EventSink for RoomDirectory {
         let map = self.rooms.read();
         for slot in map.values() {
             // Rare (a reconnect), one per room, and must not be lost: not bounded.
-            slot.resync_asked.store(true, Ordering::Release);
+            slot.queue.resync_asked.store(true, Ordering::Release);
             slot.addr.do_send(Resync { done: done.clone() });
         }
     }
@@ -383,13 +390,13 @@ impl Hub {
             ..
         } = self;
         rooms.entry(name.clone()).or_insert_with(|| {
-            let resync_asked = Arc::new(AtomicBool::new(false));
+            let queue = Arc::new(RoomQueue::default());
             let room = Room::new(
                 name.clone(),
                 Arc::clone(bus),
                 limits.frames,
                 *room_settings,
-                Arc::clone(&resync_asked),
+                Arc::clone(&queue),
                 Arc::clone(metrics),
             );
             let addr = if arbiters.is_empty() {
@@ -401,7 +408,7 @@ impl Hub {
             };
             let slot = RoomSlot {
                 addr: addr.clone(),
-                resync_asked,
+                queue,
             };
             directory.insert(name.clone(), slot);
             RoomEntry {

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 
+use bytestring::ByteString;
 use parking_lot::{Mutex, MutexGuard};
 
 pub use super::outlet::{Offer, Outbound, Outlet};
@@ -254,6 +255,40 @@ impl Outlet for MemberHandle {
         Offer::Sent
     }
 
+    /// One lock and at most one wake-up for the whole run, where a frame at a time took
+    /// both per frame: in a busy room of 1,000 the offers were the room thread's largest cost.
+    fn offer_run<'a>(&self, frames: impl Iterator<Item = &'a ByteString>) -> (usize, Offer) {
+        let limits = self.inbox.limits;
+        let mut state = self.inbox.lock();
+        if state.closed || state.closing {
+            return (0, Offer::Evict);
+        }
+        let mut sent = 0;
+        let mut verdict = Offer::Sent;
+        for text in frames {
+            let size = text.len();
+            // The bounds of [`Self::offer`], frame by frame.
+            if state.frames >= limits.frames
+                || (state.bytes > 0 && state.bytes + size > limits.bytes)
+            {
+                verdict = Offer::Evict;
+                break;
+            }
+            state
+                .queue
+                .push_back((self.tag, Outbound::Frame(text.clone())));
+            state.frames += 1;
+            state.bytes += size;
+            sent += 1;
+        }
+        let waker = if sent > 0 { state.waker.take() } else { None };
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        (sent, verdict)
+    }
+
     /// Also true once the connection was told to close (another of its rooms found it slow):
     /// it is leaving every room, so one slow connection counts as one eviction, not one per
     /// room it was in.
@@ -459,6 +494,34 @@ mod tests {
             wakes.0.load(Ordering::Relaxed),
             1,
             "never parked in between"
+        );
+    }
+
+    #[test]
+    fn a_run_goes_in_with_one_wake_up_and_stops_at_the_bound_like_frames_one_at_a_time() {
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
+        let wakes = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&wakes));
+        assert_eq!(next(&mut reader, &waker), None);
+        let texts: Vec<ByteString> = ["1", "2", "3"].map(ByteString::from).to_vec();
+        assert_eq!(handle.offer_run(texts.iter()), (3, Offer::Sent));
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "one wake-up for the run"
+        );
+        // One more frame fits (4 frames): the run's second one finds the bound.
+        assert_eq!(handle.offer_run(texts.iter()), (1, Offer::Evict));
+        for text in ["1", "2", "3", "1"] {
+            assert_eq!(next(&mut reader, &waker), Some(frame(text)));
+        }
+        assert_eq!(next(&mut reader, &waker), None);
+        let big = ByteString::from("x".repeat(60));
+        assert_eq!(
+            handle.offer_run([big.clone(), big].iter()),
+            (1, Offer::Evict),
+            "the byte bound holds within a run"
         );
     }
 

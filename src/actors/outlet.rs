@@ -48,6 +48,21 @@ pub trait Outlet {
     /// Offers a frame; droppable frames (typing) may be skipped under load.
     fn offer(&self, out: Outbound, droppable: bool) -> Offer;
 
+    /// Offers frames in order, none of them droppable, until one is refused: returns how
+    /// many went in and the refusal (`Sent` when none was). The room's path for a run of
+    /// messages queued together; an outlet shared with another thread takes them under one
+    /// lock and wakes its reader once.
+    fn offer_run<'a>(&self, frames: impl Iterator<Item = &'a ByteString>) -> (usize, Offer) {
+        let mut sent = 0;
+        for text in frames {
+            match self.offer(Outbound::Frame(text.clone()), false) {
+                Offer::Sent => sent += 1,
+                refused => return (sent, refused),
+            }
+        }
+        (sent, Offer::Sent)
+    }
+
     /// Whether the queue has room for a page of a replay (at most half full).
     fn has_room(&self) -> bool {
         true

@@ -33,7 +33,44 @@ use crate::protocol::{ServerFrame, MAX_HISTORY_LIMIT};
 
 /// Events a room may have queued before the bus sees it as lagging (and drops into a hole
 /// that the room then fills from history).
-pub const ROOM_MAILBOX: usize = 8192;
+pub const ROOM_QUEUE: usize = 8192;
+
+/// What the bus hands a room, shared by the room and the bus's side of the directory.
+///
+/// Events wait in a plain queue under a lock, as a session's frames do in its inbox, rather
+/// than as one mailbox message each: the room takes all that are there at once, so messages
+/// published together (a session's run, or what Redis sent while the room's thread waited
+/// for a core) reach each member in one offer, and the room is woken once per batch
+/// ([`EventsQueued`]) rather than once per message.
+#[derive(Default)]
+pub struct RoomQueue {
+    events: parking_lot::Mutex<Vec<RoomEvent>>,
+    /// A [`Resync`] is on its way to the room: a burst of dropped events asks for one.
+    pub resync_asked: AtomicBool,
+}
+
+impl RoomQueue {
+    /// Queues an event: `Ok(true)` when the room must be told (the queue was empty), the
+    /// event back when [`ROOM_QUEUE`] already wait (the room is lagging).
+    pub fn push(&self, event: RoomEvent) -> Result<bool, RoomEvent> {
+        let mut events = self.events.lock();
+        if events.len() >= ROOM_QUEUE {
+            return Err(event);
+        }
+        events.push(event);
+        Ok(events.len() == 1)
+    }
+
+    /// Swaps what is queued into `into` (empty), whose buffer the queue keeps.
+    fn take(&self, into: &mut Vec<RoomEvent>) {
+        std::mem::swap(&mut *self.events.lock(), into);
+    }
+}
+
+/// Bus → room: events wait in its [`RoomQueue`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EventsQueued;
 
 /// How long a failed history read or epoch renewal waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -101,11 +138,6 @@ pub struct PresenceAsked {
     pub session: SessionId,
 }
 
-/// Bus → room: something happened in this room.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Event(pub RoomEvent);
-
 pub struct Room {
     name: RoomName,
     bus: SharedBus,
@@ -115,9 +147,11 @@ pub struct Room {
     page: usize,
     /// `limits.resume_max_messages`.
     resume_max: u64,
-    /// Set by the directory when it sent a [`Resync`] for a dropped event; cleared here, so
-    /// a burst of drops asks for one resync, not one each.
-    resync_asked: Arc<AtomicBool>,
+    /// Events from the bus; its `resync_asked` is set by the directory when it sent a
+    /// [`Resync`] for a dropped event and cleared here.
+    queue: Arc<RoomQueue>,
+    /// The queue's events being handled; its buffer goes back to the queue.
+    taken: Vec<RoomEvent>,
     /// Held until the current catch-up is done (see [`Resync`]).
     catch_up_done: Vec<CatchUpDone>,
     /// A presence refresh is being read; `Some(true)` when another was asked for meanwhile
@@ -169,7 +203,7 @@ impl Room {
         bus: SharedBus,
         hold_per_member: usize,
         settings: RoomSettings,
-        resync_asked: Arc<AtomicBool>,
+        queue: Arc<RoomQueue>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -183,7 +217,8 @@ impl Room {
                 .with_announce_limit(settings.announce_max),
             name,
             bus,
-            resync_asked,
+            queue,
+            taken: Vec::new(),
             catch_up_done: Vec::new(),
             refreshing: None,
         }
@@ -555,8 +590,7 @@ impl Room {
 impl Actor for Room {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(ROOM_MAILBOX);
+    fn started(&mut self, _: &mut Self::Context) {
         self.metrics.rooms_open.inc();
         log::debug!("{} started", logctx::room(&self.name));
     }
@@ -595,7 +629,7 @@ impl Handler<Resync> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Resync, ctx: &mut Self::Context) {
-        self.resync_asked.store(false, Ordering::Release);
+        self.queue.resync_asked.store(false, Ordering::Release);
         // After a reconnect (`done` given) presence is refreshed once the hub has recorded
         // this replica's joins again (see `RefreshPresence`): read now, a Redis that came back
         // empty would list nobody.
@@ -636,11 +670,20 @@ impl Handler<PresenceAsked> for Room {
     }
 }
 
-impl Handler<Event> for Room {
+impl Handler<EventsQueued> for Room {
     type Result = ();
 
-    fn handle(&mut self, msg: Event, ctx: &mut Self::Context) {
-        let outcome = self.seq.on_event(msg.0);
+    fn handle(&mut self, _: EventsQueued, ctx: &mut Self::Context) {
+        self.queue.take(&mut self.taken);
+        if self.taken.is_empty() {
+            // Taken with an earlier notice's batch.
+            return;
+        }
+        let outcome = self.seq.on_events(self.taken.drain(..));
+        // A burst's buffer goes back, as a member's inbox gives back its own.
+        if self.taken.capacity() > 64 {
+            self.taken = Vec::new();
+        }
         self.apply(outcome, ctx);
         self.refresh_if_stale(ctx);
     }

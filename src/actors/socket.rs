@@ -55,6 +55,8 @@ use crate::wsframe::{Assembler, Inbound};
 pub const HIGH_WATERMARK: usize = 16 * 1024;
 /// Unwritten bytes under which a waiting actor runs again.
 pub const LOW_WATERMARK: usize = 4 * 1024;
+/// What an empty outbox allocates for its first frame (see [`WsSocket::frame`]).
+const FIRST_BUFFER: usize = LOW_WATERMARK;
 /// How much one read asks the kernel for.
 const READ_CHUNK: usize = 2048;
 /// Longest a closed connection lingers for the peer to close its side, once the close frame
@@ -241,6 +243,12 @@ impl WsSocket {
         let mut out = self.io.out.borrow_mut();
         if out.closing {
             return;
+        }
+        if out.buf.capacity() == 0 {
+            // An idle socket holds no buffer; a batch of frames then grew it by doubling, one
+            // realloc per step (a few per batch in a busy room). One block that holds a
+            // typical batch, freed again once it is written.
+            out.buf.reserve(FIRST_BUFFER.max(payload.len() + 14));
         }
         Parser::write_message(&mut out.buf, payload, op, true, false);
         // The writer runs after this handler, in this poll of the actor or (when it was polled

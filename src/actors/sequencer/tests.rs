@@ -132,8 +132,13 @@ impl Store {
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// A message is published; the live event arrives, is lost, or arrives twice.
+    /// A message is published; the live event arrives, is lost, or arrives twice. Most
+    /// arrive at once (with whatever waits in the room's queue before them); some wait in
+    /// the queue, for a later arrival or [`Op::Deliver`] to take them as one batch.
     Publish(u8),
+    /// The room takes the events waiting in its queue, as one batch (a notice in its
+    /// mailbox, [`crate::actors::room::EventsQueued`]).
+    Deliver,
     Join,
     Sync,
     Leave(usize),
@@ -158,6 +163,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0u8..10).prop_map(Op::Publish),
+        2 => Just(Op::Deliver),
         2 => Just(Op::Join),
         2 => Just(Op::Sync),
         1 => (0usize..8).prop_map(Op::Leave),
@@ -182,6 +188,8 @@ struct World {
     executed: Option<Executed>,
     /// Head reads of syncing members that already ran.
     heads: HashMap<SessionId, RoomHead>,
+    /// Events in the room's queue, not yet taken.
+    queued: Vec<RoomEvent>,
 }
 
 enum Executed {
@@ -200,7 +208,15 @@ impl World {
             step: None,
             executed: None,
             heads: HashMap::new(),
+            queued: Vec::new(),
         }
+    }
+
+    /// The room takes its queue.
+    fn deliver(&mut self) {
+        let events = std::mem::take(&mut self.queued);
+        let out = self.seq.on_events(events);
+        self.take(out);
     }
 
     fn take(&mut self, out: Outcome<Socket>) {
@@ -253,6 +269,12 @@ impl World {
     }
 
     fn apply(&mut self, op: Op) {
+        if matches!(op, Op::Join | Op::Leave(_) | Op::Resync | Op::GoBack(_)) {
+            // These come through the room's mailbox, behind the notice of any event already
+            // queued (the bus's reconnect, for GoBack): the room takes its queue first. Bus
+            // answers (Sync, Answer) come as futures and may overtake queued events.
+            self.deliver();
+        }
         match op {
             Op::Publish(fate) => {
                 let event = self.store.publish();
@@ -261,11 +283,12 @@ impl World {
                     1 => 2,
                     _ => 1,
                 };
-                for _ in 0..times {
-                    let out = self.seq.on_event(event.clone());
-                    self.take(out);
+                self.queued.extend(std::iter::repeat(event).take(times));
+                if fate < 7 {
+                    self.deliver();
                 }
             }
+            Op::Deliver => self.deliver(),
             Op::Join => {
                 let id = self.next_session;
                 self.next_session += 1;
@@ -346,6 +369,7 @@ impl World {
     /// Lets the bus answer everything, then asks for one more resync: what a room does
     /// after a reconnect.
     fn settle(&mut self) {
+        self.deliver();
         for _ in 0..2 {
             let mut guard = 0;
             while self.step.is_some() {
@@ -810,4 +834,151 @@ fn a_resume_is_paged_past_live_messages_and_then_goes_live_without_gap_or_repeat
         })
         .collect();
     assert_eq!(offsets, (1..=12).collect::<Vec<_>>(), "each once, in order");
+}
+
+/// A member's socket that keeps the message frames it was given and counts the offers that
+/// brought them: one per frame, or one per run.
+#[derive(Clone, Default)]
+struct Counting {
+    frames: Rc<RefCell<Vec<ByteString>>>,
+    offers: Rc<std::cell::Cell<usize>>,
+}
+
+impl Outlet for Counting {
+    fn offer(&self, out: Outbound, _: bool) -> Offer {
+        self.offers.set(self.offers.get() + 1);
+        if let Outbound::Frame(text) = out {
+            self.frames.borrow_mut().push(text);
+        }
+        Offer::Sent
+    }
+
+    fn offer_run<'a>(&self, frames: impl Iterator<Item = &'a ByteString>) -> (usize, Offer) {
+        self.offers.set(self.offers.get() + 1);
+        let before = self.frames.borrow().len();
+        self.frames.borrow_mut().extend(frames.cloned());
+        (self.frames.borrow().len() - before, Offer::Sent)
+    }
+}
+
+/// A sequencer with three members synced at the store's head, and their sockets.
+fn three_members(store: &Store) -> (Sequencer<Counting>, Vec<Counting>) {
+    let mut seq = Sequencer::new(room(), 1 << 20);
+    let sockets: Vec<Counting> = (0..3).map(|_| Counting::default()).collect();
+    for (id, socket) in (1..).zip(&sockets) {
+        seq.add(id, UserId::parse("u").unwrap(), socket.clone());
+        let head = store.head();
+        seq.synced(
+            id,
+            Synced {
+                epoch: head.epoch,
+                offset: head.offset,
+                recovered: None,
+                frames: Vec::new(),
+                delivered: head.offset,
+                more: false,
+                tail: Vec::new(),
+            },
+        );
+        socket.offers.set(0);
+    }
+    (seq, sockets)
+}
+
+#[test]
+fn a_batch_of_next_messages_reaches_each_member_in_one_offer_with_what_one_at_a_time_gives() {
+    let mut store = Store::new(100);
+    let (mut single, single_sockets) = three_members(&store);
+    let (mut batched, batched_sockets) = three_members(&store);
+    // The first message sets where the room stands; the batch continues from it.
+    let first = store.publish();
+    single.on_event(first.clone());
+    batched.on_event(first);
+    single.take_stats();
+    batched.take_stats();
+    for socket in single_sockets.iter().chain(&batched_sockets) {
+        socket.offers.set(0);
+    }
+    let events: Vec<RoomEvent> = (0..10).map(|_| store.publish()).collect();
+    for event in events.clone() {
+        single.on_event(event);
+    }
+    let out = batched.on_events(events);
+    assert!(out.closed.is_empty() && out.step.is_none());
+    for (one, run) in single_sockets.iter().zip(&batched_sockets) {
+        assert_eq!(*run.frames.borrow(), *one.frames.borrow());
+        assert_eq!(run.frames.borrow().len(), 11);
+        assert_eq!((one.offers.get(), run.offers.get()), (10, 1));
+    }
+    assert_eq!(batched.take_stats(), single.take_stats());
+}
+
+#[test]
+fn a_batch_with_a_hole_delivers_the_run_before_it_and_reads_the_hole() {
+    let mut store = Store::new(100);
+    let (mut seq, sockets) = three_members(&store);
+    seq.on_event(store.publish());
+    let mut events: Vec<RoomEvent> = (0..6).map(|_| store.publish()).collect();
+    // Offset 5 never arrives: 2..4 go as a run, then 6 and 7 wait for the read of 5.
+    events.remove(3);
+    let out = seq.on_events(events);
+    assert!(matches!(&out.step, Some(Step::Read(read)) if read.after <= 4));
+    for socket in &sockets {
+        let offsets: Vec<u64> = socket
+            .frames
+            .borrow()
+            .iter()
+            .map(|j| field(j, "offset").parse().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3, 4]);
+    }
+    let out = seq.read_done(
+        &match out.step {
+            Some(Step::Read(read)) => read,
+            _ => unreachable!(),
+        },
+        Some(store.replay(3, &store.epoch.clone())),
+    );
+    assert!(out.closed.is_empty());
+    for socket in &sockets {
+        let offsets: Vec<u64> = socket
+            .frames
+            .borrow()
+            .iter()
+            .map(|j| field(j, "offset").parse().unwrap())
+            .collect();
+        assert_eq!(offsets, (1..=7).collect::<Vec<_>>(), "each once, in order");
+    }
+}
+
+#[test]
+fn a_batch_that_arrives_while_a_member_is_set_up_is_held_and_sent_after_its_welcome() {
+    let mut store = Store::new(100);
+    let (mut seq, _) = three_members(&store);
+    seq.on_event(store.publish());
+    let late = Counting::default();
+    seq.add(9, UserId::parse("u").unwrap(), late.clone());
+    // Its head is read now, at offset 1; three more messages arrive before the welcome.
+    let head = store.head();
+    let out = seq.on_events((0..3).map(|_| store.publish()).collect::<Vec<_>>());
+    assert!(out.closed.is_empty());
+    seq.synced(
+        9,
+        Synced {
+            epoch: head.epoch,
+            offset: head.offset,
+            recovered: None,
+            frames: Vec::new(),
+            delivered: head.offset,
+            more: false,
+            tail: Vec::new(),
+        },
+    );
+    let offsets: Vec<u64> = late
+        .frames
+        .borrow()
+        .iter()
+        .map(|j| field(j, "offset").parse().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![2, 3, 4]);
 }
