@@ -28,7 +28,7 @@ use std::task::Waker;
 use bytestring::ByteString;
 use parking_lot::{Mutex, MutexGuard};
 
-pub use super::outlet::{Offer, Outbound, Outlet};
+pub use super::outlet::{Encoded, Offer, Outbound, Outlet};
 use super::socket::Interrupt;
 use crate::close::Close;
 
@@ -143,8 +143,8 @@ impl Inbox {
 
 /// Puts a frame in and wakes the session if it waits for one.
 fn put(mut state: MutexGuard<'_, State>, tag: u32, out: Outbound, size: usize) {
+    state.frames += out.frames();
     state.queue.push_back((tag, out));
-    state.frames += 1;
     state.bytes += size;
     let waker = state.waker.take();
     drop(state);
@@ -230,6 +230,7 @@ impl Outlet for MemberHandle {
     /// Offers a frame without waiting.
     fn offer(&self, out: Outbound, droppable: bool) -> Offer {
         let size = out.bytes();
+        let count = out.frames();
         let QueueLimits {
             frames: max_frames,
             bytes: max_bytes,
@@ -248,7 +249,7 @@ impl Outlet for MemberHandle {
         }
         // One frame larger than the whole byte bound still goes to a session that is caught
         // up; otherwise it could never be delivered.
-        if frames >= max_frames || (bytes > 0 && bytes + size > max_bytes) {
+        if frames + count > max_frames || (bytes > 0 && bytes + size > max_bytes) {
             return Offer::Evict;
         }
         put(state, self.tag, out, size);
@@ -380,7 +381,7 @@ impl InboxReader {
         }
         let out = self.batch.pop_front()?;
         self.busy = true;
-        self.handled.0 += 1;
+        self.handled.0 += out.1.frames();
         self.handled.1 += out.1.bytes();
         Some(out)
     }
@@ -523,6 +524,26 @@ mod tests {
             (1, Offer::Evict),
             "the byte bound holds within a run"
         );
+    }
+
+    #[test]
+    fn an_encoded_run_counts_each_of_its_frames_against_the_bound() {
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let three: Vec<ByteString> = ["1", "2", "3"].map(ByteString::from).to_vec();
+        let run = Outbound::Encoded(Encoded::texts(three.iter()));
+        assert_eq!(handle.offer(run.clone(), false), Offer::Sent);
+        assert_eq!(
+            handle.offer(run.clone(), false),
+            Offer::Evict,
+            "3 + 3 > 4 frames"
+        );
+        assert_eq!(handle.offer(frame("4"), false), Offer::Sent, "3 + 1 fit");
+        assert_eq!(next(&mut reader, &waker), Some(run.clone()));
+        assert_eq!(next(&mut reader, &waker), Some(frame("4")));
+        assert_eq!(next(&mut reader, &waker), None, "settles all four");
+        assert_eq!(handle.offer(run, false), Offer::Sent);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! never blocks the room. Plain types, no actix: the sequencer and its tests use them, the
 //! room's `MemberHandle` implements the outlet over the session's inbox.
 
+use actix_http::ws::{OpCode, Parser};
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
 use crate::close::Close;
@@ -18,6 +20,8 @@ pub enum Outbound {
     },
     /// One server frame, serialized once for all members.
     Frame(ByteString),
+    /// A run of message frames, encoded once for all members that take the whole run.
+    Encoded(Encoded),
     /// Close the connection, for this reason.
     Close(Close),
 }
@@ -27,10 +31,67 @@ impl Outbound {
     pub fn bytes(&self) -> usize {
         match self {
             Outbound::Frame(text) => text.len(),
+            Outbound::Encoded(run) => run.bytes.len(),
             // The welcome is small and built by the session; count a typical size.
             Outbound::Welcome { .. } => 256,
             Outbound::Close(_) => 0,
         }
+    }
+}
+
+impl Outbound {
+    /// How many frames it counts for in a session's frame bound.
+    pub fn frames(&self) -> usize {
+        match self {
+            Outbound::Encoded(run) => run.frames,
+            _ => 1,
+        }
+    }
+}
+
+/// Text frames encoded as the socket writes them (final, unmasked), back to back: what
+/// every member that takes a whole run of a room's messages writes as it is. Encoding the
+/// run once in the room leaves each member one shared buffer to queue, count and copy into
+/// its socket, where frame by frame it was a queue entry, a reference count and a frame
+/// header each (docs/PERFORMANCE.md, "Round 6").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    bytes: Bytes,
+    frames: usize,
+}
+
+impl Encoded {
+    /// Encodes `texts` as final text frames, in order.
+    pub fn texts<'a>(texts: impl Iterator<Item = &'a ByteString> + Clone) -> Self {
+        // Payload plus the longest header a server frame of that size needs.
+        let size: usize = texts.clone().map(|t| t.len() + 10).sum();
+        let mut buf = BytesMut::with_capacity(size);
+        let mut frames = 0;
+        for text in texts {
+            Parser::write_message(&mut buf, text.as_bytes(), OpCode::Text, true, false);
+            frames += 1;
+        }
+        Self {
+            bytes: buf.freeze(),
+            frames,
+        }
+    }
+
+    /// The encoded frames, as they go on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The texts back, in order (for tests and checks of what a member was given).
+    pub fn decode(&self) -> Vec<ByteString> {
+        let mut buf = BytesMut::from(&self.bytes[..]);
+        let mut texts = Vec::with_capacity(self.frames);
+        while let Ok(Some((_, _, payload))) = Parser::parse(&mut buf, false, usize::MAX) {
+            // An empty frame has no payload.
+            let bytes = payload.map(BytesMut::freeze).unwrap_or_default();
+            texts.push(ByteString::try_from(bytes).expect("text frames are UTF-8"));
+        }
+        texts
     }
 }
 
@@ -72,5 +133,31 @@ pub trait Outlet {
     /// then means nothing about its speed.
     fn gone(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_its_texts_as_final_unmasked_frames_back_to_back_at_every_header_size() {
+        let texts: Vec<ByteString> = [0, 1, 125, 126, 65_535, 65_536, 3]
+            .map(|n| ByteString::from("é".repeat(n / 2) + &"x".repeat(n % 2)))
+            .to_vec();
+        let run = Encoded::texts(texts.iter());
+        assert_eq!(Outbound::Encoded(run.clone()).frames(), texts.len());
+        // Not assert_eq: the texts run to 64 KiB.
+        assert!(run.decode() == texts, "decodes to its texts");
+        let mut one_by_one = BytesMut::new();
+        for text in &texts {
+            Parser::write_message(&mut one_by_one, text.as_bytes(), OpCode::Text, true, false);
+        }
+        assert!(
+            run.as_bytes() == &one_by_one[..],
+            "the socket's own encoding"
+        );
+        assert_eq!(run.as_bytes()[0], 0x81, "FIN and text, no mask bit below");
+        assert_eq!(run.as_bytes()[1] & 0x80, 0);
     }
 }

@@ -236,7 +236,29 @@ impl WsSocket {
         }
     }
 
+    /// Queues frames that are already encoded ([`crate::actors::member::Encoded`]), as they
+    /// are.
+    pub fn encoded<A>(&mut self, frames: &[u8], ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.queue(frames.len(), |buf| buf.extend_from_slice(frames), ctx);
+    }
+
     fn frame<A>(&mut self, payload: &[u8], op: OpCode, ctx: &mut Context<A>)
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        self.queue(
+            payload.len() + 14,
+            |buf| Parser::write_message(buf, payload, op, true, false),
+            ctx,
+        );
+    }
+
+    /// Queues what `write` appends (about `size` bytes), wakes the writer, and waits on the
+    /// socket past [`HIGH_WATERMARK`].
+    fn queue<A>(&mut self, size: usize, write: impl FnOnce(&mut BytesMut), ctx: &mut Context<A>)
     where
         A: Actor<Context = Context<A>>,
     {
@@ -248,9 +270,9 @@ impl WsSocket {
             // An idle socket holds no buffer; a batch of frames then grew it by doubling, one
             // realloc per step (a few per batch in a busy room). One block that holds a
             // typical batch, freed again once it is written.
-            out.buf.reserve(FIRST_BUFFER.max(payload.len() + 14));
+            out.buf.reserve(FIRST_BUFFER.max(size));
         }
-        Parser::write_message(&mut out.buf, payload, op, true, false);
+        write(&mut out.buf);
         // The writer runs after this handler, in this poll of the actor or (when it was polled
         // before, as it is before the session's deliveries) in the next one, which this wake
         // schedules: frames handled together (a batch of deliveries) go out in one write.

@@ -36,6 +36,7 @@ use crate::domain::{Epoch, Offset, RoomName, SessionId, UserId};
 use crate::logctx;
 use crate::protocol::ServerFrame;
 
+use super::outlet::Encoded;
 pub use super::outlet::{Offer, Outbound, Outlet};
 
 /// Room events held while history is read; past it they are let go and read again.
@@ -791,8 +792,10 @@ impl<H: Outlet> Sequencer<H> {
         run.clear();
     }
 
-    /// [`Self::fan_out`] of a run of next messages, member by member.
+    /// [`Self::fan_out`] of a run of next messages, member by member. The run is encoded
+    /// once, for every member that takes all of it.
     fn fan_out_run(&mut self, run: &[RoomEvent], out: &mut Outcome<H>) {
+        let encoded = Encoded::texts(run.iter().map(|e| &e.json));
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
             if let Some(syncing) = member.syncing.as_mut() {
@@ -808,7 +811,7 @@ impl<H: Outlet> Sequencer<H> {
             if member.paging.is_some() {
                 continue;
             }
-            if member.deliver_run(&self.room, run, &mut self.stats) == Offer::Evict {
+            if member.deliver_run(&self.room, run, &encoded, &mut self.stats) == Offer::Evict {
                 evict.push(*id);
             }
         }
@@ -1315,10 +1318,16 @@ fn read_from(mark: &Mark) -> Read {
 }
 
 impl<H: Outlet> Member<H> {
-    /// [`Self::deliver`] of a run of next messages: what this member has not had yet goes
-    /// to its outlet in one offer. A member on another epoch (a reset first) or behind the
-    /// run (a hole) takes them one at a time.
-    fn deliver_run(&mut self, room: &RoomName, run: &[RoomEvent], stats: &mut Stats) -> Offer {
+    /// [`Self::deliver`] of a run of next messages (`encoded`: the run encoded): what this
+    /// member has not had yet goes to its outlet in one offer. A member on another epoch (a
+    /// reset first) or behind the run (a hole) takes them one at a time.
+    fn deliver_run(
+        &mut self,
+        room: &RoomName,
+        run: &[RoomEvent],
+        encoded: &Encoded,
+        stats: &mut Stats,
+    ) -> Offer {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return Offer::Sent;
         };
@@ -1347,7 +1356,14 @@ impl<H: Outlet> Member<H> {
             return Offer::Sent;
         }
         self.delivered = self.delivered.max(*to);
-        let (sent, offer) = self.handle.offer_run(fresh.iter().map(|e| &e.json));
+        let (sent, offer) = if had == 0 {
+            match self.handle.offer(Outbound::Encoded(encoded.clone()), false) {
+                Offer::Sent => (run.len(), Offer::Sent),
+                refused => (0, refused),
+            }
+        } else {
+            self.handle.offer_run(fresh.iter().map(|e| &e.json))
+        };
         stats.delivered += sent as u64;
         if offer == Offer::Sent {
             Offer::Sent

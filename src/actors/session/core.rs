@@ -24,7 +24,7 @@ use std::time::Instant;
 use bytestring::ByteString;
 
 use super::SessionConfig;
-use crate::actors::member::{Outbound, CONNECTION};
+use crate::actors::member::{Encoded, Outbound, CONNECTION};
 use crate::auth::Identity;
 use crate::bus::{BusError, HistoryPage, NewMessage, Published, StoredMessage};
 use crate::close::Close;
@@ -144,6 +144,15 @@ enum Answer {
         room: RoomName,
         frame: ByteString,
     },
+}
+
+/// What a delivery gives the socket to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// One text frame's payload.
+    Text(ByteString),
+    /// A run of frames the room encoded once for all its members.
+    Encoded(Encoded),
 }
 
 pub struct SessionCore {
@@ -324,10 +333,10 @@ impl SessionCore {
         self.send_run();
     }
 
-    /// A room's delivery for subscription `tag`. Returns the frame to write when it is a
-    /// plain frame of a live, welcomed subscription (the fast path: no effect queued);
-    /// otherwise queues what it calls for, or drops it (a room left since).
-    pub fn deliver(&mut self, tag: u32, out: Outbound, now: Instant) -> Option<ByteString> {
+    /// A room's delivery for subscription `tag`. Returns what to write when it is a plain
+    /// frame (or a run of them) of a live, welcomed subscription (the fast path: no effect
+    /// queued); otherwise queues what it calls for, or drops it (a room left since).
+    pub fn deliver(&mut self, tag: u32, out: Outbound, now: Instant) -> Option<Delivery> {
         if self.closed {
             return None;
         }
@@ -339,9 +348,10 @@ impl SessionCore {
         }
         let at = self.subs.iter().position(|s| s.tag == tag)?;
         match out {
-            Outbound::Frame(text) if self.subs[at].welcomed => Some(text),
+            Outbound::Frame(text) if self.subs[at].welcomed => Some(Delivery::Text(text)),
+            Outbound::Encoded(run) if self.subs[at].welcomed => Some(Delivery::Encoded(run)),
             // The room writes nothing before the welcome.
-            Outbound::Frame(_) => None,
+            Outbound::Frame(_) | Outbound::Encoded(_) => None,
             Outbound::Welcome {
                 epoch,
                 offset,

@@ -15,7 +15,7 @@
 
 mod core;
 
-pub use self::core::{Effect, PathRoom, RoomSlots, SessionCore, MAX_PUBLISHES_IN_FLIGHT};
+pub use self::core::{Delivery, Effect, PathRoom, RoomSlots, SessionCore, MAX_PUBLISHES_IN_FLIGHT};
 
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -396,7 +396,8 @@ impl ActorFuture<Session> for Pump {
         let now = Instant::now();
         while let Some((tag, out)) = session.inbox.next(task.waker()) {
             match session.core.deliver(tag, out, now) {
-                Some(frame) => session.socket.text(frame, ctx),
+                Some(Delivery::Text(frame)) => session.socket.text(frame, ctx),
+                Some(Delivery::Encoded(run)) => session.socket.encoded(run.as_bytes(), ctx),
                 None => session.carry_out(ctx),
             }
             if ctx.waiting() {

@@ -118,7 +118,7 @@ fn send(core: &mut SessionCore, frame: Value) {
     core.text(ByteString::from(frame.to_string()), Instant::now());
 }
 
-fn welcome(core: &mut SessionCore, tag: u32) -> Option<ByteString> {
+fn welcome(core: &mut SessionCore, tag: u32) -> Option<Delivery> {
     let out = Outbound::Welcome {
         epoch: Epoch::from_string("e"),
         offset: 0,
@@ -325,6 +325,17 @@ fn after_unsubscribed_nothing_of_the_room_is_written_and_acks_before_it_still_ar
     welcome(&mut c, 2);
     assert_eq!(c.deliver(1, frame_of("a", 8), Instant::now()), None);
     assert!(c.deliver(2, frame_of("a", 8), Instant::now()).is_some());
+    // A run the room encoded goes by the same rule: written as it is for the live tag only.
+    let texts: Vec<ByteString> = [9, 10]
+        .map(|n| ByteString::from(json!({"type":"message","room":"a","offset":n}).to_string()))
+        .to_vec();
+    let run = Encoded::texts(texts.iter());
+    let out = || Outbound::Encoded(run.clone());
+    assert_eq!(c.deliver(1, out(), Instant::now()), None);
+    assert_eq!(
+        c.deliver(2, out(), Instant::now()),
+        Some(Delivery::Encoded(run.clone()))
+    );
 }
 
 #[test]
@@ -658,8 +669,14 @@ fn run_model(ops: Vec<Op>) -> Result<(), String> {
                     if welcomed || dead {
                         rooms.next_frame += 1;
                         let out = frame_of(ROOMS[r], rooms.next_frame);
-                        if let Some(text) = c.deliver(*tag, out, now) {
-                            client.see(&Effect::Write(text))?;
+                        match c.deliver(*tag, out, now) {
+                            Some(Delivery::Text(text)) => client.see(&Effect::Write(text))?,
+                            Some(Delivery::Encoded(run)) => {
+                                for text in run.decode() {
+                                    client.see(&Effect::Write(text))?;
+                                }
+                            }
+                            None => {}
                         }
                     }
                 }
@@ -672,7 +689,7 @@ fn run_model(ops: Vec<Op>) -> Result<(), String> {
                     .map(|(t, _)| *t);
                 if let Some(tag) = tag {
                     rooms.members.insert(tag, (r, true));
-                    if let Some(text) = welcome(&mut c, tag) {
+                    if let Some(Delivery::Text(text)) = welcome(&mut c, tag) {
                         client.see(&Effect::Write(text))?;
                     }
                 }
