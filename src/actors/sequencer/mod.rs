@@ -793,9 +793,10 @@ impl<H: Outlet> Sequencer<H> {
     }
 
     /// [`Self::fan_out`] of a run of next messages, member by member. The run is encoded
-    /// once, for every member that takes all of it.
+    /// once, for every member that takes all of it; in a room of one (a publisher alone on
+    /// its replica) that would only be a copy more.
     fn fan_out_run(&mut self, run: &[RoomEvent], out: &mut Outcome<H>) {
-        let encoded = Encoded::texts(run.iter().map(|e| &e.json));
+        let encoded = (self.members.len() > 1).then(|| Encoded::texts(run.iter().map(|e| &e.json)));
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
             if let Some(syncing) = member.syncing.as_mut() {
@@ -811,7 +812,8 @@ impl<H: Outlet> Sequencer<H> {
             if member.paging.is_some() {
                 continue;
             }
-            if member.deliver_run(&self.room, run, &encoded, &mut self.stats) == Offer::Evict {
+            let encoded = encoded.as_ref();
+            if member.deliver_run(&self.room, run, encoded, &mut self.stats) == Offer::Evict {
                 evict.push(*id);
             }
         }
@@ -1318,14 +1320,14 @@ fn read_from(mark: &Mark) -> Read {
 }
 
 impl<H: Outlet> Member<H> {
-    /// [`Self::deliver`] of a run of next messages (`encoded`: the run encoded): what this
-    /// member has not had yet goes to its outlet in one offer. A member on another epoch (a
+    /// [`Self::deliver`] of a run of next messages (`encoded`: the run encoded, if it is
+    /// shared): what this member has not had yet goes to its outlet in one offer. A member on another epoch (a
     /// reset first) or behind the run (a hole) takes them one at a time.
     fn deliver_run(
         &mut self,
         room: &RoomName,
         run: &[RoomEvent],
-        encoded: &Encoded,
+        encoded: Option<&Encoded>,
         stats: &mut Stats,
     ) -> Offer {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
@@ -1356,13 +1358,12 @@ impl<H: Outlet> Member<H> {
             return Offer::Sent;
         }
         self.delivered = self.delivered.max(*to);
-        let (sent, offer) = if had == 0 {
-            match self.handle.offer(Outbound::Encoded(encoded.clone()), false) {
+        let (sent, offer) = match encoded.filter(|_| had == 0) {
+            Some(encoded) => match self.handle.offer(Outbound::Encoded(encoded.clone()), false) {
                 Offer::Sent => (run.len(), Offer::Sent),
                 refused => (0, refused),
-            }
-        } else {
-            self.handle.offer_run(fresh.iter().map(|e| &e.json))
+            },
+            None => self.handle.offer_run(fresh.iter().map(|e| &e.json)),
         };
         stats.delivered += sent as u64;
         if offer == Offer::Sent {
