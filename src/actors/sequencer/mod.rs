@@ -1321,8 +1321,8 @@ fn read_from(mark: &Mark) -> Read {
 
 impl<H: Outlet> Member<H> {
     /// [`Self::deliver`] of a run of next messages (`encoded`: the run encoded, if it is
-    /// shared): what this member has not had yet goes to its outlet in one offer. A member on another epoch (a
-    /// reset first) or behind the run (a hole) takes them one at a time.
+    /// shared): what this member has not had yet goes to its outlet in one offer. A member
+    /// on another epoch (a reset first) or behind the run (a hole) takes them one at a time.
     fn deliver_run(
         &mut self,
         room: &RoomName,
