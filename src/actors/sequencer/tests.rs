@@ -311,16 +311,7 @@ impl World {
                 }
                 let id = self.unsynced.remove(0);
                 let head = self.heads.remove(&id).unwrap_or_else(|| self.store.head());
-                let synced = Synced {
-                    epoch: head.epoch,
-                    offset: head.offset,
-                    recovered: None,
-                    frames: Vec::new(),
-                    delivered: head.offset,
-                    more: false,
-                    tail: Vec::new(),
-                };
-                let out = self.seq.synced(id, synced);
+                let out = self.seq.synced(id, synced_at(head));
                 self.take(out);
             }
             Op::Leave(i) => {
@@ -871,25 +862,36 @@ impl Outlet for Counting {
     }
 }
 
+/// A plain welcome at `head`: no resume, no backlog.
+fn synced_at(head: RoomHead) -> Synced {
+    Synced {
+        epoch: head.epoch,
+        offset: head.offset,
+        recovered: None,
+        frames: Vec::new(),
+        delivered: head.offset,
+        more: false,
+        tail: Vec::new(),
+    }
+}
+
+/// The offsets of the message frames a socket was given, in order.
+fn offsets(socket: &Counting) -> Vec<u64> {
+    socket
+        .frames
+        .borrow()
+        .iter()
+        .map(|j| field(j, "offset").parse().unwrap())
+        .collect()
+}
+
 /// A sequencer with three members synced at the store's head, and their sockets.
 fn three_members(store: &Store) -> (Sequencer<Counting>, Vec<Counting>) {
     let mut seq = Sequencer::new(room(), 1 << 20);
     let sockets: Vec<Counting> = (0..3).map(|_| Counting::default()).collect();
     for (id, socket) in (1..).zip(&sockets) {
         seq.add(id, UserId::parse("u").unwrap(), socket.clone());
-        let head = store.head();
-        seq.synced(
-            id,
-            Synced {
-                epoch: head.epoch,
-                offset: head.offset,
-                recovered: None,
-                frames: Vec::new(),
-                delivered: head.offset,
-                more: false,
-                tail: Vec::new(),
-            },
-        );
+        seq.synced(id, synced_at(store.head()));
         socket.offers.set(0);
     }
     (seq, sockets)
@@ -934,13 +936,7 @@ fn a_batch_with_a_hole_delivers_the_run_before_it_and_reads_the_hole() {
     let out = seq.on_events(events);
     assert!(matches!(&out.step, Some(Step::Read(read)) if read.after <= 4));
     for socket in &sockets {
-        let offsets: Vec<u64> = socket
-            .frames
-            .borrow()
-            .iter()
-            .map(|j| field(j, "offset").parse().unwrap())
-            .collect();
-        assert_eq!(offsets, vec![1, 2, 3, 4]);
+        assert_eq!(offsets(socket), vec![1, 2, 3, 4]);
     }
     let out = seq.read_done(
         &match out.step {
@@ -951,13 +947,11 @@ fn a_batch_with_a_hole_delivers_the_run_before_it_and_reads_the_hole() {
     );
     assert!(out.closed.is_empty());
     for socket in &sockets {
-        let offsets: Vec<u64> = socket
-            .frames
-            .borrow()
-            .iter()
-            .map(|j| field(j, "offset").parse().unwrap())
-            .collect();
-        assert_eq!(offsets, (1..=7).collect::<Vec<_>>(), "each once, in order");
+        assert_eq!(
+            offsets(socket),
+            (1..=7).collect::<Vec<_>>(),
+            "each once, in order"
+        );
     }
 }
 
@@ -972,23 +966,6 @@ fn a_batch_that_arrives_while_a_member_is_set_up_is_held_and_sent_after_its_welc
     let head = store.head();
     let out = seq.on_events((0..3).map(|_| store.publish()).collect::<Vec<_>>());
     assert!(out.closed.is_empty());
-    seq.synced(
-        9,
-        Synced {
-            epoch: head.epoch,
-            offset: head.offset,
-            recovered: None,
-            frames: Vec::new(),
-            delivered: head.offset,
-            more: false,
-            tail: Vec::new(),
-        },
-    );
-    let offsets: Vec<u64> = late
-        .frames
-        .borrow()
-        .iter()
-        .map(|j| field(j, "offset").parse().unwrap())
-        .collect();
-    assert_eq!(offsets, vec![2, 3, 4]);
+    seq.synced(9, synced_at(head));
+    assert_eq!(offsets(&late), vec![2, 3, 4]);
 }
