@@ -251,17 +251,12 @@ pub struct PoolOptions {
     pub acquire_timeout: Duration,
 }
 
-impl PoolOptions {
-    /// `store.acquire_timeout_ms`'s default.
-    pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(2000);
-}
-
-/// A pool of `size` connections with the default acquire timeout (tests, tools).
+/// A pool of `size` connections with `store.acquire_timeout_ms`'s default (tests, tools).
 impl From<u32> for PoolOptions {
     fn from(size: u32) -> Self {
         Self {
             size,
-            acquire_timeout: Self::DEFAULT_ACQUIRE_TIMEOUT,
+            acquire_timeout: crate::settings::StoreSettings::default().acquire_timeout_ms,
         }
     }
 }
@@ -377,10 +372,7 @@ mod tests {
     #[test]
     fn the_pool_takes_its_size_and_acquire_timeout_from_the_store_settings() {
         let mut s = crate::settings::StoreSettings::default();
-        assert_eq!(
-            PoolOptions::from(&s).acquire_timeout,
-            PoolOptions::DEFAULT_ACQUIRE_TIMEOUT
-        );
+        assert_eq!(PoolOptions::from(&s), PoolOptions::from(s.pool_size));
         s.pool_size = 7;
         s.acquire_timeout_ms = Duration::from_millis(350);
         assert_eq!(

@@ -9,8 +9,11 @@ use std::time::Duration;
 use bytestring::ByteString;
 use confab::bus::StoredMessage;
 use confab::domain::{Epoch, RoomName, UserId};
+use confab::store::postgres::PostgresStore;
 use confab::store::sqlite::SqliteStore;
-use confab::store::{Append, Conflict, Page, RecentRef, RoomState, Row, Store};
+use confab::store::{
+    Append, Conflict, Page, PoolOptions, RecentRef, RoomState, Row, Store, StoreError,
+};
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, run_confab, Client, Postgres, Server, TempDir};
@@ -644,6 +647,33 @@ async fn a_failed_commit_is_answered_unavailable_and_uses_no_offset() {
         "{}",
         metrics.body
     );
+}
+
+#[tokio::test]
+async fn a_postgres_store_whose_server_is_down_fails_a_call_as_unreachable_within_its_acquire_timeout(
+) {
+    let mut pg = Postgres::start();
+    let _ = pg.store().await; // waits until PostgreSQL accepts connections
+    let pool = PoolOptions {
+        size: 1,
+        acquire_timeout: Duration::from_millis(300),
+    };
+    let store = PostgresStore::open(&pg.url(), pool).await.unwrap();
+    let room = RoomName::parse("gone").unwrap();
+    assert_eq!(store.head(&room).await, Ok(None));
+    pg.stop();
+    // The deadline only keeps a hang from blocking the suite; the error is the assertion.
+    let failed = tokio::time::timeout(Duration::from_secs(10), store.head(&room))
+        .await
+        .expect("a store call waited on past its acquire timeout");
+    assert_eq!(failed, Err(StoreError::Unreachable));
+    pg.resume();
+    eventually(
+        Duration::from_secs(30),
+        "the store answers again",
+        || async { store.head(&room).await.is_ok() },
+    )
+    .await;
 }
 
 /// Sends `text` with `reference` until it is acked, while `error unavailable` answers it (the
