@@ -173,6 +173,10 @@ pub struct StoreSettings {
     pub retention_sweep_secs: Duration,
     /// Database connections the store keeps open (one writer, the rest for history reads).
     pub pool_size: u32,
+    /// How long a store call waits for a connection (the database down or refusing them)
+    /// before it fails and the client gets `error unavailable`.
+    #[serde(with = "millis")]
+    pub acquire_timeout_ms: Duration,
     /// With Redis and PostgreSQL: how often each replica's archiver copies new messages of
     /// the rooms it leases into PostgreSQL (docs/design.md, "The archive").
     #[serde(with = "millis")]
@@ -193,6 +197,7 @@ impl Default for StoreSettings {
             retention_days: 0,
             retention_sweep_secs: Duration::from_secs(3600),
             pool_size: 4,
+            acquire_timeout_ms: Duration::from_millis(2000),
             archive_interval_ms: Duration::from_millis(100),
             archive_lease_ms: Duration::from_millis(5000),
             archive_batch: 5000,
@@ -524,6 +529,7 @@ const RULES: &[Rule] = &[
         s.store.retention_sweep_secs
     }),
     Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
+    Rule::positive_duration("store.acquire_timeout_ms", |s| s.store.acquire_timeout_ms),
     Rule::positive_duration("store.archive_interval_ms", |s| s.store.archive_interval_ms),
     Rule::holds("store.archive_lease_ms", |s| {
         match s.store.archive_lease_ms > s.store.archive_interval_ms * 2 {
@@ -1171,8 +1177,9 @@ mod tests {
             checked += 1;
         }
         assert_eq!(
-            checked, 22,
-            "every positive rule of the old list is kept, the archive's and rooms_per_connection"
+            checked, 23,
+            "every positive rule of the old list is kept, the archive's, rooms_per_connection \
+             and the store's acquire timeout"
         );
     }
 

@@ -315,7 +315,7 @@ async fn open_store(
     metrics: &Arc<Metrics>,
 ) -> io::Result<Option<SharedStore>> {
     let kind = settings.store_kind();
-    let store = store::open(&kind, settings.store.pool_size)
+    let store = store::open(&kind, &settings.store)
         .await
         .map_err(io::Error::other)?;
     match &kind {
@@ -347,7 +347,7 @@ async fn open_store(
 /// `confab migrate`: brings the store's schema up to this binary's; what it did, or why not.
 pub async fn migrate(settings: &Settings) -> Result<String, store::StoreError> {
     let kind = settings.store_kind();
-    match store::open(&kind, settings.store.pool_size).await? {
+    match store::open(&kind, &settings.store).await? {
         Some(_) => Ok(match &kind {
             StoreKind::Sqlite(url) | StoreKind::Postgres(url) => {
                 format!("migrated {}", crate::settings::mask_url(url))

@@ -39,6 +39,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytestring::ByteString;
 use futures_util::future::BoxFuture;
@@ -67,13 +68,23 @@ pub enum StoreError {
     Migrate { url: String, message: String },
     #[error("store error: {0}")]
     Query(String),
+    /// No connection within `store.acquire_timeout_ms`: the database is down, refuses
+    /// connections, or every connection is busy.
+    #[error(
+        "store error: no database connection within store.acquire_timeout_ms (the database \
+         is down, refuses connections, or every connection is busy)"
+    )]
+    Unreachable,
     #[error("store.url: {0}")]
     BadUrl(String),
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Query(e.to_string())
+        match e {
+            sqlx::Error::PoolTimedOut => StoreError::Unreachable,
+            e => StoreError::Query(e.to_string()),
+        }
     }
 }
 
@@ -230,14 +241,45 @@ impl StoreKind {
 /// Where the embedded bus keeps history when `store.url` is empty.
 pub const DEFAULT_SQLITE_URL: &str = "sqlite:data/confab.db";
 
+/// The connection pool of a store: how many connections, and how long a call waits for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub size: u32,
+    /// A call that gets no connection within it (the database down or refusing connections)
+    /// fails with [`StoreError::Unreachable`] instead of waiting sqlx's default 30 s; the
+    /// embedded bus answers it `unavailable`. Connecting at start-up is bounded by it too.
+    pub acquire_timeout: Duration,
+}
+
+/// A pool of `size` connections with `store.acquire_timeout_ms`'s default (tests, tools).
+impl From<u32> for PoolOptions {
+    fn from(size: u32) -> Self {
+        Self {
+            size,
+            acquire_timeout: crate::settings::StoreSettings::default().acquire_timeout_ms,
+        }
+    }
+}
+
+impl From<&crate::settings::StoreSettings> for PoolOptions {
+    fn from(s: &crate::settings::StoreSettings) -> Self {
+        Self {
+            size: s.pool_size,
+            acquire_timeout: s.acquire_timeout_ms,
+        }
+    }
+}
+
 /// Opens the store `kind` names and migrates its schema; `None` for no store or `memory`.
-pub async fn open(kind: &StoreKind, pool_size: u32) -> Result<Option<SharedStore>, StoreError> {
+pub async fn open(
+    kind: &StoreKind,
+    pool: impl Into<PoolOptions>,
+) -> Result<Option<SharedStore>, StoreError> {
+    let pool = pool.into();
     Ok(match kind {
         StoreKind::None | StoreKind::Memory => None,
-        StoreKind::Sqlite(url) => Some(Arc::new(sqlite::SqliteStore::open(url, pool_size).await?)),
-        StoreKind::Postgres(url) => Some(Arc::new(
-            postgres::PostgresStore::open(url, pool_size).await?,
-        )),
+        StoreKind::Sqlite(url) => Some(Arc::new(sqlite::SqliteStore::open(url, pool).await?)),
+        StoreKind::Postgres(url) => Some(Arc::new(postgres::PostgresStore::open(url, pool).await?)),
     })
 }
 
@@ -309,4 +351,36 @@ fn limit_of(limit: usize) -> i64 {
 /// longer parses is reported, not trusted.
 fn user_of(s: &str) -> Result<UserId, StoreError> {
     UserId::parse(s).map_err(|e| StoreError::Query(format!("bad user id `{s}` stored: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_that_gave_no_connection_in_time_is_unreachable_and_names_the_setting() {
+        let e = StoreError::from(sqlx::Error::PoolTimedOut);
+        assert_eq!(e, StoreError::Unreachable);
+        assert!(e.to_string().contains("store.acquire_timeout_ms"), "{e}");
+        // Other errors keep sqlx's own words.
+        assert!(matches!(
+            StoreError::from(sqlx::Error::RowNotFound),
+            StoreError::Query(_)
+        ));
+    }
+
+    #[test]
+    fn the_pool_takes_its_size_and_acquire_timeout_from_the_store_settings() {
+        let mut s = crate::settings::StoreSettings::default();
+        assert_eq!(PoolOptions::from(&s), PoolOptions::from(s.pool_size));
+        s.pool_size = 7;
+        s.acquire_timeout_ms = Duration::from_millis(350);
+        assert_eq!(
+            PoolOptions::from(&s),
+            PoolOptions {
+                size: 7,
+                acquire_timeout: Duration::from_millis(350)
+            }
+        );
+    }
 }

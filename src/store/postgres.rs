@@ -12,8 +12,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row as _;
 
 use super::{
-    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, RecentRef, RoomState,
-    Store, StoreError, StoreFuture,
+    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, PoolOptions,
+    RecentRef, RoomState, Store, StoreError, StoreFuture,
 };
 use crate::bus::StoredMessage;
 use crate::domain::{now_ms, Epoch, RoomName};
@@ -27,16 +27,18 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects to and migrates the database at `url`.
-    pub async fn open(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let store = Self::connect(url, pool_size).await?;
+    pub async fn open(url: &str, pool: impl Into<PoolOptions>) -> Result<Self, StoreError> {
+        let store = Self::connect(url, pool).await?;
         store.migrate(url).await?;
         Ok(store)
     }
 
     /// Connects without migrating.
-    pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, pool: impl Into<PoolOptions>) -> Result<Self, StoreError> {
+        let pool = pool.into();
         let pool = PgPoolOptions::new()
-            .max_connections(pool_size.max(1))
+            .max_connections(pool.size.max(1))
+            .acquire_timeout(pool.acquire_timeout)
             .connect(url)
             .await
             .map_err(|e| StoreError::Open {

@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row as _, Sqlite};
 
 use super::{
-    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, RecentRef, RoomState,
-    Store, StoreError, StoreFuture,
+    check_schema, from_db, limit_of, to_db, user_of, Append, Conflict, Page, PoolOptions,
+    RecentRef, RoomState, Store, StoreError, StoreFuture,
 };
 use crate::bus::StoredMessage;
 use crate::domain::{now_ms, Epoch, RoomName};
@@ -49,14 +49,15 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating the file and its folder) and migrates the database at `url`.
-    pub async fn open(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let store = Self::connect(url, pool_size).await?;
+    pub async fn open(url: &str, pool: impl Into<PoolOptions>) -> Result<Self, StoreError> {
+        let store = Self::connect(url, pool).await?;
         store.migrate(url).await?;
         Ok(store)
     }
 
     /// Opens without migrating (tests tamper with the schema through it).
-    pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, pool: impl Into<PoolOptions>) -> Result<Self, StoreError> {
+        let pool = pool.into();
         let open_error = |message: String| StoreError::Open {
             url: url.to_owned(),
             message,
@@ -78,7 +79,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
-            .max_connections(pool_size.max(1))
+            .max_connections(pool.size.max(1))
+            .acquire_timeout(pool.acquire_timeout)
             .connect_with(options)
             .await
             .map_err(|e| open_error(e.to_string()))?;

@@ -9,8 +9,11 @@ use std::time::Duration;
 use bytestring::ByteString;
 use confab::bus::StoredMessage;
 use confab::domain::{Epoch, RoomName, UserId};
+use confab::store::postgres::PostgresStore;
 use confab::store::sqlite::SqliteStore;
-use confab::store::{Append, Conflict, Page, RecentRef, RoomState, Row, Store};
+use confab::store::{
+    Append, Conflict, Page, PoolOptions, RecentRef, RoomState, Row, Store, StoreError,
+};
 use serde_json::{json, Value};
 
 use crate::harness::{eventually, request, run_confab, Client, Postgres, Server, TempDir};
@@ -643,5 +646,101 @@ async fn a_failed_commit_is_answered_unavailable_and_uses_no_offset() {
             .any(|l| l.starts_with("confab_store_errors_total ") && !l.ends_with(" 0")),
         "{}",
         metrics.body
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_store_whose_server_is_down_fails_a_call_as_unreachable_within_its_acquire_timeout(
+) {
+    let mut pg = Postgres::start();
+    let _ = pg.store().await; // waits until PostgreSQL accepts connections
+    let pool = PoolOptions {
+        size: 1,
+        acquire_timeout: Duration::from_millis(300),
+    };
+    let store = PostgresStore::open(&pg.url(), pool).await.unwrap();
+    let room = RoomName::parse("gone").unwrap();
+    assert_eq!(store.head(&room).await, Ok(None));
+    pg.stop();
+    // The deadline only keeps a hang from blocking the suite; the error is the assertion.
+    let failed = tokio::time::timeout(Duration::from_secs(10), store.head(&room))
+        .await
+        .expect("a store call waited on past its acquire timeout");
+    assert_eq!(failed, Err(StoreError::Unreachable));
+    pg.resume();
+    eventually(
+        Duration::from_secs(30),
+        "the store answers again",
+        || async { store.head(&room).await.is_ok() },
+    )
+    .await;
+}
+
+/// Sends `text` with `reference` until it is acked, while `error unavailable` answers it (the
+/// store is still coming back); returns the ack's offset.
+async fn say_until_acked(c: &mut Client, text: &str, reference: &str) -> u64 {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        c.send_json(json!({"type":"message","text":text,"ref":reference}))
+            .await;
+        let v = c.next_of_any(&["ack", "error"]).await;
+        if v["type"] == "ack" && v["ref"] == reference {
+            return v["offset"].as_u64().unwrap();
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(
+            std::time::Instant::now() < end,
+            "still unavailable 30 s after the store came back: {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_postgres_down_a_message_is_answered_unavailable_within_seconds_and_its_retry_is_delivered_once(
+) {
+    let mut pg = Postgres::start();
+    let _ = pg.store().await; // waits until PostgreSQL accepts connections
+                              // The default `store.acquire_timeout_ms`: what a deployment gets without setting it.
+    let server = Server::start(&env_with(&pg.url(), &[]));
+    let (mut ann, _) = server.join("/ws/down?user=ann").await;
+    let (mut bob, _) = server.join("/ws/down?user=bob").await;
+    assert_eq!(ann.say("before", "1").await, 1);
+
+    pg.stop();
+    ann.send_json(json!({"type":"message","text":"during","ref":"2"}))
+        .await;
+    // `next_of` waits at most the harness's DEADLINE (10 s); sqlx's own default would keep
+    // the message waiting 30 s for a connection.
+    let error = ann.next_of("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unavailable"), Some("2")),
+        "{error}"
+    );
+    assert!(server.metric("confab_store_errors_total").await > 0.0);
+    // The embedded bus is still there: readiness does not look at the store
+    // (docs/OPERATIONS.md, "Failure"), the replica keeps taking sessions.
+    assert_eq!(server.http("GET", "/readyz", &[]).await.status, 200);
+
+    pg.resume();
+    // The retry takes the next offset: the failed attempt used none.
+    assert_eq!(say_until_acked(&mut ann, "during", "2").await, 2);
+    assert_eq!(ann.say("after", "3").await, 3);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = bob.next_of("message").await;
+        seen.push((
+            m["offset"].as_u64().unwrap(),
+            m["text"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "before".to_owned()),
+            (2, "during".to_owned()),
+            (3, "after".to_owned())
+        ],
+        "every message delivered once, in order"
     );
 }
