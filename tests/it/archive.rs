@@ -920,3 +920,34 @@ async fn a_replica_stopped_cleanly_leaves_alone_a_lease_another_replica_took_mea
     );
     hold.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_stopped_cleanly_while_redis_is_silent_still_exits_and_its_lease_runs_out_by_itself(
+) {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = long_lease_env(&pg);
+    let mut a = replica(&redis, "arch14", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/silent?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "silent", 3).await;
+    let lease_key = "arch14:{silent}:archiver";
+    let hold = hold_lease(&redis, &pg, &mut c, ("silent", lease_key), &epoch, 3, "a").await;
+
+    // Connections stay open and nothing answers: every step of the release gives up after
+    // Redis's command timeout instead of holding the exit.
+    redis.signal(libc::SIGSTOP);
+    drop(c);
+    a.signal(libc::SIGTERM);
+    let status = a.wait_exit(Duration::from_secs(30));
+    redis.signal(libc::SIGCONT);
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    assert!(
+        a.log().contains("released 0 archive leases"),
+        "logged:\n{}",
+        a.log()
+    );
+    let lease = redis.cmd(&["GET", lease_key]).await;
+    assert!(lease.contains("\r\na/"), "left to run out: {lease}");
+    hold.rollback().await.unwrap();
+}
