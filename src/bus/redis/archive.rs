@@ -480,7 +480,7 @@ impl RedisBus {
         let released = if rooms.is_empty() || !self.client.is_connected() {
             Vec::new()
         } else {
-            self.release_leases(archive, rooms.clone()).await
+            self.release_leases(archive, rooms).await
         };
         log::info!(
             "{} released {} archive leases",
@@ -528,7 +528,7 @@ impl RedisBus {
             Err(_) => {
                 log::warn!(
                     "{} archive: Redis did not answer the lease releases within {:?}; the \
-                         leases run out by themselves",
+                     leases run out by themselves",
                     logctx::node(&self.node),
                     archive.command_timeout
                 );
@@ -788,6 +788,10 @@ async fn passes(bus: &Arc<RedisBus>, archive: &Archive) {
         if due.is_empty() {
             continue;
         }
+        // Stopped during a scan: no claim after the leases were given up.
+        if *stop.borrow() {
+            return;
+        }
         {
             let pass = pass(bus, archive, due, &mut rooms, &mut outage);
             tokio::pin!(pass);
@@ -820,21 +824,21 @@ async fn pass(
     // inside its time bound (half a lease) also when every room is far behind, as after an
     // outage; each room gets at least MIN_PER_ROOM.
     let count = (archive.batch / due.len() as u64).max(MIN_PER_ROOM);
+    // What a clean shutdown gives up, noted before the claims: one dropped at a shutdown (or
+    // unanswered) may have taken the lease all the same.
+    archive.held.lock().extend(due.iter().cloned());
     let claims =
         futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r, count))).await;
     {
-        // What a clean shutdown gives up: a `copy` took or renewed the lease; any other
-        // answer means another replica holds it or the script let it go.
+        // A `copy` took or renewed the lease; any other answer means another replica holds it
+        // or the script let it go (or never took it).
         let mut held = archive.held.lock();
         for (room, claim) in due.iter().zip(&claims) {
             match claim {
-                Ok(Claim::Copy { .. }) => {
-                    held.insert(room.clone());
-                }
+                Ok(Claim::Copy { .. }) | Err(_) => {}
                 Ok(_) => {
                     held.remove(room);
                 }
-                Err(_) => {}
             }
         }
     }
