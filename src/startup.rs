@@ -291,8 +291,11 @@ async fn serve_until_drained(server: Server, replica: Replica, grace: Duration) 
     }
     if let Some(bus) = redis_bus {
         // Gives up the presence lease (this replica's members leave at once) and frees the
-        // node id, so a restart under it does not wait out the lease.
-        let _ = tokio::time::timeout(Duration::from_secs(5), bus.release_node_id()).await;
+        // node id, so a restart under it does not wait out the lease; meanwhile the archiver
+        // stops and gives up its rooms' leases, so another replica archives them now (each
+        // bounded by Redis's command timeout).
+        let node_id = tokio::time::timeout(Duration::from_secs(5), bus.release_node_id());
+        let _ = tokio::join!(node_id, bus.stop_archiver());
     }
     for arbiter in arbiters {
         arbiter.stop();

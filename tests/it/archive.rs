@@ -790,3 +790,164 @@ async fn redis_lost_with_unarchived_messages_and_every_replica_restarted_reuses_
             .unwrap();
     assert_eq!(row, (renewed.clone(), 256, 256));
 }
+
+/// Makes the replica behind `c` take `room`'s archive lease (`key`) and keep it: an
+/// uncommitted row at offset `head + 2` holds that key, so the pass copying the next three
+/// messages (`n-0`..`n-2`) waits on it (up to half a lease, then again) with the lease taken.
+/// Returns that transaction, to be rolled back.
+async fn hold_lease(
+    redis: &Redis,
+    pg: &Postgres,
+    c: &mut Client,
+    (room, key): (&str, &str),
+    epoch: &str,
+    head: u64,
+    node: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let store = pg.store().await;
+    let mut hold = store.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (room, epoch, msg_offset, ts, user_id, client_ref, frame) \
+         VALUES ($1, $2, $3, 1, 'zed', NULL, '{}')",
+    )
+    .bind(room)
+    .bind(epoch)
+    .bind((head + 2) as i64)
+    .execute(&mut *hold)
+    .await
+    .unwrap();
+    assert_eq!(
+        say_many(c, "n", 3).await,
+        (head + 1..=head + 3).collect::<Vec<_>>()
+    );
+    // The lease holds the holder's token: the node id, a slash, a random part.
+    let token = format!("\r\n{node}/");
+    eventually(
+        Duration::from_secs(10),
+        &format!("{node} holds {room}'s lease"),
+        || async { redis.cmd(&["GET", key]).await.contains(&token) },
+    )
+    .await;
+    hold
+}
+
+/// Settings for a replica whose archive lease lasts far longer than a test waits, so only a
+/// lease given up lets another replica in in time; and a short drain.
+fn long_lease_env(pg: &Postgres) -> Vec<(String, String)> {
+    let mut env = archive_env(pg, "1000");
+    env.push(("CONFAB_STORE__ARCHIVE_LEASE_MS".into(), "30000".into()));
+    env.push(("CONFAB_SERVER__SHUTDOWN_GRACE_SECS".into(), "2".into()));
+    env
+}
+
+#[tokio::test]
+async fn a_replica_stopped_cleanly_lets_go_of_its_archive_leases_so_another_archives_its_rooms_at_once(
+) {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = long_lease_env(&pg);
+    let mut a = replica(&redis, "arch12", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/handoff?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "handoff", 3).await;
+    let lease_key = "arch12:{handoff}:archiver";
+    let hold = hold_lease(&redis, &pg, &mut c, ("handoff", lease_key), &epoch, 3, "a").await;
+    // `b` starts while `a` holds the lease: its start's scan finds the room busy, and it would
+    // look again only when that lease ran out.
+    let b = replica(&redis, "arch12", "b", &env).await;
+    let (mut d, _) = b.join("/ws/handoff?user=bob").await;
+    assert_eq!(d.say("b-0", "b0").await, 7);
+
+    drop(c);
+    a.signal(libc::SIGTERM);
+    let status = a.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    hold.rollback().await.unwrap();
+    assert_eq!(d.say("b-1", "b1").await, 8);
+    // Well under the 30 s lease: `b` took the room over as soon as `a` let it go.
+    eventually(Duration::from_secs(10), "b archived the room", || async {
+        archived(&pg, "handoff")
+            .await
+            .keys()
+            .copied()
+            .collect::<Vec<_>>()
+            == (1..=8).collect::<Vec<_>>()
+    })
+    .await;
+    let rows = archived(&pg, "handoff").await;
+    assert_eq!(rows[&5], (epoch.clone(), "n-1".to_owned()));
+    assert_eq!(rows[&8], (epoch, "b-1".to_owned()));
+    assert!(
+        a.log().contains("released 1 archive leases"),
+        "logged:\n{}",
+        a.log()
+    );
+    let lease = redis.cmd(&["GET", lease_key]).await;
+    assert!(!lease.contains("\r\na/"), "a's lease is gone: {lease}");
+}
+
+#[tokio::test]
+async fn a_replica_stopped_cleanly_leaves_alone_a_lease_another_replica_took_meanwhile() {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = long_lease_env(&pg);
+    let mut a = replica(&redis, "arch13", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/taken?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "taken", 3).await;
+    let lease_key = "arch13:{taken}:archiver";
+    let hold = hold_lease(&redis, &pg, &mut c, ("taken", lease_key), &epoch, 3, "a").await;
+    // As if `a` had paused past its lease and another replica had taken the room: `a` still
+    // counts the room as its own.
+    let taken = redis
+        .cmd(&["SET", lease_key, "elsewhere", "PX", "600000"])
+        .await;
+    assert!(taken.starts_with("+OK"), "{taken}");
+
+    drop(c);
+    a.signal(libc::SIGTERM);
+    let status = a.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    let lease = redis.cmd(&["GET", lease_key]).await;
+    assert!(
+        lease.contains("\r\nelsewhere\r\n"),
+        "the other's lease stays: {lease}"
+    );
+    assert!(
+        a.log().contains("released 0 archive leases"),
+        "logged:\n{}",
+        a.log()
+    );
+    hold.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_stopped_cleanly_while_redis_is_silent_still_exits_and_its_lease_runs_out_by_itself(
+) {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    let env = long_lease_env(&pg);
+    let mut a = replica(&redis, "arch14", "a", &env).await;
+    let (mut c, welcome) = a.join("/ws/silent?user=ann").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    say_many(&mut c, "m", 3).await;
+    wait_archived(&pg, "silent", 3).await;
+    let lease_key = "arch14:{silent}:archiver";
+    let hold = hold_lease(&redis, &pg, &mut c, ("silent", lease_key), &epoch, 3, "a").await;
+
+    // Connections stay open and nothing answers: every step of the release gives up after
+    // Redis's command timeout instead of holding the exit.
+    redis.signal(libc::SIGSTOP);
+    drop(c);
+    a.signal(libc::SIGTERM);
+    let status = a.wait_exit(Duration::from_secs(30));
+    redis.signal(libc::SIGCONT);
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    assert!(
+        a.log().contains("released 0 archive leases"),
+        "logged:\n{}",
+        a.log()
+    );
+    let lease = redis.cmd(&["GET", lease_key]).await;
+    assert!(lease.contains("\r\na/"), "left to run out: {lease}");
+    hold.rollback().await.unwrap();
+}

@@ -12,7 +12,12 @@
 //!   the stream's head, appends everything in one store transaction (idempotent by key), then
 //!   moves each mark (`archived.lua`: only if the lease and the epoch are still the same);
 //! - a room leased by another replica is looked at again when that lease would run out, so a
-//!   killed replica's rooms are taken over within `store.archive_lease_ms`.
+//!   killed replica's rooms are taken over within `store.archive_lease_ms`;
+//! - a clean shutdown ([`RedisBus::stop_archiver`], after the drain) stops the passes (the one
+//!   in progress gets one Redis command timeout to finish), gives up every lease still held
+//!   (`release.lua`: only where the lease still holds this process's token) and names those
+//!   rooms on [`RELEASED_ROOM`]'s channel, so the other replicas look at them at once rather
+//!   than when the leases would have run out.
 //!
 //! PostgreSQL down does not stop the chat: the pass fails, is logged once per outage, counted
 //! in `confab_store_errors_total`, and retried; Redis keeps the messages meanwhile, and
@@ -54,6 +59,12 @@ const ARCHIVE_LUA: &str = include_str!("../lua/archive.lua");
 const ARCHIVED_LUA: &str = include_str!("../lua/archived.lua");
 const SEED_LUA: &str = include_str!("../lua/seed.lua");
 const RAISE_LUA: &str = include_str!("../lua/raise.lua");
+const RELEASE_LUA: &str = include_str!("../lua/release.lua");
+
+/// The "room" whose channel (`{prefix}:room:~archiver`, under the bridge's pattern) carries a
+/// stopping replica's released leases: the room names, one a line. Not a valid room name, so
+/// no room of any replica receives it.
+const RELEASED_ROOM: &str = "~archiver";
 
 /// Fewest messages of one room a pass copies (see `store.archive_batch`).
 const MIN_PER_ROOM: u64 = 100;
@@ -92,6 +103,17 @@ pub struct Archive {
     /// no commit would clear it.
     down: Mutex<Option<Instant>>,
     wake: Notify,
+    /// Rooms whose lease this archiver may hold (claimed, not yet let go): what a clean
+    /// shutdown releases. A superset is harmless: the release compares the token.
+    held: Mutex<HashSet<RoomName>>,
+    /// Rooms another replica's archiver gave up at its shutdown: looked at again at once.
+    released: Mutex<HashSet<RoomName>>,
+    /// Set at a clean shutdown: the archiver stops its passes.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Notified once the archiver has stopped (no pass in progress).
+    stopped: Notify,
+    /// Redis's command timeout: bounds a stopping archiver's last pass and its releases.
+    command_timeout: Duration,
     /// This process's lease token (the node id and a random part: a restarted process under
     /// the same node id does not inherit a lease it cannot know the state of).
     token: String,
@@ -108,6 +130,7 @@ pub struct Archive {
     mark: Script,
     seed: Script,
     raise: Script,
+    release: Script,
 }
 
 impl Archive {
@@ -129,6 +152,11 @@ impl Archive {
             checked: Mutex::new(HashSet::new()),
             down: Mutex::new(None),
             wake: Notify::new(),
+            held: Mutex::new(HashSet::new()),
+            released: Mutex::new(HashSet::new()),
+            stop: tokio::sync::watch::Sender::new(false),
+            stopped: Notify::new(),
+            command_timeout: settings.redis.command_timeout_ms,
             token: format!("{node}/{:016x}", rand::random::<u64>()),
             lease_ms: settings.store.archive_lease_ms.as_millis() as u64,
             retry: RETRY_AFTER.min(settings.store.archive_lease_ms / 3),
@@ -139,6 +167,7 @@ impl Archive {
             mark: Script::from_lua(ARCHIVED_LUA),
             seed: Script::from_lua(SEED_LUA),
             raise: Script::from_lua(RAISE_LUA),
+            release: Script::from_lua(RELEASE_LUA),
         }
     }
 
@@ -154,6 +183,20 @@ impl Archive {
                 self.timeout
             ))),
         }
+    }
+
+    /// Another replica's archiver stopped and gave up the leases of the rooms `payload` names
+    /// (one a line): they are looked at again at once, not when those leases would have run
+    /// out.
+    fn saw_released(&self, payload: &Value) {
+        let text = match payload {
+            Value::String(s) => s.to_string(),
+            Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => return,
+        };
+        let rooms = text.lines().filter_map(|r| RoomName::parse(r).ok());
+        self.released.lock().extend(rooms);
+        self.wake.notify_one();
     }
 
     /// Whether the archiver's last commit failed lately (the store is likely down).
@@ -225,7 +268,13 @@ impl RedisBus {
             Value::Bytes(b) => b.starts_with(br#"{"kind":"message""#),
             _ => false,
         };
-        let Some(room) = is_message.then(|| self.room_of(channel)).flatten() else {
+        if !is_message {
+            if self.room_of(channel) == Some(RELEASED_ROOM) {
+                archive.saw_released(payload);
+            }
+            return;
+        }
+        let Some(room) = self.room_of(channel) else {
             return;
         };
         let mut dirty = archive.dirty.lock();
@@ -405,6 +454,106 @@ impl RedisBus {
 }
 
 impl RedisBus {
+    /// A clean shutdown, after the drain: stops the archiver (its pass in progress gets one
+    /// Redis command timeout to finish), then gives up every lease it still holds, so the
+    /// other replicas archive those rooms now rather than when the leases would have run out.
+    /// Each step is bounded by the command timeout: a Redis that is down does not hold the
+    /// exit (the leases then run out by themselves, as after a kill).
+    pub async fn stop_archiver(&self) {
+        let Some(archive) = &self.archive else {
+            return;
+        };
+        let timeout = archive.command_timeout;
+        archive.stop.send_replace(true);
+        // The pass gets one timeout; the second is slack for a tick or a scan in flight.
+        if tokio::time::timeout(2 * timeout, archive.stopped.notified())
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "{} archive: the archiver did not stop within {:?}; releasing its leases anyway",
+                logctx::node(&self.node),
+                2 * timeout
+            );
+        }
+        let rooms: Vec<RoomName> = archive.held.lock().drain().collect();
+        let released = if rooms.is_empty() || !self.client.is_connected() {
+            Vec::new()
+        } else {
+            self.release_leases(archive, rooms).await
+        };
+        log::info!(
+            "{} released {} archive leases",
+            logctx::node(&self.node),
+            released.len()
+        );
+        if released.is_empty() {
+            return;
+        }
+        let channel = format!("{}:room:{RELEASED_ROOM}", self.prefix);
+        let names: Vec<&str> = released.iter().map(RoomName::as_str).collect();
+        let notice = self.client.publish::<i64, _, _>(channel, names.join("\n"));
+        match tokio::time::timeout(timeout, notice).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::warn!(
+                "{} archive: cannot tell the other replicas of the released leases (they \
+                 look at those rooms when the leases would have run out): {e}",
+                logctx::node(&self.node)
+            ),
+            Err(_) => log::warn!(
+                "{} archive: cannot tell the other replicas of the released leases within \
+                 {timeout:?} (they look at those rooms when the leases would have run out)",
+                logctx::node(&self.node)
+            ),
+        }
+    }
+
+    /// Deletes the leases of `rooms` that still hold this process's token (`release.lua`,
+    /// one call per room: each lease is in its room's slot); the rooms released.
+    async fn release_leases(&self, archive: &Archive, rooms: Vec<RoomName>) -> Vec<RoomName> {
+        let calls = rooms.iter().map(|room| {
+            archive.release.evalsha_with_reload::<i64, _, _>(
+                &self.client,
+                vec![self.lease_key(room)],
+                vec![Value::from(archive.token.as_str())],
+            )
+        });
+        let replies = match tokio::time::timeout(
+            archive.command_timeout,
+            futures_util::future::join_all(calls),
+        )
+        .await
+        {
+            Ok(replies) => replies,
+            Err(_) => {
+                log::warn!(
+                    "{} archive: Redis did not answer the lease releases within {:?}; the \
+                     leases run out by themselves",
+                    logctx::node(&self.node),
+                    archive.command_timeout
+                );
+                return Vec::new();
+            }
+        };
+        let mut failed = None;
+        let mut released = Vec::new();
+        for (room, reply) in rooms.into_iter().zip(replies) {
+            match reply {
+                Ok(1) => released.push(room),
+                Ok(_) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            // One line for the lot: the same outage fails every call.
+            log::warn!(
+                "{} archive: cannot release some leases (they run out by themselves): {e}",
+                logctx::node(&self.node)
+            );
+        }
+        released
+    }
+
     /// Whether `room` still needs its Redis head compared with the archive's.
     pub(super) fn needs_older_check(&self, room: &RoomName) -> bool {
         self.archive
@@ -566,11 +715,18 @@ struct Copied {
     at_ms: u64,
 }
 
-/// The archiver: runs for the life of the process (see the module doc).
+/// The archiver: runs until [`RedisBus::stop_archiver`] (see the module doc).
 pub async fn run(bus: Arc<RedisBus>) {
     let Some(archive) = bus.archive.as_ref() else {
         return;
     };
+    passes(&bus, archive).await;
+    archive.stopped.notify_one();
+}
+
+/// The archiver's passes, until a clean shutdown stops them.
+async fn passes(bus: &Arc<RedisBus>, archive: &Archive) {
+    let mut stop = archive.stop.subscribe();
     // Room → when to look at it next.
     let mut rooms: HashMap<RoomName, Instant> = HashMap::new();
     let mut outage: Option<Instant> = None;
@@ -580,10 +736,14 @@ pub async fn run(bus: Arc<RedisBus>) {
     // tick, so a room further behind than one batch catches up at the store's pace.
     let mut again = false;
     loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
         if !again {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = archive.wake.notified() => {}
+                _ = stop.changed() => return,
             }
         }
         again = false;
@@ -607,6 +767,10 @@ pub async fn run(bus: Arc<RedisBus>) {
                 }
             }
         }
+        // Given up by a stopping replica: due now, even if its lease had us wait.
+        for room in std::mem::take(&mut *archive.released.lock()) {
+            rooms.insert(room, now);
+        }
         for room in std::mem::take(&mut *archive.dirty.lock()) {
             rooms.entry(room).or_insert(now);
         }
@@ -624,7 +788,24 @@ pub async fn run(bus: Arc<RedisBus>) {
         if due.is_empty() {
             continue;
         }
-        pass(&bus, archive, due, &mut rooms, &mut outage).await;
+        // Stopped during a scan: no claim after the leases were given up.
+        if *stop.borrow() {
+            return;
+        }
+        {
+            let pass = pass(bus, archive, due, &mut rooms, &mut outage);
+            tokio::pin!(pass);
+            tokio::select! {
+                _ = &mut pass => {}
+                _ = stop.changed() => {
+                    // A pass that is moving its marks finishes in a round trip; one stuck on
+                    // a store or Redis that does not answer is dropped (its copy is made
+                    // again by the next holder: idempotent).
+                    let _ = tokio::time::timeout(archive.command_timeout, pass).await;
+                    return;
+                }
+            }
+        }
         let now = Instant::now();
         again = outage.is_none() && rooms.values().any(|at| *at <= now);
     }
@@ -643,8 +824,24 @@ async fn pass(
     // inside its time bound (half a lease) also when every room is far behind, as after an
     // outage; each room gets at least MIN_PER_ROOM.
     let count = (archive.batch / due.len() as u64).max(MIN_PER_ROOM);
+    // What a clean shutdown gives up, noted before the claims: one dropped at a shutdown (or
+    // unanswered) may have taken the lease all the same.
+    archive.held.lock().extend(due.iter().cloned());
     let claims =
         futures_util::future::join_all(due.iter().map(|r| bus.claim(archive, r, count))).await;
+    {
+        // A `copy` took or renewed the lease; any other answer means another replica holds it
+        // or the script let it go (or never took it).
+        let mut held = archive.held.lock();
+        for (room, claim) in due.iter().zip(&claims) {
+            match claim {
+                Ok(Claim::Copy { .. }) | Err(_) => {}
+                Ok(_) => {
+                    held.remove(room);
+                }
+            }
+        }
+    }
     // A room not compared with the archive since the last reconnect (Redis may have come
     // back older) is compared before it is copied: raised, it is looked at again at once,
     // from its raised mark, rather than copied from the old one into offsets the archive
@@ -819,6 +1016,8 @@ async fn pass(
                     );
                 }
                 if rest == 0 {
+                    // `archived.lua` let the lease go.
+                    archive.held.lock().remove(&c.room);
                     rooms.remove(&c.room);
                 } else {
                     still_behind += rest as u64;
