@@ -123,8 +123,15 @@ impl RedisBridge {
         }
         self.subscribing = true;
         let pattern = self.bus.pattern();
+        let released = self.bus.released_channel();
         let subscriber = self.subscriber.clone();
-        let fut = async move { subscriber.psubscribe(pattern).await };
+        let fut = async move {
+            // The archive's notices of released leases, on a channel of their own.
+            if let Some(channel) = released {
+                subscriber.subscribe(channel).await?;
+            }
+            subscriber.psubscribe(pattern).await
+        };
         ctx.spawn(fut.into_actor(self).map(|result, bridge, ctx| {
             bridge.subscribing = false;
             match result {

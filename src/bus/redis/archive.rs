@@ -16,7 +16,7 @@
 //! - a clean shutdown ([`RedisBus::stop_archiver`], after the drain) stops the passes (the one
 //!   in progress gets one Redis command timeout to finish), gives up every lease still held
 //!   (`release.lua`: only where the lease still holds this process's token) and names those
-//!   rooms on [`RELEASED_ROOM`]'s channel, so the other replicas look at them at once rather
+//!   rooms on [`RELEASED_CHANNEL`], so the other replicas look at them at once rather
 //!   than when the leases would have run out.
 //!
 //! PostgreSQL down does not stop the chat: the pass fails, is logged once per outage, counted
@@ -61,10 +61,11 @@ const SEED_LUA: &str = include_str!("../lua/seed.lua");
 const RAISE_LUA: &str = include_str!("../lua/raise.lua");
 const RELEASE_LUA: &str = include_str!("../lua/release.lua");
 
-/// The "room" whose channel (`{prefix}:room:~archiver`, under the bridge's pattern) carries a
-/// stopping replica's released leases: the room names, one a line. Not a valid room name, so
-/// no room of any replica receives it.
-const RELEASED_ROOM: &str = "~archiver";
+/// The channel (after `{prefix}:`) that carries a stopping replica's released leases: the
+/// room names, one a line. Outside `{prefix}:room:*`, which SPEC §6 keeps for room envelopes
+/// (whoever subscribes there sees only those); the bridge subscribes to it beside its pattern
+/// when the archive is on.
+const RELEASED_CHANNEL: &str = "archive:released";
 
 /// Fewest messages of one room a pass copies (see `store.archive_batch`).
 const MIN_PER_ROOM: u64 = 100;
@@ -252,6 +253,13 @@ struct FrameFields<'a> {
 }
 
 impl RedisBus {
+    /// The channel of released leases (see [`RELEASED_CHANNEL`]), when the archive is on.
+    pub(in crate::bus) fn released_channel(&self) -> Option<String> {
+        self.archive
+            .as_ref()
+            .map(|_| format!("{}:{RELEASED_CHANNEL}", self.prefix))
+    }
+
     fn lease_key(&self, room: &RoomName) -> String {
         format!("{}:{{{room}}}:archiver", self.prefix)
     }
@@ -269,7 +277,11 @@ impl RedisBus {
             _ => false,
         };
         if !is_message {
-            if self.room_of(channel) == Some(RELEASED_ROOM) {
+            let released = channel
+                .strip_prefix(&*self.prefix)
+                .and_then(|c| c.strip_prefix(':'))
+                == Some(RELEASED_CHANNEL);
+            if released {
                 archive.saw_released(payload);
             }
             return;
@@ -490,7 +502,7 @@ impl RedisBus {
         if released.is_empty() {
             return;
         }
-        let channel = format!("{}:room:{RELEASED_ROOM}", self.prefix);
+        let channel = format!("{}:{RELEASED_CHANNEL}", self.prefix);
         let names: Vec<&str> = released.iter().map(RoomName::as_str).collect();
         let notice = self.client.publish::<i64, _, _>(channel, names.join("\n"));
         match tokio::time::timeout(timeout, notice).await {
