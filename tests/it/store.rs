@@ -7,10 +7,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use confab::bus::StoredMessage;
+use std::sync::Arc;
+
+use confab::bus::memory::MemoryBus;
+use confab::bus::{Bus, EventSink, NewMessage, RoomEvent, StoredMessage};
 use confab::domain::{Epoch, RoomName, UserId};
 use confab::store::postgres::PostgresStore;
 use confab::store::sqlite::SqliteStore;
+use confab::store::StoreFuture;
 use confab::store::{
     Append, Conflict, Page, PoolOptions, RecentRef, RoomState, Row, Store, StoreError,
 };
@@ -742,5 +746,127 @@ async fn with_postgres_down_a_message_is_answered_unavailable_within_seconds_and
             (3, "after".to_owned())
         ],
         "every message delivered once, in order"
+    );
+}
+
+/// A SQLite store whose next commit goes through but is reported failed: what a connection
+/// lost after COMMIT went out (and before its answer came back) looks like to the bus.
+struct AnswerLost {
+    store: SqliteStore,
+    lose_next: std::sync::atomic::AtomicBool,
+}
+
+impl Store for AnswerLost {
+    fn append_checked(&self, batch: Append) -> StoreFuture<Vec<Conflict>> {
+        let lose = self
+            .lose_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let commit = self.store.append_checked(batch);
+        Box::pin(async move {
+            let conflicts = commit.await?;
+            if lose {
+                return Err(StoreError::Query(
+                    "connection lost after COMMIT was sent".into(),
+                ));
+            }
+            Ok(conflicts)
+        })
+    }
+
+    fn head(&self, room: &RoomName) -> StoreFuture<Option<RoomState>> {
+        self.store.head(room)
+    }
+
+    fn page(&self, room: &RoomName, epoch: &Epoch, page: Page) -> StoreFuture<Vec<StoredMessage>> {
+        self.store.page(room, epoch, page)
+    }
+
+    fn recent_refs(
+        &self,
+        room: &RoomName,
+        epoch: &Epoch,
+        since_ts: u64,
+    ) -> StoreFuture<Vec<RecentRef>> {
+        self.store.recent_refs(room, epoch, since_ts)
+    }
+
+    fn delete_before(&self, ts: u64) -> StoreFuture<u64> {
+        self.store.delete_before(ts)
+    }
+}
+
+/// Takes the bus's events and drops them: this test reads the store.
+struct NoRooms;
+
+impl EventSink for NoRooms {
+    fn deliver(&self, _: RoomEvent) {}
+
+    fn has_room(&self, _: &str) -> bool {
+        false
+    }
+
+    fn resync_all(&self, _: Option<confab::bus::CatchUpDone>) {}
+
+    fn reassert_presence(&self) {}
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_gives_no_offset_twice_and_every_acked_message_is_stored() {
+    let dir = TempDir::new("lost");
+    let url = format!("sqlite:{}", dir.path.join("h.db").display());
+    let store = Arc::new(AnswerLost {
+        store: SqliteStore::open(&url, 2).await.unwrap(),
+        lose_next: false.into(),
+    });
+    let bus = MemoryBus::with_store(
+        100,
+        Duration::from_secs(3600),
+        Arc::new(NoRooms),
+        store.clone(),
+        None,
+    );
+    let room = RoomName::parse("lost").unwrap();
+    let say = |text: &str| NewMessage {
+        user: UserId::parse("ann").unwrap(),
+        name: None,
+        text: text.into(),
+        reference: Some(text.into()),
+    };
+    assert_eq!(bus.publish(&room, say("one")).await.unwrap().offset, 1);
+    // Committed, but the bus hears a failure: the sender is told `unavailable`.
+    store
+        .lose_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(bus.publish(&room, say("two")).await.is_err());
+    // The next message must not be given the offset the lost answer's message holds.
+    let three = bus.publish(&room, say("three")).await.unwrap();
+    // The sender of `two` retries with its ref: the message it already stored.
+    let two = bus.publish(&room, say("two")).await.unwrap();
+    assert_eq!((two.offset, two.duplicate), (2, true), "{two:?}");
+    assert_eq!(three.offset, 3, "{three:?}");
+    let head = store.head(&room).await.unwrap().unwrap();
+    let stored = store
+        .page(
+            &room,
+            &head.epoch,
+            Page::After {
+                since: 0,
+                until: 100,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    let texts: Vec<(u64, String)> = stored
+        .iter()
+        .map(|m| {
+            let v: Value = serde_json::from_str(&m.json).unwrap();
+            (m.offset, v["text"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [(1, "one".into()), (2, "two".into()), (3, "three".into())],
+        "every acked message is stored, each under the offset it was acked with"
     );
 }

@@ -214,10 +214,14 @@ async fn commit(inner: &Inner, batch: Vec<Command>) {
         return;
     };
     let mut unloaded: HashMap<RoomName, BusError> = HashMap::new();
+    let mut touched: Vec<RoomName> = Vec::new();
     for cmd in &batch {
         let room = match cmd {
             Command::Publish { room, .. } | Command::Renew { room, .. } => room,
         };
+        if !touched.contains(room) {
+            touched.push(room.clone());
+        }
         if !unloaded.contains_key(room) {
             if let Err(e) = load(inner, room).await {
                 unloaded.insert(room.clone(), e);
@@ -243,6 +247,17 @@ async fn commit(inner: &Inner, batch: Vec<Command>) {
             m.store_commit_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, StoreError::Unreachable))
+        {
+            // The outcome is unknown: a connection lost after COMMIT went out may have
+            // stored the batch all the same. The rooms it touched are read again from the
+            // store at their next use, so an offset the store may hold is not given out a
+            // second time (its row would stay and the new message would not be stored), and
+            // a retry finds its ref. No connection at all (`Unreachable`) sent nothing.
+            forget(inner, &touched);
+        }
         result.map_err(|e| d.failed(&format!("committing {rows} messages"), e))
     };
     if let Err(e) = result {
@@ -252,6 +267,15 @@ async fn commit(inner: &Inner, batch: Vec<Command>) {
         return;
     }
     apply(inner, staged);
+}
+
+/// Drops rooms from memory: their next use loads them from the store (see [`load`]).
+fn forget(inner: &Inner, rooms: &[RoomName]) {
+    if let Ok(mut state) = inner.lock() {
+        for room in rooms {
+            state.rooms.remove(room);
+        }
+    }
 }
 
 fn fail_command(cmd: Command, error: BusError) {
