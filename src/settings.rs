@@ -177,6 +177,10 @@ pub struct StoreSettings {
     /// before it fails and the client gets `error unavailable`.
     #[serde(with = "millis")]
     pub acquire_timeout_ms: Duration,
+    /// How long the embedded bus waits for a commit before it answers the batch
+    /// `unavailable` and reloads its rooms (a database that never answers).
+    #[serde(with = "millis")]
+    pub commit_timeout_ms: Duration,
     /// With Redis and PostgreSQL: how often each replica's archiver copies new messages of
     /// the rooms it leases into PostgreSQL (docs/design.md, "The archive").
     #[serde(with = "millis")]
@@ -198,6 +202,7 @@ impl Default for StoreSettings {
             retention_sweep_secs: Duration::from_secs(3600),
             pool_size: 4,
             acquire_timeout_ms: Duration::from_millis(2000),
+            commit_timeout_ms: Duration::from_millis(5000),
             archive_interval_ms: Duration::from_millis(100),
             archive_lease_ms: Duration::from_millis(5000),
             archive_batch: 5000,
@@ -530,6 +535,7 @@ const RULES: &[Rule] = &[
     }),
     Rule::positive("store.pool_size", |s| u64::from(s.store.pool_size)),
     Rule::positive_duration("store.acquire_timeout_ms", |s| s.store.acquire_timeout_ms),
+    Rule::positive_duration("store.commit_timeout_ms", |s| s.store.commit_timeout_ms),
     Rule::positive_duration("store.archive_interval_ms", |s| s.store.archive_interval_ms),
     Rule::holds("store.archive_lease_ms", |s| {
         match s.store.archive_lease_ms > s.store.archive_interval_ms * 2 {
@@ -1177,7 +1183,7 @@ mod tests {
             checked += 1;
         }
         assert_eq!(
-            checked, 23,
+            checked, 24,
             "every positive rule of the old list is kept, the archive's, rooms_per_connection \
              and the store's acquire timeout"
         );

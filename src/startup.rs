@@ -378,7 +378,14 @@ fn start_bus(
         let empty_ttl = settings.history.empty_room_ttl_secs;
         let (size, ttl) = (settings.history.size, settings.history.ttl_secs);
         let bus = match store {
-            Some(store) => MemoryBus::with_store(size, ttl, sink, store, Some(Arc::clone(metrics))),
+            Some(store) => MemoryBus::with_store(
+                size,
+                ttl,
+                sink,
+                store,
+                Some(Arc::clone(metrics)),
+                settings.store.commit_timeout_ms,
+            ),
             None => MemoryBus::new(size, ttl, sink),
         };
         let bus = Arc::new(bus.with_empty_room_ttl(empty_ttl));

@@ -417,8 +417,9 @@ impl MemoryBus {
         sink: Arc<dyn EventSink>,
         store: SharedStore,
         metrics: Option<Arc<Metrics>>,
+        commit_timeout: Duration,
     ) -> Self {
-        let (durable, writer) = durable::Durable::new(store, metrics);
+        let (durable, writer) = durable::Durable::new(store, metrics, commit_timeout);
         let inner = Arc::new(Inner {
             state: Mutex::new(State::new(history_size, ttl, true)),
             sink,

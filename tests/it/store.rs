@@ -824,6 +824,7 @@ async fn a_commit_whose_answer_was_lost_gives_no_offset_twice_and_every_acked_me
         Arc::new(NoRooms),
         store.clone(),
         None,
+        Duration::from_secs(5),
     );
     let room = RoomName::parse("lost").unwrap();
     let say = |text: &str| NewMessage {
@@ -868,5 +869,68 @@ async fn a_commit_whose_answer_was_lost_gives_no_offset_twice_and_every_acked_me
         texts,
         [(1, "one".into()), (2, "two".into()), (3, "three".into())],
         "every acked message is stored, each under the offset it was acked with"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_the_database_never_answers_is_answered_unavailable_and_the_bus_goes_on() {
+    let pg = Postgres::start();
+    let store = pg.store().await;
+    let server = Server::start(&env_with(
+        &pg.url(),
+        &[("CONFAB_STORE__COMMIT_TIMEOUT_MS", "1000")],
+    ));
+    let (mut ann, _) = server.join("/ws/hung?user=ann").await;
+    let (mut bob, _) = server.join("/ws/hung?user=bob").await;
+    assert_eq!(ann.say("before", "1").await, 1);
+
+    // Another session holds the messages table: the writer's INSERT waits on the lock and
+    // PostgreSQL answers nothing, as when it is paused or cut off without a reset.
+    let mut hold = store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    ann.send_json(json!({"type":"message","text":"during","ref":"2"}))
+        .await;
+    // Within the harness's DEADLINE (10 s): before, the writer waited on the lock for good
+    // and every later message of the replica with it.
+    let error = ann.next_of("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unavailable"), Some("2")),
+        "{error}"
+    );
+    hold.rollback().await.unwrap();
+
+    // The retry and the next message go through; each is stored and delivered once.
+    assert_eq!(say_until_acked(&mut ann, "during", "2").await, 2);
+    assert_eq!(ann.say("after", "3").await, 3);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = bob.next_of("message").await;
+        seen.push((
+            m["offset"].as_u64().unwrap(),
+            m["text"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "before".to_owned()),
+            (2, "during".to_owned()),
+            (3, "after".to_owned())
+        ],
+        "every message delivered once, in order"
+    );
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT msg_offset, frame FROM messages WHERE room = 'hung' ORDER BY 1")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        rows.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "stored once each"
     );
 }

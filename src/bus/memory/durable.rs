@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -58,12 +58,15 @@ pub(super) struct Durable {
     store: SharedStore,
     writer: mpsc::UnboundedSender<Command>,
     metrics: Option<Arc<Metrics>>,
+    /// `store.commit_timeout_ms`.
+    commit_timeout: Duration,
 }
 
 impl Durable {
     pub(super) fn new(
         store: SharedStore,
         metrics: Option<Arc<Metrics>>,
+        commit_timeout: Duration,
     ) -> (Self, mpsc::UnboundedReceiver<Command>) {
         let (writer, commands) = mpsc::unbounded_channel();
         (
@@ -71,6 +74,7 @@ impl Durable {
                 store,
                 writer,
                 metrics,
+                commit_timeout,
             },
             commands,
         )
@@ -242,7 +246,17 @@ async fn commit(inner: &Inner, batch: Vec<Command>) {
     } else {
         let started = Instant::now();
         let rows = append.rows.len();
-        let result = d.store.append(append).await;
+        // A commit the database never answers is given up like one whose answer was lost:
+        // dropped (sqlx closes its connection, so it cannot commit later unseen unless
+        // COMMIT was already out), answered `unavailable`, and its rooms read again below.
+        let result = tokio::time::timeout(d.commit_timeout, d.store.append(append))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Query(format!(
+                    "no answer within store.commit_timeout_ms ({} ms)",
+                    d.commit_timeout.as_millis()
+                )))
+            });
         if let Some(m) = &d.metrics {
             m.store_commit_seconds
                 .observe(started.elapsed().as_secs_f64());
