@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::HttpService;
-use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_service::{apply_fn_factory, map_config, IntoServiceFactory, Service, ServiceFactoryExt};
 use actix_web::dev::{fn_service, AppConfig, Server};
 use actix_web::{web, App};
 use tokio::sync::oneshot;
@@ -232,9 +232,21 @@ fn build_server(settings: &Settings, replica: &Replica) -> io::Result<Server> {
                     upgrade::serve(req, framed, ws_state.clone())
                 }));
             // Each connection is counted per address from its accept (`upgrade::accept`,
-            // which also sets TCP_NODELAY), before the HTTP service reads its head.
-            fn_service(move |io| std::future::ready(upgrade::accept(io, &accept_state)))
-                .and_then(http.finish(map_config(app, |_| AppConfig::default())))
+            // which also sets TCP_NODELAY), before the HTTP service reads its head. The
+            // dispatcher runs boxed, so its memory goes once it is done (an upgrade hands
+            // the socket to a session); the connection's future then waits, small, until the
+            // session ends, so the server still counts it (see `upgrade`'s module doc).
+            let http = http.finish(map_config(app, |_| AppConfig::default()));
+            apply_fn_factory(http, move |io, http| {
+                let accepted = upgrade::accept(io, &accept_state)
+                    .map(|(conn, done)| (Box::pin(http.call(conn)), done));
+                async move {
+                    let (dispatch, done) = accepted?;
+                    dispatch.await?;
+                    let _ = done.await;
+                    Ok(())
+                }
+            })
         })?;
     }
     Ok(builder.run())

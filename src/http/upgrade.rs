@@ -7,8 +7,13 @@
 //! bare TCP stream and any bytes the client sent right behind its handshake: the dispatcher's
 //! two 8 KiB buffers are dropped, which is most of what an idle connection used to cost.
 //!
-//! The future returned here lives until the session ends, so actix-server's per-worker
-//! connection count (the descriptor plan in `startup.rs`) still counts sessions.
+//! The connection stays counted by actix-server (its per-worker count is the descriptor plan
+//! in `startup.rs`) until its session ends, but not by keeping the HTTP/1 dispatcher's task
+//! alive, which is sized for a whole HTTP connection (about 2.3 KB, a third of an idle
+//! session's memory, docs/PERFORMANCE.md "Round 6"): [`accept`] hands back a signal that the
+//! connection's service future waits on once the dispatcher, boxed, is done and freed
+//! (startup.rs). The session holds the signal's sender; a connection that never becomes a
+//! session drops it with its stream.
 
 use std::fmt;
 use std::io;
@@ -56,16 +61,21 @@ impl From<UpgradeError> for Response<BoxBody> {
 pub struct Counted {
     stream: TcpStream,
     _pending: Pending,
+    /// Dropped when the connection is done: with the stream, or by its session at its end.
+    done: Option<oneshot::Sender<()>>,
 }
+
+/// What [`accept`] hands the HTTP service, and what tells when the connection is done.
+pub type AcceptedConn = (
+    (Counted, Protocol, Option<SocketAddr>),
+    oneshot::Receiver<()>,
+);
 
 /// Takes a new connection, or refuses it (closed at once, nothing read) when its address has
 /// `limits.handshakes_per_ip` connections that are not sessions: a client that opens
 /// hundreds of sockets and sends its request heads slowly would otherwise hold the HTTP
 /// parser's buffers for each until the handshake timeout.
-pub fn accept(
-    stream: TcpStream,
-    state: &AppState,
-) -> Result<(Counted, Protocol, Option<SocketAddr>), DispatchError> {
+pub fn accept(stream: TcpStream, state: &AppState) -> Result<AcceptedConn, DispatchError> {
     let peer = stream.peer_addr().ok();
     let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let trusted = state.trusted_proxies.iter().any(|c| c.contains(ip));
@@ -77,14 +87,13 @@ pub fn accept(
     // Small frames go out at once: with Nagle's algorithm a frame written right after another
     // waits for the client's delayed ACK (about 40 ms).
     let _ = stream.set_nodelay(true);
-    Ok((
-        Counted {
-            stream,
-            _pending: pending,
-        },
-        Protocol::Http1,
-        peer,
-    ))
+    let (done, ended) = oneshot::channel();
+    let conn = Counted {
+        stream,
+        _pending: pending,
+        done: Some(done),
+    };
+    Ok(((conn, Protocol::Http1, peer), ended))
 }
 
 impl AsyncRead for Counted {
@@ -138,7 +147,8 @@ enum Accepted {
     Echo,
 }
 
-/// Serves one upgrade request; returns when its session has ended.
+/// Serves one upgrade request; returns once its session (or echo) runs on the connection,
+/// which then holds the connection's `done` signal (see the module doc).
 pub async fn serve(
     req: Request,
     mut framed: Framed<Counted, Codec>,
@@ -165,8 +175,7 @@ pub async fn serve(
         .send(Message::Item((response.drop_body(), BodySize::None)))
         .await
         .map_err(UpgradeError)?;
-    let (stream, read) = hand_over(framed);
-    let (done, ended) = oneshot::channel();
+    let (stream, read, done) = hand_over(framed);
     let conn = Upgraded { stream, read, done };
     match accepted {
         Accepted::Session(accepted) => {
@@ -184,19 +193,21 @@ pub async fn serve(
             Echo::start(state.sessions.max_frame_bytes, conn);
         }
     }
-    drop(state);
-    // Resolves (as an error) when the actor, and with it the sender, is gone.
-    let _ = ended.await;
     Ok(())
 }
 
 /// The bare stream and the bytes the client sent right behind its handshake (a copy, sized to
 /// them). Everything else of the dispatcher's, its two 8 KiB buffers above all, is dropped
 /// here, before the session's long wait, and the connection stops counting as pending.
-fn hand_over(framed: Framed<Counted, Codec>) -> (TcpStream, BytesMut) {
+fn hand_over(framed: Framed<Counted, Codec>) -> (TcpStream, BytesMut, oneshot::Sender<()>) {
     let parts = framed.into_parts();
     let read = BytesMut::from(&parts.read_buf[..]);
-    (parts.io.stream, read)
+    let Counted {
+        stream, mut done, ..
+    } = parts.io;
+    // Taken once, here; a connection is upgraded at most once.
+    let done = done.take().unwrap_or_else(|| oneshot::channel().0);
+    (stream, read, done)
 }
 
 /// Which endpoint the request is for, after its checks; else the response to refuse it with.
