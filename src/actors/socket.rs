@@ -25,7 +25,7 @@
 //!
 //! Kept rather than actix-ws (which runs on actix-http's dispatcher and keeps its two 8 KiB
 //! buffers per connection) or tokio-tungstenite (issue 20): measured with `confab-bench idle`
-//! at 10,000 idle sessions, confab holds about 5.5–6 KB of resident memory per connection
+//! at 10,000 idle sessions, confab holds about 5.4 KB of resident memory per connection
 //! against 12.5 KB for a bare tokio-tungstenite broadcast server in the same run
 //! (docs/PERFORMANCE.md), and this socket's backpressure (the actor waits, so a room's counts
 //! are the backlog) is what the slow-consumer rule is built on.

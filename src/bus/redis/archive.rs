@@ -1087,10 +1087,6 @@ async fn reused_offsets(
     offsets: &[Offset],
     at_ms: u64,
 ) {
-    archive
-        .metrics
-        .archive_conflicts
-        .inc_by(offsets.len() as u64);
     let newest = offsets.iter().copied().max().unwrap_or(0);
     // The archive's head of the epoch is the floor: offsets up to it are taken there.
     let floor = match archive.bounded(archive.store.head(room)).await {
@@ -1104,6 +1100,11 @@ async fn reused_offsets(
          offset {floor}",
         logctx::room(room)
     );
+    // Counted once logged: whoever the metric alerts finds the line.
+    archive
+        .metrics
+        .archive_conflicts
+        .inc_by(offsets.len() as u64);
     match Bus::renew_epoch(bus, room, epoch, floor).await {
         Ok(renewed) if renewed.created => {
             // The archive's head follows, so a room seeded from it later starts in the new
