@@ -680,6 +680,31 @@ async fn a_postgres_store_whose_server_is_down_fails_a_call_as_unreachable_withi
     .await;
 }
 
+/// After a failed `during` (ref 2) between `before` (1) and `after`: the retry is acked at
+/// offset 2 (the failed attempt used none), `after` at 3, and `bob` got the three once each,
+/// in order.
+async fn retry_and_next_are_delivered_once(ann: &mut Client, bob: &mut Client) {
+    assert_eq!(say_until_acked(ann, "during", "2").await, 2);
+    assert_eq!(ann.say("after", "3").await, 3);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = bob.next_of("message").await;
+        seen.push((
+            m["offset"].as_u64().unwrap(),
+            m["text"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "before".to_owned()),
+            (2, "during".to_owned()),
+            (3, "after".to_owned())
+        ],
+        "every message delivered once, in order"
+    );
+}
+
 /// Sends `text` with `reference` until it is acked, while `error unavailable` answers it (the
 /// store is still coming back); returns the ack's offset.
 async fn say_until_acked(c: &mut Client, text: &str, reference: &str) -> u64 {
@@ -728,25 +753,7 @@ async fn with_postgres_down_a_message_is_answered_unavailable_within_seconds_and
 
     pg.resume();
     // The retry takes the next offset: the failed attempt used none.
-    assert_eq!(say_until_acked(&mut ann, "during", "2").await, 2);
-    assert_eq!(ann.say("after", "3").await, 3);
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let m = bob.next_of("message").await;
-        seen.push((
-            m["offset"].as_u64().unwrap(),
-            m["text"].as_str().unwrap().to_owned(),
-        ));
-    }
-    assert_eq!(
-        seen,
-        vec![
-            (1, "before".to_owned()),
-            (2, "during".to_owned()),
-            (3, "after".to_owned())
-        ],
-        "every message delivered once, in order"
-    );
+    retry_and_next_are_delivered_once(&mut ann, &mut bob).await;
 }
 
 /// A SQLite store whose next commit goes through but is reported failed: what a connection
@@ -904,25 +911,7 @@ async fn a_commit_the_database_never_answers_is_answered_unavailable_and_the_bus
     hold.rollback().await.unwrap();
 
     // The retry and the next message go through; each is stored and delivered once.
-    assert_eq!(say_until_acked(&mut ann, "during", "2").await, 2);
-    assert_eq!(ann.say("after", "3").await, 3);
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let m = bob.next_of("message").await;
-        seen.push((
-            m["offset"].as_u64().unwrap(),
-            m["text"].as_str().unwrap().to_owned(),
-        ));
-    }
-    assert_eq!(
-        seen,
-        vec![
-            (1, "before".to_owned()),
-            (2, "during".to_owned()),
-            (3, "after".to_owned())
-        ],
-        "every message delivered once, in order"
-    );
+    retry_and_next_are_delivered_once(&mut ann, &mut bob).await;
     let rows: Vec<(i64, String)> =
         sqlx::query_as("SELECT msg_offset, frame FROM messages WHERE room = 'hung' ORDER BY 1")
             .fetch_all(store.pool())
