@@ -625,14 +625,7 @@ async fn a_failed_commit_is_answered_unavailable_and_uses_no_offset() {
         .execute(db.pool())
         .await
         .unwrap();
-    c.send_json(json!({"type":"message","text":"lost","ref":"2"}))
-        .await;
-    let error = c.next_of("error").await;
-    assert_eq!(
-        (error["code"].as_str(), error["ref"].as_str()),
-        (Some("unavailable"), Some("2")),
-        "{error}"
-    );
+    refused_unavailable(&mut c, "lost", "2").await;
     sqlx::query("ALTER TABLE messages_away RENAME TO messages")
         .execute(db.pool())
         .await
@@ -705,6 +698,19 @@ async fn retry_and_next_are_delivered_once(ann: &mut Client, bob: &mut Client) {
     );
 }
 
+/// Sends `text` with `reference` and expects it refused with `unavailable` for that ref (the
+/// harness's receive deadline bounds the wait).
+async fn refused_unavailable(c: &mut Client, text: &str, reference: &str) {
+    c.send_json(json!({"type":"message","text":text,"ref":reference}))
+        .await;
+    let error = c.next_of("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unavailable"), Some(reference)),
+        "{error}"
+    );
+}
+
 /// Sends `text` with `reference` until it is acked, while `error unavailable` answers it (the
 /// store is still coming back); returns the ack's offset.
 async fn say_until_acked(c: &mut Client, text: &str, reference: &str) -> u64 {
@@ -736,16 +742,9 @@ async fn with_postgres_down_a_message_is_answered_unavailable_within_seconds_and
     assert_eq!(ann.say("before", "1").await, 1);
 
     pg.stop();
-    ann.send_json(json!({"type":"message","text":"during","ref":"2"}))
-        .await;
-    // `next_of` waits at most the harness's DEADLINE (10 s); sqlx's own default would keep
+    // The refusal comes within the harness's DEADLINE (10 s); sqlx's own default would keep
     // the message waiting 30 s for a connection.
-    let error = ann.next_of("error").await;
-    assert_eq!(
-        (error["code"].as_str(), error["ref"].as_str()),
-        (Some("unavailable"), Some("2")),
-        "{error}"
-    );
+    refused_unavailable(&mut ann, "during", "2").await;
     assert!(server.metric("confab_store_errors_total").await > 0.0);
     // The embedded bus is still there: readiness does not look at the store
     // (docs/OPERATIONS.md, "Failure"), the replica keeps taking sessions.
@@ -898,16 +897,9 @@ async fn a_commit_the_database_never_answers_is_answered_unavailable_and_the_bus
         .execute(&mut *hold)
         .await
         .unwrap();
-    ann.send_json(json!({"type":"message","text":"during","ref":"2"}))
-        .await;
     // Within the harness's DEADLINE (10 s): before, the writer waited on the lock for good
     // and every later message of the replica with it.
-    let error = ann.next_of("error").await;
-    assert_eq!(
-        (error["code"].as_str(), error["ref"].as_str()),
-        (Some("unavailable"), Some("2")),
-        "{error}"
-    );
+    refused_unavailable(&mut ann, "during", "2").await;
     hold.rollback().await.unwrap();
 
     // The retry and the next message go through; each is stored and delivered once.
