@@ -249,7 +249,8 @@ impl Outlet for MemberHandle {
         }
         // One frame larger than the whole byte bound still goes to a session that is caught
         // up; otherwise it could never be delivered.
-        if frames + count > max_frames || (bytes > 0 && bytes + size > max_bytes) {
+        // (A run of several frames gets no such pass: its frames after the first must fit.)
+        if frames + count > max_frames || ((bytes > 0 || count > 1) && bytes + size > max_bytes) {
             return Offer::Evict;
         }
         put(state, self.tag, out, size);
@@ -544,6 +545,15 @@ mod tests {
         assert_eq!(next(&mut reader, &waker), Some(frame("4")));
         assert_eq!(next(&mut reader, &waker), None, "settles all four");
         assert_eq!(handle.offer(run, false), Offer::Sent);
+        // A run larger than the byte bound gets no pass for being first in an empty queue.
+        let mut reader = InboxReader::new(LIMITS);
+        let handle = reader.handle(1);
+        let two: Vec<ByteString> = ["x".repeat(60), "y".repeat(60)]
+            .map(ByteString::from)
+            .to_vec();
+        let over = Outbound::Encoded(Encoded::texts(two.iter()));
+        assert_eq!(handle.offer(over, false), Offer::Evict, "124 bytes > 100");
+        assert_eq!(next(&mut reader, &waker), None);
     }
 
     #[test]

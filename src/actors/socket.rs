@@ -57,6 +57,8 @@ pub const HIGH_WATERMARK: usize = 16 * 1024;
 pub const LOW_WATERMARK: usize = 4 * 1024;
 /// What an empty outbox allocates for its first frame (see [`WsSocket::frame`]).
 const FIRST_BUFFER: usize = LOW_WATERMARK;
+/// A frame this small (a heartbeat's ping or pong) is not worth a [`FIRST_BUFFER`].
+const SMALL_FRAME: usize = 64;
 /// How much one read asks the kernel for.
 const READ_CHUNK: usize = 2048;
 /// Longest a closed connection lingers for the peer to close its side, once the close frame
@@ -269,8 +271,13 @@ impl WsSocket {
         if out.buf.capacity() == 0 {
             // An idle socket holds no buffer; a batch of frames then grew it by doubling, one
             // realloc per step (a few per batch in a busy room). One block that holds a
-            // typical batch, freed again once it is written.
-            out.buf.reserve(FIRST_BUFFER.max(size));
+            // typical batch, freed again once it is written; a ping or pong of an idle
+            // connection takes only its own few bytes.
+            out.buf.reserve(if size <= SMALL_FRAME {
+                size
+            } else {
+                FIRST_BUFFER.max(size)
+            });
         }
         write(&mut out.buf);
         // The writer runs after this handler, in this poll of the actor or (when it was polled

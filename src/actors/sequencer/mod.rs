@@ -39,6 +39,13 @@ use crate::protocol::ServerFrame;
 use super::outlet::Encoded;
 pub use super::outlet::{Offer, Outbound, Outlet};
 
+/// Most messages in one run ([`Sequencer::on_events`]); a quarter of a member's queue when that
+/// is smaller.
+const RUN_FRAMES: usize = 64;
+/// Most bytes of frames in one run: a socket's backpressure threshold
+/// ([`crate::actors::socket::HIGH_WATERMARK`]), so a member copies at most that much at once.
+const RUN_BYTES: usize = 16 * 1024;
+
 /// Room events held while history is read; past it they are let go and read again.
 const HOLD_LIMIT: usize = 16 * 1024;
 
@@ -740,14 +747,22 @@ impl<H: Outlet> Sequencer<H> {
     pub fn on_events(&mut self, events: impl IntoIterator<Item = RoomEvent>) -> Outcome<H> {
         let mut out = Outcome::default();
         let mut run: Vec<RoomEvent> = Vec::new();
+        let mut bytes = 0;
+        // A run goes to each member whole: capped, it leaves a caught-up member's queue room
+        // many times over and stays under a socket's backpressure threshold, as one frame at a
+        // time did (a stall of the room's thread must not turn into one run a queue refuses).
+        let max_frames = (self.hold_per_member / 4).clamp(1, RUN_FRAMES);
         for event in events {
-            if !self.continues(&run, &event) {
+            let fits = run.len() < max_frames && bytes + event.json.len() <= RUN_BYTES;
+            if !(fits && self.continues(&run, &event)) {
                 self.accept_run(&mut run, &mut out);
+                bytes = 0;
                 if !self.continues(&run, &event) {
                     self.event(event, &mut out);
                     continue;
                 }
             }
+            bytes += event.json.len();
             run.push(event);
         }
         self.accept_run(&mut run, &mut out);
@@ -796,7 +811,10 @@ impl<H: Outlet> Sequencer<H> {
     /// once, for every member that takes all of it; in a room of one (a publisher alone on
     /// its replica) that would only be a copy more.
     fn fan_out_run(&mut self, run: &[RoomEvent], out: &mut Outcome<H>) {
-        let encoded = (self.members.len() > 1).then(|| Encoded::texts(run.iter().map(|e| &e.json)));
+        // Encoded at the first member that takes the whole run (none may: all syncing, paging
+        // or part-replayed).
+        let encoded = std::cell::OnceCell::new();
+        let shared = (self.members.len() > 1).then_some(&encoded);
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
             if let Some(syncing) = member.syncing.as_mut() {
@@ -812,8 +830,7 @@ impl<H: Outlet> Sequencer<H> {
             if member.paging.is_some() {
                 continue;
             }
-            let encoded = encoded.as_ref();
-            if member.deliver_run(&self.room, run, encoded, &mut self.stats) == Offer::Evict {
+            if member.deliver_run(&self.room, run, shared, &mut self.stats) == Offer::Evict {
                 evict.push(*id);
             }
         }
@@ -1327,7 +1344,7 @@ impl<H: Outlet> Member<H> {
         &mut self,
         room: &RoomName,
         run: &[RoomEvent],
-        encoded: Option<&Encoded>,
+        encoded: Option<&std::cell::OnceCell<Encoded>>,
         stats: &mut Stats,
     ) -> Offer {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
@@ -1359,10 +1376,13 @@ impl<H: Outlet> Member<H> {
         }
         self.delivered = self.delivered.max(*to);
         let (sent, offer) = match encoded.filter(|_| had == 0) {
-            Some(encoded) => match self.handle.offer(Outbound::Encoded(encoded.clone()), false) {
-                Offer::Sent => (run.len(), Offer::Sent),
-                refused => (0, refused),
-            },
+            Some(encoded) => {
+                let encoded = encoded.get_or_init(|| Encoded::texts(run.iter().map(|e| &e.json)));
+                match self.handle.offer(Outbound::Encoded(encoded.clone()), false) {
+                    Offer::Sent => (run.len(), Offer::Sent),
+                    refused => (0, refused),
+                }
+            }
             None => self.handle.offer_run(fresh.iter().map(|e| &e.json)),
         };
         stats.delivered += sent as u64;

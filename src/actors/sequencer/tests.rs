@@ -969,3 +969,38 @@ fn a_batch_that_arrives_while_a_member_is_set_up_is_held_and_sent_after_its_welc
     seq.synced(9, synced_at(head));
     assert_eq!(offsets(&late), vec![2, 3, 4]);
 }
+
+#[test]
+fn a_long_batch_goes_in_runs_capped_in_frames_and_bytes_and_each_member_gets_all_of_it() {
+    let mut store = Store::new(1000);
+    let (mut seq, sockets) = three_members(&store);
+    seq.on_event(store.publish());
+    for socket in &sockets {
+        socket.offers.set(0);
+    }
+    // 200 small messages: runs of 64 (the frame cap), so four offers per member.
+    let events: Vec<RoomEvent> = (0..200).map(|_| store.publish()).collect();
+    assert!(seq.on_events(events).closed.is_empty());
+    for socket in &sockets {
+        assert_eq!(offsets(socket), (1..=201).collect::<Vec<_>>());
+        assert_eq!(socket.offers.get(), 4, "ceil(200 / 64) runs");
+        socket.offers.set(0);
+    }
+    // Frames of over 8 KiB: two would pass the byte cap, so each goes alone.
+    let big: Vec<RoomEvent> = (0..3)
+        .map(|_| {
+            let mut e = store.publish();
+            e.json = ByteString::from(format!("{}{}", e.json, " ".repeat(9000)));
+            e
+        })
+        .collect();
+    assert!(seq.on_events(big).closed.is_empty());
+    for socket in &sockets {
+        assert_eq!(offsets(socket).last(), Some(&204));
+        assert_eq!(
+            socket.offers.get(),
+            3,
+            "one offer per frame past the byte cap"
+        );
+    }
+}

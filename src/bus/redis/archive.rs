@@ -611,7 +611,6 @@ impl RedisBus {
             .await;
         match reply.as_deref() {
             Ok([1, before]) => {
-                archive.metrics.archive_raised.inc();
                 log::warn!(
                     "{} came back from Redis older than the archive (epoch {}: offset {before} \
                      in Redis, {} archived): raised to the archive's head, no reset",
@@ -619,6 +618,8 @@ impl RedisBus {
                     state.epoch,
                     state.offset
                 );
+                // Counted once logged, as every archive count: the metric names a log line.
+                archive.metrics.archive_raised.inc();
             }
             Ok(_) => {}
             Err(e) => {
@@ -1016,7 +1017,6 @@ async fn pass(
         match marked {
             Ok(rest) if rest >= 0 => {
                 if c.lost > 0 {
-                    archive.metrics.archive_lost.inc_by(c.lost);
                     log::error!(
                         "{} archive: {} messages of epoch {} before offset {} were dropped by \
                          Redis before they were archived (PostgreSQL was unavailable longer \
@@ -1026,6 +1026,7 @@ async fn pass(
                         c.epoch,
                         c.upto
                     );
+                    archive.metrics.archive_lost.inc_by(c.lost);
                 }
                 if rest == 0 {
                     // `archived.lua` let the lease go.
