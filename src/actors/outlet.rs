@@ -157,7 +157,21 @@ mod tests {
             run.as_bytes() == &one_by_one[..],
             "the socket's own encoding"
         );
-        assert_eq!(run.as_bytes()[0], 0x81, "FIN and text, no mask bit below");
-        assert_eq!(run.as_bytes()[1] & 0x80, 0);
+        // RFC 6455 §5.2 by hand, not the encoder again: FIN + text, no mask bit, then the
+        // length in 7 bits, 7+16 or 7+64, for the frames of 0, 1, 125, 126 and 65,536 bytes.
+        let b = run.as_bytes();
+        assert_eq!(b[..2], [0x81, 0]);
+        assert_eq!(b[2..4], [0x81, 1]);
+        let at_125 = 2 + 3;
+        assert_eq!(b[at_125..at_125 + 2], [0x81, 125]);
+        let at_126 = at_125 + 2 + 125;
+        assert_eq!(b[at_126..at_126 + 4], [0x81, 126, 0, 126]);
+        let at_65535 = at_126 + 4 + 126;
+        assert_eq!(b[at_65535..at_65535 + 4], [0x81, 126, 0xff, 0xff]);
+        let at_65536 = at_65535 + 4 + 65_535;
+        assert_eq!(
+            b[at_65536..at_65536 + 10],
+            [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]
+        );
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{burst_publisher, eventually, run_confab, Client, Postgres, Redis, Server};
+use crate::harness::{
+    burst_publisher, eventually, run_confab, Client, Postgres, Redis, Server, DEADLINE,
+};
 
 const KEY: &str = "archive-api-key";
 
@@ -336,10 +338,10 @@ async fn postgresql_down_during_traffic_keeps_the_chat_going_and_the_archive_cat
         metric(&[&a, &b], "confab_archive_behind_messages").await == 0.0
     })
     .await;
-    assert!(
-        a.log().contains("PostgreSQL is back") || b.log().contains("PostgreSQL is back"),
-        "the recovery is logged"
-    );
+    eventually(DEADLINE, "the recovery is logged", || async {
+        a.log().contains("PostgreSQL is back") || b.log().contains("PostgreSQL is back")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -461,9 +463,8 @@ async fn postgresql_down_longer_than_the_redis_window_is_counted_and_logged_and_
         metric(&[&a], "confab_archive_lost_total").await > 0.0
     })
     .await;
-    assert!(a
-        .log()
-        .contains("were dropped by Redis before they were archived"));
+    a.wait_log("were dropped by Redis before they were archived")
+        .await;
     // The archive has what Redis still had, up to the head, and goes on after it: every
     // offset is archived or counted lost (read again each time: on a busy machine the loss
     // may be found in more than one pass).
@@ -577,7 +578,7 @@ async fn an_offset_redis_hands_out_again_is_kept_once_in_the_archive_counted_and
         metric(&[&a], "confab_archive_conflicts_total").await == 1.0
     })
     .await;
-    assert!(a.log().contains("were handed out again by Redis"), "logged");
+    a.wait_log("were handed out again by Redis").await;
     let rows = archived(&pg, "reused").await;
     assert_eq!(
         rows[&4],
@@ -634,8 +635,13 @@ async fn a_room_nobody_reads_that_redis_brought_back_older_is_raised_by_the_arch
             .ends_with("\r\n10\r\n")
     })
     .await;
+    // Counted after the script's answer: waited for, then exactly once.
+    eventually(Duration::from_secs(10), "the raise counted", || async {
+        metric(&[&a], "confab_archive_raised_total").await >= 1.0
+    })
+    .await;
     assert_eq!(metric(&[&a], "confab_archive_raised_total").await, 1.0);
-    assert!(a.log().contains("offset 5 in Redis, 10 archived"), "logged");
+    a.wait_log("offset 5 in Redis, 10 archived").await;
     let rows = archived(&pg, "idle").await;
     assert_eq!(rows.len(), 10);
     assert_eq!(rows[&7].1, "n-1");
@@ -756,10 +762,7 @@ async fn redis_lost_with_unarchived_messages_and_every_replica_restarted_reuses_
     assert_eq!(welcome["offset"], 255, "{welcome}");
     assert_eq!(c.say("after", "after").await, 256, "no offset reused");
     assert_eq!(metric(&[&b], "confab_archive_lost_total").await, 150.0);
-    assert!(
-        b.log().contains("unarchived messages were lost with Redis"),
-        "logged"
-    );
+    b.wait_log("unarchived messages were lost with Redis").await;
 
     // History of the new epoch: only what came after, no duplicate offset.
     c.send_json(json!({"type": "history", "limit": 50, "ref": "h1"}))
@@ -949,5 +952,9 @@ async fn a_replica_stopped_cleanly_while_redis_is_silent_still_exits_and_its_lea
     );
     let lease = redis.cmd(&["GET", lease_key]).await;
     assert!(lease.contains("\r\na/"), "left to run out: {lease}");
+    // Still on its own expiry (the 30 s lease), not kept for good.
+    let ttl = redis.cmd(&["PTTL", lease_key]).await;
+    let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap_or(-3);
+    assert!(ttl > 0 && ttl <= 30_000, "PTTL {ttl}");
     hold.rollback().await.unwrap();
 }

@@ -27,6 +27,9 @@ pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// The thread reading the server's stderr into `log`: joined once the process exited, so
+    /// the log then holds every line.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// The server's own SQLite store when the test named none (removed after the process).
     _store: Option<TempDir>,
 }
@@ -102,7 +105,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
@@ -124,6 +127,7 @@ impl Server {
             child: Some(child),
             addr,
             log,
+            reader: Some(reader),
             _store: store,
         }
     }
@@ -223,6 +227,20 @@ impl Server {
             .unwrap_or_else(|| panic!("no sample {name} on /metrics:\n{body}"))
     }
 
+    /// The log once it holds `needle` (its lines are read on a thread of their own, so a line
+    /// written just before an event the test saw may not be in it yet); fails after DEADLINE.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < end, "no `{needle}` in the log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
@@ -244,6 +262,10 @@ impl Server {
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 self.child = None;
+                // Its stderr closed with it: the reader ends at once.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(

@@ -930,6 +930,9 @@ fn a_batch_with_a_hole_delivers_the_run_before_it_and_reads_the_hole() {
     let mut store = Store::new(100);
     let (mut seq, sockets) = three_members(&store);
     seq.on_event(store.publish());
+    for socket in &sockets {
+        socket.offers.set(0);
+    }
     let mut events: Vec<RoomEvent> = (0..6).map(|_| store.publish()).collect();
     // Offset 5 never arrives: 2..4 go as a run, then 6 and 7 wait for the read of 5.
     events.remove(3);
@@ -937,6 +940,7 @@ fn a_batch_with_a_hole_delivers_the_run_before_it_and_reads_the_hole() {
     assert!(matches!(&out.step, Some(Step::Read(read)) if read.after <= 4));
     for socket in &sockets {
         assert_eq!(offsets(socket), vec![1, 2, 3, 4]);
+        assert_eq!(socket.offers.get(), 1, "2..4 in one offer");
     }
     let out = seq.read_done(
         &match out.step {
@@ -966,6 +970,7 @@ fn a_batch_that_arrives_while_a_member_is_set_up_is_held_and_sent_after_its_welc
     let head = store.head();
     let out = seq.on_events((0..3).map(|_| store.publish()).collect::<Vec<_>>());
     assert!(out.closed.is_empty());
+    assert_eq!(late.offers.get(), 0, "nothing before its welcome");
     seq.synced(9, synced_at(head));
     assert_eq!(offsets(&late), vec![2, 3, 4]);
 }
