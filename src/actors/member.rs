@@ -21,7 +21,7 @@
 //! room of 1,000 the mailbox path was about 40 % of the server's CPU (docs/PERFORMANCE.md).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 
@@ -65,9 +65,11 @@ pub struct Inbox {
     /// `State::closing`, readable without the lock: the session checks it for every frame of
     /// a batch it drains, and the lock is the room's too.
     closing: AtomicBool,
-    /// Set while the connection holds rooms besides a path room alone: a room's own close
-    /// (see [`Close::ends_subscription`]) then ends only that subscription.
-    rooms_apart: AtomicBool,
+    /// The tag of the path room while it is the connection's only room: its own close (see
+    /// [`Close::ends_subscription`]) then ends the connection. Any other tag's close ends only
+    /// that subscription; [`CONNECTION`] when no room is alone. A tag, not a flag: a room the
+    /// client just left may still close its stale member, and must not close the connection.
+    alone: AtomicU32,
 }
 
 /// The tag of what concerns the whole connection rather than one subscription (a close for
@@ -206,7 +208,7 @@ impl MemberHandle {
         if state.closed || state.closing {
             return;
         }
-        if why.ends_subscription() && self.inbox.rooms_apart.load(Ordering::Acquire) {
+        if why.ends_subscription() && self.inbox.alone.load(Ordering::Acquire) != self.tag {
             if let Some(drained) = state.drained.as_mut() {
                 drained.hooks.retain(|(tag, _)| *tag != self.tag);
             }
@@ -345,10 +347,10 @@ impl InboxReader {
         }
     }
 
-    /// Whether a room's own close ends only its subscription (the connection holds other
-    /// rooms, or has no path room) rather than the connection.
-    pub fn set_rooms_apart(&self, apart: bool) {
-        self.inbox.rooms_apart.store(apart, Ordering::Release);
+    /// Which subscription's own close ends the connection: its path room's `tag` while that is
+    /// its only room, [`CONNECTION`] (none) otherwise.
+    pub fn set_alone(&self, tag: u32) {
+        self.inbox.alone.store(tag, Ordering::Release);
     }
 
     /// The next frame to handle, with the tag of the subscription it is for ([`CONNECTION`]
@@ -656,6 +658,29 @@ mod tests {
         assert_eq!(handle.offer(frame("5"), false), Offer::Evict);
         handle.close(Close::MissedHistory);
         assert_eq!(next(&mut reader, &waker), None, "one close only");
+    }
+
+    #[test]
+    fn a_room_just_left_closing_its_stale_member_ends_only_that_subscription() {
+        let mut reader = InboxReader::new(LIMITS);
+        let (path, left) = (reader.handle(1), reader.handle(2));
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        // The client left room 2; its path room 1 is alone again before room 2 heard of it.
+        reader.set_alone(1);
+        left.close(Close::MissedHistory);
+        assert_eq!(
+            reader.next(&waker),
+            Some((2, Outbound::Close(Close::MissedHistory))),
+            "tagged: the session drops it (the tag is gone)"
+        );
+        assert_eq!(path.offer(frame("on"), false), Offer::Sent, "the connection goes on");
+        assert_eq!(next(&mut reader, &waker), Some(frame("on")));
+        // The path room's own close, while alone, ends the connection.
+        path.close(Close::MissedHistory);
+        assert_eq!(
+            reader.next(&waker),
+            Some((CONNECTION, Outbound::Close(Close::MissedHistory)))
+        );
     }
 
     #[test]

@@ -548,6 +548,11 @@ impl SessionCore {
         self.id
     }
 
+    /// The path room's subscription tag, while subscribed to it.
+    pub fn path_tag(&self) -> Option<u32> {
+        self.path
+    }
+
     /// The room in the path, while subscribed to it.
     pub fn path_room(&self) -> Option<&RoomName> {
         let tag = self.path?;

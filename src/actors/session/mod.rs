@@ -155,16 +155,20 @@ impl Session {
                 slots,
                 Instant::now(),
             );
+            let inbox = InboxReader::new(QueueLimits {
+                frames: cfg.session_queue,
+                bytes: cfg.session_queue_bytes,
+            });
+            // A path room starts alone: its own close ends the connection, as ever on
+            // `/ws/{room}`.
+            inbox.set_alone(core.path_tag().unwrap_or(CONNECTION));
             Self {
                 core,
                 hub,
                 bus,
                 expires,
                 frames: Assembler::new(cfg.max_frame_bytes),
-                inbox: InboxReader::new(QueueLimits {
-                    frames: cfg.session_queue,
-                    bytes: cfg.session_queue_bytes,
-                }),
+                inbox,
                 answers: FuturesOrdered::new(),
                 history: None,
                 pump: None,
@@ -232,7 +236,10 @@ impl Session {
                     ctx.spawn(async move { drop(typing.await) }.into_actor(self));
                 }
                 Effect::Ping => self.socket.ping(b"", ctx),
-                Effect::RoomsApart(apart) => self.inbox.set_rooms_apart(apart),
+                Effect::RoomsApart(apart) => {
+                    let alone = self.core.path_tag().filter(|_| !apart);
+                    self.inbox.set_alone(alone.unwrap_or(CONNECTION));
+                }
                 Effect::Close(why) => fail(&mut self.socket, why),
             }
         }
