@@ -673,7 +673,11 @@ mod tests {
             Some((2, Outbound::Close(Close::MissedHistory))),
             "tagged: the session drops it (the tag is gone)"
         );
-        assert_eq!(path.offer(frame("on"), false), Offer::Sent, "the connection goes on");
+        assert_eq!(
+            path.offer(frame("on"), false),
+            Offer::Sent,
+            "the connection goes on"
+        );
         assert_eq!(next(&mut reader, &waker), Some(frame("on")));
         // The path room's own close, while alone, ends the connection.
         path.close(Close::MissedHistory);

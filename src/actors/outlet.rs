@@ -82,7 +82,8 @@ impl Encoded {
         &self.bytes
     }
 
-    /// The texts back, in order (for tests and checks of what a member was given).
+    /// The texts back, in order: what tests check a member was given.
+    #[cfg(test)]
     pub fn decode(&self) -> Vec<ByteString> {
         let mut buf = BytesMut::from(&self.bytes[..]);
         let mut texts = Vec::with_capacity(self.frames);

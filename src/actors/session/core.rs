@@ -346,7 +346,12 @@ impl SessionCore {
             }
             return None;
         }
-        let at = self.subs.iter().position(|s| s.tag == tag)?;
+        // Sorted by tag: tags only grow, `add` appends and `end` removes in place. Only after
+        // 2^32 subscribes on one connection do tags wrap; a miss then looks the slow way.
+        let at = match self.subs.binary_search_by_key(&tag, |s| s.tag) {
+            Ok(at) => at,
+            Err(_) => self.subs.iter().position(|s| s.tag == tag)?,
+        };
         match out {
             Outbound::Frame(text) if self.subs[at].welcomed => Some(Delivery::Text(text)),
             Outbound::Encoded(run) if self.subs[at].welcomed => Some(Delivery::Encoded(run)),
